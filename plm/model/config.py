@@ -1,0 +1,176 @@
+"""PLMConfig: every field of the released PLM config.json, validated, with presets."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from plm.errors import ConfigError
+
+ACTIVATIONS = ("relu2",)  # PLM's MLP is non-gated squared ReLU; others are not PLM.
+
+
+@dataclass
+class PLMConfig:
+    vocab_size: int = 151936
+    hidden_size: int = 2048
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 16
+    intermediate_size: int = 8192
+    q_lora_rank: int | None = None  # None = full-rank query projection (PLM)
+    kv_lora_rank: int = 512
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+    hidden_act: str = "relu2"
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 100000.0
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = True
+    attention_bias: bool = False
+    initializer_range: float = 0.02
+    bos_token_id: int | None = 151643
+    eos_token_id: int | list[int] | None = 151643
+    pad_token_id: int | None = None
+    torch_dtype: str = "bfloat16"
+    model_type: str = "plm"
+    architectures: list[str] = field(default_factory=lambda: ["PLMForCausalLM"])
+    # keys we do not model (auto_map, rope_scaling, use_cache, ...) survive load/save
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ---- derived sizes -------------------------------------------------
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def softmax_scale(self) -> float:
+        return self.qk_head_dim ** -0.5
+
+    @property
+    def latent_cache_dim(self) -> int:
+        """Values cached per token per layer by a latent (absorbed-MLA) cache."""
+        return self.kv_lora_rank + self.qk_rope_head_dim
+
+    @property
+    def full_cache_dim(self) -> int:
+        """Values cached per token per layer by a decompressed K/V cache."""
+        return self.num_attention_heads * (self.qk_head_dim + self.v_head_dim)
+
+    @property
+    def eos_ids(self) -> list[int]:
+        e = self.eos_token_id
+        return [] if e is None else ([e] if isinstance(e, int) else list(e))
+
+    # ---- validation ----------------------------------------------------
+    def validate(self) -> None:
+        positive = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                    "intermediate_size", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
+                    "v_head_dim", "max_position_embeddings"]
+        for name in positive:
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ConfigError(f"PLMConfig.{name} must be a positive integer, got {v!r}")
+        if self.model_type != "plm":
+            raise ConfigError(f"PLMConfig.model_type must be 'plm', got {self.model_type!r}")
+        if self.hidden_act not in ACTIVATIONS:
+            raise ConfigError(f"PLMConfig.hidden_act {self.hidden_act!r} is not supported "
+                              f"(PLM uses one of {ACTIVATIONS})")
+        if self.q_lora_rank is not None:
+            raise ConfigError("PLMConfig.q_lora_rank must be null: PLM's query projection is "
+                              f"full rank (got {self.q_lora_rank!r})")
+        if self.qk_rope_head_dim % 2:
+            raise ConfigError(f"PLMConfig.qk_rope_head_dim must be even for RoPE pairs, "
+                              f"got {self.qk_rope_head_dim}")
+        if not (0 < self.rms_norm_eps < 1):
+            raise ConfigError(f"PLMConfig.rms_norm_eps must be in (0, 1), got {self.rms_norm_eps}")
+        if not self.rope_theta > 0:
+            raise ConfigError(f"PLMConfig.rope_theta must be positive, got {self.rope_theta}")
+        if self.attention_bias:
+            raise ConfigError("PLMConfig.attention_bias must be false: PLM has no biases")
+        if not self.tie_word_embeddings:
+            raise ConfigError("PLMConfig.tie_word_embeddings must be true: PLM ties lm_head "
+                              "to embed_tokens")
+        for name in ("bos_token_id", "pad_token_id"):
+            v = getattr(self, name)
+            if v is not None and not (0 <= v < self.vocab_size):
+                raise ConfigError(f"PLMConfig.{name}={v} is outside the vocabulary "
+                                  f"(vocab_size={self.vocab_size})")
+        for e in self.eos_ids:
+            if not (0 <= e < self.vocab_size):
+                raise ConfigError(f"PLMConfig.eos_token_id={e} is outside the vocabulary "
+                                  f"(vocab_size={self.vocab_size})")
+
+    # ---- (de)serialisation ----------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        out = dict(self.extra)
+        out.update(d)
+        return dict(sorted(out.items()))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "config") -> "PLMConfig":
+        if not isinstance(d, dict):
+            raise ConfigError(f"{source}: expected a JSON object, got {type(d).__name__}")
+        if d.get("model_type", "plm") != "plm":
+            raise ConfigError(f"{source}: model_type is {d.get('model_type')!r}, expected 'plm'")
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        kwargs = {k: v for k, v in d.items() if k in known}
+        extra = {k: v for k, v in d.items() if k not in known}
+        try:
+            return cls(**kwargs, extra=extra)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
+        except TypeError as e:
+            raise ConfigError(f"{source}: {e}") from None
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        if path.is_dir():
+            path = path / "config.json"
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "PLMConfig":
+        path = Path(path)
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.exists():
+            raise ConfigError(f"{path}: no config.json found")
+        try:
+            d = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: invalid JSON ({e})") from None
+        return cls.from_dict(d, source=str(path))
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "PLMConfig":
+        if name not in PRESETS:
+            raise ConfigError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    def replace(self, **changes: Any) -> "PLMConfig":
+        return dataclasses.replace(self, **changes)
+
+
+# The released shape exactly, plus small shapes that keep PLM's proportions for CPU work.
+PRESETS: dict[str, dict[str, Any]] = {
+    "plm-1.8b": {},
+    # ~0.5B body: same ratios at a quarter of the width (GPU experiments)
+    "plm-300m": dict(hidden_size=1024, num_hidden_layers=16, num_attention_heads=8,
+                     intermediate_size=4096, kv_lora_rank=256, qk_nope_head_dim=64,
+                     qk_rope_head_dim=32, v_head_dim=64),
+    # small presets for CPU work; vocab defaults to Qwen2's, `plm init` shrinks it with
+    # a small tokenizer
+    "plm-tiny": dict(hidden_size=256, num_hidden_layers=6, num_attention_heads=4,
+                     intermediate_size=1024, kv_lora_rank=64, qk_nope_head_dim=32,
+                     qk_rope_head_dim=16, v_head_dim=32, max_position_embeddings=1024),
+    "plm-micro": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                      intermediate_size=256, kv_lora_rank=32, qk_nope_head_dim=16,
+                      qk_rope_head_dim=8, v_head_dim=16, max_position_embeddings=512),
+}

@@ -1,0 +1,268 @@
+"""PLM in PyTorch: Multi-head Latent Attention + non-gated squared-ReLU MLP.
+
+Module and parameter names follow the released Hugging Face checkpoint exactly, so
+`state_dict()` keys are the safetensors tensor names (REFERENCE section 1).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from plm.model.config import PLMConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # normalise in fp32 for stability under bf16, as the reference implementations do
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_cos_sin(position_ids: torch.Tensor, dim: int, theta: float,
+                 dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin for positions [B, T] -> [B, T, dim/2] (one frequency per interleaved pair)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, device=position_ids.device,
+                                             dtype=torch.float32) / dim))
+    ang = position_ids.float()[..., None] * inv_freq
+    return ang.cos().to(dtype), ang.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x[2i], x[2i+1]) — llama.cpp's NORM rope, DeepSeek-V2 layout.
+
+    x: [B, heads, T, dim]; cos/sin: [B, T, dim/2].
+    """
+    cos, sin = cos[:, None], sin[:, None]
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+
+
+class KVCache:
+    """Decompressed K/V cache (what the released runtimes keep): one [B, H, T, D] pair per layer.
+
+    The latent (576-value) cache lives in the edge runtime (`plm.infer`).
+    """
+
+    def __init__(self) -> None:
+        self.k: list[torch.Tensor | None] = []
+        self.v: list[torch.Tensor | None] = []
+
+    @property
+    def length(self) -> int:
+        return 0 if not self.k or self.k[0] is None else self.k[0].shape[2]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        while len(self.k) <= layer:
+            self.k.append(None)
+            self.v.append(None)
+        if self.k[layer] is not None:
+            k = torch.cat([self.k[layer], k], dim=2)
+            v = torch.cat([self.v[layer], v], dim=2)
+        self.k[layer], self.v[layer] = k, v
+        return k, v
+
+    def select(self, index: torch.Tensor) -> None:
+        """Keep only batch rows `index` (drop finished sequences in batched generation)."""
+        self.k = [None if t is None else t[index] for t in self.k]
+        self.v = [None if t is None else t[index] for t in self.v]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v if t is not None)
+
+
+class PLMAttention(nn.Module):
+    def __init__(self, config: PLMConfig, layer_idx: int) -> None:
+        super().__init__()
+        c = config
+        self.layer_idx = layer_idx
+        self.n_heads = c.num_attention_heads
+        self.nope, self.rope, self.vdim = c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim
+        self.kv_rank = c.kv_lora_rank
+        self.scale = c.softmax_scale
+        self.q_proj = nn.Linear(c.hidden_size, self.n_heads * c.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(c.hidden_size, c.kv_lora_rank + self.rope, bias=False)
+        self.kv_a_layernorm = RMSNorm(c.kv_lora_rank, c.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(c.kv_lora_rank, self.n_heads * (self.nope + self.vdim), bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.vdim, c.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None, cache: KVCache | None = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        H = self.n_heads
+        q = self.q_proj(x).view(B, T, H, self.nope + self.rope).transpose(1, 2)
+        q_nope, q_rope = q.split([self.nope, self.rope], dim=-1)
+        latent, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_rank, self.rope], dim=-1)
+        kv = self.kv_b_proj(self.kv_a_layernorm(latent)).view(B, T, H, self.nope + self.vdim)
+        k_nope, v = kv.transpose(1, 2).split([self.nope, self.vdim], dim=-1)
+        q_rope = apply_rope(q_rope, cos, sin)
+        k_rope = apply_rope(k_rope.view(B, 1, T, self.rope), cos, sin)  # one key shared by all heads
+        q = torch.cat([q_nope, q_rope], dim=-1)
+        k = torch.cat([k_nope, k_rope.expand(B, H, T, self.rope)], dim=-1)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)
+        if mask is None:
+            # no padding, no past: the fused causal path
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, scale=self.scale)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, H * self.vdim))
+
+
+class PLMMLP(nn.Module):
+    """Non-gated squared ReLU: down(relu(up(x))**2). ~90% of activations are exactly zero."""
+
+    def __init__(self, config: PLMConfig) -> None:
+        super().__init__()
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.relu(self.up_proj(x)).square())
+
+
+class PLMDecoderLayer(nn.Module):
+    def __init__(self, config: PLMConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = PLMAttention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = PLMMLP(config)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None, cache: KVCache | None = None) -> torch.Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class PLMModel(nn.Module):
+    def __init__(self, config: PLMConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(PLMDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.gradient_checkpointing = False
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+        B, T = input_ids.shape
+        past = cache.length if cache is not None else 0
+        if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[1] != past + T:
+            raise ValueError(f"attention_mask covers {attention_mask.shape[1]} positions, "
+                             f"expected past ({past}) + new ({T})")
+        if position_ids is None:
+            position_ids = default_position_ids(attention_mask, B, T, past, input_ids.device)
+        x = self.embed_tokens(input_ids)
+        cos, sin = rope_cos_sin(position_ids, self.config.qk_rope_head_dim, self.config.rope_theta, x.dtype)
+        mask = build_attention_mask(attention_mask, T, past, input_ids.device)
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training:
+                x = checkpoint(layer, x, cos, sin, mask, None, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, cache)
+        return self.norm(x)
+
+
+def default_position_ids(attention_mask: torch.Tensor | None, B: int, T: int, past: int,
+                         device: torch.device) -> torch.Tensor:
+    """Positions count real tokens only, so left padding does not shift RoPE."""
+    if attention_mask is None or attention_mask.dim() != 2:
+        return torch.arange(past, past + T, device=device).expand(B, T)
+    pos = attention_mask.long().cumsum(-1) - 1
+    return pos[:, past:].clamp(min=0)
+
+
+def build_attention_mask(attention_mask: torch.Tensor | None, T: int, past: int,
+                         device: torch.device) -> torch.Tensor | None:
+    """Boolean SDPA mask [B, 1, T, past+T] (True = may attend), or None for the fused causal path.
+
+    Accepts a 2D padding mask [B, past+T] (1 = real token) or a ready 4D boolean mask
+    (e.g. block-diagonal masks for packed samples).
+    """
+    if attention_mask is not None and attention_mask.dim() == 4:
+        return attention_mask.bool()
+    if attention_mask is None and past == 0:
+        return None
+    S = past + T
+    q_pos = torch.arange(past, S, device=device)[:, None]
+    causal = torch.arange(S, device=device)[None, :] <= q_pos  # [T, S]
+    if attention_mask is None:
+        return causal[None, None]
+    keep = causal[None] & attention_mask.bool()[:, None, :]  # [B, T, S]
+    # a padding query would see no key at all (NaN softmax): let it see itself
+    keep |= (torch.arange(S, device=device)[None, :] == q_pos)[None]
+    return keep[:, None]
+
+
+@dataclass
+class CausalLMOutput:
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+    hidden_states: torch.Tensor | None = None
+
+
+class PLMForCausalLM(nn.Module):
+    """PLM with tied input/output embeddings: `model(input_ids).logits`."""
+
+    def __init__(self, config: PLMConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = PLMModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head.weight = self.model.embed_tokens.weight  # tied: stored once
+        self.apply(self._init_weights)
+
+    def _init_weights(self, m: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, mean=0.0, std=std)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                cache: KVCache | None = None, logits_to_keep: int = 0) -> CausalLMOutput:
+        """labels: next-token targets aligned with input_ids (already shifted); -100 = ignore.
+
+        logits_to_keep > 0 computes logits for the last N positions only (decoding).
+        """
+        h = self.model(input_ids, attention_mask, position_ids, cache)
+        hk = h[:, -logits_to_keep:] if logits_to_keep else h
+        logits = self.lm_head(hk)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+        return CausalLMOutput(logits=logits, loss=loss, hidden_states=h)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())  # tied weight counted once
+
+    # checkpoint I/O lives in plm.model.checkpoint; these are the familiar entry points
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype | None = torch.float32,
+                        device: str | torch.device = "cpu") -> "PLMForCausalLM":
+        from plm.model.checkpoint import load_model
+        return load_model(path, dtype=dtype, device=device)
+
+    def save_pretrained(self, path: str | Path, max_shard_size: int | str = "4GB",
+                        dtype: torch.dtype | None = None) -> None:
+        from plm.model.checkpoint import save_model
+        save_model(self, path, max_shard_size=max_shard_size, dtype=dtype)
