@@ -3,9 +3,8 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.plm-installed
-# llama-cpp-python compiles llama.cpp from source (~12 min on 2 cores); pip's wheel cache
-# makes later set-ups on the same machine instant.
-export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc 2>/dev/null || echo 2)
+# llama-cpp-python compiles llama.cpp from source (~10 min on 2 cores) once per machine:
+# scripts/build_llama_wheel.sh caches the wheel (see there why not plain pip).
 
 .PHONY: setup demo test clean
 
@@ -16,6 +15,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# torch first and pinned: the CPU wheel on disk, never a CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q "$$(scripts/build_llama_wheel.sh $(PY))"
 	$(PY) -m pip install -q -e ".[dev,llama]"
 	touch $(STAMP)
 

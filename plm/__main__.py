@@ -1,0 +1,5 @@
+import sys
+
+from plm.cli import main
+
+sys.exit(main())

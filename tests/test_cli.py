@@ -1,0 +1,93 @@
+"""The `plm` command as a user runs it: real subprocesses, one-line errors, no tracebacks."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def plm(*args, input=None):
+    return subprocess.run([sys.executable, "-m", "plm", *map(str, args)], capture_output=True, text=True,
+                          input=input, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def micro(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "micro"
+    r = plm("init", "--preset", "plm-micro", "--out", out, "--seed", "3")
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def test_init_writes_released_layout(micro):
+    names = {p.name for p in micro.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= names
+    cfg = json.loads((micro / "config.json").read_text())
+    assert cfg["vocab_size"] == 151936 and cfg["hidden_size"] == 64 and cfg["eos_token_id"] == 151645
+
+
+def test_info_numbers(micro):
+    r = plm("info", micro, "--json")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    from plm import PLMForCausalLM
+    assert info["total_parameters"] == PLMForCausalLM.from_pretrained(micro).num_parameters()
+    r = plm("info", "plm-1.8b", "--json")
+    info = json.loads(r.stdout)
+    assert info["kv_values_per_token_per_layer"] == {"latent": 576, "decompressed": 5120}
+    assert info["kv_bytes_per_token_bf16"]["latent"] == 576 * 32 * 2
+    assert info["total_parameters"] == 1_825_458_176
+    # MLP is 2*2048*8192 per layer; 90.9% of it inactive
+    assert info["activated_parameters_per_token"] == int(1_825_458_176 - 32 * 0.909 * 2 * 2048 * 8192)
+    text = plm("info", micro).stdout
+    assert "activated/token" in text and "KV cache/token" in text
+
+
+def test_generate_is_deterministic_and_batched(micro):
+    a = plm("generate", micro, "--prompt", "Hello", "--max-new-tokens", "6")
+    b = plm("generate", micro, "--prompt", "Hello", "--max-new-tokens", "6")
+    assert a.returncode == 0 and a.stdout == b.stdout and a.stdout.strip()
+    r = plm("generate", micro, "--prompt", "Hello", "--prompt", "a longer second prompt", "--max-new-tokens", "4")
+    assert r.returncode == 0 and r.stdout.count("### ") == 2
+
+
+def test_chat_multi_turn(micro):
+    r = plm("chat", micro, "--max-new-tokens", "4", input="hi\nand again\n\n")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("plm> ") == 2
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["info", "/no/such/dir"], "not a checkpoint directory"),
+    (["generate", "/no/such/dir", "--prompt", "x"], "not a checkpoint directory"),
+    (["init", "--preset", "plm-micro", "--out", "{out}", "--set", '{"hidden_act": "gelu"}'], "hidden_act 'gelu'"),
+    (["generate", "{micro}", "--prompt", "x", "--top-p", "0"], "top_p must be in (0, 1]"),
+    (["export", "gguf", "/no/such/dir", "--out", "{out}/x.gguf"], "not a checkpoint directory"),
+])
+def test_user_errors_are_one_line(args, msg, micro, tmp_path):
+    args = [a.replace("{out}", str(tmp_path / "o")).replace("{micro}", str(micro)) for a in args]
+    r = plm(*args)
+    assert r.returncode == 2
+    assert msg in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_corrupt_checkpoint_error(micro, tmp_path):
+    import shutil
+    bad = tmp_path / "bad"
+    shutil.copytree(micro, bad)
+    (bad / "model.safetensors").write_bytes(b"\x00" * 100)
+    r = plm("generate", bad, "--prompt", "x")
+    assert r.returncode == 2 and "model.safetensors" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_tokenizer_commands(tmp_path):
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.txt").write_text("the cat sat on the mat\n" * 200)
+    r = plm("tokenizer", "train", tmp_path / "corpus", "--vocab-size", "300", "--out", tmp_path / "tok")
+    assert r.returncode == 0, r.stderr
+    r = plm("init", "--preset", "plm-micro", "--out", tmp_path / "m", "--tokenizer", tmp_path / "tok")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["vocab_size"] == 320
+    r = plm("tokenizer", "qwen2", "--out", tmp_path / "q")
+    assert r.returncode == 0 and (tmp_path / "q" / "tokenizer.json").exists()
