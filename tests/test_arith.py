@@ -5,7 +5,7 @@ import re
 import pytest
 
 from plm.data.arith import (
-    TEMPLATES, MathProblem, as_chat, extract_answer, generate, is_correct, split_of, to_jsonl,
+    TEMPLATES, MathProblem, as_chat, generate, is_correct, split_of, to_jsonl,
 )
 from plm.errors import PLMError
 
@@ -96,9 +96,6 @@ def test_jsonl_and_chat(tmp_path, train):
 def test_answer_extraction(train):
     p = train[0]
     assert is_correct(p, p.solution)
-    assert extract_answer("so 12 apples, then 1,234 total") == 1234
-    assert extract_answer("#### 7\nmore text 9") == 7
-    assert extract_answer("no number") is None
     assert not is_correct(p, f"#### {p.answer + 1}")
 
 

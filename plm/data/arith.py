@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
@@ -382,21 +381,8 @@ def as_chat(problem: MathProblem, system: str | None = None) -> list[dict[str, s
     ]
 
 
-_FINAL = re.compile(r"####\s*(-?[\d,]+)")
-_NUMBER = re.compile(r"-?\d[\d,]*")
-
-
-def extract_answer(text: str) -> int | None:
-    """The final answer of a model output: the number after the last '####', else the last number."""
-    found = _FINAL.findall(text) or _NUMBER.findall(text)
-    if not found:
-        return None
-    try:
-        return int(found[-1].replace(",", ""))
-    except ValueError:  # e.g. a lone "-" or ","
-        return None
-
-
 def is_correct(problem: MathProblem, text: str) -> bool:
-    """Verifier for rule-based selection and evaluation: final-number match."""
-    return extract_answer(text) == problem.answer
+    """Verifier for rule-based selection and evaluation: final-number match (the same
+    extraction GSM8K evaluation uses)."""
+    from plm.eval.answers import score_math
+    return score_math(text, str(problem.answer))

@@ -54,7 +54,13 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 def save_model(model: PLMForCausalLM, path: str | Path, max_shard_size: int | str = "4GB",
                dtype: torch.dtype | None = None) -> None:
-    """Write config.json and safetensors; tied lm_head is stored once (as embed_tokens).
+    """Write config.json and safetensors; tied lm_head is stored once (as embed_tokens)."""
+    save_state_dict(model.state_dict(), model.config, path, max_shard_size, dtype or model.dtype)
+
+
+def save_state_dict(state: dict[str, torch.Tensor], config: PLMConfig, path: str | Path,
+                    max_shard_size: int | str = "4GB", dtype: torch.dtype | None = None) -> None:
+    """Write a full (gathered) state dict in the released layout.
 
     Each file is written under a temporary name and renamed, so a crash never leaves a
     half-written tensor file under the final name.
@@ -63,7 +69,7 @@ def save_model(model: PLMForCausalLM, path: str | Path, max_shard_size: int | st
     path.mkdir(parents=True, exist_ok=True)
     limit = parse_size(max_shard_size)
     state = {k: v.detach().to(dtype or v.dtype).contiguous().cpu()
-             for k, v in model.state_dict().items() if k != "lm_head.weight"}
+             for k, v in state.items() if k != "lm_head.weight"}
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name, t in state.items():
@@ -73,9 +79,8 @@ def save_model(model: PLMForCausalLM, path: str | Path, max_shard_size: int | st
             size = 0
         shards[-1][name] = t
         size += nbytes
-    config = model.config
     cfg = config.to_dict()
-    cfg["torch_dtype"] = str(dtype or model.dtype).replace("torch.", "")
+    cfg["torch_dtype"] = str(next(iter(state.values())).dtype).replace("torch.", "")
     # remove files of an earlier save with another shard count
     for old in list(path.glob("model-*-of-*.safetensors")) + [path / SINGLE_FILE, path / INDEX_FILE]:
         old.unlink(missing_ok=True)

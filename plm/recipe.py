@@ -1,0 +1,54 @@
+"""Recipes: YAML files of settings, with `--set a.b=value` overrides from the command line."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from plm.errors import ConfigError
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path} is a directory; name the YAML file inside it")
+    if not path.exists():
+        raise ConfigError(f"{path}: recipe not found")
+    try:
+        recipe = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML ({e})") from None
+    if not isinstance(recipe, dict):
+        raise ConfigError(f"{path}: a recipe must be a mapping of settings")
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. train.micro_batch_size=4")
+        set_dotted(recipe, key, yaml.safe_load(value))
+    recipe.setdefault("_path", str(path))
+    return recipe
+
+
+def set_dotted(d: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    for p in parts[:-1]:
+        if p.isdigit() and isinstance(d, list):
+            d = d[int(p)]
+            continue
+        d = d.setdefault(p, {})
+        if not isinstance(d, (dict, list)):
+            raise ConfigError(f"--set {key}: {p!r} is not a section")
+    last = parts[-1]
+    if isinstance(d, list):
+        d[int(last)] = value
+    else:
+        d[last] = value
+
+
+def section(recipe: dict, name: str, required: bool = True) -> Any:
+    if name not in recipe:
+        if required:
+            raise ConfigError(f"{recipe.get('_path', 'recipe')}: missing section {name!r}")
+        return {}
+    return recipe[name]

@@ -1,0 +1,59 @@
+"""`plm pretrain` and `plm schedule plot`."""
+from __future__ import annotations
+
+import argparse
+
+from plm.recipe import load_recipe
+
+
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    from plm.train.pretrain import pretrain
+    pretrain(load_recipe(args.recipe, args.set), resume=not args.no_resume)
+    return 0
+
+
+def _cmd_schedule_plot(args: argparse.Namespace) -> int:
+    from plm.train.pretrain import schedule_from
+    from plm.train.schedule import lr_at, plot_schedule
+
+    if args.recipe:
+        recipe = load_recipe(args.recipe, args.set)
+        phase = recipe["phases"][args.phase]
+        d, steps = phase.get("schedule") or {}, args.steps
+    else:
+        d = {"kind": args.kind, "peak_lr": args.peak_lr, "floor_lr": args.floor_lr, "warmup": args.warmup,
+             "stable": args.stable, "decay": args.decay, "decay_shape": args.shape}
+        steps = args.steps
+    cfg = schedule_from(d, steps, "schedule")
+    plot_schedule(cfg, args.out, steps)
+    W, S, D, shape = cfg.phases()
+    print(f"wrote {args.out}: {cfg.kind} warmup {W}, stable {S}, decay {D} ({shape}), "
+          f"lr at end {lr_at(cfg, steps - 1):.3g}")
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("pretrain", help="pretrain from a recipe (works under torchrun)")
+    p.add_argument("recipe", help="recipe YAML, e.g. recipes/tiny/pretrain.yaml")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe setting, e.g. train.micro_batch_size=4 (repeatable)")
+    p.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints")
+    p.set_defaults(func=_cmd_pretrain)
+
+    p = sub.add_parser("schedule", help="learning-rate schedules")
+    ssub = p.add_subparsers(dest="schedule_command", metavar="ACTION")
+    ssub.required = True
+    q = ssub.add_parser("plot", help="plot a schedule to PNG")
+    q.add_argument("--out", required=True)
+    q.add_argument("--steps", type=int, default=1000)
+    q.add_argument("--recipe", help="take the schedule of a recipe phase")
+    q.add_argument("--phase", type=int, default=0)
+    q.add_argument("--set", action="append", default=[])
+    q.add_argument("--kind", default="wsdc", choices=["wsdc", "wsd", "cosine"])
+    q.add_argument("--peak-lr", type=float, default=3e-4)
+    q.add_argument("--floor-lr", type=float, default=3e-5)
+    q.add_argument("--warmup", type=float, default=0.05, help="steps, or a fraction if < 1")
+    q.add_argument("--stable", type=float, default=0.6)
+    q.add_argument("--decay", type=float, default=0.25)
+    q.add_argument("--shape", default="1-sqrt", choices=["linear", "cosine", "1-sqrt", "exp"])
+    q.set_defaults(func=_cmd_schedule_plot)

@@ -1,0 +1,347 @@
+"""One training loop for every stage (pretraining, SFT, ARIES-SFT): AdamW, gradient
+accumulation, clipping, bf16 autocast on GPU, optional torch.compile and activation
+checkpointing, held-out eval, metrics JSONL, progress bar, plots, atomic checkpoints and exact
+resume, from one CPU process to torchrun with DDP or FSDP2.
+
+A run is a list of `Phase`s, each with its own data loader and schedule; the model carries
+from one phase to the next, the optimizer state too unless `optimizer_state: reset`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from plm.errors import ConfigError, PLMError
+from plm.model.modeling import PLMForCausalLM
+from plm.train import checkpointing as ckpt
+from plm.train.dist import DistEnv, all_reduce_mean, barrier, wrap_model
+from plm.train.schedule import ScheduleConfig, lr_at
+
+# peak dense bf16 FLOP/s for MFU; other devices: set train.peak_flops
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "4090": 165e12}
+
+
+@dataclass
+class TrainConfig:
+    seq_len: int = 256
+    micro_batch_size: int = 8  # sequences per rank per micro-step
+    grad_accum: int = 1
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 = off
+    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU | fp32 | bf16
+    compile: bool = False
+    activation_checkpointing: bool = False
+    fused_optimizer: bool = True  # fused AdamW where the device supports it
+    distributed: str = "ddp"  # none | ddp | fsdp (only used under torchrun)
+    eval_every: int = 0  # steps; 0 = only at phase ends
+    eval_batches: int = 4
+    log_every: int = 1
+    ckpt_every: int = 0  # steps; 0 = only at phase ends
+    keep_last: int = 2
+    seed: int = 0
+    device: str = "auto"
+    peak_flops: float | None = None
+    optimizer_state: str = "carry"  # between phases: carry | reset
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("seq_len", "micro_batch_size", "grad_accum", "eval_batches", "log_every", "keep_last"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ConfigError(f"train.{name} must be a positive integer, got {v!r}")
+        for name in ("eval_every", "ckpt_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name} must be >= 0")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ConfigError(f"train.precision must be auto, fp32 or bf16, got {self.precision!r}")
+        if self.optimizer_state not in ("carry", "reset"):
+            raise ConfigError(f"train.optimizer_state must be carry or reset, got {self.optimizer_state!r}")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ConfigError("train.beta1/beta2 must be in [0, 1)")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None, where: str = "train") -> "TrainConfig":
+        d = dict(d or {})
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"{where}: unknown setting(s) {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+
+class Loader(Protocol):
+    """An infinite batch iterator with exact-resume state."""
+
+    def __next__(self) -> dict[str, torch.Tensor]: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+@dataclass
+class Phase:
+    name: str
+    steps: int
+    schedule: ScheduleConfig
+    # (rank, world_size, micro_batch_size) -> loader of dict batches {input_ids, labels, ...}
+    make_loader: Callable[[int, int, int], Loader]
+    make_eval_batches: Callable[[], list[dict[str, torch.Tensor]]] | None = None
+    info: dict = field(default_factory=dict)
+
+
+def lm_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross entropy over labelled tokens, and their count."""
+    labels = batch["labels"]
+    inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
+    logits = model(**inputs).logits
+    loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
+    return loss, int((labels != -100).sum())
+
+
+def flops_per_token(model: PLMForCausalLM, seq_len: int) -> float:
+    """Training FLOPs per token: 6 x matmul parameters (lm_head included) + attention."""
+    c = model.config
+    n = sum(p.numel() for p in model.parameters()) - c.vocab_size * c.hidden_size
+    n += c.vocab_size * c.hidden_size  # the tied lm_head matmul
+    attn = 6 * c.num_hidden_layers * c.num_attention_heads * seq_len * (c.qk_head_dim + c.v_head_dim) / 2
+    return 6 * n + attn
+
+
+def device_peak_flops(device: torch.device, override: float | None) -> float | None:
+    if override:
+        return override
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, v in PEAK_FLOPS.items():
+            if key in name:
+                return v
+    return None
+
+
+class Trainer:
+    def __init__(self, model: PLMForCausalLM, cfg: TrainConfig, env: DistEnv, run_dir: str | Path,
+                 loss_fn: Callable = lm_loss_sum, on_save: Callable[[Path], None] | None = None) -> None:
+        self.cfg, self.env, self.run_dir = cfg, env, Path(run_dir)
+        self.raw_model = model
+        self.loss_fn = loss_fn
+        self.on_save = on_save
+        self.autocast = (cfg.precision == "bf16" or (cfg.precision == "auto" and env.device.type == "cuda"))
+        model.to(env.device)
+        if cfg.activation_checkpointing:
+            model.model.gradient_checkpointing = True
+        self.model = wrap_model(model, env, cfg.distributed)
+        self.fwd = torch.compile(self.model) if cfg.compile else self.model
+        self.optimizer = self._make_optimizer()
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.global_step = 0
+        self.tokens_seen = 0
+        self.peak = device_peak_flops(env.device, cfg.peak_flops)
+
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            (decay if p.dim() >= 2 else no_decay).append(p)  # no decay on norms
+        groups = [{"params": decay, "weight_decay": self.cfg.weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        kw = dict(lr=1.0, betas=(self.cfg.beta1, self.cfg.beta2), eps=self.cfg.eps)
+        if self.cfg.fused_optimizer:
+            try:
+                return torch.optim.AdamW(groups, fused=True, **kw)
+            except (RuntimeError, TypeError):
+                pass
+        return torch.optim.AdamW(groups, **kw)
+
+    # ---- logging -----------------------------------------------------------
+    def log(self, record: dict) -> None:
+        if self.env.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            with self.metrics_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def _truncate_metrics(self, step: int) -> None:
+        """After a resume, drop records the interrupted run wrote past the checkpoint."""
+        if self.env.is_main and self.metrics_path.exists():
+            keep = [line for line in self.metrics_path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= step]
+            self.metrics_path.write_text("".join(line + "\n" for line in keep))
+
+    # ---- one optimiser step --------------------------------------------------
+    def train_step(self, loader: Loader, lr: float) -> dict[str, float]:
+        cfg, env = self.cfg, self.env
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        micro = [next(loader) for _ in range(cfg.grad_accum)]
+        local_tokens = sum(int((b["labels"] != -100).sum()) for b in micro)
+        global_tokens = float(all_reduce_mean(torch.tensor(float(local_tokens)), env)) * env.world_size
+        if global_tokens == 0:
+            raise PLMError("a training batch has no labelled tokens (all labels are -100)")
+        total = torch.zeros((), device=env.device)
+        for i, batch in enumerate(micro):
+            batch = {k: v.to(env.device) for k, v in batch.items()}
+            sync = i == len(micro) - 1
+            ctx = self.model.no_sync() if (hasattr(self.model, "no_sync") and not sync) else _null()
+            with ctx, torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                loss_sum, _ = self.loss_fn(self.fwd, batch)
+                # DDP averages gradients over ranks: scale so the result is the global token mean
+                (loss_sum * env.world_size / global_tokens).backward()
+            total += loss_sum.detach()
+        gnorm = (torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+                 if cfg.grad_clip > 0 else _grad_norm(self.model))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = float(all_reduce_mean(total, env)) * env.world_size / global_tokens
+        return {"loss": loss, "grad_norm": float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm),
+                "tokens": int(global_tokens)}
+
+    @torch.no_grad()
+    def evaluate(self, batches: list[dict[str, torch.Tensor]]) -> float:
+        self.model.eval()
+        tot, n = 0.0, 0
+        for b in batches:
+            b = {k: v.to(self.env.device) for k, v in b.items()}
+            with torch.autocast(self.env.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                s, c = self.loss_fn(self.model, b)
+            tot += float(s)
+            n += c
+        self.model.train()
+        return tot / max(n, 1)
+
+    # ---- the run -----------------------------------------------------------
+    def fit(self, phases: list[Phase], resume: bool = True) -> dict:
+        cfg, env = self.cfg, self.env
+        if not phases:
+            raise PLMError("nothing to train: no phases")
+        start_phase, start_step, loader_state = 0, 0, None
+        state = ckpt.load_latest(self.run_dir) if resume else None
+        if state is not None:
+            ckpt.restore(state, self.model, self.optimizer)
+            start_phase, start_step = state["trainer"]["phase"], state["trainer"]["phase_step"]
+            self.global_step = state["trainer"]["global_step"]
+            self.tokens_seen = state["trainer"].get("tokens_seen", 0)
+            loader_state = state["trainer"]["loader"]
+            _set_rng(state["trainer"]["rng"])
+            self._truncate_metrics(self.global_step)
+            if env.is_main:
+                print(f"resumed from {state['path']} (phase {phases[start_phase].name}, step {start_step})")
+        else:
+            torch.manual_seed(cfg.seed)
+            random.seed(cfg.seed)
+            np.random.seed(cfg.seed)
+        fpt = flops_per_token(self.raw_model, cfg.seq_len)
+        summary = {"phases": []}
+        self.model.train()
+        for pi in range(start_phase, len(phases)):
+            phase = phases[pi]
+            step0 = start_step if pi == start_phase else 0
+            if pi > 0 and step0 == 0 and cfg.optimizer_state == "reset":
+                self.optimizer.state.clear()
+            loader = phase.make_loader(env.rank, env.world_size, cfg.micro_batch_size)
+            if step0 > 0 and loader_state is not None:
+                loader.load_state_dict(loader_state)
+            eval_batches = phase.make_eval_batches() if phase.make_eval_batches else None
+            bar = tqdm(total=phase.steps, initial=step0, desc=f"{phase.name}", unit="step",
+                       disable=not (env.is_main and cfg.progress), dynamic_ncols=True)
+            t_last, tok_since = time.perf_counter(), 0
+            for s in range(step0, phase.steps):
+                lr = lr_at(phase.schedule, s)
+                m = self.train_step(loader, lr)
+                if not math.isfinite(m["loss"]):
+                    raise PLMError(f"phase {phase.name}, step {s + 1}: loss is {m['loss']}; "
+                                   "lower the learning rate or check the data")
+                self.global_step += 1
+                self.tokens_seen += m["tokens"]
+                tok_since += m["tokens"]
+                done = s + 1
+                bar.update(1)
+                if done % cfg.log_every == 0 or done == phase.steps:
+                    now = time.perf_counter()
+                    tps = tok_since / max(now - t_last, 1e-9)
+                    rec = {"phase": phase.name, "step": self.global_step, "phase_step": done, "loss": m["loss"],
+                           "lr": lr, "grad_norm": m["grad_norm"], "tokens": m["tokens"], "tokens_seen": self.tokens_seen,
+                           "tokens_per_s": tps, "mfu": (tps * fpt / (self.peak * env.world_size)) if self.peak else None}
+                    self.log(rec)
+                    bar.set_postfix(loss=f"{m['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
+                    t_last, tok_since = now, 0
+                if eval_batches and cfg.eval_every and done % cfg.eval_every == 0 and done != phase.steps:
+                    self.log({"phase": phase.name, "step": self.global_step, "eval_loss": self.evaluate(eval_batches)})
+                if cfg.ckpt_every and done % cfg.ckpt_every == 0 and done != phase.steps:
+                    self.save(pi, done, loader)
+                _test_kill_hook(self.global_step)
+            bar.close()
+            rec = {"phase": phase.name, "steps": phase.steps, "global_step": self.global_step,
+                   "tokens_seen": self.tokens_seen}
+            if eval_batches:
+                rec["eval_loss"] = self.evaluate(eval_batches)
+                self.log({"phase": phase.name, "step": self.global_step, "eval_loss": rec["eval_loss"]})
+            summary["phases"].append(rec)
+            # a phase-end checkpoint: the next phase (or a rerun) starts from here
+            self.save(pi + 1, 0, None) if pi + 1 < len(phases) else self.save(pi, phase.steps, loader)
+            loader_state = None
+        return summary
+
+    def save(self, phase: int, phase_step: int, loader: Loader | None) -> Path | None:
+        trainer_state = {"phase": phase, "phase_step": phase_step, "global_step": self.global_step,
+                         "tokens_seen": self.tokens_seen,
+                         "loader": loader.state_dict() if loader is not None else None,
+                         "rng": _get_rng(), "config": asdict(self.cfg)}
+        path = ckpt.save(self.run_dir, f"step-{self.global_step:07d}", self.model, self.raw_model.config,
+                         self.optimizer, trainer_state, self.env, self.cfg.keep_last)
+        if path is not None and self.on_save is not None:
+            self.on_save(path)
+        barrier(self.env)
+        return path
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def _grad_norm(model: torch.nn.Module) -> torch.Tensor:
+    norms = [p.grad.detach().norm() for p in model.parameters() if p.grad is not None]
+    return torch.stack(norms).norm() if norms else torch.zeros(())
+
+
+def _get_rng() -> dict:
+    st = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def _set_rng(st: dict) -> None:
+    torch.set_rng_state(st["torch"])
+    random.setstate(st["python"])
+    np.random.set_state(st["numpy"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def _test_kill_hook(step: int) -> None:
+    """PLM_TEST_KILL_AT_STEP=N: SIGKILL this process after step N (the resume tests' crash)."""
+    at = os.environ.get("PLM_TEST_KILL_AT_STEP")
+    if at and int(at) == step:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    p = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()] if p.exists() else []
+
