@@ -141,3 +141,18 @@ def test_loss_and_backward(small_model):
     small_model.zero_grad()
     out2 = small_model(ids, labels=labels)
     assert torch.allclose(out.loss, out2.loss)
+
+
+def test_eager_attention_baseline_matches_sdpa(small_model):
+    from plm.model.modeling import PLMAttention
+    ids = torch.randint(0, 512, (2, 11), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones(2, 11, dtype=torch.long)
+    mask[1, :3] = 0
+    with torch.no_grad():
+        ref = small_model(ids).logits, small_model(ids, attention_mask=mask).logits
+        PLMAttention.impl = "eager"
+        try:
+            got = small_model(ids).logits, small_model(ids, attention_mask=mask).logits
+        finally:
+            PLMAttention.impl = "sdpa"
+    assert torch.allclose(got[0], ref[0], atol=1e-5) and torch.allclose(got[1], ref[1], atol=1e-5)

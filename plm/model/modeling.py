@@ -82,7 +82,20 @@ class KVCache:
         return sum(t.numel() * t.element_size() for t in self.k + self.v if t is not None)
 
 
+def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                    scale: float) -> torch.Tensor:
+    """Explicit softmax(QK^T)V: the naive baseline the benchmarks compare SDPA against."""
+    scores = (q @ k.transpose(-1, -2)).float() * scale
+    T, S = q.shape[-2], k.shape[-2]
+    if mask is None:
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return scores.softmax(-1).to(v.dtype) @ v
+
+
 class PLMAttention(nn.Module):
+    impl = "sdpa"  # "eager" for the naive baseline in benchmarks
+
     def __init__(self, config: PLMConfig, layer_idx: int) -> None:
         super().__init__()
         c = config
@@ -112,7 +125,9 @@ class PLMAttention(nn.Module):
         k = torch.cat([k_nope, k_rope.expand(B, H, T, self.rope)], dim=-1)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
-        if mask is None:
+        if self.impl == "eager":
+            out = eager_attention(q, k, v, mask, self.scale)
+        elif mask is None:
             # no padding, no past: the fused causal path
             out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, scale=self.scale)
         else:
