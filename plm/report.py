@@ -1,0 +1,83 @@
+"""`RUN/report.md`: every number comes from the stage manifests the run wrote."""
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+from pathlib import Path
+
+from plm.pipeline import Context, stage_times
+
+
+def _f(x, fmt: str = ".3f") -> str:
+    if x is None:
+        return "n/a"
+    return format(x, fmt) if isinstance(x, (int, float)) else str(x)
+
+
+def _table(header: list[str], rows: list[list]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return out + [""]
+
+
+def _rel(p: str | Path, run_dir: Path) -> str:
+    try:
+        return str(Path(p).resolve().relative_to(run_dir.resolve()))
+    except ValueError:
+        return str(p)
+
+
+def write_report(ctx: Context) -> Path:
+    r, run_dir = ctx.results, ctx.run_dir
+    times = stage_times(run_dir)
+    md = [f"# PLM pipeline report: {ctx.recipe.get('name', '')}", "",
+          f"Generated {datetime.datetime.now().isoformat(timespec='seconds')} on {platform.node()} "
+          f"({platform.machine()}, {os.cpu_count()} cores). Every figure below was written by this run's "
+          "stages (manifests in `stages/`).", ""]
+    md += ["## Stages", ""]
+    md += _table(["stage", "time (s)"], [[k, _f(v, ".1f")] for k, v in times.items()]
+                 + [["**total**", _f(sum(times.values()), ".1f")]])
+
+    if "corpus" in r:
+        c = r["corpus"]
+        md += ["## Data", ""]
+        md += _table(["source", "documents", "characters"],
+                     [["code (stdlib sources)", c["code"]["files"], f"{c['code']['chars']:,}"],
+                      ["docs (pydoc topics)", c["docs"]["files"], f"{c['docs']['chars']:,}"],
+                      ["math (arith train split)", c["math"]["problems"], f"{c['math']['chars']:,}"],
+                      ["math held-out (test split)", c["math_test"]["problems"], ""]])
+    if "tokenizer" in r:
+        md += [f"Tokenizer: byte-level BPE, {r['tokenizer']['vocab_size']} ids, "
+               f"{r['tokenizer']['chars_per_token']:.2f} characters/token on a docs sample.", ""]
+
+    if "pretrain" in r:
+        s = r["pretrain"]["summary"]
+        md += ["## Pretraining", "",
+               f"{s['parameters'] / 1e6:.2f}M parameters, {s['tokens']:,} tokens. "
+               f"Unigram entropy of the final mixture: **{s['unigram_entropy']:.3f}** nats/token; "
+               f"final train loss **{s['final_train_loss']:.3f}**, held-out loss "
+               f"**{_f(s.get('final_eval_loss'))}** (perplexity {_f(2.718281828 ** s['final_eval_loss'], '.1f') if s.get('final_eval_loss') else 'n/a'}).", ""]
+        md += _table(["phase", "steps", "tokens seen (cum.)", "held-out loss"],
+                     [[p["phase"], p["steps"], f"{p.get('tokens_seen', 0):,}", _f(p.get("eval_loss"))]
+                      for p in s["phases"]])
+        md += ["![loss and learning rate](pretrain/loss_lr.png)", ""]
+
+    for key in ("posttrain", "eval", "sparsity", "bench"):
+        if key in r and r[key].get("report_md"):
+            md += [r[key]["report_md"], ""]
+
+    if "export" in r:
+        e = r["export"]
+        chk = e["llama_cpp_agreement"]
+        md += ["## GGUF export and llama.cpp agreement", ""]
+        md += _table(["file", "size"], [[_rel(v["path"], run_dir), f"{v['bytes'] / 1e6:.2f} MB"]
+                                         for v in e["files"].values()])
+        md += [f"llama.cpp on the f32 GGUF vs our PyTorch model, {chk['prompt_tokens']}-token held-out prompt: "
+               f"max |logit diff| {chk['max_abs_logit_diff']:.2e} ({chk['relative_diff']:.1e} of the largest "
+               f"logit); greedy {chk['greedy_tokens']} tokens identical: **{chk['greedy_identical']}**.", ""]
+    path = run_dir / "report.md"
+    path.write_text("\n".join(md) + "\n")
+    print(f"report: {path}")
+    return path
+

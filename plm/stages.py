@@ -1,0 +1,84 @@
+"""The pipeline's stages, each a thin call into the area that owns the work.
+
+Each returns its results (numbers for the report) plus "outputs": the paths it wrote,
+which the pipeline checksums into the stage manifest.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from plm.errors import ConfigError
+from plm.pipeline import Context, Stage
+from plm.recipe import load_recipe
+
+
+def _recipe(ctx: Context, s: dict, key: str = "recipe") -> dict:
+    if key not in s:
+        raise ConfigError(f"stages: this stage needs '{key}: path/to/recipe.yaml'")
+    return load_recipe(s[key], s.get("set", []))
+
+
+def corpus(ctx: Context, s: dict) -> dict:
+    from plm.data.corpus import write_embedded_corpus
+    out = ctx.path("corpus")
+    info = write_embedded_corpus(out, code_bytes=int(s.get("code_bytes", 6_000_000)),
+                                 math_problems=int(s.get("math_problems", 20_000)),
+                                 math_test=int(s.get("math_test", 500)), seed=int(s.get("seed", 0)))
+    return {**info, "outputs": [out]}
+
+
+def tokenizer(ctx: Context, s: dict) -> dict:
+    from plm.data.commands import iter_text_files
+    from plm.data.tokenizer import train_bpe
+    c = ctx.path("corpus")
+    inputs = s.get("inputs") or [str(c / "code"), str(c / "docs"), str(c / "math")]
+    tok = train_bpe(iter_text_files(inputs), int(s.get("vocab_size", 4096)))
+    out = ctx.path("tokenizer")
+    tok.save(out)
+    sample = (c / "docs" / "assert.txt").read_text() if (c / "docs" / "assert.txt").exists() else "print(1 + 2)"
+    return {"vocab_size": tok.vocab_size, "chars_per_token": len(sample) / max(1, len(tok.encode(sample))),
+            "outputs": [out]}
+
+
+def pretrain(ctx: Context, s: dict) -> dict:
+    from plm.train.pretrain import pretrain as run
+    summary = run(_recipe(ctx, s))
+    final = Path(summary["final_dir"])
+    return {"summary": summary, "checkpoint": str(final), "outputs": [final]}
+
+
+def export(ctx: Context, s: dict) -> dict:
+    """GGUF files for llama.cpp, and the agreement check on the f32 export."""
+    from plm.data.tokenizer import Tokenizer
+    from plm.export.gguf import export_gguf
+    from plm.export.llama_check import compare_with_llama_cpp
+    from plm.model.modeling import PLMForCausalLM
+
+    ckpt = Path(s.get("checkpoint") or latest_checkpoint(ctx))
+    out = ctx.path("export")
+    files = {t: export_gguf(ckpt, out / f"model-{t}.gguf", t) for t in s.get("types", ["f32", "f16", "q8_0"])}
+    tok = Tokenizer.from_dir(ckpt)
+    test = (ctx.path("corpus", "math_test.jsonl").read_text().splitlines()[0]
+            if ctx.path("corpus", "math_test.jsonl").exists() else "def f(x):\n    return x")
+    prompt = tok.encode(test)[: int(s.get("check_tokens", 64))]
+    check = compare_with_llama_cpp(PLMForCausalLM.from_pretrained(ckpt), files["f32"], prompt,
+                                   int(s.get("greedy_tokens", 32)))
+    return {"checkpoint": str(ckpt), "files": {t: {"path": str(p), "bytes": p.stat().st_size} for t, p in files.items()},
+            "llama_cpp_agreement": check, "outputs": list(files.values())}
+
+
+def latest_checkpoint(ctx: Context) -> str:
+    """The most trained checkpoint so far: ARIES, else SFT, else pretraining."""
+    for stage in ("aries", "sft", "pretrain"):
+        r = ctx.results.get(stage)
+        if r and r.get("checkpoint"):
+            return r["checkpoint"]
+    raise ConfigError("no trained checkpoint yet: run the pretrain stage first")
+
+
+STAGES = [
+    Stage("corpus", corpus, "write the embedded offline corpus (stdlib code, docs, arithmetic problems)"),
+    Stage("tokenizer", tokenizer, "train the byte-level BPE tokenizer on the corpus"),
+    Stage("pretrain", pretrain, "pretrain: three phases, each with its own WSDC schedule"),
+    Stage("export", export, "GGUF export and llama.cpp agreement check"),
+]
