@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import gzip
-import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 from plm.errors import PLMError
+from plm.eval.data import default_data_dir
+from plm.eval.data import iter_jsonl as _read_jsonl
 from plm.eval.sandbox import run_many
 
-SHARED_DATA_ENV = "PLM_SHARED_DATA"
+SHARED_DATA_ENV = "PLM_SHARED_DATA"  # also honoured: $PLM_DATA (checked first)
 
 # The Codex paper's stop sequences: a completion continues the prompt's function body,
 # so any new top-level statement means the model has moved on.
@@ -24,11 +23,8 @@ _FENCE = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)(?:```|\Z)", re.DOTA
 
 
 def shared_data_dir() -> Path:
-    """Where shared datasets live: $PLM_SHARED_DATA, else <repo>/../shared/data."""
-    env = os.environ.get(SHARED_DATA_ENV)
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[2].parent / "shared" / "data"
+    """Where shared datasets live: $PLM_DATA, else $PLM_SHARED_DATA, else <repo>/../shared/data."""
+    return default_data_dir()
 
 
 @dataclass(frozen=True)
@@ -57,26 +53,6 @@ class CodeProblem:
         return f"{completion}\n\n{self.setup_code}\n\n{self.test}\n"
 
 
-def _read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    if not path.is_file():
-        raise PLMError(f"dataset file not found: {path}")
-    opener = gzip.open if path.suffix == ".gz" else open
-    try:
-        with opener(path, "rt", encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise PLMError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-                if not isinstance(record, dict):
-                    raise PLMError(f"{path}:{lineno}: expected a JSON object")
-                yield lineno, record
-    except (OSError, EOFError, UnicodeDecodeError) as e:
-        raise PLMError(f"cannot read {path}: {e}") from None
-
-
 def _require(record: dict[str, Any], fields: Sequence[str], path: Path, lineno: int) -> None:
     missing = [f for f in fields if f not in record]
     if missing:
@@ -95,24 +71,28 @@ def load_humaneval(path: str | Path | None = None) -> list[CodeProblem]:
     return problems
 
 
+def mbpp_problem(r: dict[str, Any], where: str = "MBPP record") -> CodeProblem:
+    """One MBPP record (fields task_id, text, code, test_list[, test_setup_code]) as a problem."""
+    missing = [f for f in ("task_id", "text", "code", "test_list") if f not in r]
+    if missing:
+        raise PLMError(f"{where}: missing field(s) {', '.join(missing)}")
+    if not isinstance(r["test_list"], list) or not r["test_list"]:
+        raise PLMError(f"{where}: test_list must be a non-empty list of asserts")
+    test = "\n".join(r["test_list"])
+    return CodeProblem(
+        task_id=str(r["task_id"]),
+        prompt=f"{r['text']}\nYour code should pass these tests:\n{test}\n",
+        test=test,
+        canonical_solution=r["code"],
+        setup_code=r.get("test_setup_code") or "",
+        source="mbpp",
+    )
+
+
 def load_mbpp(path: str | Path) -> list[CodeProblem]:
     """MBPP problems from a JSONL file (fields task_id, text, code, test_list[, test_setup_code])."""
     path = Path(path)
-    problems = []
-    for lineno, r in _read_jsonl(path):
-        _require(r, ("task_id", "text", "code", "test_list"), path, lineno)
-        if not isinstance(r["test_list"], list) or not r["test_list"]:
-            raise PLMError(f"{path}:{lineno}: test_list must be a non-empty list of asserts")
-        test = "\n".join(r["test_list"])
-        problems.append(CodeProblem(
-            task_id=str(r["task_id"]),
-            prompt=f"{r['text']}\nYour code should pass these tests:\n{test}\n",
-            test=test,
-            canonical_solution=r["code"],
-            setup_code=r.get("test_setup_code") or "",
-            source="mbpp",
-        ))
-    return problems
+    return [mbpp_problem(r, f"{path}:{lineno}") for lineno, r in _read_jsonl(path)]
 
 
 def extract_code(generation: str, problem: CodeProblem) -> str:
