@@ -39,9 +39,13 @@ class Stage:
     help: str
 
 
+# caches of derived results that later stages may add inside an output directory
+_NOT_OUTPUTS = {"eval.json"}
+
+
 def _sha256_path(p: Path) -> str:
     h = hashlib.sha256()
-    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+    files = sorted(f for f in p.rglob("*") if f.is_file() and f.name not in _NOT_OUTPUTS) if p.is_dir() else [p]
     for f in files:
         h.update(str(f.relative_to(p) if p.is_dir() else f.name).encode())
         with f.open("rb") as fh:

@@ -28,6 +28,60 @@ def _rel(p: str | Path, run_dir: Path) -> str:
         return str(p)
 
 
+def _pct(x) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def _posttrain_section(r: dict) -> list[str]:
+    """Held-out accuracy on the arith test split, stage over stage."""
+    rows: list[list] = []
+    base = (r.get("eval") or {}).get("math_pretrain_plain")
+    if base:
+        rows.append(["after pretraining (plain prompt)", _pct(base["direct_acc"]), "-"])
+    for phase, e in ((r.get("sft") or {}).get("eval") or {}).items():
+        rows.append([f"after {phase}", _pct(e.get("direct_acc")), _pct(e.get("refine_acc"))])
+    for row in (r.get("aries") or {}).get("rows", []):
+        e = row.get("eval") or {}
+        if e:
+            rows.append([f"after ARIES iteration {row['iteration']}", _pct(e.get("direct_acc")),
+                         _pct(e.get("refine_acc"))])
+    for row in (r.get("aries") or {}).get("baseline_rows", []):
+        e = row.get("eval") or {}
+        if e:
+            rows.append([f"DPO baseline (lambda 0), iteration {row['iteration']}", _pct(e.get("direct_acc")),
+                         _pct(e.get("refine_acc"))])
+    if not rows:
+        return []
+    out = ["## Post-training: held-out math accuracy", "",
+           "Verifiable arithmetic word problems of the held-out test split (never trained on), greedy; "
+           "self-refine = one more round through the ARIES refinement template.", ""]
+    out += _table(["model", "direct", "self-refine"], rows)
+    accs = [float(x[1].rstrip("%")) for x in rows if x[1] not in ("n/a", "-")]
+    if len(accs) > 1:
+        out += [f"Stage-over-stage: " + " -> ".join(f"{a:.1f}" for a in accs) + " (% direct).", ""]
+    aries_rows = [x for x in (r.get("aries") or {}).get("rows", []) if "pairs_kept" in x]
+    if aries_rows:
+        out += _table(["ARIES iteration", "pairs kept", "sampled acc y0", "sampled acc yK", "reward margin (direct)",
+                       "reward margin (refine)"],
+                      [[x["iteration"], f"{x['pairs_kept']}/{x['prompts']}", _pct(x.get("sample_acc_initial")),
+                        _pct(x.get("sample_acc_last")), _f(x.get("reward_margin_direct")),
+                        _f(x.get("reward_margin_refine"))] for x in aries_rows])
+    return out
+
+
+def _eval_section(r: dict) -> list[str]:
+    e = r.get("eval")
+    if not e:
+        return []
+    out = ["## Evaluation", ""]
+    stages = sorted(set(e.get("code", {})) | set(e.get("perplexity", {})),
+                    key=["pretrain", "sft", "aries"].index)
+    out += _table(["checkpoint", "code task pass@1", "held-out perplexity (math text)"],
+                  [[st, _pct((e["code"].get(st) or {}).get("direct_acc")),
+                    _f((e["perplexity"].get(st) or {}).get("perplexity"), ".2f")] for st in stages])
+    return out
+
+
 def write_report(ctx: Context) -> Path:
     r, run_dir = ctx.results, ctx.run_dir
     times = stage_times(run_dir)
@@ -63,7 +117,9 @@ def write_report(ctx: Context) -> Path:
                       for p in s["phases"]])
         md += ["![loss and learning rate](pretrain/loss_lr.png)", ""]
 
-    for key in ("posttrain", "eval", "sparsity", "bench"):
+    md += _posttrain_section(r)
+    md += _eval_section(r)
+    for key in ("sparsity", "bench"):
         if key in r and r[key].get("report_md"):
             md += [r[key]["report_md"], ""]
 

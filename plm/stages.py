@@ -47,6 +47,59 @@ def pretrain(ctx: Context, s: dict) -> dict:
     return {"summary": summary, "checkpoint": str(final), "outputs": [final]}
 
 
+def sft(ctx: Context, s: dict) -> dict:
+    from plm.align.sft import sft as run
+    summary = run(_recipe(ctx, s))
+    return {"eval": summary.get("eval", {}), "phases": summary.get("phases", []),
+            "checkpoint": summary["final_dir"], "outputs": [Path(summary["final_dir"])]}
+
+
+def aries(ctx: Context, s: dict) -> dict:
+    from plm.align.aries import aries as run
+    recipe = _recipe(ctx, s)
+    summary = run(recipe)
+    out = {"rows": summary["rows"], "checkpoint": summary["final_dir"], "outputs": [Path(summary["final_dir"])]}
+    if s.get("baseline"):  # the lambda = 0 iterative-DPO baseline with the same budget
+        base = load_recipe(s["recipe"], list(s.get("set", [])) + list(s["baseline"]))
+        out["baseline_rows"] = run(base)["rows"]
+    return out
+
+
+def evaluate(ctx: Context, s: dict) -> dict:
+    """Held-out math (pretrained model, plain prompts), a code task and held-out perplexity for
+    every trained checkpoint of the run."""
+    from plm.align.sft import evaluate_checkpoint
+    ckpts = {st: ctx.results[st]["checkpoint"] for st in ("pretrain", "sft", "aries") if st in ctx.results}
+    out: dict = {"math_pretrain_plain": None, "code": {}, "perplexity": {}}
+    if "pretrain" in ckpts and s.get("math"):
+        out["math_pretrain_plain"] = evaluate_checkpoint(ckpts["pretrain"], {**s["math"], "rounds": 0}, style="plain")
+    for st, ck in ckpts.items():
+        if s.get("code") and st != "pretrain":
+            out["code"][st] = evaluate_checkpoint(ck, s["code"])
+        if s.get("perplexity"):
+            out["perplexity"][st] = heldout_perplexity(ck, s["perplexity"])
+    return out
+
+
+def heldout_perplexity(ckpt: str, s: dict) -> dict:
+    import math
+
+    import torch
+
+    from plm.data.mixture import MixtureLoader
+    from plm.model.modeling import PLMForCausalLM
+    from plm.train.trainer import lm_loss_sum
+    model = PLMForCausalLM.from_pretrained(ckpt)
+    loader = MixtureLoader({"heldout": (s["data"], 1.0)}, int(s.get("seq_len", 256)), int(s.get("batch", 8)), seed=99)
+    tot, n = 0.0, 0
+    with torch.no_grad():
+        for _ in range(int(s.get("batches", 4))):
+            x, y = next(loader)
+            ls, c = lm_loss_sum(model, {"input_ids": x, "labels": y})
+            tot, n = tot + float(ls), n + c
+    return {"loss": tot / n, "perplexity": math.exp(tot / n), "tokens": n}
+
+
 def export(ctx: Context, s: dict) -> dict:
     """GGUF files for llama.cpp, and the agreement check on the f32 export."""
     from plm.data.tokenizer import Tokenizer
@@ -80,5 +133,8 @@ STAGES = [
     Stage("corpus", corpus, "write the embedded offline corpus (stdlib code, docs, arithmetic problems)"),
     Stage("tokenizer", tokenizer, "train the byte-level BPE tokenizer on the corpus"),
     Stage("pretrain", pretrain, "pretrain: three phases, each with its own WSDC schedule"),
+    Stage("sft", sft, "supervised fine-tuning: phase 1 general, phase 2 math and code"),
+    Stage("aries", aries, "ARIES self-refinement preference learning (and the lambda = 0 DPO baseline)"),
+    Stage("eval", evaluate, "held-out math, a code task and perplexity for every checkpoint"),
     Stage("export", export, "GGUF export and llama.cpp agreement check"),
 ]
