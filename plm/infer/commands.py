@@ -1,4 +1,9 @@
-"""`plm generate` and `plm chat`."""
+"""`plm generate`, `plm chat` and `plm sparsity`.
+
+On CPU, generation runs on the edge runtime (plm.infer.runtime: latent KV cache, sparse relu²
+MLP, optional int8/int4 weights and layer-wise loading); `--runtime reference` runs the
+PyTorch reference model instead. Both share plm.infer.generate's sampling loop.
+"""
 from __future__ import annotations
 
 import argparse
@@ -18,6 +23,43 @@ def load_for_inference(path: str, dtype: str = "float32"):
     return model, Tokenizer.from_dir(path)
 
 
+def resolve_runtime(args: argparse.Namespace) -> str:
+    if args.runtime != "auto":
+        return args.runtime
+    return "reference" if torch.cuda.is_available() else "edge"
+
+
+class Engine:
+    """A loaded model behind one interface: `new_step()` gives a fresh StepFn (one per
+    generation call), whichever runtime serves it."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        from plm.data.tokenizer import Tokenizer
+        from plm.model.checkpoint import load_config
+
+        self.kind = resolve_runtime(args)
+        load_config(args.dir)  # a clear error for a wrong path before anything else
+        self.tokenizer = Tokenizer.from_dir(args.dir)
+        self.model = self.runtime = None
+        if self.kind == "reference":
+            from plm.model.modeling import PLMForCausalLM
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+            self.model = PLMForCausalLM.from_pretrained(args.dir, dtype=args.dtype or "float32", device=device)
+        else:
+            from plm.infer.runtime import EdgeOptions, EdgeRuntime
+            opts = EdgeOptions(dtype=args.dtype or "bfloat16", kv=args.kv, sparse=args.sparse, quant=args.quant,
+                               predictor=args.predictor, memory_budget=args.memory_budget,
+                               threads=args.threads)
+            self.runtime = EdgeRuntime.from_checkpoint(args.dir, opts)
+
+    def new_step(self):
+        from plm.infer.generate import model_step_fn
+        from plm.infer.runtime import edge_step_fn
+        if self.runtime is not None:
+            return edge_step_fn(self.runtime)
+        return model_step_fn(self.model)
+
+
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -26,8 +68,25 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                   help="compute dtype (default: bfloat16 on the edge runtime, float32 on the reference)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    g = p.add_argument_group("runtime")
+    g.add_argument("--runtime", default="auto", choices=["auto", "edge", "reference"],
+                   help="edge: the CPU runtime of plm.infer.runtime; reference: the PyTorch model "
+                        "(auto: edge on CPU, reference when a GPU is present)")
+    g.add_argument("--kv", default="latent", choices=["latent", "full"],
+                   help="edge KV cache: latent (576 values/token/layer for PLM-1.8B) or decompressed K/V")
+    g.add_argument("--sparse", default="auto", choices=["auto", "on", "off"],
+                   help="edge sparse relu² MLP decode (auto: dense when too many neurons are active)")
+    g.add_argument("--quant", default="none", choices=["none", "int8", "int4"],
+                   help="edge weight-only quantisation")
+    g.add_argument("--predictor", default=None,
+                   help="activation predictor file from `plm sparsity --fit-predictor` (skips up_proj rows; "
+                        "approximate)")
+    g.add_argument("--memory-budget", default=None,
+                   help="edge weight memory budget, e.g. 2GB: layers that do not fit are streamed "
+                        "from the memory-mapped safetensors")
 
 
 def sampling_config(args: argparse.Namespace) -> GenerationConfig:
@@ -48,18 +107,19 @@ def _stream(piece: str) -> None:
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     cfg = sampling_config(args)
-    model, tok = load_for_inference(args.dir, args.dtype)
     prompts = args.prompt
     if not prompts:
         raise PLMError("give at least one --prompt")
+    eng = Engine(args)
+    tok = eng.tokenizer
     if args.chat_template:
         prompts = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)
                    for p in prompts]
     if len(prompts) == 1:
-        generate(model, tok, prompts[0], cfg, stream=_stream)
+        generate(eng.model, tok, prompts[0], cfg, step=eng.new_step(), stream=_stream)
         print()
     else:
-        res = generate(model, tok, prompts, cfg)
+        res = generate(eng.model, tok, prompts, cfg, step=eng.new_step())
         for p, t in zip(args.prompt, res.texts):
             print(f"### {p}\n{t}\n")
     return 0
@@ -68,7 +128,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 def _cmd_chat(args: argparse.Namespace) -> int:
     cfg = sampling_config(args)
     cfg.stop_strings = cfg.stop_strings or []
-    model, tok = load_for_inference(args.dir, args.dtype)
+    eng = Engine(args)
+    tok = eng.tokenizer
     messages = [{"role": "system", "content": args.system}] if args.system else []
     print("plm chat: empty line or Ctrl-D to quit, /reset to start over")
     while True:
@@ -85,7 +146,7 @@ def _cmd_chat(args: argparse.Namespace) -> int:
         messages.append({"role": "user", "content": user})
         prompt = tok.apply_chat_template(messages, add_generation_prompt=True)
         sys.stdout.write("plm> ")
-        res = generate(model, tok, prompt, cfg, stream=_stream)
+        res = generate(eng.model, tok, prompt, cfg, step=eng.new_step(), stream=_stream)
         print()
         messages.append({"role": "assistant", "content": res.texts[0]})
 
@@ -102,3 +163,80 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--system", default=None, help="system prompt")
     add_sampling_args(p)
     p.set_defaults(func=_cmd_chat)
+    p = sub.add_parser("sparsity", help="per-layer relu² activation sparsity on data (JSON + PNG); "
+                                        "optionally fit the activation predictor")
+    p.add_argument("dir")
+    p.add_argument("--data", action="append", required=True,
+                   help="text files, folders, globs, .jsonl, or a prepared-token folder (repeatable)")
+    p.add_argument("--text-field", default="text", help="JSONL field holding the text")
+    p.add_argument("--tokens", type=int, default=8192, help="tokens to measure over")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--eps", type=float, default=1e-3, help="also count activations with |a| < eps")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--out", default=None, help="output folder (default runs/sparsity/NAME)")
+    p.add_argument("--fit-predictor", action="store_true",
+                   help="fit the low-rank activation predictor and report its recall and output agreement")
+    p.add_argument("--rank", type=int, default=128, help="predictor rank")
+    p.add_argument("--mass-recall", type=float, default=0.99,
+                   help="share of activation mass the predictor must keep on the fitting tokens")
+    p.add_argument("--agreement-seqs", type=int, default=2,
+                   help="held-out sequences decoded with and without the predictor")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=_cmd_sparsity)
+
+
+def _cmd_sparsity(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from plm.data.tokenizer import Tokenizer
+    from plm.infer import sparsity as sp
+    from plm.model.modeling import PLMForCausalLM
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.tokens < args.seq_len or args.seq_len < 2:
+        raise PLMError(f"--tokens ({args.tokens}) must be at least --seq-len ({args.seq_len}) >= 2")
+    if not 0 < args.mass_recall <= 1:
+        raise PLMError(f"--mass-recall must be in (0, 1], got {args.mass_recall}")
+    model = PLMForCausalLM.from_pretrained(args.dir, dtype=args.dtype)
+    tok = Tokenizer.from_dir(args.dir)
+    ids = sp.sample_sequences(args.data, tok, args.tokens, args.seq_len, args.text_field,
+                              model.config.vocab_size)
+    keep = ids.numel() if args.fit_predictor else 0
+    rep, inputs = sp.measure_sparsity(model, ids, args.eps, keep_inputs=keep)
+    out = Path(args.out or Path("runs") / "sparsity" / Path(args.dir).resolve().name)
+    if args.fit_predictor:
+        tensors, layer_reps = sp.fit_predictors(model, inputs, args.rank, args.mass_recall)
+        pred_path = sp.save_predictors(tensors, out / "predictor.safetensors", model.config.num_hidden_layers,
+                                       args.rank, args.mass_recall)
+        held = ids[-max(1, args.agreement_seqs):]  # the held-out tail of the recorded tokens
+        agreement = sp.output_agreement(model.float(), pred_path, held[:, :min(ids.shape[1], 96)])
+        rep.predictor = {"file": str(pred_path), "rank": args.rank, "mass_recall_target": args.mass_recall,
+                         "layers": [vars(r) for r in layer_reps], "output_agreement": agreement}
+    js, png = sp.write_report(rep, out, f"{Path(args.dir).resolve().name}: relu² MLP activation sparsity")
+    if args.json:
+        print(json.dumps(rep.as_dict(), indent=2))
+        return 0
+    print(f"relu² MLP sparsity of {args.dir} over {rep.tokens} tokens")
+    print(f"{'layer':>5} {'exact 0':>8} {'|a|<' + format(args.eps, 'g'):>9} {'active/token':>13}")
+    for lyr in rep.layers:
+        print(f"{lyr.layer:>5} {100 * lyr.exact_zero:7.1f}% {100 * lyr.near_zero:8.1f}% {lyr.mean_active:13.1f}")
+    print(f" mean {100 * rep.mean_exact_zero:7.1f}% {100 * rep.mean_near_zero:8.1f}%")
+    print(f"activated parameters per token: {rep.activated_parameters_per_token / 1e6:.2f}M exact zeros skipped, "
+          f"{rep.activated_parameters_per_token_eps / 1e6:.2f}M with |a|<{args.eps:g} skipped, "
+          f"of {rep.total_parameters / 1e6:.2f}M")
+    if rep.predictor:
+        p = rep.predictor
+        lr = p["layers"]
+        mean = lambda k: sum(x[k] for x in lr) / len(lr)  # noqa: E731
+        ag = p["output_agreement"]
+        print(f"predictor (rank {args.rank}, held-out tokens): recall {mean('recall'):.3f}, mass recall "
+              f"{mean('mass_recall'):.4f}, up_proj rows computed {100 * mean('predicted_fraction'):.1f}% "
+              f"(truly active {100 * mean('active_fraction'):.1f}%), MLP output rel. error {mean('mlp_rel_error'):.4f}")
+        print(f"  decode with predictor vs exact: top-1 agreement {ag['top1_agreement']:.3f} over {ag['steps']} "
+              f"steps, mean rel. logit error {ag['mean_rel_logit_error']:.4f}")
+        print(f"  wrote {p['file']}")
+    print(f"wrote {js} and {png}")
+    return 0
