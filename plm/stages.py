@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from plm.errors import ConfigError
+from plm.errors import ConfigError, PLMError
 from plm.pipeline import Context, Stage
 from plm.recipe import load_recipe
 
@@ -120,6 +120,55 @@ def export(ctx: Context, s: dict) -> dict:
             "llama_cpp_agreement": check, "outputs": list(files.values())}
 
 
+def sparsity(ctx: Context, s: dict) -> dict:
+    """relu² activation sparsity per layer of the final checkpoint (JSON + PNG)."""
+    import json
+
+    from plm.cli import main as cli
+    ckpt = s.get("checkpoint") or latest_checkpoint(ctx)
+    out = ctx.path("sparsity")
+    args = ["sparsity", ckpt, "--out", str(out), "--tokens", str(s.get("tokens", 4096)),
+            "--seq-len", str(s.get("seq_len", 256))]
+    for d in s.get("data") or [str(ctx.path("corpus", "math_test.jsonl"))]:
+        args += ["--data", d]
+    args += ["--text-field", s.get("text_field", "answer")]
+    if cli(args) != 0:
+        raise PLMError("plm sparsity failed")
+    rep = json.loads((out / "sparsity.json").read_text())
+    layers = rep.get("layers", [])
+    md = ["## Activation sparsity (relu² MLP)", "",
+          f"Measured on {rep.get('tokens')} held-out tokens of the final checkpoint: mean exactly-zero "
+          f"fraction **{100 * rep.get('mean_exact_zero', 0):.1f}%** (PLM-1.8B: about 90.9%).", ""]
+    md += ["| layer | exact zeros | active neurons/token |", "|---|---:|---:|"]
+    md += [f"| {x['layer']} | {100 * x['exact_zero']:.1f}% | {x['mean_active']:.1f} |" for x in layers]
+    md += ["", "![sparsity per layer](sparsity/sparsity.png)"]
+    return {"mean_exact_zero": rep.get("mean_exact_zero"), "layers": layers, "report_md": "\n".join(md),
+            "outputs": [out / "sparsity.json"]}
+
+
+def bench(ctx: Context, s: dict) -> dict:
+    """The edge runtime against llama.cpp on the final checkpoint (benchmarks/edge.py)."""
+    import json
+    import subprocess
+    import sys
+
+    ckpt = s.get("checkpoint") or latest_checkpoint(ctx)
+    out = ctx.path("bench")
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "edge.py"
+    cmd = [sys.executable, str(script), "--ckpt", ckpt, "--out", str(out), "--workdir", str(out / "work"),
+           "--threads", str(s.get("threads", 2)), "--contexts", str(s.get("contexts", "64,256,1000")),
+           "--decode-tokens", str(s.get("decode_tokens", 16))] + list(s.get("args", []))
+    print("$ " + " ".join(cmd), flush=True)
+    r = subprocess.run(cmd)
+    if r.returncode != 0:
+        raise PLMError(f"benchmarks/edge.py exited with {r.returncode}")
+    md = (out / "edge.md").read_text() if (out / "edge.md").exists() else ""
+    md = md.replace("(edge.png)", "(bench/edge.png)")
+    res = json.loads((out / "edge.json").read_text())
+    return {"report_md": "## Edge runtime against llama.cpp\n\n" + md, "summary": res.get("summary", {}),
+            "outputs": [out / "edge.json"]}
+
+
 def latest_checkpoint(ctx: Context) -> str:
     """The most trained checkpoint so far: ARIES, else SFT, else pretraining."""
     for stage in ("aries", "sft", "pretrain"):
@@ -136,5 +185,7 @@ STAGES = [
     Stage("sft", sft, "supervised fine-tuning: phase 1 general, phase 2 math and code"),
     Stage("aries", aries, "ARIES self-refinement preference learning (and the lambda = 0 DPO baseline)"),
     Stage("eval", evaluate, "held-out math, a code task and perplexity for every checkpoint"),
+    Stage("sparsity", sparsity, "relu² activation sparsity per layer"),
     Stage("export", export, "GGUF export and llama.cpp agreement check"),
+    Stage("bench", bench, "edge runtime vs llama.cpp: speed, KV-cache and memory"),
 ]

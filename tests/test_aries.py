@@ -160,6 +160,17 @@ def test_make_pairs_rule_based(monkeypatch, micro_base):
     assert pairs[0]["chosen"] == "#### 5" and pairs[0]["rejected"] == "#### 6"
     assert stats["pairs_kept"] == 2 and stats["chains_all_correct"] == pytest.approx(1 / 3)
     assert stats["sample_acc_initial"] == pytest.approx(2 / 3)
+    # lambda = 0 (plain iterative DPO): chains are K+1 independent direct answers, 2 sequences a pair
+    calls = []
+
+    def fake_answer(model, tok, tasks, cfg, seed_offset=0, system=None):
+        calls.append(seed_offset)
+        return [made[i][seed_offset] for i in range(len(tasks))]
+
+    monkeypatch.setattr(aries_mod, "answer", fake_answer)
+    dpairs, _ = make_pairs(model, tok, pool, 1, AriesConfig(prompts_per_iteration=3, refinements=2, lam=0.0),
+                           aries_mod.SampleConfig(), MathVerifier(), 0, DistEnv(), TrainConfig(precision="fp32"))
+    assert calls == [0, 1, 2] and [len(p["enc"]) for p in dpairs] == [2, 2] and len(dpairs[0]["ref"]) == 2
     # the stored reference log-probs are the model's own, context by context
     b = collate_pairs(pairs, tok.pad_token_id)
     with torch.no_grad():

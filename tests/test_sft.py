@@ -212,3 +212,24 @@ def test_plm_sft_end_to_end(micro_sft):
     assert set(s["eval"]) == {"p1", "p2"}
     assert 0 <= s["eval"]["p2"]["direct_acc"] <= 1 and "refine_acc" in s["eval"]["p2"]
     assert s["data"]["sources"]["math"]["trained_tokens"] > 0
+
+
+def test_arith_refinement_chats(tok):
+    """The ARIES-SFT form in SFT data: z(x, y_l) -> y_w with no loss on the earlier answer y_l,
+    which is always wrong (per the verifier) unless it is a 'keep' example."""
+    from plm.align.template import refinement_messages
+    from plm.align.tiny_data import arith as arith_chats, corrupt_solution
+    import random
+    chats = arith_chats(40, seed=2, difficulty=1, refine=0.5, refine_keep=0.0)
+    assert len(chats) == 60
+    z = chats[-1]
+    assert [m["role"] for m in z] == ["user", "assistant", "user", "assistant"]
+    assert z[:3] == [{**m, **({"train": False} if m["role"] == "assistant" else {})}
+                     for m in refinement_messages(z[0]["content"], z[1]["content"])]
+    enc = encode_chat(tok, z)
+    assert tok.decode([l for l in enc.labels if l != -100]) == z[3]["content"] + IM_END
+    rng = random.Random(0)
+    probs = arith.generate(200, seed=3)
+    for p in probs:
+        wrong = corrupt_solution(p, probs[rng.randrange(200)], rng)
+        assert not arith.is_correct(p, wrong), (p.solution, wrong)

@@ -31,7 +31,7 @@ from plm.infer.layerwise import LayerStore, MappedCheckpoint, parse_budget
 from plm.infer.quant import (QUANT_MODES, DenseEmbedding, DenseLinear, Int4Linear, Int8Linear, Linear,
                              QuantEmbedding, make_linear)
 from plm.model.config import PLMConfig
-from plm.model.modeling import apply_rope, build_attention_mask, rope_cos_sin
+from plm.model.modeling import build_attention_mask, rope_cos_sin
 
 KV_MODES = ("latent", "full")
 SPARSE_MODES = ("auto", "on", "off")
@@ -283,15 +283,15 @@ class LayerWeights:
     ln2: torch.Tensor
     kv_norm: torch.Tensor
     qa: Linear  # q_proj and kv_a_proj_with_mqa stacked: one matrix-vector product
-    w_uk: torch.Tensor  # [H, nope, rank]: kv_b_proj's key half, absorbed into the query
-    w_uv_t: torch.Tensor  # [H, rank, v]: kv_b_proj's value half (transposed), applied after attention
+    w_uk_t: torch.Tensor  # [H, rank, nope]: kv_b_proj's key half (transposed), absorbed into the query
+    w_uv: torch.Tensor  # [H, v, rank]: kv_b_proj's value half, applied to the attended latent
     o: Linear
     up: Linear
     down: Linear | RowDown
     predictor: Predictor | None = None
 
     def nbytes(self) -> int:
-        t = [self.ln1, self.ln2, self.kv_norm, self.w_uk, self.w_uv_t]
+        t = [self.ln1, self.ln2, self.kv_norm, self.w_uk_t, self.w_uv]
         n = sum(x.numel() * x.element_size() for x in t)
         return n + sum(m.nbytes() for m in (self.qa, self.o, self.up, self.down))
 
@@ -378,7 +378,7 @@ class EdgeRuntime:
             ln1=vec("input_layernorm.weight"), ln2=vec("post_attention_layernorm.weight"),
             kv_norm=vec("self_attn.kv_a_layernorm.weight"),
             qa=qa,
-            w_uk=kvb[:, :nope].to(dt).contiguous(), w_uv_t=kvb[:, nope:].transpose(1, 2).to(dt).contiguous(),
+            w_uk_t=kvb[:, :nope].transpose(1, 2).to(dt).contiguous(), w_uv=kvb[:, nope:].to(dt).contiguous(),
             o=lin("self_attn.o_proj.weight"),
             up=lin("mlp.up_proj.weight", up_quant), down=down,
             predictor=predictor if sparse else None)
@@ -489,78 +489,75 @@ class EdgeRuntime:
             pos = (mask.long().cumsum(-1) - 1)[:, past:].clamp(min=0)
             attn_mask = build_attention_mask(mask, T, past, ids.device)  # [B, 1, T, S] bool
         cos, sin = rope_cos_sin(pos, self.rope_dim, self.config.rope_theta, torch.float32)
+        freqs = torch.complex(cos, sin)  # [B, T, rope/2]: one rotation per interleaved pair
         x = self.embed.lookup(ids)
         for i in range(self.config.num_hidden_layers):
             layer = self.layers.get(i)
-            x = x + self._attention(layer, i, _rmsnorm(x, layer.ln1, self.eps), cos, sin, attn_mask, cache,
+            x = x + self._attention(layer, i, _rmsnorm(x, layer.ln1, self.eps), freqs, attn_mask, cache,
                                     causal=mask is None and past == 0 and T > 1)
             x = x + self._mlp(layer, i, _rmsnorm(x, layer.ln2, self.eps))
             self.layers.done(i)
         cache.advance(T)
         return x
 
-    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x [B, heads, T, rope] in any dtype; rotation computed in float32."""
-        return apply_rope(x.float(), cos, sin).to(self.dtype)
-
-    def _attention(self, L: LayerWeights, li: int, h: torch.Tensor, cos, sin, attn_mask, cache,
+    def _attention(self, L: LayerWeights, li: int, h: torch.Tensor, freqs: torch.Tensor, attn_mask, cache,
                    causal: bool) -> torch.Tensor:
         B, T, d = h.shape
-        H, nope, rd, R = self.H, self.nope, self.rope_dim, self.rank
-        h2 = h.reshape(B * T, d)
-        qa = L.qa(h2)
+        H, nope, rd, R, vd = self.H, self.nope, self.rope_dim, self.rank, self.vdim
+        M = B * T
+        qa = L.qa(h.reshape(M, d))  # [M, H*(nope+rd) + R + rd]
         q = qa[:, :H * (nope + rd)].view(B, T, H, nope + rd)
-        q_nope, q_rope = q.split([nope, rd], dim=-1)
-        ckv = qa[:, H * (nope + rd):].view(B, T, R + rd)
-        c = _rmsnorm(ckv[..., :R], L.kv_norm, self.eps)
-        k_rope = self._rope(ckv[..., R:].unsqueeze(1), cos, sin).view(B, T, rd)
-        q_rope = self._rope(q_rope.transpose(1, 2), cos, sin)  # [B, H, T, rd]
+        q_nope = q[..., :nope]
+        c = _rmsnorm(qa[:, H * (nope + rd):-rd], L.kv_norm, self.eps).view(B, T, R)
+        # rope on the query heads and the shared key head together (interleaved pairs, as complex numbers)
+        rot = torch.cat([q[..., nope:], qa[:, -rd:].view(B, T, 1, rd)], dim=2)  # [B, T, H+1, rd]
+        rot = torch.view_as_real(torch.view_as_complex(rot.float().view(B, T, H + 1, rd // 2, 2))
+                                 * freqs[:, :, None]).flatten(-2).to(self.dtype)
+        q_rope, k_rope = rot[:, :, :H], rot[:, :, H]  # [B, T, H, rd], [B, T, rd]
         if cache.kind == "full":
             k_nope, v = self._decompress(L, c)
             k = torch.cat([k_nope, k_rope[:, None].expand(B, H, T, rd)], dim=-1)
             K, V = cache.write(li, k, v)
-            qf = torch.cat([q_nope.transpose(1, 2), q_rope], dim=-1)
+            qf = torch.cat([q_nope, q_rope], dim=-1).transpose(1, 2)
             out = F.scaled_dot_product_attention(qf, K, V, attn_mask=attn_mask, is_causal=causal and attn_mask is None,
                                                  scale=self.scale)
-            return L.o(out.transpose(1, 2).reshape(B * T, H * self.vdim)).view(B, T, d)
+            return L.o(out.transpose(1, 2).reshape(M, H * vd)).view(B, T, d)
 
         KV = cache.write(li, c, k_rope)  # [B, S, R + rd]
         S = KV.shape[1]
         # absorbed cost ~ T*H*S*(2R+rd); decompressed ~ S*R*H*(nope+v) + T*H*S*(nope+rd+v)
         absorbed = T * H * S * (2 * R + rd) + 2 * T * H * nope * R <= \
-            S * R * H * (nope + self.vdim) + T * H * S * (nope + rd + self.vdim)
+            S * R * H * (nope + vd) + T * H * S * (nope + rd + vd)
         if absorbed:
-            qn = q_nope.permute(2, 0, 1, 3).reshape(H, B * T, nope)
-            q_lat = torch.bmm(qn, L.w_uk)  # [H, B*T, R]
-            q_lat = q_lat.view(H, B, T, R).permute(1, 2, 0, 3)  # [B, T, H, R]
-            qcat = torch.cat([q_lat, q_rope.permute(0, 2, 1, 3)], dim=-1).reshape(B, T * H, R + rd)
-            scores = _bmm(qcat, KV.transpose(1, 2)).float().view(B, T, H, S) * self.scale
+            # latent query: q_nope @ W_UK per head, as W_UK^T @ q_nope^T (weights as the left operand)
+            qn_t = q_nope.reshape(M, H, nope).permute(1, 2, 0)  # [H, nope, M]
+            q_lat = torch.bmm(L.w_uk_t, qn_t).permute(2, 0, 1)  # [M, H, R]
+            qcat = torch.cat([q_lat, q_rope.reshape(M, H, rd)], dim=-1).view(B, T * H, R + rd)
+            scores = _bmm(qcat, KV.transpose(1, 2)).float().view(B, T, H, S)
             if attn_mask is not None:
                 scores = scores.masked_fill(~attn_mask.permute(0, 2, 1, 3), float("-inf"))
             elif T > 1:  # causal within the chunk
                 keep = torch.arange(S)[None, :] <= torch.arange(S - T, S)[:, None]
                 scores = scores.masked_fill(~keep[None, :, None, :], float("-inf"))
-            p = scores.softmax(-1).to(self.dtype).view(B, T * H, S)
-            o_lat = _bmm(p, KV[..., :R])  # [B, T*H, R]
-            o_lat = o_lat.view(B * T, H, R).transpose(0, 1)  # [H, B*T, R]
-            o = torch.bmm(o_lat, L.w_uv_t)  # [H, B*T, v]
-            o = o.transpose(0, 1).reshape(B * T, H * self.vdim)
-            return L.o(o).view(B, T, d)
+            p = (scores * self.scale).softmax(-1).to(self.dtype).view(B, T * H, S)
+            o_lat = _bmm(p, KV[..., :R]).view(M, H, R).permute(1, 2, 0)  # [H, R, M]
+            o = torch.bmm(L.w_uv, o_lat)  # [H, v, M]: W_UV per head
+            return L.o(o.permute(2, 0, 1).reshape(M, H * vd)).view(B, T, d)
         # decompress the cached latents (cheaper for long prefill chunks)
         Cs, KRs = KV[..., :R], KV[..., R:]
         k_nope, v = self._decompress(L, Cs)
         k = torch.cat([k_nope, KRs[:, None].expand(B, H, S, rd)], dim=-1)
-        qf = torch.cat([q_nope.transpose(1, 2), q_rope], dim=-1)
+        qf = torch.cat([q_nope, q_rope], dim=-1).transpose(1, 2)
         out = F.scaled_dot_product_attention(qf, k, v, attn_mask=attn_mask, is_causal=causal and attn_mask is None,
                                              scale=self.scale)
-        return L.o(out.transpose(1, 2).reshape(B * T, H * self.vdim)).view(B, T, d)
+        return L.o(out.transpose(1, 2).reshape(M, H * vd)).view(B, T, d)
 
     def _decompress(self, L: LayerWeights, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Latents c [B, S, R] -> k_nope [B, H, S, nope], v [B, H, S, v] (kv_b_proj)."""
         B, S, R = c.shape
-        k_nope = F.linear(c, L.w_uk.view(-1, R)).view(B, S, self.H, self.nope).transpose(1, 2)
-        v = torch.matmul(c[:, None], L.w_uv_t)  # [B, H, S, v]
-        return k_nope, v
+        k_nope = F.linear(c, L.w_uk_t.transpose(1, 2).reshape(-1, R)).view(B, S, self.H, self.nope)
+        v = F.linear(c, L.w_uv.view(-1, R)).view(B, S, self.H, self.vdim)
+        return k_nope.transpose(1, 2), v.transpose(1, 2)
 
     def _mlp(self, L: LayerWeights, li: int, h: torch.Tensor) -> torch.Tensor:
         B, T, d = h.shape
