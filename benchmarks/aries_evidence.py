@@ -2,11 +2,17 @@
 task (arith TEST split) after pretraining, SFT phase 1, SFT phase 2, each ARIES iteration, and the
 lambda = 0 iterative-DPO baseline given the same budget.
 
-    python benchmarks/aries_evidence.py            # runs plm sft, plm aries, plm aries (lambda=0)
-    python benchmarks/aries_evidence.py --reuse    # only (re)evaluates runs that already exist
+    python benchmarks/aries_evidence.py                      # runs under runs/tiny
+    python benchmarks/aries_evidence.py --root runs/tiny-evidence --pretrained PATH
+    python benchmarks/aries_evidence.py --reuse              # reuse finished runs, re-tabulate
 
-Needs runs/tiny/pretrain/final (plm data corpus --out runs/tiny/corpus && plm pretrain
-recipes/tiny/pretrain.yaml). Writes OUT/evidence.json and OUT/evidence.md and prints the table.
+Runs `plm sft recipes/tiny/sft.yaml`, `plm aries recipes/tiny/aries.yaml` and the same with
+lambda = 0 (the iterative-DPO baseline, same prompts, generations and training budget), each
+under ROOT (sft/, aries/, aries-dpo/), from the pretrained model (default ROOT/pretrain/final:
+plm data corpus --out runs/tiny/corpus && plm pretrain recipes/tiny/pretrain.yaml). The runs
+evaluate on 200 held-out problems per stage; the script then re-evaluates SFT phase 2 and the
+final ARIES and DPO models on a larger held-out set (--big-n, default 1000) with paired
+confidence intervals, writes ROOT/evidence/evidence.json and evidence.md, and prints the tables.
 """
 from __future__ import annotations
 
@@ -42,10 +48,11 @@ def pct(x) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--pretrained", default="runs/tiny/pretrain/final")
+    ap.add_argument("--root", default="runs/tiny", help="where the runs go (sft/, aries/, aries-dpo/, evidence/)")
+    ap.add_argument("--pretrained", default=None, help="pretrained model (default ROOT/pretrain/final)")
     ap.add_argument("--sft-recipe", default="recipes/tiny/sft.yaml")
     ap.add_argument("--aries-recipe", default="recipes/tiny/aries.yaml")
-    ap.add_argument("--out", default="runs/tiny/evidence")
+    ap.add_argument("--big-n", type=int, default=1000, help="held-out problems for the final comparison")
     ap.add_argument("--reuse", action="store_true", help="reuse finished runs instead of training afresh")
     ap.add_argument("--set", action="append", default=[], help="extra --set for both plm aries runs")
     args = ap.parse_args()
@@ -54,38 +61,40 @@ def main() -> int:
     from plm.recipe import load_recipe
 
     plm = [sys.executable, "-m", "plm"]
-    out = REPO / args.out
+    root = Path(args.root)
+    pretrained = Path(args.pretrained) if args.pretrained else root / "pretrain" / "final"
+    out = REPO / root / "evidence"
     out.mkdir(parents=True, exist_ok=True)
     sft_r = load_recipe(REPO / args.sft_recipe)
-    aries_r = load_recipe(REPO / args.aries_recipe, args.set)
-    sft_dir = REPO / sft_r["run_dir"]
-    aries_dir = REPO / aries_r["run_dir"]
-    dpo_dir = aries_dir.with_name(aries_dir.name + "-dpo")
+    sft_dir, aries_dir, dpo_dir = root / "sft", root / "aries", root / "aries-dpo"
     fresh = [] if args.reuse else ["--no-resume"]
-    if not (REPO / args.pretrained / "config.json").exists():
-        sys.exit(f"{args.pretrained} not found: run `plm data corpus --out runs/tiny/corpus && "
+    extra = sum((["--set", s] for s in args.set), [])
+    if not (REPO / pretrained / "config.json").exists():
+        sys.exit(f"{pretrained} not found: run `plm data corpus --out runs/tiny/corpus && "
                  "plm pretrain recipes/tiny/pretrain.yaml` first")
+    sft_dir, aries_dir, dpo_dir = REPO / sft_dir, REPO / aries_dir, REPO / dpo_dir
 
     timings = {}
-    timings["sft"] = run(plm + ["sft", args.sft_recipe] + fresh)
-    timings["aries"] = run(plm + ["aries", args.aries_recipe] + fresh + sum((["--set", s] for s in args.set), []))
-    timings["dpo"] = run(plm + ["aries", args.aries_recipe, "--set", "aries.lambda=0", "--set", f"run_dir={dpo_dir.relative_to(REPO)}"]
-                         + fresh + sum((["--set", s] for s in args.set), []))
+    timings["sft"] = run(plm + ["sft", args.sft_recipe, "--set", f"model.init_from={pretrained}",
+                                "--set", f"run_dir={sft_dir}"] + fresh)
+    base = ["aries", args.aries_recipe, "--set", f"model.init_from={sft_dir / 'final'}"]
+    timings["aries"] = run(plm + base + ["--set", f"run_dir={aries_dir}"] + fresh + extra)
+    timings["dpo"] = run(plm + base + ["--set", f"run_dir={dpo_dir}", "--set", "aries.lambda=0"] + fresh + extra)
 
     ev = sft_r["eval"]
     t = time.time()
-    base = evaluate_checkpoint(REPO / args.pretrained, ev, style="plain")
+    base_eval = evaluate_checkpoint(REPO / pretrained, ev, style="plain")
     timings["eval_pretrained"] = time.time() - t
     sft_sum = json.loads((sft_dir / "sft_summary.json").read_text())
     a_rows = [json.loads(x) for x in (aries_dir / "aries_metrics.jsonl").read_text().splitlines() if x.strip()]
     d_rows = [json.loads(x) for x in (dpo_dir / "aries_metrics.jsonl").read_text().splitlines() if x.strip()]
     phases = list(sft_sum["eval"])
 
-    rows = [{"stage": "pretrained (base, 'Question:/Answer:' prompt)", **base}]
+    rows = [{"stage": "pretrained (base, 'Question:/Answer:' prompt)", **base_eval}]
     for i, p in enumerate(phases):
         rows.append({"stage": f"SFT phase {i + 1} ({p})", **sft_sum["eval"][p]})
     for name, rs in (("ARIES (lambda=1)", a_rows), ("DPO baseline (lambda=0)", d_rows)):
-        for r in rs[1:]:
+        for r in rs[1:]:  # iteration 0 is SFT phase 2
             rows.append({"stage": f"{name} iteration {r['iteration']}", **r["eval"], "pairs_kept": r.get("pairs_kept"),
                          "prompts": r.get("prompts"), "reward_margin_direct": r.get("reward_margin_direct"),
                          "reward_margin_refine": r.get("reward_margin_refine")})
@@ -99,9 +108,25 @@ def main() -> int:
         "aries_minus_dpo_refine": a_last["refine_acc"] - d_last["refine_acc"],
         "ci95_at_50pct": ci95(0.5, n),
     }
+    # the final comparison on a larger held-out set, paired on the same problems
+    big_ev = dict(ev, tasks=dict(ev["tasks"], n=args.big_n), per_task=True)
+    t = time.time()
+    big = {name: evaluate_checkpoint(path, big_ev) for name, path in
+           (("SFT phase 2", sft_dir / phases[-1]), ("ARIES final", aries_dir / "final"),
+            ("DPO final", dpo_dir / "final"))}
+    timings["eval_big"] = time.time() - t
+    comparisons = {}
+    for a, b in (("ARIES final", "SFT phase 2"), ("ARIES final", "DPO final"), ("DPO final", "SFT phase 2")):
+        for mode in ("direct", "refine"):
+            d = [x - y for x, y in zip(big[a][f"{mode}_scores"], big[b][f"{mode}_scores"])]
+            mean = sum(d) / len(d)
+            sd = math.sqrt(sum((x - mean) ** 2 for x in d) / max(len(d) - 1, 1))
+            comparisons[f"{a} - {b} ({mode})"] = {"diff": mean, "ci95": 1.96 * sd / math.sqrt(len(d))}
+    verdict.update({k: v for k, v in comparisons.items()})
     post = timings["sft"] + timings["aries"]
-    lines = [f"Held-out accuracy (%) on {n} arith TEST-split problems (greedy; self-refine = answer, then "
-             f"{ev.get('rounds', 1)} refinement(s) through z). 95% CI half-width at 50%: ±{100 * verdict['ci95_at_50pct']:.1f} points.",
+    lines = [f"Held-out accuracy (%) on {n} arith TEST-split problems (difficulty {ev['tasks'].get('difficulty', 'mixed')}, "
+             f"greedy; self-refine = answer, then {ev.get('rounds', 1)} refinement(s) through z). "
+             f"95% CI half-width at 50%: ±{100 * verdict['ci95_at_50pct']:.1f} points.",
              "",
              "| stage | direct | self-refine | refinement fixed / broke | pairs kept | reward margin (direct / refine) |",
              "|---|---|---|---|---|---|"]
@@ -113,16 +138,23 @@ def main() -> int:
             rm = f"{r['reward_margin_direct']:.2f} / " + (f"{r['reward_margin_refine']:.2f}"
                                                          if r.get("reward_margin_refine") is not None else "-")
         lines.append(f"| {r['stage']} | {pct(r['direct_acc'])} | {pct(r.get('refine_acc'))} | {fb} | {pk} | {rm} |")
+    lines += ["", f"Final comparison on {args.big_n} held-out problems (same problems for every model):", "",
+              "| model | direct | self-refine | refinement fixed / broke |", "|---|---|---|---|"]
+    for name, r in big.items():
+        lines.append(f"| {name} | {pct(r['direct_acc'])} | {pct(r['refine_acc'])} | {r['fixed']} / {r['broken']} |")
+    lines += ["", "| paired difference (points) | direct | self-refine |", "|---|---|---|"]
+    for a, b in (("ARIES final", "SFT phase 2"), ("ARIES final", "DPO final"), ("DPO final", "SFT phase 2")):
+        cell = [f"{100 * comparisons[f'{a} - {b} ({m})']['diff']:+.1f} ± {100 * comparisons[f'{a} - {b} ({m})']['ci95']:.1f}"
+                for m in ("direct", "refine")]
+        lines.append(f"| {a} − {b} | {cell[0]} | {cell[1]} |")
     lines += ["",
-              f"Wall time: plm sft {timings['sft']:.0f} s, plm aries {timings['aries']:.0f} s "
-              f"(post-training total {post:.0f} s = {post / 60:.1f} min); DPO baseline {timings['dpo']:.0f} s.",
-              f"ARIES final vs SFT phase 2: direct {100 * verdict['aries_minus_sft2_direct']:+.1f}, "
-              f"self-refine {100 * verdict['aries_minus_sft2_refine']:+.1f} points.",
-              f"ARIES final vs DPO final: direct {100 * verdict['aries_minus_dpo_direct']:+.1f}, "
-              f"self-refine {100 * verdict['aries_minus_dpo_refine']:+.1f} points."]
+              f"Wall time on this machine: plm sft {timings['sft']:.0f} s, plm aries {timings['aries']:.0f} s "
+              f"(post-training total {post:.0f} s = {post / 60:.1f} min); DPO baseline {timings['dpo']:.0f} s."]
     md = "\n".join(lines)
-    result = {"rows": rows, "verdict": verdict, "timings_s": timings, "cpu_threads": os.cpu_count(),
-              "command": "python benchmarks/aries_evidence.py" + (" --reuse" if args.reuse else "")}
+    for r in big.values():
+        r.pop("direct_scores", None), r.pop("refine_scores", None)
+    result = {"rows": rows, "big_eval": big, "verdict": verdict, "timings_s": timings, "cpu_count": os.cpu_count(),
+              "load_average_at_end": os.getloadavg(), "command": " ".join(sys.argv)}
     (out / "evidence.json").write_text(json.dumps(result, indent=2, default=str))
     (out / "evidence.md").write_text(md + "\n")
     print("\n" + md)

@@ -84,7 +84,8 @@ def _eval_section(r: dict) -> list[str]:
 
 def write_report(ctx: Context) -> Path:
     r, run_dir = ctx.results, ctx.run_dir
-    times = stage_times(run_dir)
+    order = list(ctx.recipe.get("stages") or {})
+    times = dict(sorted(stage_times(run_dir).items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 99))
     md = [f"# PLM pipeline report: {ctx.recipe.get('name', '')}", "",
           f"Generated {datetime.datetime.now().isoformat(timespec='seconds')} on {platform.node()} "
           f"({platform.machine()}, {os.cpu_count()} cores). Every figure below was written by this run's "

@@ -98,8 +98,9 @@ def chains(model, tok: Tokenizer, tasks: Sequence[Task], rounds: int, cfg: Sampl
 
 def evaluate(model, tok: Tokenizer, tasks: Sequence[Task], scorer, rounds: int = 1, max_new_tokens: int = 192,
              batch_size: int = 64, style: str = "chat", instruction: str = DEFAULT_REFINE_INSTRUCTION,
-             bf16: bool = False, keep_samples: int = 0) -> dict:
-    """Greedy held-out accuracy: {n, direct_acc, refine_acc (chat style), samples}."""
+             bf16: bool = False, keep_samples: int = 0, per_task: bool = False) -> dict:
+    """Greedy held-out accuracy: {n, direct_acc, refine_acc (chat style), fixed, broken}, plus
+    `samples` (the first keep_samples) and per-task score lists (per_task) on request."""
     cfg = SampleConfig(temperature=0.0, max_new_tokens=max_new_tokens, batch_size=batch_size, bf16=bf16)
     if style == "plain":
         texts = [f"Question: {t.prompt}\nAnswer:" for t in tasks]
@@ -117,6 +118,10 @@ def evaluate(model, tok: Tokenizer, tasks: Sequence[Task], scorer, rounds: int =
         # how refinement moved answers: fixed (wrong -> right) and broken (right -> wrong)
         res["fixed"] = sum(1 for a, b in zip(scores[0], scores[-1]) if b > a)
         res["broken"] = sum(1 for a, b in zip(scores[0], scores[-1]) if a > b)
+    if per_task:  # for paired comparisons between models on the same tasks
+        res["direct_scores"] = [int(x) for x in scores[0]]
+        if rounds:
+            res["refine_scores"] = [int(x) for x in scores[-1]]
     if keep_samples:
         res["samples"] = [{"prompt": t.prompt, "reference": t.reference, "answers": c,
                            "scores": [s[i] for s in scores]}

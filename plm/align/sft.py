@@ -181,7 +181,7 @@ def _fmt_acc(r: dict) -> str:
 
 
 def eval_settings(ev: dict) -> dict:
-    known = {"tasks", "rounds", "max_new_tokens", "batch_size", "style", "instruction", "bf16", "scorer"}
+    known = {"tasks", "rounds", "max_new_tokens", "batch_size", "style", "instruction", "bf16", "scorer", "per_task"}
     unknown = sorted(set(ev) - known)
     if unknown:
         raise ConfigError(f"eval: unknown setting(s) {unknown}; known: {sorted(known)}")
@@ -215,6 +215,6 @@ def evaluate_checkpoint(path: str | Path, ev: dict, cfg: TrainConfig | None = No
     res = evaluate(model, tok, tasks, build_scorer(ev.get("scorer", "verifier")), rounds=int(ev.get("rounds", 1)),
                    max_new_tokens=int(ev.get("max_new_tokens", 192)), batch_size=int(ev.get("batch_size", 64)),
                    style=style or ev.get("style", "chat"), instruction=ev.get("instruction", DEFAULT_REFINE_INSTRUCTION),
-                   bf16=bool(bf16))
+                   bf16=bf16, per_task=bool(ev.get("per_task", False)))
     cache.write_text(json.dumps({"key": key, "result": res}, indent=2))
     return res
