@@ -1,6 +1,7 @@
 """Recipes: YAML files of settings, with `--set a.b=value` overrides from the command line."""
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 from typing import Any
 
@@ -52,3 +53,11 @@ def section(recipe: dict, name: str, required: bool = True) -> Any:
             raise ConfigError(f"{recipe.get('_path', 'recipe')}: missing section {name!r}")
         return {}
     return recipe[name]
+
+
+def add_recipe_args(p: argparse.ArgumentParser, example: str, resume_help: str = "ignore existing checkpoints") -> None:
+    """The arguments every recipe-driven command shares: RECIPE, --set, --no-resume."""
+    p.add_argument("recipe", help=f"recipe YAML, e.g. {example}")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe setting, e.g. train.micro_batch_size=4 (repeatable)")
+    p.add_argument("--no-resume", action="store_true", help=resume_help)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from plm.recipe import load_recipe
+from plm.recipe import add_recipe_args, load_recipe
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
@@ -34,10 +34,7 @@ def _cmd_schedule_plot(args: argparse.Namespace) -> int:
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("pretrain", help="pretrain from a recipe (works under torchrun)")
-    p.add_argument("recipe", help="recipe YAML, e.g. recipes/tiny/pretrain.yaml")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a recipe setting, e.g. train.micro_batch_size=4 (repeatable)")
-    p.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints")
+    add_recipe_args(p, "recipes/tiny/pretrain.yaml")
     p.set_defaults(func=_cmd_pretrain)
 
     p = sub.add_parser("schedule", help="learning-rate schedules")
