@@ -212,6 +212,12 @@ def test_plm_sft_end_to_end(micro_sft):
     assert set(s["eval"]) == {"p1", "p2"}
     assert 0 <= s["eval"]["p2"]["direct_acc"] <= 1 and "refine_acc" in s["eval"]["p2"]
     assert s["data"]["sources"]["math"]["trained_tokens"] > 0
+    # a fresh rerun over an old run directory (stale checkpoints must not confuse it)
+    r = run_cli(["sft", run_dir.parent / f"{run_dir.name}.yaml", "--no-resume", "--set", "phases.1.steps=2",
+                 "--set", "eval.tasks.n=1"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [x["phase"] for x in recs if "loss" in x].count("p2") == 2
 
 
 def test_arith_refinement_chats(tok):

@@ -315,7 +315,8 @@ def _aries(recipe: dict, env: DistEnv, resume: bool) -> dict:
             losses = [m["loss"] for m in read_metrics(it_dir) if "loss" in m]
             row.update({"train_steps": steps, "train_loss_first": losses[0] if losses else None,
                         "train_loss_last": losses[-1] if losses else None,
-                        "tokens_seen": fit["phases"][-1]["tokens_seen"] if fit["phases"] else None})
+                        # the trainer counts one labelled entry per pair: its "tokens" are pairs here
+                        "pairs_trained": fit["phases"][-1]["tokens_seen"] if fit["phases"] else None})
             post = compute_logps(model, pairs, tok.pad_token_id, acfg.ref_batch_size, env.device, _bf16(cfg, env))
             row.update(margins(post, [p["ref"] for p in pairs], acfg.beta))
         from plm.model.checkpoint import save_model

@@ -29,7 +29,7 @@ from plm.align.data import Encoded, SFTLoader, encode_chat, load_source, steps_f
 from plm.data.tokenizer import Tokenizer
 from plm.errors import ConfigError
 from plm.recipe import section
-from plm.train.dist import DistEnv, cleanup, init_distributed
+from plm.train.dist import DistEnv, barrier, cleanup, init_distributed
 from plm.train.trainer import Phase, TrainConfig, Trainer, read_metrics
 
 
@@ -138,6 +138,9 @@ def _sft(recipe: dict, env: DistEnv, resume: bool) -> dict:
         total += p.steps
         ends[total] = p.name
     if env.is_main:
+        if not resume:  # a fresh run: stale checkpoints would be taken for newer ones and pruned wrongly
+            shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
         run_dir.mkdir(parents=True, exist_ok=True)
         print(f"SFT of {model.num_parameters() / 1e6:.2f}M parameters on {env.world_size} process(es), "
               f"device {env.device}: " + ", ".join(f"{p.name} {p.steps} steps ({p.info['samples']} samples)"
@@ -148,6 +151,7 @@ def _sft(recipe: dict, env: DistEnv, resume: bool) -> dict:
         if m and int(m.group(1)) in ends:
             export(path, run_dir / ends[int(m.group(1))], tok)
 
+    barrier(env)
     trainer = Trainer(model, cfg, env, run_dir, on_save=on_save)
     summary = trainer.fit(phases, resume=resume)
     summary["data"] = info
