@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import yaml
+
 from plm.errors import ConfigError, PLMError
 from plm.recipe import load_recipe
 
@@ -55,7 +57,11 @@ def _sha256_path(p: Path) -> str:
 
 
 def _fingerprint(settings: dict, upstream: list[dict]) -> str:
-    blob = json.dumps({"settings": settings, "upstream": [u.get("fingerprint") for u in upstream]},
+    # a stage driven by a recipe file reruns when that file's settings change (comments do not count)
+    rp = settings.get("recipe")
+    recipe = yaml.safe_load(Path(rp).read_text()) if isinstance(rp, str) and Path(rp).is_file() else None
+    blob = json.dumps({"settings": settings, "recipe": recipe,
+                       "upstream": [u.get("fingerprint") for u in upstream]},
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +28,29 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> dict[st
         if not sep or not key:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. train.micro_batch_size=4")
         set_dotted(recipe, key, yaml.safe_load(value))
+    recipe = interpolate(recipe, recipe.get("vars") or {}, str(path))
     recipe.setdefault("_path", str(path))
     return recipe
+
+
+_VAR = re.compile(r"\$\{(\w+)\}")
+
+
+def interpolate(node: Any, variables: dict, where: str = "recipe") -> Any:
+    """Replace ${name} in every string with the recipe's `vars: {name: ...}`, so one setting
+    (e.g. `vars.run`, the run folder) relocates every path built from it."""
+    if isinstance(node, dict):
+        return {k: (v if k == "vars" else interpolate(v, variables, where)) for k, v in node.items()}
+    if isinstance(node, list):
+        return [interpolate(v, variables, where) for v in node]
+    if isinstance(node, str):
+        def sub(m: re.Match) -> str:
+            if m.group(1) not in variables:
+                raise ConfigError(f"{where}: ${{{m.group(1)}}} is not defined under 'vars:' "
+                                  f"(defined: {', '.join(sorted(variables)) or 'none'})")
+            return str(variables[m.group(1)])
+        return _VAR.sub(sub, node)
+    return node
 
 
 def set_dotted(d: dict, key: str, value: Any) -> None:

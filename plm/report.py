@@ -42,12 +42,12 @@ def _posttrain_section(r: dict) -> list[str]:
         rows.append([f"after {phase}", _pct(e.get("direct_acc")), _pct(e.get("refine_acc"))])
     for row in (r.get("aries") or {}).get("rows", []):
         e = row.get("eval") or {}
-        if e:
+        if e and row["iteration"] > 0:  # iteration 0 is the SFT model, already listed
             rows.append([f"after ARIES iteration {row['iteration']}", _pct(e.get("direct_acc")),
                          _pct(e.get("refine_acc"))])
     for row in (r.get("aries") or {}).get("baseline_rows", []):
         e = row.get("eval") or {}
-        if e:
+        if e and row["iteration"] > 0:
             rows.append([f"DPO baseline (lambda 0), iteration {row['iteration']}", _pct(e.get("direct_acc")),
                          _pct(e.get("refine_acc"))])
     if not rows:
@@ -80,6 +80,25 @@ def _eval_section(r: dict) -> list[str]:
                   [[st, _pct((e["code"].get(st) or {}).get("direct_acc")),
                     _f((e["perplexity"].get(st) or {}).get("perplexity"), ".2f")] for st in stages])
     return out
+
+
+def _training_plot(r: dict, run_dir: Path) -> Path | None:
+    """One PNG of loss and LR over every training phase of the run (pretrain, SFT, ARIES)."""
+    from plm.train.plots import plot_stages
+    from plm.train.trainer import read_metrics
+    segments = []
+    for stage, label in (("pretrain", "pretraining"), ("sft", "SFT")):
+        ck = (r.get(stage) or {}).get("checkpoint")
+        if ck and (Path(ck).parent / "metrics.jsonl").exists():
+            segments.append((label, read_metrics(Path(ck).parent)))
+    ck = (r.get("aries") or {}).get("checkpoint")
+    if ck:
+        for it in sorted(Path(ck).parent.glob("iter-*"), key=lambda p: int(p.name.split("-")[1])):
+            if (it / "metrics.jsonl").exists():
+                segments.append((f"ARIES {it.name}", read_metrics(it)))
+    if not segments:
+        return None
+    return plot_stages(segments, run_dir / "loss_lr_all.png", "loss and learning rate over all training phases")
 
 
 def write_report(ctx: Context) -> Path:
@@ -116,7 +135,12 @@ def write_report(ctx: Context) -> Path:
         md += _table(["phase", "steps", "tokens seen (cum.)", "held-out loss"],
                      [[p["phase"], p["steps"], f"{p.get('tokens_seen', 0):,}", _f(p.get("eval_loss"))]
                       for p in s["phases"]])
-        md += ["![loss and learning rate](pretrain/loss_lr.png)", ""]
+    plot = _training_plot(r, run_dir)
+    if plot:
+        md += [f"![loss and learning rate over all phases]({_rel(plot, run_dir)})", "",
+               "Loss and learning rate end to end: pretraining's three phases (LM loss), SFT's two phases "
+               "(loss on assistant tokens) and each ARIES iteration (preference + ARIES-SFT loss); "
+               "the losses are different objectives, so each stage has its own colour.", ""]
 
     md += _posttrain_section(r)
     md += _eval_section(r)

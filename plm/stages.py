@@ -12,10 +12,12 @@ from plm.pipeline import Context, Stage
 from plm.recipe import load_recipe
 
 
-def _recipe(ctx: Context, s: dict, key: str = "recipe") -> dict:
-    if key not in s:
-        raise ConfigError(f"stages: this stage needs '{key}: path/to/recipe.yaml'")
-    return load_recipe(s[key], s.get("set", []))
+def _recipe(ctx: Context, s: dict, extra: list[str] | None = None) -> dict:
+    """The stage's recipe with `vars.run` set to the pipeline's run folder (so every path the
+    recipe builds from ${run} lands inside this run), then the stage's own `set:` overrides."""
+    if "recipe" not in s:
+        raise ConfigError("stages: this stage needs 'recipe: path/to/recipe.yaml'")
+    return load_recipe(s["recipe"], [f"vars.run={ctx.run_dir}"] + list(s.get("set", [])) + list(extra or []))
 
 
 def corpus(ctx: Context, s: dict) -> dict:
@@ -60,7 +62,7 @@ def aries(ctx: Context, s: dict) -> dict:
     summary = run(recipe)
     out = {"rows": summary["rows"], "checkpoint": summary["final_dir"], "outputs": [Path(summary["final_dir"])]}
     if s.get("baseline"):  # the lambda = 0 iterative-DPO baseline with the same budget
-        base = load_recipe(s["recipe"], list(s.get("set", [])) + list(s["baseline"]))
+        base = _recipe(ctx, s, s["baseline"])
         out["baseline_rows"] = run(base)["rows"]
     return out
 
@@ -157,7 +159,12 @@ def bench(ctx: Context, s: dict) -> dict:
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "edge.py"
     cmd = [sys.executable, str(script), "--ckpt", ckpt, "--out", str(out), "--workdir", str(out / "work"),
            "--threads", str(s.get("threads", 2)), "--contexts", str(s.get("contexts", "64,256,1000")),
-           "--decode-tokens", str(s.get("decode_tokens", 16))] + list(s.get("args", []))
+           "--decode-tokens", str(s.get("decode_tokens", 16)), "--trained"]
+    # quantisation quality on held-out text of the run's own domain (the math test split)
+    test = ctx.path("corpus", "math_test.jsonl")
+    if test.exists():
+        cmd += ["--data", str(test), "--text-field", "answer"]
+    cmd += list(s.get("args", []))
     print("$ " + " ".join(cmd), flush=True)
     r = subprocess.run(cmd)
     if r.returncode != 0:

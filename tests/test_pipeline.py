@@ -67,6 +67,16 @@ def test_rerun_skips_verified_stages_and_redoes_tampered_ones(pipeline):
     assert r.stdout.count("done before") == 3 and "[export] GGUF export" in r.stdout
     r = plm("pipeline", root / "pipeline.yaml", "--from", "pretrain")
     assert r.returncode == 0 and r.stdout.count("done before") == 2
+    # the stage's recipe file changed (a setting, not a comment): pretrain and later stages rerun
+    pre = root / "pretrain.yaml"
+    pre.write_text("# a comment only\n" + pre.read_text())
+    r = plm("pipeline", root / "pipeline.yaml")
+    assert r.returncode == 0 and r.stdout.count("done before") == 4
+    cfg = yaml.safe_load(pre.read_text())
+    cfg["phases"][1]["tokens"] = 32 * 4 * 3
+    pre.write_text(yaml.safe_dump(cfg))
+    r = plm("pipeline", root / "pipeline.yaml")
+    assert r.returncode == 0 and r.stdout.count("done before") == 2 and "[pretrain] pretrain" in r.stdout
 
 
 def test_failed_stage_is_named_and_earlier_results_stay(pipeline, tmp_path):

@@ -43,6 +43,21 @@ def test_set_overrides_and_errors(tmp_path):
         load_recipe(tmp_path / "nope.yaml")
 
 
+def test_run_folder_variable_relocates_every_tiny_path(tmp_path):
+    # every path of the tiny recipes is built from ${run}: one setting moves the whole run
+    for name in ("pretrain", "sft", "aries", "pipeline"):
+        default = repr(load_recipe(REPO / f"recipes/tiny/{name}.yaml"))
+        moved = repr(load_recipe(REPO / f"recipes/tiny/{name}.yaml", ["vars.run=/elsewhere/x"]))
+        assert "runs/tiny" in default and "${" not in default, name
+        assert "runs/tiny" not in moved.replace("recipes/tiny", "") and "/elsewhere/x/" in moved, name
+    assert load_recipe(REPO / "recipes/tiny/sft.yaml", ["vars.run=r"])["model"]["init_from"] == "r/pretrain/final"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("vars: {run: a}\nrun_dir: ${rn}/x\n")
+    from plm.errors import ConfigError
+    with pytest.raises(ConfigError, match=r"bad.yaml: \$\{rn\} is not defined under 'vars:' \(defined: run\)"):
+        load_recipe(bad)
+
+
 def test_train_throughput_benchmark_runs(tmp_path):
     r = subprocess.run([sys.executable, str(REPO / "benchmarks/train_throughput.py"), "--preset", "plm-micro",
                         "--seq-len", "32", "--batch", "2", "--steps", "1", "--warmup", "0", "--precision", "fp32",

@@ -227,6 +227,14 @@ def test_cli_runtime_flags_and_sparsity(qwen2_micro_dir, tmp_path, capsys):
         assert main(base + flags) == 0
         outs[" ".join(flags)] = capsys.readouterr().out
     assert len(set(outs.values())) == 1, outs  # float32 edge paths give the reference's greedy text
+    # with no runtime flags, generate and chat run on the edge runtime (CPU), latent KV, sparse auto
+    from plm.cli import build_parser
+    from plm.infer.commands import Engine
+    from plm.infer.runtime import EdgeRuntime
+    for cmd in (base, ["chat", str(qwen2_micro_dir)]):
+        eng = Engine(build_parser().parse_args(cmd))
+        assert isinstance(eng.runtime, EdgeRuntime) and eng.model is None, cmd
+        assert (eng.runtime.opts.kv, eng.runtime.opts.sparse, eng.runtime.opts.quant) == ("latent", "auto", "none")
     assert main(base + ["--quant", "int8", "--memory-budget", "400MB"]) == 0
     capsys.readouterr()
     data = tmp_path / "d.txt"
