@@ -6,13 +6,15 @@ lambda = 0 iterative-DPO baseline given the same budget.
     python benchmarks/aries_evidence.py --root runs/tiny-evidence --pretrained PATH
     python benchmarks/aries_evidence.py --reuse              # reuse finished runs, re-tabulate
 
-Runs `plm sft recipes/tiny/sft.yaml`, `plm aries recipes/tiny/aries.yaml` and the same with
+Runs `plm sft recipes/tiny/sft.yaml`, `plm aries recipes/tiny/aries.yaml`, the same with
+`aries.chain=refine` (pairs drawn from chains of the model's own refinements) and with
 lambda = 0 (the iterative-DPO baseline, same prompts, generations and training budget), each
-under ROOT (sft/, aries/, aries-dpo/), from the pretrained model (default ROOT/pretrain/final:
-plm data corpus --out runs/tiny/corpus && plm pretrain recipes/tiny/pretrain.yaml). The runs
-evaluate on 200 held-out problems per stage; the script then re-evaluates SFT phase 2 and the
-final ARIES and DPO models on a larger held-out set (--big-n, default 1000) with paired
-confidence intervals, writes ROOT/evidence/evidence.json and evidence.md, and prints the tables.
+under ROOT (sft/, aries/, aries-refine/, aries-dpo/), from the pretrained model (default
+ROOT/pretrain/final: plm data corpus --out runs/tiny/corpus && plm pretrain
+recipes/tiny/pretrain.yaml). The runs evaluate on 200 held-out problems per stage; the script
+then re-evaluates SFT phase 2 and every final model on a larger held-out set (--big-n, default
+1000) with paired confidence intervals, writes ROOT/evidence/evidence.json and evidence.md, and
+prints the tables.
 """
 from __future__ import annotations
 
@@ -66,64 +68,63 @@ def main() -> int:
     out = REPO / root / "evidence"
     out.mkdir(parents=True, exist_ok=True)
     sft_r = load_recipe(REPO / args.sft_recipe)
-    sft_dir, aries_dir, dpo_dir = root / "sft", root / "aries", root / "aries-dpo"
+    sft_dir = root / "sft"
+    # (label, run folder, extra settings): the recipe as it is, ARIES with the paper's sampling
+    # (chains of the model's own refinements), and the lambda = 0 iterative-DPO baseline
+    variants = [("ARIES", "aries", []), ("ARIES, refinement chains", "aries-refine", ["aries.chain=refine"]),
+                ("DPO baseline (lambda=0)", "aries-dpo", ["aries.lambda=0"])]
     fresh = [] if args.reuse else ["--no-resume"]
     extra = sum((["--set", s] for s in args.set), [])
     if not (REPO / pretrained / "config.json").exists():
         sys.exit(f"{pretrained} not found: run `plm data corpus --out runs/tiny/corpus && "
                  "plm pretrain recipes/tiny/pretrain.yaml` first")
-    sft_dir, aries_dir, dpo_dir = REPO / sft_dir, REPO / aries_dir, REPO / dpo_dir
+    sft_dir = REPO / sft_dir
+    dirs = {label: REPO / root / sub for label, sub, _ in variants}
 
     timings = {}
     timings["sft"] = run(plm + ["sft", args.sft_recipe, "--set", f"model.init_from={pretrained}",
                                 "--set", f"run_dir={sft_dir}"] + fresh)
     base = ["aries", args.aries_recipe, "--set", f"model.init_from={sft_dir / 'final'}"]
-    timings["aries"] = run(plm + base + ["--set", f"run_dir={aries_dir}"] + fresh + extra)
-    timings["dpo"] = run(plm + base + ["--set", f"run_dir={dpo_dir}", "--set", "aries.lambda=0"] + fresh + extra)
+    for label, _, sets in variants:
+        timings[label] = run(plm + base + ["--set", f"run_dir={dirs[label]}"] + sum((["--set", x] for x in sets), [])
+                             + fresh + extra)
 
     ev = sft_r["eval"]
     t = time.time()
     base_eval = evaluate_checkpoint(REPO / pretrained, ev, style="plain")
     timings["eval_pretrained"] = time.time() - t
     sft_sum = json.loads((sft_dir / "sft_summary.json").read_text())
-    a_rows = [json.loads(x) for x in (aries_dir / "aries_metrics.jsonl").read_text().splitlines() if x.strip()]
-    d_rows = [json.loads(x) for x in (dpo_dir / "aries_metrics.jsonl").read_text().splitlines() if x.strip()]
+    metrics = {label: [json.loads(x) for x in (d / "aries_metrics.jsonl").read_text().splitlines() if x.strip()]
+               for label, d in dirs.items()}
     phases = list(sft_sum["eval"])
 
     rows = [{"stage": "pretrained (base, 'Question:/Answer:' prompt)", **base_eval}]
     for i, p in enumerate(phases):
         rows.append({"stage": f"SFT phase {i + 1} ({p})", **sft_sum["eval"][p]})
-    for name, rs in (("ARIES (lambda=1)", a_rows), ("DPO baseline (lambda=0)", d_rows)):
+    for name, rs in metrics.items():
         for r in rs[1:]:  # iteration 0 is SFT phase 2
             rows.append({"stage": f"{name} iteration {r['iteration']}", **r["eval"], "pairs_kept": r.get("pairs_kept"),
                          "prompts": r.get("prompts"), "reward_margin_direct": r.get("reward_margin_direct"),
                          "reward_margin_refine": r.get("reward_margin_refine")})
     n = rows[0]["n"]
-    sft2 = sft_sum["eval"][phases[-1]]
-    a_last, d_last = a_rows[-1]["eval"], d_rows[-1]["eval"]
-    verdict = {
-        "aries_minus_sft2_direct": a_last["direct_acc"] - sft2["direct_acc"],
-        "aries_minus_sft2_refine": a_last["refine_acc"] - sft2["refine_acc"],
-        "aries_minus_dpo_direct": a_last["direct_acc"] - d_last["direct_acc"],
-        "aries_minus_dpo_refine": a_last["refine_acc"] - d_last["refine_acc"],
-        "ci95_at_50pct": ci95(0.5, n),
-    }
+    verdict = {"ci95_at_50pct": ci95(0.5, n)}
     # the final comparison on a larger held-out set, paired on the same problems
     big_ev = dict(ev, tasks=dict(ev["tasks"], n=args.big_n), per_task=True)
     t = time.time()
-    big = {name: evaluate_checkpoint(path, big_ev) for name, path in
-           (("SFT phase 2", sft_dir / phases[-1]), ("ARIES final", aries_dir / "final"),
-            ("DPO final", dpo_dir / "final"))}
+    finals = {"SFT phase 2": sft_dir / phases[-1], **{f"{label} final": d / "final" for label, d in dirs.items()}}
+    big = {name: evaluate_checkpoint(path, big_ev) for name, path in finals.items()}
     timings["eval_big"] = time.time() - t
     comparisons = {}
-    for a, b in (("ARIES final", "SFT phase 2"), ("ARIES final", "DPO final"), ("DPO final", "SFT phase 2")):
+    pairs = [(f"{label} final", "SFT phase 2") for label in dirs] + \
+        [(f"{label} final", "DPO baseline (lambda=0) final") for label in dirs if not label.startswith("DPO")]
+    for a, b in pairs:
         for mode in ("direct", "refine"):
             d = [x - y for x, y in zip(big[a][f"{mode}_scores"], big[b][f"{mode}_scores"])]
             mean = sum(d) / len(d)
             sd = math.sqrt(sum((x - mean) ** 2 for x in d) / max(len(d) - 1, 1))
             comparisons[f"{a} - {b} ({mode})"] = {"diff": mean, "ci95": 1.96 * sd / math.sqrt(len(d))}
     verdict.update({k: v for k, v in comparisons.items()})
-    post = timings["sft"] + timings["aries"]
+    post = timings["sft"] + timings["ARIES"]
     lines = [f"Held-out accuracy (%) on {n} arith TEST-split problems (difficulty {ev['tasks'].get('difficulty', 'mixed')}, "
              f"greedy; self-refine = answer, then {ev.get('rounds', 1)} refinement(s) through z). "
              f"95% CI half-width at 50%: ±{100 * verdict['ci95_at_50pct']:.1f} points.",
@@ -143,13 +144,14 @@ def main() -> int:
     for name, r in big.items():
         lines.append(f"| {name} | {pct(r['direct_acc'])} | {pct(r['refine_acc'])} | {r['fixed']} / {r['broken']} |")
     lines += ["", "| paired difference (points) | direct | self-refine |", "|---|---|---|"]
-    for a, b in (("ARIES final", "SFT phase 2"), ("ARIES final", "DPO final"), ("DPO final", "SFT phase 2")):
+    for a, b in pairs:
         cell = [f"{100 * comparisons[f'{a} - {b} ({m})']['diff']:+.1f} ± {100 * comparisons[f'{a} - {b} ({m})']['ci95']:.1f}"
                 for m in ("direct", "refine")]
         lines.append(f"| {a} − {b} | {cell[0]} | {cell[1]} |")
     lines += ["",
-              f"Wall time on this machine: plm sft {timings['sft']:.0f} s, plm aries {timings['aries']:.0f} s "
-              f"(post-training total {post:.0f} s = {post / 60:.1f} min); DPO baseline {timings['dpo']:.0f} s."]
+              f"Wall time on this machine: plm sft {timings['sft']:.0f} s, plm aries {timings['ARIES']:.0f} s "
+              f"(post-training total {post:.0f} s = {post / 60:.1f} min); ARIES with refinement chains "
+              f"{timings['ARIES, refinement chains']:.0f} s; DPO baseline {timings['DPO baseline (lambda=0)']:.0f} s."]
     md = "\n".join(lines)
     for r in big.values():
         r.pop("direct_scores", None), r.pop("refine_scores", None)

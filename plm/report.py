@@ -52,13 +52,21 @@ def _posttrain_section(r: dict) -> list[str]:
                          _pct(e.get("refine_acc"))])
     if not rows:
         return []
+    n = next((e.get("n") for e in ((r.get("sft") or {}).get("eval") or {}).values() if e.get("n")), None)
+    noise = f" {n} problems, so a 95% interval is about ±{196 * (0.25 / n) ** 0.5:.0f} points." if n else ""
     out = ["## Post-training: held-out math accuracy", "",
            "Verifiable arithmetic word problems of the held-out test split (never trained on), greedy; "
-           "self-refine = one more round through the ARIES refinement template.", ""]
-    out += _table(["model", "direct", "self-refine"], rows)
-    accs = [float(x[1].rstrip("%")) for x in rows if x[1] not in ("n/a", "-")]
-    if len(accs) > 1:
-        out += [f"Stage-over-stage: " + " -> ".join(f"{a:.1f}" for a in accs) + " (% direct).", ""]
+           "self-refine = one more round through the ARIES refinement template." + noise, ""]
+    # stage-over-stage gain in direct accuracy (the baseline's rows against SFT phase 2's)
+    prev, sft_last = None, None
+    for row in rows:
+        acc = float(row[1].rstrip("%")) if row[1] not in ("n/a", "-") else None
+        ref = sft_last if row[0].startswith("DPO baseline") and "iteration 1" in row[0] else prev
+        row.append("-" if acc is None or ref is None else f"{acc - ref:+.1f}")
+        if row[0].startswith("after sft"):
+            sft_last = acc
+        prev = acc
+    out += _table(["model", "direct", "self-refine", "direct gain (points, vs the row before)"], rows)
     aries_rows = [x for x in (r.get("aries") or {}).get("rows", []) if "pairs_kept" in x]
     if aries_rows:
         out += _table(["ARIES iteration", "pairs kept", "sampled acc y0", "sampled acc yK", "reward margin (direct)",

@@ -108,6 +108,24 @@ def test_math_scorer_on_gsm8k(shared_data):
     assert MathVerifier().score(tasks[0], "The answer is 18.") == 1.0
 
 
+def test_step_checking_math_verifier():
+    from plm.align.tasks import Task
+    from plm.eval.answers import steps_consistent
+    # hand-checked steps: precedence, chains, commas, rounding to the written precision
+    assert steps_consistent("3 + 4 * 2 = 11 apples\nthen 16 - 3 - 4 = 9\n#### 9")
+    assert steps_consistent("1,200 / 3 = 400 and 10 / 3 = 3.33\n#### 3.33")
+    assert not steps_consistent("4 * 2 = 6 plants\n#### 8")
+    assert not steps_consistent("10 / 3 = 3.4")
+    assert steps_consistent("no working shown\n#### 8")
+    # the right number through wrong working: plain verifier yes, step-checking verifier no
+    t = Task(prompt="Chloe plants 4 rows of 2. How many?", reference="8", kind="math")
+    wrong_work, right_work = "4 * 2 = 6 plants.\n#### 8", "4 * 2 = 8 plants.\n#### 8"
+    assert build_scorer("verifier").score_batch([t, t], [wrong_work, right_work]) == [1.0, 1.0]
+    strict = build_scorer({"kind": "verifier", "check_steps": True})
+    assert strict.score_batch([t, t], [wrong_work, right_work]) == [0.0, 1.0]
+    assert MathVerifier(check_steps=True).score(t, "4 * 2 = 8\n#### 9") == 0.0
+
+
 def test_code_scorer_in_sandbox():
     tasks = code_tasks_from_tiny(3, seed=0)
     good = [t.code.canonical_solution for t in tasks]

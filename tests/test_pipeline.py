@@ -51,6 +51,7 @@ def test_runs_all_stages_and_reports(pipeline):
     report = (run / "report.md").read_text()
     pre = json.loads((run / "stages/pretrain.json").read_text())["results"]["summary"]
     assert f"{pre['unigram_entropy']:.3f}" in report  # numbers come from the run
+    assert "(loss_lr_all.png)" in report and (run / "loss_lr_all.png").stat().st_size > 10_000
     chk = json.loads((run / "stages/export.json").read_text())["results"]["llama_cpp_agreement"]
     assert chk["greedy_identical"] and chk["relative_diff"] < 1e-3
 

@@ -32,15 +32,21 @@ class _Base:
 
 
 class MathVerifier(_Base):
-    """Final-number match, the same extraction as GSM8K evaluation."""
+    """Final-number match, the same extraction as GSM8K evaluation. With `check_steps`, every
+    spelled-out step "a op b = r" of the answer must also be right: a small model often lands on
+    the right number through wrong working, and such an answer is a poor "chosen" example."""
+
+    def __init__(self, check_steps: bool = False) -> None:
+        self.check_steps = check_steps
 
     def score_batch(self, tasks: Sequence[Task], answers: Sequence[str]) -> list[float]:
-        from plm.eval.answers import score_math
+        from plm.eval.answers import score_math, steps_consistent
         out = []
         for t, a in zip(tasks, answers, strict=True):
             if t.reference is None:
                 raise PLMError(f"math task {t.id or t.prompt[:40]!r} has no reference answer")
-            out.append(1.0 if score_math(a, t.reference) else 0.0)
+            ok = score_math(a, t.reference) and (not self.check_steps or steps_consistent(a))
+            out.append(1.0 if ok else 0.0)
         return out
 
 
@@ -66,8 +72,8 @@ class CodeVerifier(_Base):
 class Verifier(_Base):
     """Math and code verification by task kind (rule-based selection's correctness)."""
 
-    def __init__(self, code: CodeVerifier | None = None) -> None:
-        self.math, self.code = MathVerifier(), code or CodeVerifier()
+    def __init__(self, code: CodeVerifier | None = None, math: MathVerifier | None = None) -> None:
+        self.math, self.code = math or MathVerifier(), code or CodeVerifier()
 
     def score_batch(self, tasks: Sequence[Task], answers: Sequence[str]) -> list[float]:
         out: list[float] = [0.0] * len(tasks)
@@ -124,14 +130,15 @@ class RewardModel(_Base):
 
 def build_scorer(spec: dict | str | None) -> _Base:
     """scorer: verifier (default) | math | code | {kind: reward_model, checkpoint: DIR} |
-    {kind: verifier, timeout_s, memory_mb}."""
+    {kind: verifier, timeout_s, memory_mb, check_steps}."""
     spec = {"kind": spec} if isinstance(spec, str) else dict(spec or {"kind": "verifier"})
     kind = spec.pop("kind", "verifier")
     try:
         if kind == "verifier":
-            return Verifier(CodeVerifier(**spec))
+            steps = bool(spec.pop("check_steps", False))
+            return Verifier(CodeVerifier(**spec), MathVerifier(steps))
         if kind == "math":
-            return MathVerifier()
+            return MathVerifier(**spec)
         if kind == "code":
             return CodeVerifier(**spec)
         if kind == "reward_model":

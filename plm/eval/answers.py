@@ -128,3 +128,55 @@ def score_math(output: str, reference: str) -> bool:
     if "####" in reference:
         reference = extract_reference_answer(reference)
     return numbers_equal(extract_final_number(output), reference)
+
+
+# "a op b (op c ...) = r" written in a solution: plain numbers (thousands commas allowed)
+# joined by + - * / x ×, then "=" and the result. Only such spelled-out steps are checked.
+_OPERAND = r"\$?\s?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?"
+_STEP = re.compile(rf"(?<![\w.])({_OPERAND}(?:\s*[-+*/x×]\s*{_OPERAND})+)\s*=\s*(-?{_OPERAND})(?![\d])")
+
+
+def _eval_expr(expr: str) -> Fraction | None:
+    """Exact value of "3 + 4 * 2" (usual precedence, left to right), or None."""
+    tokens = re.findall(rf"{_OPERAND}|[-+*/x×]", expr)
+    values, ops = [], []
+    for t in tokens:
+        if t in "+-*/x×":
+            ops.append("*" if t in "x×" else t)
+        else:
+            v = parse_number(t)
+            if v is None:
+                return None
+            values.append(v)
+    if len(values) != len(ops) + 1:
+        return None
+    # fold * and / first, then + and -
+    terms, signs = [values[0]], []
+    for op, v in zip(ops, values[1:]):
+        if op in "*/":
+            if op == "/" and v == 0:
+                return None
+            terms[-1] = terms[-1] * v if op == "*" else terms[-1] / v
+        else:
+            terms.append(v)
+            signs.append(op)
+    total = terms[0]
+    for op, v in zip(signs, terms[1:]):
+        total = total + v if op == "+" else total - v
+    return total
+
+
+def steps_consistent(solution: str) -> bool:
+    """Whether every spelled-out arithmetic step "a op b = r" in ``solution`` is right (results
+    may be rounded to the precision written, e.g. "10 / 3 = 3.33"). A solution without such
+    steps is consistent: this checks the work shown, not that work is shown."""
+    text = solution.translate(_TRANSLATE)
+    text = re.sub(r"<<[^<>]*>>", "", text)  # GSM8K calculator annotations repeat the step
+    for m in _STEP.finditer(text):
+        got, want = _eval_expr(m.group(1)), parse_number(m.group(2))
+        if got is None or want is None:
+            continue
+        digits = len(m.group(2).split(".", 1)[1]) if "." in m.group(2) else 0
+        if abs(got - want) > Fraction(1, 2 * 10 ** digits) if digits else got != want:
+            return False
+    return True
