@@ -45,6 +45,10 @@ class TrainConfig:
     grad_clip: float = 1.0  # 0 = off
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU | fp32 | bf16
     compile: bool = False
+    # deterministic kernels (torch.use_deterministic_algorithms): a rerun gives the same weights.
+    # Compiled CPU kernels otherwise accumulate some gradients with atomics, in a varying order.
+    # None = on for CPU, off for CUDA (where the deterministic kernels cost speed)
+    deterministic: bool | None = None
     activation_checkpointing: bool = False
     fused_optimizer: bool = True  # fused AdamW where the device supports it
     distributed: str = "ddp"  # none | ddp | fsdp (only used under torchrun)
@@ -144,6 +148,8 @@ class Trainer:
         if cfg.activation_checkpointing:
             model.model.gradient_checkpointing = True
         self.model = wrap_model(model, env, cfg.distributed)
+        if cfg.deterministic or (cfg.deterministic is None and env.device.type == "cpu"):
+            torch.use_deterministic_algorithms(True, warn_only=True)
         self.fwd = torch.compile(self.model) if cfg.compile else self.model
         self.optimizer = self._make_optimizer()
         self.metrics_path = self.run_dir / "metrics.jsonl"
