@@ -148,6 +148,7 @@ def main() -> int:
         cell = [f"{100 * comparisons[f'{a} - {b} ({m})']['diff']:+.1f} ± {100 * comparisons[f'{a} - {b} ({m})']['ci95']:.1f}"
                 for m in ("direct", "refine")]
         lines.append(f"| {a} − {b} | {cell[0]} | {cell[1]} |")
+    lines += ["", "Runs reused (--reuse): the wall times below are of the reuse checks, not of training."] if args.reuse else []
     lines += ["",
               f"Wall time on this machine: plm sft {timings['sft']:.0f} s, plm aries {timings['ARIES']:.0f} s "
               f"(post-training total {post:.0f} s = {post / 60:.1f} min); ARIES with refinement chains "
