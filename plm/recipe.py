@@ -27,10 +27,22 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> dict[st
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. train.micro_batch_size=4")
-        set_dotted(recipe, key, yaml.safe_load(value))
+        set_dotted(recipe, key, parse_value(value))
     recipe = interpolate(recipe, recipe.get("vars") or {}, str(path))
     recipe.setdefault("_path", str(path))
     return recipe
+
+
+_EXP_NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def parse_value(text: str) -> Any:
+    """A --set value as YAML, except that "2e-4" is a number: YAML 1.1 (PyYAML) needs "2.0e-4",
+    and a learning rate silently read as a string only fails later, far from its cause."""
+    value = yaml.safe_load(text)
+    if isinstance(value, str) and _EXP_NUMBER.fullmatch(value.strip()):
+        return float(value)
+    return value
 
 
 _VAR = re.compile(r"\$\{(\w+)\}")

@@ -36,6 +36,9 @@ def test_pretrain_recipes_build(name):
 def test_set_overrides_and_errors(tmp_path):
     r = load_recipe(REPO / "recipes/tiny/pretrain.yaml", ["train.micro_batch_size=4", "phases.1.tokens=10"])
     assert r["train"]["micro_batch_size"] == 4 and r["phases"][1]["tokens"] == 10
+    # "2e-4" is a float (PyYAML alone reads it as a string); words stay strings
+    r = load_recipe(REPO / "recipes/tiny/pretrain.yaml", ["phases.0.schedule.peak_lr=2e-4", "name=inf"])
+    assert r["phases"][0]["schedule"]["peak_lr"] == 2e-4 and r["name"] == "inf"
     from plm.errors import ConfigError
     with pytest.raises(ConfigError, match="expected KEY=VALUE"):
         load_recipe(REPO / "recipes/tiny/pretrain.yaml", ["train.micro_batch_size"])

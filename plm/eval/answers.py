@@ -177,6 +177,7 @@ def steps_consistent(solution: str) -> bool:
         if got is None or want is None:
             continue
         digits = len(m.group(2).split(".", 1)[1]) if "." in m.group(2) else 0
-        if abs(got - want) > Fraction(1, 2 * 10 ** digits) if digits else got != want:
+        wrong = abs(got - want) > Fraction(1, 2 * 10 ** digits) if digits else got != want
+        if wrong:
             return False
     return True
