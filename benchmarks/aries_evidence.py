@@ -5,6 +5,7 @@ lambda = 0 iterative-DPO baseline given the same budget.
     python benchmarks/aries_evidence.py                      # runs under runs/tiny
     python benchmarks/aries_evidence.py --root runs/tiny-evidence --pretrained PATH
     python benchmarks/aries_evidence.py --reuse              # reuse finished runs, re-tabulate
+    python benchmarks/aries_evidence.py --reuse --seeds 3    # + ARIES and DPO with seeds 1, 2
 
 Runs `plm sft recipes/tiny/sft.yaml`, `plm aries recipes/tiny/aries.yaml`, the same with
 `aries.chain=refine` (pairs drawn from chains of the model's own refinements) and with
@@ -14,7 +15,9 @@ ROOT/pretrain/final: plm data corpus --out runs/tiny/corpus && plm pretrain
 recipes/tiny/pretrain.yaml). The runs evaluate on 200 held-out problems per stage; the script
 then re-evaluates SFT phase 2 and every final model on a larger held-out set (--big-n, default
 1000) with paired confidence intervals, writes ROOT/evidence/evidence.json and evidence.md, and
-prints the tables.
+prints the tables. With --seeds N, ARIES and the DPO baseline are repeated with seeds 1..N-1 (sampling,
+pair order; ROOT/aries-s1/, ...): the spread between seeds is training noise, which the paired
+intervals (evaluation noise of one model pair) do not include.
 """
 from __future__ import annotations
 
@@ -56,7 +59,8 @@ def main() -> int:
     ap.add_argument("--aries-recipe", default="recipes/tiny/aries.yaml")
     ap.add_argument("--big-n", type=int, default=1000, help="held-out problems for the final comparison")
     ap.add_argument("--reuse", action="store_true", help="reuse finished runs instead of training afresh")
-    ap.add_argument("--set", action="append", default=[], help="extra --set for both plm aries runs")
+    ap.add_argument("--set", action="append", default=[], help="extra --set for every plm aries run")
+    ap.add_argument("--seeds", type=int, default=1, help="run ARIES and the DPO baseline with seeds 0..N-1")
     args = ap.parse_args()
 
     from plm.align.sft import evaluate_checkpoint
@@ -73,6 +77,7 @@ def main() -> int:
     # (chains of the model's own refinements), and the lambda = 0 iterative-DPO baseline
     variants = [("ARIES", "aries", []), ("ARIES, refinement chains", "aries-refine", ["aries.chain=refine"]),
                 ("DPO baseline (lambda=0)", "aries-dpo", ["aries.lambda=0"])]
+    seeds = list(range(max(1, args.seeds)))
     fresh = [] if args.reuse else ["--no-resume"]
     extra = sum((["--set", s] for s in args.set), [])
     if not (REPO / pretrained / "config.json").exists():
@@ -88,6 +93,15 @@ def main() -> int:
     for label, _, sets in variants:
         timings[label] = run(plm + base + ["--set", f"run_dir={dirs[label]}"] + sum((["--set", x] for x in sets), [])
                              + fresh + extra)
+    # more seeds for the two runs the verdict is about (ARIES and the DPO baseline)
+    seeds_of = {label: seeds if label in ("ARIES", "DPO baseline (lambda=0)") else [0] for label in dirs}
+    seeded = {}  # (label, seed) -> run folder, seed 0 being the runs above
+    for label, sub, sets in variants:
+        seeded[(label, 0)] = dirs[label]
+        for sd in seeds_of[label][1:]:
+            seeded[(label, sd)] = REPO / root / f"{sub}-s{sd}"
+            run(plm + base + ["--set", f"run_dir={seeded[(label, sd)]}", "--set", f"seed={sd}"]
+                + sum((["--set", x] for x in sets), []) + fresh + extra)
 
     ev = sft_r["eval"]
     t = time.time()
@@ -110,20 +124,39 @@ def main() -> int:
     verdict = {"ci95_at_50pct": ci95(0.5, n)}
     # the final comparison on a larger held-out set, paired on the same problems
     big_ev = dict(ev, tasks=dict(ev["tasks"], n=args.big_n), per_task=True)
+
+    def final_name(label: str, sd: int) -> str:
+        return f"{label} final" + (f" (seed {sd})" if sd else "")
+
     t = time.time()
-    finals = {"SFT phase 2": sft_dir / phases[-1], **{f"{label} final": d / "final" for label, d in dirs.items()}}
+    finals = {"SFT phase 2": sft_dir / phases[-1],
+              **{final_name(label, sd): seeded[(label, sd)] / "final" for label, _, _ in variants for sd in seeds_of[label]}}
     big = {name: evaluate_checkpoint(path, big_ev) for name, path in finals.items()}
     timings["eval_big"] = time.time() - t
     comparisons = {}
-    pairs = [(f"{label} final", "SFT phase 2") for label in dirs] + \
-        [(f"{label} final", "DPO baseline (lambda=0) final") for label in dirs if not label.startswith("DPO")]
+    dpo = "DPO baseline (lambda=0)"
+    pairs = [(final_name(label, sd), "SFT phase 2") for label in dirs for sd in seeds_of[label]] + \
+        [(final_name(label, sd), final_name(dpo, sd)) for label in dirs if label != dpo for sd in seeds_of[label]]
     for a, b in pairs:
         for mode in ("direct", "refine"):
             d = [x - y for x, y in zip(big[a][f"{mode}_scores"], big[b][f"{mode}_scores"])]
             mean = sum(d) / len(d)
-            sd = math.sqrt(sum((x - mean) ** 2 for x in d) / max(len(d) - 1, 1))
-            comparisons[f"{a} - {b} ({mode})"] = {"diff": mean, "ci95": 1.96 * sd / math.sqrt(len(d))}
+            std = math.sqrt(sum((x - mean) ** 2 for x in d) / max(len(d) - 1, 1))
+            comparisons[f"{a} - {b} ({mode})"] = {"diff": mean, "ci95": 1.96 * std / math.sqrt(len(d))}
     verdict.update({k: v for k, v in comparisons.items()})
+    # over seeds: the mean paired difference and its range (training noise)
+    over_seeds = {}
+    if len(seeds) > 1:
+        for label in (lb for lb in dirs if len(seeds_of[lb]) > 1):
+            for ref in ("SFT phase 2", dpo):
+                if label == ref:
+                    continue
+                for mode in ("direct", "refine"):
+                    ds = [comparisons[f"{final_name(label, sd)} - "
+                                      f"{ref if ref == 'SFT phase 2' else final_name(ref, sd)} ({mode})"]["diff"]
+                          for sd in seeds]
+                    over_seeds[f"{label} - {ref} ({mode})"] = {"mean": sum(ds) / len(ds), "min": min(ds), "max": max(ds)}
+        verdict["over_seeds"] = over_seeds
     post = timings["sft"] + timings["ARIES"]
     lines = [f"Held-out accuracy (%) on {n} arith TEST-split problems (difficulty {ev['tasks'].get('difficulty', 'mixed')}, "
              f"greedy; self-refine = answer, then {ev.get('rounds', 1)} refinement(s) through z). "
@@ -148,6 +181,13 @@ def main() -> int:
         cell = [f"{100 * comparisons[f'{a} - {b} ({m})']['diff']:+.1f} ± {100 * comparisons[f'{a} - {b} ({m})']['ci95']:.1f}"
                 for m in ("direct", "refine")]
         lines.append(f"| {a} − {b} | {cell[0]} | {cell[1]} |")
+    if over_seeds:
+        lines += ["", f"Over {len(seeds)} seeds (mean paired difference on the {args.big_n} problems, and its range):", "",
+                  "| difference (points) | direct | self-refine |", "|---|---|---|"]
+        for key in dict.fromkeys(k.rsplit(" (", 1)[0] for k in over_seeds):
+            cell = [f"{100 * over_seeds[f'{key} ({m})']['mean']:+.1f} ({100 * over_seeds[f'{key} ({m})']['min']:+.1f} "
+                    f"to {100 * over_seeds[f'{key} ({m})']['max']:+.1f})" for m in ("direct", "refine")]
+            lines.append(f"| {key.replace(' - ', ' − ')} | {cell[0]} | {cell[1]} |")
     lines += ["", "Runs reused (--reuse): the wall times below are of the reuse checks, not of training."] if args.reuse else []
     lines += ["",
               f"Wall time on this machine: plm sft {timings['sft']:.0f} s, plm aries {timings['ARIES']:.0f} s "

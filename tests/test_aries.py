@@ -18,6 +18,7 @@ from plm.align.tasks import Task, code_tasks_from_tiny, load_tasks
 from plm.align.template import DEFAULT_REFINE_INSTRUCTION, direct_messages, refinement_messages
 from plm.data import arith
 from plm.data.tokenizer import render_chatml
+from plm.errors import ConfigError
 from test_sft import micro_base, run_cli  # noqa: F401  (shared session fixture)
 
 T = torch.tensor
@@ -194,6 +195,20 @@ def test_make_pairs_rule_based(monkeypatch, micro_base):
     with torch.no_grad():
         lp = sequence_logps(model, b["input_ids"], b["seq_labels"], b["attention_mask"]).view(4, 2).T
     assert torch.allclose(lp, torch.tensor([p["ref"] for p in pairs]), atol=1e-4)
+    # the refinement context shows y_l by default; aries.keep = 1 shows y_w ("keep a right answer")
+    assert [p["shown"] for p in pairs] == ["rejected", "rejected"]
+    kpairs, kstats = make_pairs(model, tok, pool, 1, AriesConfig(prompts_per_iteration=3, refinements=2, keep=1.0),
+                                aries_mod.SampleConfig(), MathVerifier(), 0, DistEnv(), TrainConfig(precision="fp32"))
+    assert kstats["keep_pairs"] == 2 and [p["shown"] for p in kpairs] == ["chosen", "chosen"]
+    prompts = {t.id: t.prompt for t in pool}
+    for p, kp in zip(pairs, kpairs):
+        def z(shown, p=p):
+            return tok.apply_chat_template(refinement_messages(prompts[p["task_id"]], shown), add_generation_prompt=True)
+        assert tok.decode(p["enc"][2].ids).startswith(z(p["rejected"]))
+        assert tok.decode(kp["enc"][2].ids).startswith(z(p["chosen"]))
+        assert kp["enc"][:2] == p["enc"][:2]  # the direct context is unchanged
+    with pytest.raises(ConfigError, match="aries.keep"):
+        AriesConfig.from_dict({"keep": 1.5})
 
 
 def test_pair_loss_and_loader(micro_base):

@@ -30,6 +30,25 @@ def test_batch_equals_single(small_model):
         assert _run(model_step_fn(small_model), [p], cfg)[0] == b
 
 
+def test_finished_rows_leave_the_batch(small_model):
+    """Rows that stop early are dropped from the batch and the cache: the others' tokens are
+    exactly those of a batch that keeps decoding pads for them, and of each prompt alone."""
+    prompts = [[5, 6, 7, 8, 9, 10], [11, 12], [100, 200, 300, 400], [7, 7]]
+    free = _run(model_step_fn(small_model), prompts, GenerationConfig(max_new_tokens=16))
+    stop = free[1][2]  # row 1 stops at its first `stop` (others may stop too, at theirs)
+    cfg = GenerationConfig(max_new_tokens=16, stop_token_ids=[stop])
+    step = model_step_fn(small_model)
+    kept = []
+    orig = step.select
+    step.select = lambda index: (kept.append(len(index)), orig(index))
+    shrunk = _run(step, prompts, cfg)
+    plain_step = model_step_fn(small_model)
+    padded = _run(lambda ids, mask: plain_step(ids, mask), prompts, cfg)  # no `select`: pads decoded
+    assert shrunk == padded and shrunk[1] == free[1][:free[1].index(stop)] and kept and min(kept) < len(prompts)
+    for p, got in zip(prompts, shrunk):
+        assert _run(model_step_fn(small_model), [p], cfg)[0] == got
+
+
 def test_sampling_is_seeded_and_cached_equals_recompute(small_model):
     cfg = GenerationConfig(max_new_tokens=15, temperature=1.0, top_k=50, top_p=0.9, seed=7)
     a = _run(model_step_fn(small_model), [[1, 2, 3]], cfg)
@@ -67,6 +86,15 @@ def test_sample_next_rules():
     # top-p: probabilities of [3, 2, 1, 0.5] are .61 .22 .08 .05 (+.03); p=0.7 keeps the two best
     picks = {sample_next(logits, GenerationConfig(temperature=1.0, top_p=0.7), g).item() for _ in range(300)}
     assert picks == {1, 2}
+    # a large vocabulary (the top-p candidates path): probabilities ~.665 .245 .090 for ids 7, 500,
+    # 999; p=0.8 keeps 7 and 500, in the ratio .665 : .245 (7 drawn 73% of the time)
+    big = torch.full((1, 1000), -30.0)
+    big[0, 7], big[0, 500], big[0, 999] = 3.0, 2.0, 1.0
+    draws = [sample_next(big, GenerationConfig(temperature=1.0, top_p=0.8), g).item() for _ in range(2000)]
+    assert set(draws) == {7, 500} and abs(draws.count(7) / 2000 - 0.665 / 0.91) < 0.04
+    # a nucleus wider than the candidates: uniform over 200 ids, p=0.9 keeps 180 of them
+    flat = {sample_next(torch.zeros(1, 200), GenerationConfig(temperature=1.0, top_p=0.9), g).item() for _ in range(3000)}
+    assert 150 < len(flat) <= 180
 
 
 def test_repetition_penalty_by_hand():

@@ -52,6 +52,8 @@ class AriesConfig:
     chain: str = "auto"  # refine: y_k ~ p(.|z(x, y_{k-1})); direct: K+1 independent answers to x;
     #                      auto: refine when lambda > 0, direct when lambda = 0 (plain iterative DPO)
     selection: str = "rule"  # rule | reward
+    keep: float = 0.0  # ASSUMED: share of pairs whose refinement context shows the CHOSEN answer,
+    #                    DPO(z(x, y_w); y_w > y_l): "keep a right answer" rather than only "fix a wrong one"
     min_margin: float = 0.0  # reward selection: smallest score gap kept
     epochs: float = 1.0  # passes over each iteration's pairs
     max_len: int = 1024  # tokens per pair sequence (the context's head is cut first)
@@ -77,6 +79,8 @@ class AriesConfig:
             raise ConfigError("aries: beta must be > 0, lambda and sft_weight >= 0")
         if c.chain not in ("auto", "refine", "direct"):
             raise ConfigError(f"aries.chain must be auto, refine or direct, got {c.chain!r}")
+        if not 0.0 <= c.keep <= 1.0:
+            raise ConfigError(f"aries.keep is a share of pairs in [0, 1], got {c.keep}")
         if c.selection not in ("rule", "reward"):
             raise ConfigError(f"aries.selection must be rule or reward, got {c.selection!r}")
         return c
@@ -92,12 +96,13 @@ class AriesConfig:
 
 
 # ---- pairs -----------------------------------------------------------------------------------
-def encode_pair(tok, prompt: str, chosen: str, rejected: str, cfg: AriesConfig) -> list[Encoded]:
-    """[x -> y_w, x -> y_l, z(x, y_l) -> y_w, z(x, y_l) -> y_l] (the last two only if lambda > 0)."""
+def encode_pair(tok, prompt: str, chosen: str, rejected: str, cfg: AriesConfig, shown: str | None = None) -> list[Encoded]:
+    """[x -> y_w, x -> y_l, z(x, y_s) -> y_w, z(x, y_s) -> y_l] (the last two only if lambda > 0);
+    y_s, the earlier answer shown inside z, is y_l unless `shown` says otherwise (aries.keep)."""
     x = direct_messages(prompt, cfg.system)
     seqs = [encode_prompt_response(tok, x, chosen, cfg.max_len), encode_prompt_response(tok, x, rejected, cfg.max_len)]
     if cfg.contexts == 4:
-        z = refinement_messages(prompt, rejected, cfg.instruction, cfg.system)
+        z = refinement_messages(prompt, rejected if shown is None else shown, cfg.instruction, cfg.system)
         seqs += [encode_prompt_response(tok, z, chosen, cfg.max_len), encode_prompt_response(tok, z, rejected, cfg.max_len)]
     return seqs
 
@@ -366,6 +371,7 @@ def make_pairs(model, tok, pool, it: int, acfg: AriesConfig, scfg: SampleConfig,
         scores.append(flat_scores[k:k + len(c)])
         k += len(c)
     pairs = []
+    keep_rng = random.Random(f"{seed}:{it}:keep")
     for tk, c, s in zip(tasks, ch, scores):
         sel = select_pair(s, acfg.selection, acfg.min_margin)
         if sel is None:
@@ -373,9 +379,11 @@ def make_pairs(model, tok, pool, it: int, acfg: AriesConfig, scfg: SampleConfig,
         w, l_ = sel
         if c[w] == c[l_]:
             continue
+        keep = keep_rng.random() < acfg.keep
         pairs.append({"task_id": tk.id, "prompt": tk.prompt, "chosen": c[w], "rejected": c[l_],
                       "chosen_idx": w, "rejected_idx": l_, "score_w": s[w], "score_l": s[l_], "chain_scores": s,
-                      "enc": encode_pair(tok, tk.prompt, c[w], c[l_], acfg)})
+                      "shown": "chosen" if keep else "rejected",
+                      "enc": encode_pair(tok, tk.prompt, c[w], c[l_], acfg, c[w] if keep else None)})
     t = time.time()
     refs = compute_logps(model, pairs, tok.pad_token_id, acfg.ref_batch_size, env.device, _bf16(cfg, env))
     for p, r in zip(pairs, refs):
@@ -389,6 +397,7 @@ def make_pairs(model, tok, pool, it: int, acfg: AriesConfig, scfg: SampleConfig,
         **({"chains_any_correct": sum(1 for s in scores if max(s) > 0.5) / len(scores),
             "chains_all_correct": sum(1 for s in scores if min(s) > 0.5) / len(scores)} if scorer.binary else {}),
         "chosen_is_refinement": (sum(1 for p in pairs if p["chosen_idx"] > 0) / len(pairs)) if pairs else 0.0,
+        "keep_pairs": sum(1 for p in pairs if p["shown"] == "chosen"),
         "score_margin": (sum(p["score_w"] - p["score_l"] for p in pairs) / len(pairs)) if pairs else 0.0,
         "refinements": K, "generate_seconds": t_gen, "ref_logp_seconds": time.time() - t,
     }

@@ -49,6 +49,9 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     return torch.where(seen, pen, logits)
 
 
+NUCLEUS_CANDIDATES = 64  # top-p first looks among this many best tokens
+
+
 def sample_next(logits: torch.Tensor, cfg: GenerationConfig,
                 generator: torch.Generator | None = None) -> torch.Tensor:
     """Pick the next token per row of logits [B, V] under temperature / top-k / top-p."""
@@ -60,12 +63,18 @@ def sample_next(logits: torch.Tensor, cfg: GenerationConfig,
         kth = logits.topk(min(cfg.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if cfg.top_p < 1.0:
-        sorted_logits, idx = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(-1)
+        # the nucleus usually lies in the few best tokens: sort only those (a full-vocabulary
+        # sort dominates batched sampling); the same token set, so the same distribution
+        k = min(NUCLEUS_CANDIDATES, logits.shape[-1])
+        top, idx = logits.topk(k, dim=-1)
+        probs = (top - logits.logsumexp(-1, keepdim=True)).exp()
+        if k < logits.shape[-1] and not bool((probs.sum(-1) >= cfg.top_p).all()):
+            top, idx = logits.sort(dim=-1, descending=True)  # some row's nucleus is wider
+            probs = top.softmax(-1)
         # drop tokens whose preceding cumulative mass already reaches top_p (keeps >= 1)
         drop = probs.cumsum(-1) - probs >= cfg.top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, idx, sorted_logits)
+        pick = torch.multinomial(top.masked_fill(drop, float("-inf")).softmax(-1), 1, generator=generator)
+        return idx.gather(-1, pick).squeeze(-1)
     probs = logits.softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
@@ -105,6 +114,10 @@ def generate_tokens(step: StepFn, prompts: Sequence[Sequence[int]], cfg: Generat
     ids, mask = left_pad(prompts, pad_id)
     B = ids.shape[0]
     gen = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
+    # rows[j] = the prompt that batch position j generates for; a step with `select(index)` drops
+    # finished rows from its cache, so a batch costs what its unfinished rows cost
+    rows = torch.arange(B)
+    shrink = callable(getattr(step, "select", None))
     done = torch.zeros(B, dtype=torch.bool)
     out: list[list[int]] = [[] for _ in range(B)]
     seen = None
@@ -122,25 +135,30 @@ def generate_tokens(step: StepFn, prompts: Sequence[Sequence[int]], cfg: Generat
         nxt = sample_next(logits, cfg, gen)
         nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
         is_stop = torch.isin(nxt, stop_ids) & ~done
-        for r in range(B):
-            if done[r]:
+        for j, r in enumerate(rows.tolist()):
+            if done[j]:
                 continue
-            if is_stop[r]:
-                done[r] = True
+            if is_stop[j]:
+                done[j] = True
                 continue
-            t = int(nxt[r])
+            t = int(nxt[j])
             out[r].append(t)
             yield r, t
             if cfg.stop_strings and decode is not None:
                 text = decode(out[r])
                 if any(s in text for s in cfg.stop_strings):
-                    done[r] = True
+                    done[j] = True
         if seen is not None:
-            seen[torch.arange(B), nxt] |= ~done
+            seen[torch.arange(len(rows)), nxt] |= ~done
         if bool(done.all()):
             return
+        if shrink and bool(done.any()):
+            keep = (~done).nonzero().squeeze(1)
+            step.select(keep)
+            rows, nxt, mask, done = rows[keep], nxt[keep], mask[keep], done[keep]
+            seen = None if seen is None else seen[keep]
         new = nxt[:, None]
-        # the step sees the mask over past + new; finished rows keep decoding pads, ignored
+        # the step sees the mask over past + new; finished rows (without `select`) decode pads, ignored
         mask = torch.cat([mask, torch.ones_like(new)], dim=1)
         new_mask = mask
 
@@ -161,6 +179,8 @@ def model_step_fn(model, cache_factory: Callable[[], object] | None = None) -> S
         dev = model.device
         return model(new_ids.to(dev), attention_mask=mask.to(dev), cache=cache, logits_to_keep=1).logits
 
+    if callable(getattr(cache, "select", None)):
+        step.select = lambda index: cache.select(index.to(model.device))
     return step
 
 
