@@ -96,13 +96,14 @@ class AriesConfig:
 
 
 # ---- pairs -----------------------------------------------------------------------------------
-def encode_pair(tok, prompt: str, chosen: str, rejected: str, cfg: AriesConfig, shown: str | None = None) -> list[Encoded]:
+def encode_pair(tok, prompt: str, chosen: str, rejected: str, cfg: AriesConfig,
+                shown_answer: str | None = None) -> list[Encoded]:
     """[x -> y_w, x -> y_l, z(x, y_s) -> y_w, z(x, y_s) -> y_l] (the last two only if lambda > 0);
-    y_s, the earlier answer shown inside z, is y_l unless `shown` says otherwise (aries.keep)."""
+    y_s, the earlier answer shown inside z, is y_l unless `shown_answer` is given (aries.keep)."""
     x = direct_messages(prompt, cfg.system)
     seqs = [encode_prompt_response(tok, x, chosen, cfg.max_len), encode_prompt_response(tok, x, rejected, cfg.max_len)]
     if cfg.contexts == 4:
-        z = refinement_messages(prompt, rejected if shown is None else shown, cfg.instruction, cfg.system)
+        z = refinement_messages(prompt, rejected if shown_answer is None else shown_answer, cfg.instruction, cfg.system)
         seqs += [encode_prompt_response(tok, z, chosen, cfg.max_len), encode_prompt_response(tok, z, rejected, cfg.max_len)]
     return seqs
 
