@@ -31,7 +31,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 
 def run(cmd: list[str]) -> float:
@@ -63,7 +62,10 @@ def main() -> int:
     ap.add_argument("--seeds", type=int, default=1, help="run ARIES and the DPO baseline with seeds 0..N-1")
     args = ap.parse_args()
 
-    from plm.align.sft import evaluate_checkpoint
+    import dataclasses
+
+    from plm.align.config import SFTRecipe
+    from plm.eval.heldout import evaluate_checkpoint
     from plm.recipe import load_recipe
 
     plm = [sys.executable, "-m", "plm"]
@@ -71,7 +73,7 @@ def main() -> int:
     pretrained = Path(args.pretrained) if args.pretrained else root / "pretrain" / "final"
     out = REPO / root / "evidence"
     out.mkdir(parents=True, exist_ok=True)
-    sft_r = load_recipe(REPO / args.sft_recipe)
+    sft_r = load_recipe(REPO / args.sft_recipe, SFTRecipe)
     sft_dir = root / "sft"
     # (label, run folder, extra settings): the recipe as it is, ARIES with the paper's sampling
     # (chains of the model's own refinements), and the lambda = 0 iterative-DPO baseline
@@ -103,9 +105,9 @@ def main() -> int:
             run(plm + base + ["--set", f"run_dir={seeded[(label, sd)]}", "--set", f"seed={sd}"]
                 + sum((["--set", x] for x in sets), []) + fresh + extra)
 
-    ev = sft_r["eval"]
+    ev = sft_r.eval
     t = time.time()
-    base_eval = evaluate_checkpoint(REPO / pretrained, ev, style="plain")
+    base_eval = evaluate_checkpoint(REPO / pretrained, ev, style="plain").as_dict()
     timings["eval_pretrained"] = time.time() - t
     sft_sum = json.loads((sft_dir / "sft_summary.json").read_text())
     metrics = {label: [json.loads(x) for x in (d / "aries_metrics.jsonl").read_text().splitlines() if x.strip()]
@@ -123,7 +125,8 @@ def main() -> int:
     n = rows[0]["n"]
     verdict = {"ci95_at_50pct": ci95(0.5, n)}
     # the final comparison on a larger held-out set, paired on the same problems
-    big_ev = dict(ev, tasks=dict(ev["tasks"], n=args.big_n), per_task=True)
+    big_ev = dataclasses.replace(ev, tasks=dataclasses.replace(ev.tasks, args={**ev.tasks.args, "n": args.big_n}),
+                                 per_task=True)
 
     def final_name(label: str, sd: int) -> str:
         return f"{label} final" + (f" (seed {sd})" if sd else "")
@@ -131,7 +134,7 @@ def main() -> int:
     t = time.time()
     finals = {"SFT phase 2": sft_dir / phases[-1],
               **{final_name(label, sd): seeded[(label, sd)] / "final" for label, _, _ in variants for sd in seeds_of[label]}}
-    big = {name: evaluate_checkpoint(path, big_ev) for name, path in finals.items()}
+    big = {name: evaluate_checkpoint(path, big_ev).as_dict() for name, path in finals.items()}
     timings["eval_big"] = time.time() - t
     comparisons = {}
     dpo = "DPO baseline (lambda=0)"
@@ -158,8 +161,8 @@ def main() -> int:
                     over_seeds[f"{label} - {ref} ({mode})"] = {"mean": sum(ds) / len(ds), "min": min(ds), "max": max(ds)}
         verdict["over_seeds"] = over_seeds
     post = timings["sft"] + timings["ARIES"]
-    lines = [f"Held-out accuracy (%) on {n} arith TEST-split problems (difficulty {ev['tasks'].get('difficulty', 'mixed')}, "
-             f"greedy; self-refine = answer, then {ev.get('rounds', 1)} refinement(s) through z). "
+    lines = [f"Held-out accuracy (%) on {n} arith TEST-split problems (difficulty {ev.tasks.args.get('difficulty', 'mixed')}, "
+             f"greedy; self-refine = answer, then {ev.rounds} refinement(s) through z). "
              f"95% CI half-width at 50%: ±{100 * verdict['ci95_at_50pct']:.1f} points.",
              "",
              "| stage | direct | self-refine | refinement fixed / broke | pairs kept | reward margin (direct / refine) |",

@@ -39,9 +39,9 @@ def main() -> int:
     import torch
 
     import plm.infer.generate as G
-    from plm.align.evaluate import chat_prompt
-    from plm.align.tasks import load_task_pool
-    from plm.align.template import direct_messages
+    from plm.data.chat import chat_prompt, direct_messages
+    from plm.eval.config import TaskSource
+    from plm.eval.tasks import load_task_pool
     from plm.data.tokenizer import Tokenizer
     from plm.model.checkpoint import load_model
 
@@ -52,8 +52,8 @@ def main() -> int:
         sys.exit(f"{ckpt} is not a checkpoint: run `make demo` first, or pass --ckpt")
     model = load_model(ckpt, dtype=torch.float32, device=torch.device("cpu")).eval()
     tok = Tokenizer.from_dir(ckpt)
-    tasks = load_task_pool({"builder": "arith", "n": args.n, "seed": 11, "skip": 5000, "difficulty": 1}, 0, "prompts")
-    texts = [chat_prompt(tok, direct_messages(t.prompt)) for t in tasks]
+    tasks = load_task_pool(TaskSource(builder="arith", args={"n": args.n, "seed": 11, "skip": 5000, "difficulty": 1}))
+    texts = [chat_prompt(direct_messages(t.prompt)) for t in tasks]
 
     def run(naive: bool, temperature: float) -> tuple[float, list[str], int]:
         saved = G.NUCLEUS_CANDIDATES

@@ -19,7 +19,6 @@ from pathlib import Path
 import torch
 
 from plm import PLMConfig, PLMForCausalLM
-from plm.model.modeling import PLMAttention
 from plm.train.trainer import device_peak_flops, flops_per_token
 
 
@@ -44,9 +43,8 @@ def sync(device: torch.device) -> None:
 def run_path(name: str, cfg: PLMConfig, device: torch.device, seq: int, batch: int, steps: int, warmup: int,
              bf16: bool, fused: bool, compile_: bool, eager_attn: bool) -> dict:
     torch.manual_seed(0)
-    PLMAttention.impl = "eager" if eager_attn else "sdpa"
     try:
-        model = PLMForCausalLM(cfg).to(device).train()
+        model = PLMForCausalLM(cfg, attn_impl="eager" if eager_attn else "sdpa").to(device).train()
         kw = {"fused": True} if fused else {"foreach": False}
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, **kw)
         fwd = torch.compile(model) if compile_ else model
@@ -69,7 +67,6 @@ def run_path(name: str, cfg: PLMConfig, device: torch.device, seq: int, batch: i
         return {"path": name, "tokens_per_s": tps, "step_s": sum(times) / len(times),
                 "flops_per_token": flops_per_token(model, seq), "peak_gpu_mem_bytes": peak_mem}
     finally:
-        PLMAttention.impl = "sdpa"
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)

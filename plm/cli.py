@@ -17,7 +17,7 @@ COMMAND_MODULES = [
     "plm.train.commands",
     "plm.align.commands",
     "plm.eval.commands",
-    "plm.pipeline",
+    "plm.pipeline.commands",
 ]
 
 
@@ -34,6 +34,14 @@ def build_parser() -> argparse.ArgumentParser:
             raise
         mod.add_commands(sub)
     return parser
+
+
+def add_recipe_args(p: argparse.ArgumentParser, example: str, resume_help: str = "ignore existing checkpoints") -> None:
+    """The arguments every recipe-driven command shares: RECIPE, --set, --no-resume."""
+    p.add_argument("recipe", help=f"recipe YAML, e.g. {example}")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe setting, e.g. train.micro_batch_size=4 (repeatable)")
+    p.add_argument("--no-resume", action="store_true", help=resume_help)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,7 +28,7 @@ def qwen2_tokenizer():
 def qwen2_micro_dir(tmp_path_factory, qwen2_tokenizer) -> Path:
     """plm-micro shape with the full Qwen2 vocabulary; a larger init spread gives the random
     model non-trivial attention and logits, so parity checks are meaningful."""
-    from plm.model.commands import init_checkpoint
+    from plm.model.checkpoint import init_checkpoint
     out = tmp_path_factory.mktemp("qwen2-micro")
     qwen2_tokenizer.save(out / "tok")
     return init_checkpoint("plm-micro", out / "ckpt", seed=1234, tokenizer=str(out / "tok"),

@@ -10,14 +10,17 @@ import torch
 import yaml
 
 from plm.align import aries as aries_mod
-from plm.align.aries import AriesConfig, PairLoader, collate_pairs, encode_pair, make_loss_fn, make_pairs
+from plm.align.aries import PairLoader, collate_pairs, encode_pair, make_loss_fn, make_pairs
+from plm.align.config import AriesConfig, SampleConfig
 from plm.align.losses import aries_preference_loss, aries_sft_loss, dpo_loss, sequence_logps, token_logps
-from plm.align.scorers import CodeVerifier, MathVerifier, RewardModel, Verifier, build_scorer
+from plm.eval.config import ScorerSpec, TaskSource
+from plm.eval.scorers import CodeVerifier, MathVerifier, RewardModel, Verifier, build_scorer
 from plm.align.selection import select_pair, select_reward, select_rule
-from plm.align.tasks import Task, code_tasks_from_tiny, load_tasks
-from plm.align.template import DEFAULT_REFINE_INSTRUCTION, direct_messages, refinement_messages
+from plm.eval.tasks import Task, code_tasks_from_tiny, load_tasks
+from plm.data.chat import DEFAULT_REFINE_INSTRUCTION, direct_messages, refinement_messages
 from plm.data import arith
-from plm.data.tokenizer import render_chatml
+from plm.data.chat import render_chatml
+from plm.recipe import parse
 from plm.errors import ConfigError
 from test_sft import micro_base, run_cli  # noqa: F401  (shared session fixture)
 
@@ -92,11 +95,11 @@ def test_refinement_prompt_exact_chatml():
 
 # ---- scorers ----------------------------------------------------------------------------------
 def test_math_scorer_on_gsm8k(shared_data):
-    from plm.eval.answers import extract_reference_answer
+    from plm.data.answers import extract_reference_answer
     rows = [json.loads(line) for line in (shared_data / "gsm8k" / "test.jsonl").read_text().splitlines() if line.strip()]
     assert len(rows) == 1319
     tasks = [Task(r["question"], "math", extract_reference_answer(r["answer"])) for r in rows]
-    scorer = build_scorer("verifier")
+    scorer = build_scorer(ScorerSpec())
     assert scorer.score_batch(tasks, [r["answer"] for r in rows]) == [1.0] * 1319
 
     def perturb(ans: str) -> str:
@@ -110,8 +113,8 @@ def test_math_scorer_on_gsm8k(shared_data):
 
 
 def test_step_checking_math_verifier():
-    from plm.align.tasks import Task
-    from plm.eval.answers import steps_consistent
+    from plm.eval.tasks import Task
+    from plm.data.answers import steps_consistent
     # hand-checked steps: precedence, chains, commas, rounding to the written precision
     assert steps_consistent("3 + 4 * 2 = 11 apples\nthen 16 - 3 - 4 = 9\n#### 9")
     assert steps_consistent("1,200 / 3 = 400 and 10 / 3 = 3.33\n#### 3.33")
@@ -121,8 +124,8 @@ def test_step_checking_math_verifier():
     # the right number through wrong working: plain verifier yes, step-checking verifier no
     t = Task(prompt="Chloe plants 4 rows of 2. How many?", reference="8", kind="math")
     wrong_work, right_work = "4 * 2 = 6 plants.\n#### 8", "4 * 2 = 8 plants.\n#### 8"
-    assert build_scorer("verifier").score_batch([t, t], [wrong_work, right_work]) == [1.0, 1.0]
-    strict = build_scorer({"kind": "verifier", "check_steps": True})
+    assert build_scorer(ScorerSpec()).score_batch([t, t], [wrong_work, right_work]) == [1.0, 1.0]
+    strict = build_scorer(parse(ScorerSpec, {"kind": "verifier", "check_steps": True}, "scorer"))
     assert strict.score_batch([t, t], [wrong_work, right_work]) == [0.0, 1.0]
     assert MathVerifier(check_steps=True).score(t, "4 * 2 = 8\n#### 9") == 0.0
 
@@ -137,12 +140,29 @@ def test_code_scorer_in_sandbox():
 
 
 def test_reward_model_scorer(micro_base):
+    """The score is the mean log-probability of the answer's tokens and <|im_end|> after the
+    ChatML prompt, computed here independently with one forward pass of the reference model."""
+    from plm.data.chat import IM_END, chat_prompt
+    from plm.data.tokenizer import Tokenizer
+    from plm.model.checkpoint import load_model
     rm = RewardModel(str(micro_base))
-    a = rm.score("What is 2 + 3?", "5")
-    assert isinstance(a, float) and a < 0
+    tok, model = Tokenizer.from_dir(micro_base), load_model(micro_base).eval()
+
+    def by_hand(prompt: str, answer: str) -> float:
+        head = tok.encode(chat_prompt(direct_messages(prompt)))
+        ids = tok.encode(chat_prompt(direct_messages(prompt)) + answer + IM_END)
+        assert ids[:len(head)] == head
+        with torch.no_grad():
+            lp = model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
+        picked = [lp[i - 1, ids[i]].item() for i in range(len(head), len(ids))]
+        return sum(picked) / len(picked)
+
     t = Task("What is 2 + 3?", "math", "5")
-    assert rm.score_batch([t, t], ["5", "2 + 3 = 5"]) == pytest.approx([a, rm.score(t, "2 + 3 = 5")], abs=1e-5)
-    assert not rm.binary and build_scorer({"kind": "reward_model", "checkpoint": str(micro_base)}).binary is False
+    got = rm.score_batch([t, t], ["5", "2 + 3 = 5"])
+    assert got == pytest.approx([by_hand(t.prompt, "5"), by_hand(t.prompt, "2 + 3 = 5")], abs=1e-4)
+    assert got[0] != got[1] and rm.score("What is 2 + 3?", "5") == pytest.approx(got[0], abs=1e-6)
+    spec = parse(ScorerSpec, {"kind": "reward_model", "checkpoint": str(micro_base)}, "scorer")
+    assert not rm.binary and build_scorer(spec).binary is False
 
 
 # ---- selection --------------------------------------------------------------------------------
@@ -164,31 +184,29 @@ def test_make_pairs_rule_based(monkeypatch, micro_base):
     from plm.data.tokenizer import Tokenizer
     from plm.model.checkpoint import load_model
     from plm.train.dist import DistEnv
-    from plm.train.trainer import TrainConfig
     tok, model = Tokenizer.from_dir(micro_base), load_model(micro_base)
     pool = [Task("What is 2 + 3?", "math", "5", id="a"), Task("What is 4 * 4?", "math", "16", id="b"),
             Task("What is 9 - 1?", "math", "8", id="c")]
     made = [["#### 6", "2 + 3 = 5\n#### 5", "#### 5"],  # wrong, right, right -> (2, 0)
             ["#### 16", "#### 16", "#### 16"],  # all right -> no pair
             ["#### 8", "#### 7", "#### 9"]]  # right, wrong, wrong -> (0, 1)
-    monkeypatch.setattr(aries_mod, "chains", lambda model, tok, tasks, rounds, cfg, **kw: made)
+    monkeypatch.setattr(aries_mod, "chains", lambda lm, tasks, rounds, cfg, instruction, system=None: made)
     cfg = AriesConfig(prompts_per_iteration=3, refinements=2)
-    pairs, stats = make_pairs(model, tok, pool, 1, cfg, aries_mod.SampleConfig(), MathVerifier(), 0, DistEnv(),
-                              TrainConfig(precision="fp32"))
+    pairs, stats = make_pairs(model, tok, pool, 1, cfg, SampleConfig(), MathVerifier(), 0, DistEnv(), False)
     assert [(p["task_id"], p["chosen_idx"], p["rejected_idx"]) for p in pairs] == [("a", 2, 0), ("c", 0, 1)]
     assert pairs[0]["chosen"] == "#### 5" and pairs[0]["rejected"] == "#### 6"
-    assert stats["pairs_kept"] == 2 and stats["chains_all_correct"] == pytest.approx(1 / 3)
-    assert stats["sample_acc_initial"] == pytest.approx(2 / 3)
+    assert stats.pairs_kept == 2 and stats.chains_all_correct == pytest.approx(1 / 3)
+    assert stats.sample_metric == "acc" and stats.sample_initial == pytest.approx(2 / 3)
     # lambda = 0 (plain iterative DPO): chains are K+1 independent direct answers, 2 sequences a pair
     calls = []
 
-    def fake_answer(model, tok, tasks, cfg, seed_offset=0, system=None):
+    def fake_answer(lm, tasks, cfg, seed_offset=0, system=None):
         calls.append(seed_offset)
         return [made[i][seed_offset] for i in range(len(tasks))]
 
     monkeypatch.setattr(aries_mod, "answer", fake_answer)
     dpairs, _ = make_pairs(model, tok, pool, 1, AriesConfig(prompts_per_iteration=3, refinements=2, lam=0.0),
-                           aries_mod.SampleConfig(), MathVerifier(), 0, DistEnv(), TrainConfig(precision="fp32"))
+                           SampleConfig(), MathVerifier(), 0, DistEnv(), False)
     assert calls == [0, 1, 2] and [len(p["enc"]) for p in dpairs] == [2, 2] and len(dpairs[0]["ref"]) == 2
     # the stored reference log-probs are the model's own, context by context
     b = collate_pairs(pairs, tok.pad_token_id)
@@ -198,8 +216,8 @@ def test_make_pairs_rule_based(monkeypatch, micro_base):
     # the refinement context shows y_l by default; aries.keep = 1 shows y_w ("keep a right answer")
     assert [p["shown"] for p in pairs] == ["rejected", "rejected"]
     kpairs, kstats = make_pairs(model, tok, pool, 1, AriesConfig(prompts_per_iteration=3, refinements=2, keep=1.0),
-                                aries_mod.SampleConfig(), MathVerifier(), 0, DistEnv(), TrainConfig(precision="fp32"))
-    assert kstats["keep_pairs"] == 2 and [p["shown"] for p in kpairs] == ["chosen", "chosen"]
+                                SampleConfig(), MathVerifier(), 0, DistEnv(), False)
+    assert kstats.keep_pairs == 2 and [p["shown"] for p in kpairs] == ["chosen", "chosen"]
     prompts = {t.id: t.prompt for t in pool}
     for p, kp in zip(pairs, kpairs):
         def z(shown, p=p):
@@ -207,8 +225,8 @@ def test_make_pairs_rule_based(monkeypatch, micro_base):
         assert tok.decode(p["enc"][2].ids).startswith(z(p["rejected"]))
         assert tok.decode(kp["enc"][2].ids).startswith(z(p["chosen"]))
         assert kp["enc"][:2] == p["enc"][:2]  # the direct context is unchanged
-    with pytest.raises(ConfigError, match="aries.keep"):
-        AriesConfig.from_dict({"keep": 1.5})
+    with pytest.raises(ConfigError, match=r"aries.keep: a share of pairs in \[0, 1\], got 1.5"):
+        parse(AriesConfig, {"keep": 1.5}, "aries")
 
 
 def test_pair_loss_and_loader(micro_base):
@@ -250,12 +268,12 @@ def test_pair_loss_and_loader(micro_base):
 
 def test_task_sources(tmp_path):
     sft_math = arith.generate(30, seed=11)
-    fresh = load_tasks({"builder": "arith", "n": 10, "seed": 11, "skip": 30})
+    fresh = load_tasks(parse(TaskSource, {"builder": "arith", "n": 10, "seed": 11, "skip": 30}, "prompts"))
     assert not {p.question for p in sft_math} & {t.prompt for t in fresh}  # ARIES prompts SFT never saw
     assert all(t.reference.isdigit() for t in fresh)
     p = tmp_path / "g.jsonl"
     p.write_text(json.dumps({"question": "Q", "answer": "work\n#### 1,200"}) + "\n")
-    assert load_tasks({"path": str(p), "format": "qa"})[0].reference == "1200"
+    assert load_tasks(parse(TaskSource, {"path": str(p), "format": "qa"}, "prompts"))[0].reference == "1200"
 
 
 # ---- end to end ---------------------------------------------------------------------------------
@@ -268,7 +286,7 @@ def test_plm_aries_end_to_end(micro_base, tmp_path):
         "prompts": {"builder": "arith", "n": 8, "seed": 3, "difficulty": 1},
         "scorer": {"kind": "reward_model", "checkpoint": str(micro_base)},
         "aries": {"iterations": 2, "prompts_per_iteration": 4, "refinements": 1, "beta": 0.1, "lambda": 1.0,
-                  "sft_weight": 0.1, "selection": "reward", "epochs": 1, "max_len": 160,
+                  "sft_weight": 0.1, "selection": "reward", "epochs": 3, "max_len": 160,
                   "schedule": {"kind": "wsdc", "peak_lr": 1e-3, "floor_lr": 1e-4, "warmup": 0, "stable": 1, "decay": 1}},
         "sampling": {"temperature": 1.0, "top_p": 1.0, "max_new_tokens": 10, "batch_size": 4},
         "train": {"micro_batch_size": 2, "precision": "fp32", "device": "cpu", "log_every": 1, "progress": False},
@@ -281,16 +299,38 @@ def test_plm_aries_end_to_end(micro_base, tmp_path):
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     rows = [json.loads(line) for line in (run_dir / "aries_metrics.jsonl").read_text().splitlines()]
     assert [x["iteration"] for x in rows] == [0, 1, 2]
-    for x in rows:
-        assert 0 <= x["eval"]["direct_acc"] <= 1 and "refine_acc" in x["eval"]
     for x in rows[1:]:
         assert x["prompts"] == 4 and 0 < x["pairs_kept"] <= 4 and x["train_steps"] >= 1
-        assert "reward_margin_direct" in x and "reward_margin_refine" in x
+        # a reward model scores the samples: the record says so, and the table shows the scores
+        assert x["sample_metric"] == "score" and x["sample_initial"] < 0
+        # training moved the policy toward the chosen answers on its own pairs (implicit DPO reward)
+        assert x["reward_acc_direct"] > 0.5 and x["reward_margin_direct"] > 0
     pairs = [json.loads(line) for line in (run_dir / "iter-1" / "pairs.jsonl").read_text().splitlines()]
     assert all(len(p["ref"]) == 4 and p["score_w"] > p["score_l"] for p in pairs)
-    assert (run_dir / "final" / "config.json").exists() and (run_dir / "aries_table.md").exists()
-    assert "| iteration |" in out.stdout
+    table = (run_dir / "aries_table.md").read_text()
+    assert "sampled reward score y0" in table and f"{rows[1]['sample_initial']:.3f}" in table
+    # the held-out accuracy recorded for each iteration is that iteration's model's
+    from plm.align.config import AriesRecipe
+    from plm.eval.heldout import evaluate_checkpoint
+    from plm.recipe import load_recipe
+    spec = load_recipe(recipe, AriesRecipe).eval
+    for x in rows:
+        assert evaluate_checkpoint(x["model"], spec, use_cache=False).as_dict() == x["eval"]
+    from plm.utils import sha256_file
+    assert sha256_file(run_dir / "final" / "model.safetensors") == sha256_file(run_dir / "iter-2/model/model.safetensors")
+    assert sha256_file(run_dir / "iter-1/model/model.safetensors") != sha256_file(micro_base / "model.safetensors")
     # a rerun finds every iteration done and only reprints the table
     again = run_cli(["aries", recipe, "--set", "aries.iterations=2"])
     assert again.returncode == 0, again.stderr[-2000:]
     assert len((run_dir / "aries_metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_report_shows_reward_model_scores():
+    """A reward-model run's sampled scores reach the report (they were once read as 'acc' keys only)."""
+    from plm.report import AriesIteration, pipeline_report
+    rec = {"iteration": 1, "prompts": 4, "pairs_kept": 2, "sample_score_initial": -2.25, "sample_score_last": -1.5,
+           "reward_margin_direct": 0.125, "eval": {"n": 3, "direct_acc": 1 / 3}}
+    it = AriesIteration.from_record(rec)  # a record in the older layout
+    assert (it.sample_metric, it.sample_initial, it.sample_last) == ("score", -2.25, -1.5)
+    md = pipeline_report("t", {"aries": {"rows": [it.as_record()]}}, __import__("pathlib").Path("."), {}, "now")
+    assert "| sampled reward score y0 |" in md and "| 1 | 2/4 | -2.250 | -1.500 | 0.125 | n/a |" in md

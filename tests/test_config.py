@@ -25,7 +25,7 @@ def test_plm_1_8b_preset_is_the_released_shape():
 
 
 def test_small_presets_exist_for_cpu():
-    from plm.model.commands import model_info
+    from plm.model.config import model_info
     sizes = {name: model_info(PLMConfig.from_preset(name, vocab_size=8192, bos_token_id=0, eos_token_id=0))
              ["total_parameters"] for name in PRESETS}
     assert min(sizes.values()) < 20_000_000

@@ -215,7 +215,7 @@ def test_errors(tmp_path):
         prepare([str(bad)], tmp_path / "o4", tok, progress=False)
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"text": "ok"}\n{oops\n')
-    with pytest.raises(PLMError, match=r"broken\.jsonl:2: invalid JSON"):
+    with pytest.raises(PLMError, match=r"broken\.jsonl:2: not valid JSON"):
         prepare([str(broken)], tmp_path / "o5", tok, progress=False)
     latin = tmp_path / "latin.txt"
     latin.write_bytes(b"caf\xe9\n")

@@ -8,7 +8,7 @@ import re
 import pytest
 
 from plm.errors import PLMError
-from plm.eval.answers import (extract_final_number, extract_reference_answer, numbers_equal,
+from plm.data.answers import (extract_final_number, extract_reference_answer, numbers_equal,
                               score_math)
 from plm.eval.code_tasks import SHARED_DATA_ENV, shared_data_dir
 

@@ -11,7 +11,7 @@ import pytest
 
 from plm.errors import PLMError
 from plm.eval.data import default_data_dir
-from plm.eval.report import PUBLISHED_PLM_1_8B_INSTRUCT, markdown_report, paper_table
+from plm.report import PUBLISHED_PLM_1_8B_INSTRUCT, TaskResult, eval_report, paper_table
 from plm.eval.runner import PAPER_TASKS, parse_fewshot, parse_tasks
 
 
@@ -109,17 +109,18 @@ def _result(value: float, metric: str) -> dict:
 
 def test_paper_table_layout_and_averages() -> None:
     pub = PUBLISHED_PLM_1_8B_INSTRUCT
-    full = {t: _result(pub[t] / 100, "acc") for t in PAPER_TASKS}
-    table = paper_table(full, "same as published").splitlines()
+    full = [TaskResult.from_record(t, _result(pub[t] / 100, "acc")) for t in PAPER_TASKS]
+    table = paper_table(full, "same as published")
     assert table[0].startswith("| Model | ARC-C | ARC-E | MMLU | CMMLU | C-Eval | GSM8K | MathQA | HumanEval | "
                                "MBPP | BoolQ | HellaSwag | LogiQA | PIQA | Avg. |")
     assert table[2].endswith("| 57.29 |") and table[3].endswith("| 57.29 |")
-    part = paper_table({"gsm8k": _result(0.5, "exact_match"), "humaneval": _result(0.25, "pass@1")}, "x")
-    ours, published = part.splitlines()[2:]
+    part = paper_table([TaskResult.from_record("gsm8k", _result(0.5, "exact_match")),
+                        TaskResult.from_record("humaneval", _result(0.25, "pass@1"))], "x")
+    ours, published = part[2:4]
     assert "| 50.00 |" in ours and "| 25.00 |" in ours and ours.endswith("| 37.50 (2 of 13) |")
     assert published.endswith(f"| {(60.73 + 64.60) / 2:.2f} (2 of 13) |")
     run = {"model": "m", "name": "m", "config": {"limit": None}, "results": {"gsm8k": {
         **_result(0.5, "exact_match"), "mode": "chat", "num_fewshot": 0,
         "rounds": [{"round": 0, "accuracy": 0.5}, {"round": 1, "accuracy": 0.75, "fixed": 1, "broken": 0}]}}}
-    md = markdown_report(run)
+    md = eval_report(run)
     assert "| gsm8k | 50.00 | 75.00 (+1/-0) |" in md and "--limit" not in md

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from plm.align.template import DEFAULT_REFINE_INSTRUCTION, direct_messages, refinement_messages
+from plm.data.chat import DEFAULT_REFINE_INSTRUCTION, direct_messages, refinement_messages
 from plm.data.tokenizer import render_chatml
 from plm.errors import PLMError
 from plm.eval.gen_tasks import GEN_TASKS, GenItem, evaluate_generation, load_gsm8k, load_humaneval_items, load_mbpp_items

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from plm import PLMForCausalLM
-from plm.model.modeling import KVCache, apply_rope
+from plm.model.cache import FullCache
+from plm.model.modeling import apply_rope
 
 
 def naive_forward(model: PLMForCausalLM, ids: torch.Tensor) -> torch.Tensor:
@@ -98,7 +99,7 @@ def test_kv_cache_decoding_matches_full_forward(small_model):
     ids = torch.randint(0, 512, (2, 15), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         full = small_model(ids).logits
-        cache = KVCache()
+        cache = FullCache(small_model.config)
         parts = [small_model(ids[:, :6], cache=cache).logits]
         for t in range(6, 15):
             parts.append(small_model(ids[:, t:t + 1], cache=cache).logits)

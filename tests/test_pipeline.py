@@ -89,4 +89,4 @@ def test_failed_stage_is_named_and_earlier_results_stay(pipeline, tmp_path):
     assert (run / "stages/pretrain.json").read_text() == before
     assert json.loads((run / "stages/export.json").read_text())["status"] == "failed"
     r = plm("pipeline", root / "pipeline.yaml", "--from", "nope")
-    assert r.returncode == 2 and "unknown stage 'nope'" in r.stderr
+    assert r.returncode == 2 and "--from nope: this pipeline has no such stage" in r.stderr

@@ -9,7 +9,8 @@ from plm import PLMConfig, PLMForCausalLM
 from plm.errors import PLMError
 from plm.infer.generate import GenerationConfig, generate_tokens, model_step_fn
 from plm.infer.quant import Int4Linear, Int8Linear, make_linear
-from plm.infer.runtime import EdgeRuntime, LatentCache, RowDown, edge_step_fn
+from plm.infer.runtime import EdgeRuntime, RowDown, edge_step_fn
+from plm.model.cache import LatentCache
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -229,10 +230,10 @@ def test_cli_runtime_flags_and_sparsity(qwen2_micro_dir, tmp_path, capsys):
     assert len(set(outs.values())) == 1, outs  # float32 edge paths give the reference's greedy text
     # with no runtime flags, generate and chat run on the edge runtime (CPU), latent KV, sparse auto
     from plm.cli import build_parser
-    from plm.infer.commands import Engine
+    from plm.infer.commands import engine_from_args
     from plm.infer.runtime import EdgeRuntime
     for cmd in (base, ["chat", str(qwen2_micro_dir)]):
-        eng = Engine(build_parser().parse_args(cmd))
+        eng = engine_from_args(build_parser().parse_args(cmd))
         assert isinstance(eng.runtime, EdgeRuntime) and eng.model is None, cmd
         assert (eng.runtime.opts.kv, eng.runtime.opts.sparse, eng.runtime.opts.quant) == ("latent", "auto", "none")
     assert main(base + ["--quant", "int8", "--memory-budget", "400MB"]) == 0

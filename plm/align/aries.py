@@ -18,81 +18,35 @@ A rerun resumes: finished iterations are loaded, an interrupted one resumes from
 """
 from __future__ import annotations
 
-import json
+import dataclasses
 import math
 import random
 import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
+from plm.align.config import AriesConfig, AriesRecipe, SampleConfig
 from plm.align.data import Encoded, encode_prompt_response, pad_batch
-from plm.align.evaluate import SampleConfig, answer, chains
 from plm.align.losses import aries_preference_loss, aries_sft_loss, sequence_logps
 from plm.align.selection import select_pair
-from plm.align.template import DEFAULT_REFINE_INSTRUCTION, direct_messages, refinement_messages
-from plm.errors import ConfigError, PLMError
-from plm.recipe import section
-from plm.train.dist import DistEnv, cleanup, init_distributed
-from plm.train.trainer import Phase, TrainConfig, Trainer
+from plm.align.sft import tokenizer_for
+from plm.data.chat import chat_prompt, direct_messages, refinement_messages
+from plm.errors import PLMError
+from plm.eval.heldout import evaluate_checkpoint
+from plm.eval.lm import PLMEvalModel
+from plm.eval.scorers import build_scorer
+from plm.eval.tasks import Task, load_task_pool
+from plm.model.checkpoint import load_model, save_model
+from plm.report import AriesIteration, aries_table
+from plm.train.checkpointing import export_model
+from plm.train.dist import DistEnv, distributed
+from plm.train.trainer import Phase, Trainer, read_metrics, use_bf16
+from plm.utils import append_jsonl, atomic_write_json, atomic_write_text, publish_dir, read_jsonl, write_jsonl
 
 CONTEXTS = ("direct_w", "direct_l", "refine_w", "refine_l")
-
-
-@dataclass
-class AriesConfig:
-    iterations: int = 3
-    prompts_per_iteration: int = 256  # fresh prompts each iteration (cycling through the pool)
-    refinements: int = 2  # K refinement rounds after the initial answer
-    beta: float = 0.1
-    lam: float = 1.0  # recipe key `lambda`; 0 = the iterative-DPO baseline
-    sft_weight: float = 0.0  # weight of the token-normalised ARIES-SFT term
-    chain: str = "auto"  # refine: y_k ~ p(.|z(x, y_{k-1})); direct: K+1 independent answers to x;
-    #                      auto: refine when lambda > 0, direct when lambda = 0 (plain iterative DPO)
-    selection: str = "rule"  # rule | reward
-    keep: float = 0.0  # ASSUMED: share of pairs whose refinement context shows the CHOSEN answer,
-    #                    DPO(z(x, y_w); y_w > y_l): "keep a right answer" rather than only "fix a wrong one"
-    min_margin: float = 0.0  # reward selection: smallest score gap kept
-    epochs: float = 1.0  # passes over each iteration's pairs
-    max_len: int = 1024  # tokens per pair sequence (the context's head is cut first)
-    instruction: str = DEFAULT_REFINE_INSTRUCTION
-    system: str | None = None
-    ref_batch_size: int = 16  # pairs per reference-log-prob forward
-    schedule: dict = field(default_factory=lambda: {"kind": "wsdc", "peak_lr": 1e-5, "floor_lr": 1e-6,
-                                                    "warmup": 0.1, "stable": 0.6, "decay": 0.3})
-
-    @classmethod
-    def from_dict(cls, d: dict | None) -> "AriesConfig":
-        d = dict(d or {})
-        if "lambda" in d:
-            d["lam"] = d.pop("lambda")
-        unknown = sorted(set(d) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise ConfigError(f"aries: unknown setting(s) {unknown}; known: "
-                              f"{sorted(set(cls.__dataclass_fields__) - {'lam'}) + ['lambda']}")
-        c = cls(**d)
-        if c.iterations < 1 or c.prompts_per_iteration < 1 or c.refinements < 0:
-            raise ConfigError("aries: iterations and prompts_per_iteration must be >= 1, refinements >= 0")
-        if c.beta <= 0 or c.lam < 0 or c.sft_weight < 0:
-            raise ConfigError("aries: beta must be > 0, lambda and sft_weight >= 0")
-        if c.chain not in ("auto", "refine", "direct"):
-            raise ConfigError(f"aries.chain must be auto, refine or direct, got {c.chain!r}")
-        if not 0.0 <= c.keep <= 1.0:
-            raise ConfigError(f"aries.keep is a share of pairs in [0, 1], got {c.keep}")
-        if c.selection not in ("rule", "reward"):
-            raise ConfigError(f"aries.selection must be rule or reward, got {c.selection!r}")
-        return c
-
-    @property
-    def refine_chains(self) -> bool:
-        return self.chain == "refine" or (self.chain == "auto" and self.lam > 0)
-
-    @property
-    def contexts(self) -> int:
-        """Sequences per pair: the refinement context is only needed when lambda > 0."""
-        return 4 if self.lam > 0 else 2
 
 
 # ---- pairs -----------------------------------------------------------------------------------
@@ -204,66 +158,79 @@ def margins(policy: list[list[float]], ref: list[list[float]], beta: float) -> d
     return out
 
 
+# ---- sampling -------------------------------------------------------------------------------
+def sampler(model, tok, cfg: SampleConfig) -> PLMEvalModel:
+    """The evaluation engine over the training model, for sampling answers (autocast on request)."""
+    return PLMEvalModel(model, tok, batch_size=cfg.batch_size, max_length=model.config.max_position_embeddings,
+                        progress=False, autocast_bf16=bool(cfg.bf16))
+
+
+def answer(lm: PLMEvalModel, tasks: Sequence[Task], cfg: SampleConfig, seed_offset: int = 0,
+           system: str | None = None) -> list[str]:
+    """y ~ p(.|x) for each task, batched."""
+    prompts = [chat_prompt(direct_messages(t.prompt, system)) for t in tasks]
+    return _sample(lm, prompts, cfg, seed_offset)
+
+
+def chains(lm: PLMEvalModel, tasks: Sequence[Task], rounds: int, cfg: SampleConfig, instruction: str,
+           system: str | None = None) -> list[list[str]]:
+    """y_0 ~ p(.|x), then y_k ~ p(.|z(x, y_{k-1})) for k = 1..rounds; every step batched."""
+    cur = answer(lm, tasks, cfg, 0, system)
+    out = [[a] for a in cur]
+    for k in range(1, rounds + 1):
+        prompts = [chat_prompt(refinement_messages(t.prompt, p, instruction, system)) for t, p in zip(tasks, cur)]
+        cur = _sample(lm, prompts, cfg, k)
+        for c, a in zip(out, cur):
+            c.append(a)
+    return out
+
+
+def _sample(lm: PLMEvalModel, prompts: list[str], cfg: SampleConfig, seed_offset: int) -> list[str]:
+    texts = lm.generate(prompts, cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                        seed=cfg.seed + seed_offset * 1000, batch_size=cfg.batch_size)
+    return [t.strip() for t in texts]
+
+
 # ---- the loop ---------------------------------------------------------------------------------
-def aries(recipe: dict, resume: bool = True) -> dict:
-    env = init_distributed(section(recipe, "train", False).get("device", "auto"))
-    try:
+def aries(recipe: AriesRecipe, resume: bool = True) -> dict:
+    with distributed(recipe.train.device) as env:
         if env.world_size > 1:
             raise PLMError("plm aries runs in one process (generation is not sharded); run it without torchrun")
         return _aries(recipe, env, resume)
-    finally:
-        cleanup(env)
 
 
-def _bf16(cfg: TrainConfig, env: DistEnv) -> bool:
-    return cfg.precision == "bf16" or (cfg.precision == "auto" and env.device.type == "cuda")
-
-
-def _aries(recipe: dict, env: DistEnv, resume: bool) -> dict:
-    from plm.align.scorers import build_scorer
-    from plm.align.sft import evaluate_checkpoint, export, run_dir_of, tokenizer_for
-    from plm.align.tasks import load_task_pool
-    from plm.model.checkpoint import load_model
-    from plm.train.pretrain import schedule_from
-
+def _aries(recipe: AriesRecipe, env: DistEnv, resume: bool) -> dict:
     t_start = time.time()
-    run_dir = run_dir_of(recipe, "aries")
-    cfg = TrainConfig.from_dict(section(recipe, "train", False))
-    acfg = AriesConfig.from_dict(section(recipe, "aries", False))
-    scfg = SampleConfig.from_dict({"temperature": 0.8, "top_p": 0.95, **(recipe.get("sampling") or {})})
-    if "bf16" not in (recipe.get("sampling") or {}):  # autocast sampling on CUDA; on CPUs it is no faster
-        scfg.bf16 = env.device.type == "cuda" and cfg.precision != "fp32"
-    seed = int(recipe.get("seed", 0))
+    run_dir = recipe.run_path
+    cfg, acfg, seed = recipe.train, recipe.aries, recipe.seed
+    scfg = recipe.sampling
+    if scfg.bf16 is None:  # autocast sampling on CUDA; on CPUs it is no faster
+        scfg = dataclasses.replace(scfg, bf16=env.device.type == "cuda" and cfg.precision != "fp32")
+    bf16 = use_bf16(cfg.precision, env.device)
     tok = tokenizer_for(recipe, env)
-    init = section(recipe, "model").get("init_from")
-    if not init:
-        raise ConfigError("model.init_from: ARIES starts from an SFT checkpoint")
-    pool = load_task_pool(section(recipe, "prompts"), seed)
-    scorer = build_scorer(recipe.get("scorer", "verifier"))
-    if acfg.selection == "rule" and not scorer.binary:
-        raise ConfigError("aries.selection: rule needs a verifier scorer; use selection: reward with a reward model")
-    ev = recipe.get("eval")
+    init = recipe.model.init_from
+    pool = load_task_pool(recipe.prompts, seed)
+    scorer = build_scorer(recipe.scorer)
+    ev = recipe.eval
+    eval_bf16 = ev.bf16 if ev is not None and ev.bf16 is not None else env.device.type == "cuda" and cfg.precision != "fp32"
     run_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = run_dir / "aries_metrics.jsonl"
-    done_iters = {}
+    done_iters: dict[int, AriesIteration] = {}
     if resume and metrics_path.exists():
-        for line in metrics_path.read_text().splitlines():
-            if line.strip():
-                r = json.loads(line)
-                done_iters[r["iteration"]] = r
+        for r in read_jsonl(metrics_path, torn_tail_ok=True):
+            done_iters[r["iteration"]] = AriesIteration.from_record(r)
     else:
         for old in run_dir.glob("iter-*"):  # --no-resume: start over
             shutil.rmtree(old, ignore_errors=True)
-        metrics_path.write_text("")
-    rows: list[dict] = []
+        write_jsonl(metrics_path, [])
+    rows: list[AriesIteration] = []
 
-    def record(r: dict) -> None:
+    def record(r: AriesIteration) -> None:
         rows.append(r)
-        if r["iteration"] not in done_iters:
-            with metrics_path.open("a") as f:
-                f.write(json.dumps(r) + "\n")
-            done_iters[r["iteration"]] = r
-        print(format_row(r))
+        if r.iteration not in done_iters:
+            append_jsonl(metrics_path, r.as_record())
+            done_iters[r.iteration] = r
+        print(r.summary())
 
     print(f"ARIES from {init}: {acfg.iterations} iteration(s) x {acfg.prompts_per_iteration} prompts, "
           f"K={acfg.refinements} refinements, beta={acfg.beta}, lambda={acfg.lam}, sft_weight={acfg.sft_weight}, "
@@ -272,11 +239,11 @@ def _aries(recipe: dict, env: DistEnv, resume: bool) -> dict:
     if 0 in done_iters:
         record(done_iters[0])
     else:
-        r0 = {"iteration": 0, "model": str(init), "seconds": 0.0}
+        r0 = AriesIteration(iteration=0, model=str(init))
         if ev:
             t = time.time()
-            r0["eval"] = evaluate_checkpoint(init, ev, cfg, env)
-            r0["seconds"] = time.time() - t
+            r0.eval = evaluate_checkpoint(init, ev, env.device.type, bf16=eval_bf16)
+            r0.seconds = time.time() - t
         record(r0)
 
     model = None
@@ -295,75 +262,69 @@ def _aries(recipe: dict, env: DistEnv, resume: bool) -> dict:
         pairs_file = it_dir / "pairs.pt"
         if pairs_file.exists():
             saved = torch.load(pairs_file, weights_only=False)
-            pairs, stats = saved["pairs"], saved["stats"]
+            pairs, row = saved["pairs"], AriesIteration.from_record({"iteration": it, **saved["stats"]})
         else:
-            pairs, stats = make_pairs(model, tok, pool, it, acfg, scfg, scorer, seed, env, cfg)
-            torch.save({"pairs": pairs, "stats": stats}, pairs_file)
-            with (it_dir / "pairs.jsonl").open("w") as f:
-                for p in pairs:
-                    f.write(json.dumps({k: v for k, v in p.items() if k != "enc"}) + "\n")
-        row = {"iteration": it, **stats}
+            pairs, row = make_pairs(model, tok, pool, it, acfg, scfg, scorer, seed, env, bf16)
+            torch.save({"pairs": pairs, "stats": row.as_record()}, pairs_file)
+            write_jsonl(it_dir / "pairs.jsonl", ({k: v for k, v in p.items() if k != "enc"} for p in pairs))
         if len(pairs) < max(1, env.world_size):
             print(f"iteration {it}: no preference pairs (every chain all right or all wrong); model unchanged")
-            row.update({"train_steps": 0})
+            row.train_steps = 0
         else:
             steps = max(1, math.ceil(len(pairs) * acfg.epochs / (cfg.micro_batch_size * cfg.grad_accum)))
-            icfg = TrainConfig.from_dict({**section(recipe, "train", False), "seed": seed + it})
+            icfg = dataclasses.replace(cfg, seed=seed + it)
 
             def make_loader(rank: int, world: int, mbs: int, pairs=pairs, it=it) -> PairLoader:
                 return PairLoader(pairs, mbs, tok.pad_token_id, seed + 7919 * it, rank, world)
 
-            phase = Phase(f"aries-iter-{it}", steps, schedule_from(acfg.schedule, steps, "aries.schedule"),
-                          make_loader, info={"pairs": len(pairs)})
+            phase = Phase(f"aries-iter-{it}", steps, acfg.schedule.build(steps), make_loader, info={"pairs": len(pairs)})
             trainer = Trainer(model, icfg, env, it_dir, loss_fn=make_loss_fn(acfg))
             fit = trainer.fit([phase], resume=resume)
-            from plm.train.trainer import read_metrics
             losses = [m["loss"] for m in read_metrics(it_dir) if "loss" in m]
-            row.update({"train_steps": steps, "train_loss_first": losses[0] if losses else None,
-                        "train_loss_last": losses[-1] if losses else None,
-                        # the trainer counts one labelled entry per pair: its "tokens" are pairs here
-                        "pairs_trained": fit["phases"][-1]["tokens_seen"] if fit["phases"] else None})
-            post = compute_logps(model, pairs, tok.pad_token_id, acfg.ref_batch_size, env.device, _bf16(cfg, env))
-            row.update(margins(post, [p["ref"] for p in pairs], acfg.beta))
-        from plm.model.checkpoint import save_model
+            row.train_steps = steps
+            row.train_loss_first, row.train_loss_last = (losses[0], losses[-1]) if losses else (None, None)
+            # the trainer counts one labelled entry per pair: its "tokens" are pairs here
+            row.pairs_trained = fit["phases"][-1]["tokens_seen"] if fit["phases"] else None
+            post = compute_logps(model, pairs, tok.pad_token_id, acfg.ref_batch_size, env.device, bf16)
+            for k, v in margins(post, [p["ref"] for p in pairs], acfg.beta).items():
+                setattr(row, k, v)
         tmp = it_dir / ".tmp-model"
         shutil.rmtree(tmp, ignore_errors=True)
         save_model(model, tmp)
         tok.save(tmp)
-        shutil.rmtree(it_dir / "model", ignore_errors=True)
-        tmp.rename(it_dir / "model")
-        current = it_dir / "model"
-        row["train_seconds"] = time.time() - t_it
+        current = publish_dir(tmp, it_dir / "model")
+        row.train_seconds = time.time() - t_it
         if ev:
-            row["eval"] = evaluate_checkpoint(current, ev, cfg, env)
-        row["seconds"] = time.time() - t_it
-        row["model"] = str(current)
+            row.eval = evaluate_checkpoint(current, ev, env.device.type, bf16=eval_bf16)
+        row.seconds = time.time() - t_it
+        row.model = str(current)
         record(row)
 
-    export(current, run_dir / "final", tok)
-    table = markdown_table(rows)
-    (run_dir / "aries_table.md").write_text(table + "\n")
+    export_model(current, run_dir / "final", tok)
+    table = "\n".join(aries_table(rows))
+    atomic_write_text(run_dir / "aries_table.md", table)
     print("\n" + table)
-    summary = {"rows": rows, "final_dir": str(run_dir / "final"), "seconds": time.time() - t_start,
-               "config": {**acfg.__dict__, "lambda": acfg.lam}}
-    (run_dir / "aries_summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    summary = {"rows": [r.as_record() for r in rows], "final_dir": str(run_dir / "final"),
+               "seconds": time.time() - t_start, "config": dataclasses.asdict(acfg)}
+    atomic_write_json(run_dir / "aries_summary.json", summary)
     return summary
 
 
 def make_pairs(model, tok, pool, it: int, acfg: AriesConfig, scfg: SampleConfig, scorer, seed: int,
-               env: DistEnv, cfg: TrainConfig) -> tuple[list[dict], dict]:
+               env: DistEnv, bf16: bool) -> tuple[list[dict], AriesIteration]:
     """Sample chains for this iteration's prompts, score, select, and attach reference log-probs."""
     n = acfg.prompts_per_iteration
     start = ((it - 1) * n) % len(pool)
     tasks = [pool[(start + i) % len(pool)] for i in range(min(n, len(pool)))]
     t = time.time()
-    scfg = SampleConfig(**{**scfg.__dict__, "seed": seed + 104729 * it})
+    scfg = dataclasses.replace(scfg, seed=seed + 104729 * it)
+    lm = sampler(model, tok, scfg)
     if acfg.refine_chains:
-        ch = chains(model, tok, tasks, acfg.refinements, scfg, instruction=acfg.instruction, system=acfg.system)
+        ch = chains(lm, tasks, acfg.refinements, scfg, acfg.instruction, acfg.system)
     else:  # the same number of generations, all answering x directly
         ch = [[] for _ in tasks]
         for k in range(acfg.refinements + 1):
-            for c, a in zip(ch, answer(model, tok, tasks, scfg, seed_offset=k, system=acfg.system)):
+            for c, a in zip(ch, answer(lm, tasks, scfg, seed_offset=k, system=acfg.system)):
                 c.append(a)
     t_gen = time.time() - t
     flat_scores = scorer.score_batch([tk for tk, c in zip(tasks, ch) for _ in c], [a for c in ch for a in c])
@@ -386,59 +347,19 @@ def make_pairs(model, tok, pool, it: int, acfg: AriesConfig, scfg: SampleConfig,
                       "shown": "chosen" if keep else "rejected",
                       "enc": encode_pair(tok, tk.prompt, c[w], c[l_], acfg, c[w] if keep else None)})
     t = time.time()
-    refs = compute_logps(model, pairs, tok.pad_token_id, acfg.ref_batch_size, env.device, _bf16(cfg, env))
+    refs = compute_logps(model, pairs, tok.pad_token_id, acfg.ref_batch_size, env.device, bf16)
     for p, r in zip(pairs, refs):
         p["ref"] = r
-    K = acfg.refinements
-    what = "acc" if scorer.binary else "score"  # verifier: mean score = accuracy
-    stats = {
-        "prompts": len(tasks), "pairs_kept": len(pairs),
-        f"sample_{what}_initial": sum(s[0] for s in scores) / len(scores),
-        f"sample_{what}_last": sum(s[-1] for s in scores) / len(scores),
-        **({"chains_any_correct": sum(1 for s in scores if max(s) > 0.5) / len(scores),
-            "chains_all_correct": sum(1 for s in scores if min(s) > 0.5) / len(scores)} if scorer.binary else {}),
-        "chosen_is_refinement": (sum(1 for p in pairs if p["chosen_idx"] > 0) / len(pairs)) if pairs else 0.0,
-        "keep_pairs": sum(1 for p in pairs if p["shown"] == "chosen"),
-        "score_margin": (sum(p["score_w"] - p["score_l"] for p in pairs) / len(pairs)) if pairs else 0.0,
-        "refinements": K, "generate_seconds": t_gen, "ref_logp_seconds": time.time() - t,
-    }
-    return pairs, stats
-
-
-def format_row(r: dict) -> str:
-    e = r.get("eval") or {}
-    parts = [f"iteration {r['iteration']}:"]
-    if e:
-        parts.append(f"direct {100 * e['direct_acc']:.1f}%")
-        if "refine_acc" in e:
-            parts.append(f"self-refine {100 * e['refine_acc']:.1f}%")
-    if "pairs_kept" in r:
-        parts.append(f"pairs {r['pairs_kept']}/{r['prompts']}")
-    if "reward_margin_direct" in r:
-        parts.append(f"margin direct {r['reward_margin_direct']:.3f}")
-    if "reward_margin_refine" in r:
-        parts.append(f"refine {r['reward_margin_refine']:.3f}")
-    parts.append(f"({r.get('seconds', 0):.0f}s)")
-    return " ".join(parts)
-
-
-def _pct(x) -> str:
-    return "-" if x is None else f"{100 * x:.1f}"
-
-
-def _num(x, fmt: str = "{:.3f}") -> str:
-    return "-" if x is None else fmt.format(x)
-
-
-def markdown_table(rows: list[dict]) -> str:
-    head = ("| iteration | direct acc % | self-refine acc % | pairs kept | sampled acc y0 % | sampled acc y_K % "
-            "| reward margin direct | reward margin refine | seconds |")
-    lines = [head, "|" + "---|" * 9]
-    for r in rows:
-        e = r.get("eval") or {}
-        pk = f"{r['pairs_kept']}/{r['prompts']}" if "pairs_kept" in r else "-"
-        lines.append(f"| {r['iteration']} | {_pct(e.get('direct_acc'))} | {_pct(e.get('refine_acc'))} | {pk} "
-                     f"| {_pct(r.get('sample_acc_initial'))} | {_pct(r.get('sample_acc_last'))} "
-                     f"| {_num(r.get('reward_margin_direct'))} | {_num(r.get('reward_margin_refine'))} "
-                     f"| {_num(r.get('seconds'), '{:.0f}')} |")
-    return "\n".join(lines)
+    n = len(scores)
+    row = AriesIteration(
+        iteration=it, prompts=len(tasks), pairs_kept=len(pairs),
+        sample_metric="acc" if scorer.binary else "score",  # a verifier's mean score is its accuracy
+        sample_initial=sum(s[0] for s in scores) / n, sample_last=sum(s[-1] for s in scores) / n,
+        chosen_is_refinement=(sum(1 for p in pairs if p["chosen_idx"] > 0) / len(pairs)) if pairs else 0.0,
+        keep_pairs=sum(1 for p in pairs if p["shown"] == "chosen"),
+        score_margin=(sum(p["score_w"] - p["score_l"] for p in pairs) / len(pairs)) if pairs else 0.0,
+        refinements=acfg.refinements, generate_seconds=t_gen, ref_logp_seconds=time.time() - t)
+    if scorer.binary:
+        row.chains_any_correct = sum(1 for s in scores if max(s) > 0.5) / n
+        row.chains_all_correct = sum(1 for s in scores if min(s) > 0.5) / n
+    return pairs, row

@@ -3,18 +3,22 @@ from __future__ import annotations
 
 import argparse
 
-from plm.recipe import add_recipe_args, load_recipe
+from plm.cli import add_recipe_args
 
 
 def _cmd_sft(args: argparse.Namespace) -> int:
+    from plm.align.config import SFTRecipe
     from plm.align.sft import sft
-    sft(load_recipe(args.recipe, args.set), resume=not args.no_resume)
+    from plm.recipe import load_recipe
+    sft(load_recipe(args.recipe, SFTRecipe, args.set), resume=not args.no_resume)
     return 0
 
 
 def _cmd_aries(args: argparse.Namespace) -> int:
     from plm.align.aries import aries
-    aries(load_recipe(args.recipe, args.set), resume=not args.no_resume)
+    from plm.align.config import AriesRecipe
+    from plm.recipe import load_recipe
+    aries(load_recipe(args.recipe, AriesRecipe, args.set), resume=not args.no_resume)
     return 0
 
 

@@ -4,7 +4,7 @@ without cross-contamination.
 Sources (a recipe's `data:` entries), each a list of chats (lists of {role, content}):
   {path: FILE.jsonl, format: chat|alpaca|qa}   local JSONL; format guessed from the fields if omitted
   {hf: NAME, config: C, split: S, format: ...} a Hugging Face dataset (needs `datasets` and a network)
-  {builder: NAME, ...}                         an offline builder (plm.align.tiny_data.BUILDERS)
+  {builder: NAME, ...}                         an offline builder (plm.data.tiny.BUILDERS)
   common: fields: {instruction: ..., input: ..., output: ..., question: ..., answer: ..., messages: ...}
           system: TEXT, limit: N
 Formats: chat = a `messages` list; alpaca = instruction (+ input) -> output; qa = question -> answer
@@ -16,17 +16,19 @@ packed sample is computed exactly as if it ran alone.
 """
 from __future__ import annotations
 
-import json
 import math
 import random
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import torch
 
-from plm.data.tokenizer import IM_END, IM_START, Tokenizer, render_chatml
+from plm.align.config import SFTSource
+from plm.data.chat import IM_END, IM_START, render_chatml
+from plm.data.hf import load_hf_dataset
+from plm.data.tokenizer import Tokenizer
 from plm.errors import ConfigError, PLMError
+from plm.utils import read_jsonl
 
 Chat = list[dict]
 FORMATS = ("chat", "alpaca", "qa")
@@ -73,67 +75,24 @@ def record_to_chat(record: dict, fmt: str | None = None, fields: dict | None = N
     return msgs
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
-    path = Path(path)
-    if not path.is_file():
-        raise PLMError(f"SFT data file not found: {path}")
-    out = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise PLMError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-    return out
-
-
-def load_hf(name: str, config: str | None = None, split: str = "train") -> Iterable[dict]:
-    """A Hugging Face dataset split as records; a clear error when `datasets` or the hub is missing."""
-    try:
-        import datasets  # optional dependency
-    except ImportError:
-        raise PLMError(f"the Hugging Face dataset {name!r} needs the `datasets` package "
-                       "(pip install datasets) and network access; or give a local JSONL with path:") from None
-    try:
-        return datasets.load_dataset(name, config, split=split)
-    except Exception as e:  # datasets raises many types (connection, missing config, ...)
-        raise PLMError(f"cannot load Hugging Face dataset {name!r} (config {config!r}, split {split!r}): "
-                       f"{type(e).__name__}: {e}") from None
-
-
-def load_source(name: str, spec: dict, seed: int = 0) -> list[Chat]:
-    """The chats of one recipe data source."""
-    if not isinstance(spec, dict):
-        raise ConfigError(f"data.{name}: expected a mapping with path:, hf: or builder:")
+def load_source(name: str, src: SFTSource, seed: int = 0) -> list[Chat]:
+    """The chats of one recipe data source (a parsed `SFTSource`)."""
     where = f"data.{name}"
-    kinds = [k for k in ("path", "hf", "builder") if spec.get(k)]
-    if len(kinds) != 1:
-        raise ConfigError(f"{where}: give exactly one of path:, hf:, builder:")
-    limit = spec.get("limit")
-    if kinds[0] == "builder":
-        from plm.align.tiny_data import BUILDERS
-        b = spec["builder"]
-        if b not in BUILDERS:
-            raise ConfigError(f"{where}: unknown builder {b!r}; known: {sorted(BUILDERS)}")
-        kw = {k: v for k, v in spec.items() if k not in ("builder", "limit", "system")}
-        kw.setdefault("seed", seed)
-        try:
-            chats = BUILDERS[b](**kw)
-        except TypeError as e:
-            raise ConfigError(f"{where}: {e}") from None
+    if src.builder is not None:
+        from plm.data.tiny import BUILDERS
+        chats = BUILDERS[src.builder](**{"seed": seed, **src.args})
     else:
-        records = (read_jsonl(spec["path"]) if kinds[0] == "path"
-                   else load_hf(spec["hf"], spec.get("config"), spec.get("split", "train")))
+        records = read_jsonl(src.path) if src.path else load_hf_dataset(src.hf, src.config, src.split)
         chats = []
         for i, r in enumerate(records):
-            if limit is not None and i >= int(limit):
+            if src.limit is not None and i >= src.limit:
                 break
-            chats.append(record_to_chat(dict(r), spec.get("format"), spec.get("fields"), None, f"{where}[{i}]"))
-    if spec.get("system"):
-        chats = [[{"role": "system", "content": spec["system"]}] + c if c[0]["role"] != "system" else c
+            chats.append(record_to_chat(dict(r), src.format, src.fields, None, f"{where}[{i}]"))
+    if src.system:
+        chats = [[{"role": "system", "content": src.system}] + c if c[0]["role"] != "system" else c
                  for c in chats]
-    if limit is not None:
-        chats = chats[: int(limit)]
+    if src.limit is not None:
+        chats = chats[:src.limit]
     if not chats:
         raise PLMError(f"{where}: no samples")
     return chats

@@ -1,7 +1,7 @@
 """ARIES losses on summed response log-probabilities.
 
 Notation (REFERENCE §4): x the prompt, y_w the better answer, y_l the worse (or earlier) one,
-z(x, y_l) the refinement context from `plm.align.template`. Every log-prob here is the SUM of
+z(x, y_l) the refinement context from `plm.data.chat`. Every log-prob here is the SUM of
 the response tokens' log-probabilities (not a mean), as DPO defines it.
 
 * `dpo_loss`:            -log sigmoid(beta * ((pi_w - ref_w) - (pi_l - ref_l)))

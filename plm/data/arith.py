@@ -384,5 +384,5 @@ def as_chat(problem: MathProblem, system: str | None = None) -> list[dict[str, s
 def is_correct(problem: MathProblem, text: str) -> bool:
     """Verifier for rule-based selection and evaluation: final-number match (the same
     extraction GSM8K evaluation uses)."""
-    from plm.eval.answers import score_math
+    from plm.data.answers import score_math
     return score_math(text, str(problem.answer))

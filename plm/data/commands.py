@@ -2,21 +2,7 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from plm.errors import PLMError
-
-
-def iter_text_files(paths: list[str], exts: tuple[str, ...] = (".txt", ".md", ".py", ".rst", ".json", ".jsonl")):
-    for p in map(Path, paths):
-        if not p.exists():
-            raise PLMError(f"{p}: no such file or directory")
-        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in exts) if p.is_dir() else [p]
-        for f in files:
-            try:
-                yield f.read_text(encoding="utf-8")
-            except (UnicodeDecodeError, OSError) as e:
-                raise PLMError(f"{f}: cannot read as UTF-8 text ({e})") from None
 
 
 def _cmd_qwen2(args: argparse.Namespace) -> int:
@@ -28,6 +14,7 @@ def _cmd_qwen2(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from plm.data.prepare import iter_text_files
     from plm.data.tokenizer import train_bpe
     tok = train_bpe(iter_text_files(args.inputs), args.vocab_size)
     tok.save(args.out)

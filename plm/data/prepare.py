@@ -25,12 +25,14 @@ import pickle
 from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 from tqdm.auto import tqdm
 
+from plm.data.hf import load_hf_dataset
 from plm.errors import PLMError
+from plm.utils import iter_jsonl, sha256_file
 
 TEXT_SUFFIXES = (".txt", ".md", ".py", ".rst")
 JSONL_SUFFIXES = (".jsonl",)
@@ -137,26 +139,14 @@ def _read_text(path: str) -> Iterator[str]:
 
 
 def _read_jsonl(path: str, text_field: str) -> Iterator[str]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise PLMError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-                if not isinstance(row, dict) or text_field not in row:
-                    keys = ", ".join(map(repr, row)) if isinstance(row, dict) else type(row).__name__
-                    raise PLMError(f"{path}:{lineno}: no field {text_field!r} (found: {keys}); set text_field")
-                text = row[text_field]
-                if not isinstance(text, str):
-                    raise PLMError(f"{path}:{lineno}: field {text_field!r} is {type(text).__name__}, not text")
-                yield text
-    except UnicodeDecodeError as e:
-        raise PLMError(f"{path}: not valid UTF-8 text ({e})") from None
-    except OSError as e:
-        raise PLMError(f"{path}: cannot read ({e.strerror or e})") from None
+    for lineno, row in iter_jsonl(path):
+        if text_field not in row:
+            raise PLMError(f"{path}:{lineno}: no field {text_field!r} (found: {', '.join(map(repr, row))}); "
+                           "set text_field")
+        text = row[text_field]
+        if not isinstance(text, str):
+            raise PLMError(f"{path}:{lineno}: field {text_field!r} is {type(text).__name__}, not text")
+        yield text
 
 
 def _read_parquet(path: str, text_field: str) -> Iterator[str]:
@@ -183,16 +173,7 @@ def _read_hf(spec: str, text_field: str) -> Iterator[str]:
         raise PLMError(f"{spec}: expected hf:NAME[:CONFIG[:SPLIT]]")
     name, config, split = parts[0], (parts[1] if len(parts) > 1 and parts[1] else None), \
         (parts[2] if len(parts) > 2 else "train")
-    try:
-        import datasets
-    except ImportError:
-        raise PLMError(f"{spec}: Hugging Face sources need the datasets package; install the "
-                       f"datasets extra (pip install 'plm[datasets]')") from None
-    try:
-        ds = datasets.load_dataset(name, config, split=split, streaming=True)
-    except Exception as e:  # network, unknown name, gated dataset, ...
-        raise PLMError(f"{spec}: cannot open dataset ({e})") from None
-    for i, row in enumerate(ds):
+    for i, row in enumerate(load_hf_dataset(name, config, split, streaming=True)):
         if text_field not in row:
             raise PLMError(f"{spec}: row {i} has no field {text_field!r} (found: {', '.join(row)}); set text_field")
         yield row[text_field]
@@ -314,18 +295,10 @@ def _encoded(batches: Iterator[tuple[list, list[str]]], spec: TokenizerSpec, tok
 # shards
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _shard_ok(out_dir: Path, info: ShardInfo, itemsize: int) -> bool:
     path = out_dir / info.file
     return (path.is_file() and path.stat().st_size == info.tokens * itemsize
-            and _sha256(path) == info.sha256)
+            and sha256_file(path) == info.sha256)
 
 
 def _shard_name(name: str, index: int) -> str:
@@ -444,7 +417,7 @@ def prepare(sources: list[str], out_dir: str | Path, tokenizer: TokenizerSpec, *
         tmp = path.with_name(path.name + ".tmp")
         buf[:fill].tofile(tmp)
         os.replace(tmp, path)
-        manifest.shards.append(ShardInfo(info_name, fill, _sha256(path), next_doc, next_offset, *tally))
+        manifest.shards.append(ShardInfo(info_name, fill, sha256_file(path), next_doc, next_offset, *tally))
         manifest.save(out)
 
     bar = tqdm(desc=f"prepare {name}", unit="doc", disable=not progress)
@@ -517,3 +490,17 @@ def verify(out_dir: str | Path) -> Manifest:
     if bad:
         raise PLMError(f"{out}: shards failing their checksum: {', '.join(bad)}; run prepare again to rebuild them")
     return m
+
+
+def iter_text_files(paths: list[str], exts: tuple[str, ...] = (".txt", ".md", ".py", ".rst", ".json", ".jsonl")
+                    ) -> Iterator[str]:
+    """The text of every file under `paths` (files, or folders searched for `exts`), in sorted order."""
+    for p in map(Path, paths):
+        if not p.exists():
+            raise PLMError(f"{p}: no such file or directory")
+        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in exts) if p.is_dir() else [p]
+        for f in files:
+            try:
+                yield f.read_text(encoding="utf-8")
+            except (UnicodeDecodeError, OSError) as e:
+                raise PLMError(f"{f}: cannot read as UTF-8 text ({e})") from None

@@ -16,32 +16,13 @@ from typing import Iterable, Sequence
 from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers.trainers import BpeTrainer
 
+from plm.data.chat import (CHATML_TEMPLATE, CHATML_TEMPLATE_PLAIN, ENDOFTEXT, IM_END, IM_START,  # noqa: F401
+                           SPECIAL_TOKENS, render_chatml)
 from plm.errors import PLMError
 
 QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"
                  r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
-SPECIAL_TOKENS = (ENDOFTEXT, IM_START, IM_END)
 QWEN2_SPECIAL_START = 151643
-
-# Jinja ChatML template, as Qwen2 ships it, for tools that render chats themselves.
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if loop.first and messages[0]['role'] != 'system' %}"
-    "{% if default_system %}{{ '<|im_start|>system\\n' + default_system + '<|im_end|>\\n' }}{% endif %}"
-    "{% endif %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
-# The template above with no default system prompt: what we write into tokenizer_config.json.
-CHATML_TEMPLATE_PLAIN = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
-
 
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> printable character map used by byte-level BPE."""
@@ -55,18 +36,6 @@ def bytes_to_unicode() -> dict[int, str]:
             cs.append(256 + n)
             n += 1
     return dict(zip(bs, map(chr, cs)))
-
-
-def render_chatml(messages: Sequence[dict], add_generation_prompt: bool = False) -> str:
-    """ChatML text for a list of {role, content}; the one place chats become text."""
-    out = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise PLMError(f"chat message {i} must be an object with 'role' and 'content', got {m!r}")
-        out.append(f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n")
-    if add_generation_prompt:
-        out.append(f"{IM_START}assistant\n")
-    return "".join(out)
 
 
 class Tokenizer:

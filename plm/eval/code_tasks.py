@@ -9,8 +9,8 @@ from typing import Any, Sequence
 
 from plm.errors import PLMError
 from plm.eval.data import default_data_dir
-from plm.eval.data import iter_jsonl as _read_jsonl
 from plm.eval.sandbox import run_many
+from plm.utils import iter_jsonl as _read_jsonl
 
 SHARED_DATA_ENV = "PLM_SHARED_DATA"  # also honoured: $PLM_DATA (checked first)
 

@@ -51,9 +51,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     name = args.name or Path(args.dir).resolve().name
     print(f"plm eval: {args.dir} on {', '.join(tasks)} (data: {data_dir}; results: {out})")
     run = evaluate(lm, settings, model=str(args.dir), name=name, out_dir=out, prepared=prepared)
-    from plm.eval.report import markdown_report
+    from plm.report import eval_report
     print()
-    print(markdown_report(run))
+    print(eval_report(run))
     if run.get("truncated_inputs"):
         print(f"note: {run['truncated_inputs']} input(s) were longer than the model window ({lm.max_length} "
               "tokens, less the generation budget) and kept only their last tokens; see docs/eval.md")

@@ -8,12 +8,11 @@ The data directory is ``--data-dir``, else ``$PLM_DATA``, else ``$PLM_SHARED_DAT
 """
 from __future__ import annotations
 
-import gzip
-import json
 import os
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
+from plm.data.hf import hf_available, load_hf_dataset
 from plm.errors import PLMError
 
 DATA_ENV = "PLM_DATA"
@@ -33,27 +32,6 @@ def resolve_data_dir(data_dir: str | Path | None) -> Path:
     return Path(data_dir).expanduser() if data_dir else default_data_dir()
 
 
-def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number, record) for each non-blank line of a .jsonl or .jsonl.gz file."""
-    if not path.is_file():
-        raise PLMError(f"dataset file not found: {path}")
-    opener = gzip.open if path.suffix == ".gz" else open
-    try:
-        with opener(path, "rt", encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise PLMError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-                if not isinstance(record, dict):
-                    raise PLMError(f"{path}:{lineno}: expected a JSON object")
-                yield lineno, record
-    except (OSError, EOFError, UnicodeDecodeError) as e:
-        raise PLMError(f"cannot read {path}: {e}") from None
-
-
 def find_local(data_dir: Path, task_dir: str, split: str) -> Path | None:
     """``<data_dir>/<task_dir>/<split>.jsonl`` or ``.jsonl.gz``, whichever exists."""
     for suffix in (".jsonl", ".jsonl.gz"):
@@ -63,44 +41,9 @@ def find_local(data_dir: Path, task_dir: str, split: str) -> Path | None:
     return None
 
 
-def hf_available() -> bool:
-    try:
-        import datasets  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def load_hf_records(path: str, name: str | None, split: str) -> list[dict[str, Any]]:
     """Records of one split of a Hugging Face dataset (needs `datasets` and the network or its cache)."""
-    try:
-        import datasets
-    except ImportError:
-        raise PLMError("reading from Hugging Face needs the `datasets` package "
-                       "(pip install 'plm[datasets]'), or use local files") from None
-    try:
-        ds = datasets.load_dataset(path, name, split=split)
-    except Exception as e:  # network, missing config, script datasets, ...: one clear line
-        raise PLMError(f"cannot load Hugging Face dataset {path}"
-                       f"{'/' + name if name else ''} split {split!r}: {type(e).__name__}: {e}") from None
-    return [dict(r) for r in ds]
-
-
-def hf_config_names(path: str) -> list[str]:
-    try:
-        import datasets
-        return list(datasets.get_dataset_config_names(path))
-    except Exception as e:
-        raise PLMError(f"cannot list the configs of Hugging Face dataset {path}: {e}") from None
-
-
-def write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False, default=str) + "\n")
-    os.replace(tmp, path)
+    return [dict(r) for r in load_hf_dataset(path, name, split)]
 
 
 def from_hf(task: str, local_hint: Path, source: str, load, hf: str = ""):

@@ -18,14 +18,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from plm.align.template import direct_messages, refinement_messages
+from plm.data.chat import DEFAULT_REFINE_INSTRUCTION, direct_messages, refinement_messages
 from plm.errors import PLMError
-from plm.eval.answers import extract_final_number, extract_reference_answer, numbers_equal
+from plm.data.answers import extract_final_number, extract_reference_answer, numbers_equal
 from plm.eval.code_tasks import (HUMANEVAL_STOP, MBPP_STOP, CodeProblem, extract_code, load_humaneval,
                                  load_mbpp, mbpp_problem, score_completions)
-from plm.eval.data import find_local, from_hf, iter_jsonl, load_hf_records
+from plm.eval.data import find_local, from_hf, load_hf_records
 from plm.eval.lm import EvalLM
 from plm.infer.generate import truncate_at_stop
+from plm.utils import iter_jsonl
 
 MODES = ("completion", "chat")
 GSM8K_CHAT_INSTRUCTION = "Solve the problem step by step, then give the final answer on its own line as '#### <number>'."
@@ -195,49 +196,69 @@ GEN_TASKS: dict[str, GenTask] = {t.name: t for t in [
 def evaluate_generation(lm: EvalLM, task: GenTask, items: Sequence[GenItem], mode: str = "completion",
                         refine: int = 0, max_new_tokens: int | None = None,
                         limits: CodeLimits | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Round 0 answers directly; rounds 1..refine refine the previous round's answer.
-
-    Returns the metrics (``task.metric`` is round 0's accuracy; with refinement also
-    ``rounds``: accuracy per round, and how many answers each round fixed and broke)
-    and one record per item.
-    """
+    """A benchmark task, direct or self-refining (see `refinement_rounds`). Returns the metrics
+    (``task.metric`` is round 0's accuracy; with refinement also ``rounds`` and ``final``) and
+    one record per item."""
     if not items:
         raise PLMError(f"{task.name}: no examples to evaluate")
-    if refine < 0:
-        raise PLMError(f"refine must be >= 0, got {refine}")
-    if refine:
-        mode = "chat"
-    if mode not in MODES:
-        raise PLMError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     limits = limits or CodeLimits()
-    budget = max_new_tokens or task.max_new_tokens
-    samples = [{"id": it.id, "rounds": []} for it in items]
-    rounds, previous = [], None
-    for r in range(refine + 1):
-        if r == 0 and mode == "completion":
-            prompts, stop = [it.completion_prompt for it in items], task.completion_stop
-        elif r == 0:
-            prompts, stop = [lm.chat_prompt(direct_messages(it.request)) for it in items], ()
-        else:
-            prompts = [lm.chat_prompt(refinement_messages(it.request, prev))
-                       for it, prev in zip(items, previous)]
-            stop = ()
-        label = task.name if not refine else f"{task.name} round {r}/{refine}"
-        # the engine already cuts at stop strings; a model that does not still gets cut here
-        outputs = [truncate_at_stop(o, stop)[0] for o in lm.generate(prompts, budget, stop=stop, desc=label)]
-        scored = task.score(items, outputs, limits)
-        correct = [bool(s["correct"]) for s in scored]
-        entry = {"round": r, "accuracy": sum(correct) / len(items)}
-        if rounds:
-            before = [s["rounds"][-1]["correct"] for s in samples]
-            entry["fixed"] = sum(c and not b for c, b in zip(correct, before))
-            entry["broken"] = sum(b and not c for c, b in zip(correct, before))
-        rounds.append(entry)
-        for s, prompt, out, sc in zip(samples, prompts, outputs, scored):
-            s["rounds"].append({"prompt": prompt, "output": out, **sc})
-        previous = outputs
-    metrics: dict[str, Any] = {task.metric: rounds[0]["accuracy"], "n": len(items), "mode": mode}
+    rounds, samples = refinement_rounds(
+        lm, items, lambda its, outs: task.score(its, outs, limits), mode=mode, refine=refine,
+        max_new_tokens=max_new_tokens or task.max_new_tokens, completion_stop=task.completion_stop,
+        label=task.name)
+    metrics: dict[str, Any] = {task.metric: rounds[0]["accuracy"], "n": len(items),
+                               "mode": "chat" if refine else mode}
     if refine:
         metrics["rounds"] = rounds
         metrics["final"] = rounds[-1]["accuracy"]
     return metrics, samples
+
+
+Score = Callable[[Sequence[GenItem], Sequence[str]], list[dict[str, Any]]]
+
+
+def refinement_rounds(lm: EvalLM, items: Sequence[GenItem], score: Score, mode: str = "completion",
+                      refine: int = 0, max_new_tokens: int = 256, completion_stop: Sequence[str] = (),
+                      instruction: str = DEFAULT_REFINE_INSTRUCTION, label: str = "generate",
+                      batch_size: int | None = None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The one self-refinement evaluator: round 0 answers each item directly (its completion
+    prompt, or its request as a ChatML user turn); rounds 1..refine ask for an improved answer
+    through the ARIES template z(x, previous answer). Every round is scored with `score(items,
+    outputs) -> [{"correct": ..., ...}]`. Chat answers are stripped of surrounding whitespace
+    (the form a chat turn shows them in). Returns per-round {round, accuracy, fixed, broken}
+    and one record per item with every round's prompt, output and score."""
+    if refine < 0:
+        raise PLMError(f"refine must be >= 0, got {refine}")
+    if refine:
+        mode = "chat"  # refinement is a conversation
+    if mode not in MODES:
+        raise PLMError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    samples: list[dict[str, Any]] = [{"id": it.id, "rounds": []} for it in items]
+    rounds: list[dict[str, Any]] = []
+    previous: list[str] = []
+    for r in range(refine + 1):
+        if r == 0 and mode == "completion":
+            prompts, stop = [it.completion_prompt for it in items], tuple(completion_stop)
+        elif r == 0:
+            prompts, stop = [lm.chat_prompt(direct_messages(it.request)) for it in items], ()
+        else:
+            prompts, stop = [lm.chat_prompt(refinement_messages(it.request, prev, instruction))
+                             for it, prev in zip(items, previous)], ()
+        desc = label if not refine else f"{label} round {r}/{refine}"
+        # the engine already cuts at stop strings; a model that does not still gets cut here
+        kw = {"batch_size": batch_size} if batch_size else {}
+        outputs = [truncate_at_stop(o, stop)[0] for o in lm.generate(prompts, max_new_tokens, stop=stop, desc=desc, **kw)]
+        if mode == "chat":
+            outputs = [o.strip() for o in outputs]
+        scored = score(items, outputs)
+        correct = [float(s["correct"]) for s in scored]
+        entry: dict[str, Any] = {"round": r, "accuracy": sum(correct) / len(items)}
+        if rounds:
+            before = [float(s["rounds"][-1]["correct"]) for s in samples]
+            entry["fixed"] = sum(1 for c, b in zip(correct, before) if c > b)
+            entry["broken"] = sum(1 for c, b in zip(correct, before) if b > c)
+        rounds.append(entry)
+        for s, prompt, out, sc in zip(samples, prompts, outputs, scored):
+            s["rounds"].append({"prompt": prompt, "output": out, **sc})
+        previous = outputs
+    return rounds, samples

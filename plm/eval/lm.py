@@ -13,12 +13,14 @@ Conventions (those of lm-evaluation-harness's `hf` model, so numbers are compara
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Protocol, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
+from plm.data.chat import chat_prompt
 from plm.errors import PLMError
 
 
@@ -46,7 +48,7 @@ class PLMEvalModel:
     """A `PLMForCausalLM` and its tokenizer, as an `EvalLM`."""
 
     def __init__(self, model, tokenizer, batch_size: int = 8, max_length: int | None = None,
-                 progress: bool = True) -> None:
+                 progress: bool = True, autocast_bf16: bool = False) -> None:
         if batch_size < 1:
             raise PLMError(f"batch size must be at least 1, got {batch_size}")
         self.model = model.eval()
@@ -56,6 +58,7 @@ class PLMEvalModel:
         if self.max_length < 2:
             raise PLMError(f"max_length must be at least 2, got {self.max_length}")
         self.progress = progress
+        self.autocast_bf16 = autocast_bf16  # bf16 autocast over fp32 weights (worth it on CUDA)
         self.truncated = 0  # inputs cut to fit max_length, for the report
 
     @classmethod
@@ -183,33 +186,37 @@ class PLMEvalModel:
 
     # ---- generation ----------------------------------------------------------
     def generate(self, prompts: Sequence[str], max_new_tokens: int, stop: Sequence[str] = (),
-                 desc: str | None = None, temperature: float = 0.0,
-                 seed: int | None = None) -> list[str]:
+                 desc: str | None = None, temperature: float = 0.0, top_p: float = 1.0,
+                 seed: int | None = None, batch_size: int | None = None) -> list[str]:
+        """A continuation of each prompt (greedy unless `temperature` > 0), cut before the first
+        stop string: the one batched-generation path of evaluation, self-refinement and ARIES
+        sampling. Prompts are batched by length (shortest first); batch b samples with seed
+        `seed + b`, so a run is reproducible for the same prompts and batch size."""
         from plm.infer.generate import GenerationConfig, generate_tokens, model_step_fn, truncate_at_stop
 
         if max_new_tokens >= self.max_length:
             raise PLMError(f"max_new_tokens ({max_new_tokens}) must be below the model window "
                            f"({self.max_length})")
         room = self.max_length - max_new_tokens
+        tok = self.tokenizer
         encoded = []
         for p in prompts:
-            ids = self.tokenizer.encode(p) or [self.prefix_token_id]
+            ids = tok.encode(p) or [self.prefix_token_id]
             if len(ids) > room:
                 self.truncated += 1
                 ids = ids[-room:]
             encoded.append(ids)
         stop = [s for s in stop if s]
         out: list[str] = [""] * len(prompts)
-        order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         bar = tqdm(total=len(prompts), desc=desc or "generate", unit="seq", disable=not self.progress,
                    leave=False)
-        tok = self.tokenizer
-        for batch in _chunks(order, self.batch_size):
-            cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature,
+        for b, batch in enumerate(_chunks(order, batch_size or self.batch_size)):
+            cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                    stop_token_ids=list(tok.stop_token_ids), stop_strings=list(stop),
-                                   seed=seed)
+                                   seed=None if seed is None else seed + b)
             gen: list[list[int]] = [[] for _ in batch]
-            with torch.inference_mode():
+            with torch.inference_mode(), self._autocast():
                 for row, t in generate_tokens(model_step_fn(self.model), [encoded[i] for i in batch], cfg,
                                               pad_id=tok.pad_token_id, vocab_size=tok.vocab_size,
                                               decode=tok.decode):
@@ -220,5 +227,10 @@ class PLMEvalModel:
         bar.close()
         return out
 
+    def _autocast(self):
+        if not self.autocast_bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(self.model.device.type, dtype=torch.bfloat16)
+
     def chat_prompt(self, messages: list[dict]) -> str:
-        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        return chat_prompt(messages)

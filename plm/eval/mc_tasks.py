@@ -18,9 +18,11 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from plm.errors import PLMError
-from plm.eval.data import find_local, from_hf, hf_config_names, iter_jsonl, load_hf_records
+from plm.data.hf import hf_config_names
+from plm.eval.data import find_local, from_hf, load_hf_records
 from plm.eval.lm import EvalLM
 from plm.eval.subjects import CEVAL_SUBJECTS, CMMLU_SUBJECTS
+from plm.utils import iter_jsonl
 
 LETTERS = "ABCDE"
 
@@ -252,7 +254,7 @@ def load_split(task: MCTask, split: str, data_dir: Path, source: str = "auto",
 
 def download(task: MCTask, data_dir: Path) -> list[Path]:
     """Write the task's evaluation and few-shot splits from Hugging Face into the local layout."""
-    from plm.eval.data import write_jsonl
+    from plm.utils import write_jsonl
 
     written = []
     for split in dict.fromkeys(s for s in (task.split, task.fewshot_split) if s):

@@ -13,7 +13,7 @@ from plm.eval.data import SOURCES, resolve_data_dir
 from plm.eval.gen_tasks import GEN_TASKS, MODES, CodeLimits, evaluate_generation
 from plm.eval.lm import EvalLM
 from plm.eval.mc_tasks import MC_TASKS, evaluate_mc, load_split
-from plm.eval.report import PAPER_COLUMNS, markdown_report
+from plm.report import PAPER_COLUMNS, eval_report
 
 PAPER_TASKS = tuple(n for n, _ in PAPER_COLUMNS)
 ALL_TASKS = PAPER_TASKS
@@ -180,7 +180,7 @@ def evaluate(lm: EvalLM, settings: EvalSettings, model: str = "", name: str | No
 def write_run(run: dict[str, Any], out: Path, samples: dict[str, list[dict[str, Any]]]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(run, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    (out / "results.md").write_text(markdown_report(run), encoding="utf-8")
+    (out / "results.md").write_text(eval_report(run), encoding="utf-8")
     for task, recs in samples.items():
         (out / "samples").mkdir(exist_ok=True)
         with (out / "samples" / f"{task}.jsonl").open("w", encoding="utf-8") as f:
@@ -190,7 +190,8 @@ def write_run(run: dict[str, Any], out: Path, samples: dict[str, list[dict[str, 
 
 def download_tasks(tasks: list[str], data_dir: str | Path | None) -> list[Path]:
     """Fetch each task's splits from Hugging Face into the local layout (needs network + datasets)."""
-    from plm.eval.data import load_hf_records, write_jsonl
+    from plm.eval.data import load_hf_records
+    from plm.utils import write_jsonl
     from plm.eval.mc_tasks import download
 
     root = resolve_data_dir(data_dir)

@@ -15,49 +15,13 @@ from plm.errors import PLMError
 from plm.infer.generate import GenerationConfig, generate
 
 
-def load_for_inference(path: str, dtype: str = "float32"):
-    from plm.data.tokenizer import Tokenizer
-    from plm.model.modeling import PLMForCausalLM
-
-    model = PLMForCausalLM.from_pretrained(path, dtype=dtype)
-    return model, Tokenizer.from_dir(path)
-
-
-def resolve_runtime(args: argparse.Namespace) -> str:
-    if args.runtime != "auto":
-        return args.runtime
-    return "reference" if torch.cuda.is_available() else "edge"
-
-
-class Engine:
-    """A loaded model behind one interface: `new_step()` gives a fresh StepFn (one per
-    generation call), whichever runtime serves it."""
-
-    def __init__(self, args: argparse.Namespace) -> None:
-        from plm.data.tokenizer import Tokenizer
-        from plm.model.checkpoint import load_config
-
-        self.kind = resolve_runtime(args)
-        load_config(args.dir)  # a clear error for a wrong path before anything else
-        self.tokenizer = Tokenizer.from_dir(args.dir)
-        self.model = self.runtime = None
-        if self.kind == "reference":
-            from plm.model.modeling import PLMForCausalLM
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-            self.model = PLMForCausalLM.from_pretrained(args.dir, dtype=args.dtype or "float32", device=device)
-        else:
-            from plm.infer.runtime import EdgeOptions, EdgeRuntime
-            opts = EdgeOptions(dtype=args.dtype or "bfloat16", kv=args.kv, sparse=args.sparse, quant=args.quant,
-                               predictor=args.predictor, memory_budget=args.memory_budget,
-                               threads=args.threads)
-            self.runtime = EdgeRuntime.from_checkpoint(args.dir, opts)
-
-    def new_step(self):
-        from plm.infer.generate import model_step_fn
-        from plm.infer.runtime import edge_step_fn
-        if self.runtime is not None:
-            return edge_step_fn(self.runtime)
-        return model_step_fn(self.model)
+def engine_from_args(args: argparse.Namespace):
+    """The Engine the generation flags describe."""
+    from plm.infer.engine import Engine
+    from plm.infer.runtime import EdgeOptions
+    edge = EdgeOptions(kv=args.kv, sparse=args.sparse, quant=args.quant, predictor=args.predictor,
+                       memory_budget=args.memory_budget, threads=args.threads)
+    return Engine(args.dir, args.runtime, args.dtype, edge)
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -110,7 +74,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     prompts = args.prompt
     if not prompts:
         raise PLMError("give at least one --prompt")
-    eng = Engine(args)
+    eng = engine_from_args(args)
     tok = eng.tokenizer
     if args.chat_template:
         prompts = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)
@@ -128,7 +92,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 def _cmd_chat(args: argparse.Namespace) -> int:
     cfg = sampling_config(args)
     cfg.stop_strings = cfg.stop_strings or []
-    eng = Engine(args)
+    eng = engine_from_args(args)
     tok = eng.tokenizer
     messages = [{"role": "system", "content": args.system}] if args.system else []
     print("plm chat: empty line or Ctrl-D to quit, /reset to start over")
@@ -190,32 +154,15 @@ def _cmd_sparsity(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from plm.data.tokenizer import Tokenizer
-    from plm.infer import sparsity as sp
-    from plm.model.modeling import PLMForCausalLM
+    from plm.infer.sparsity import sparsity_report
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.tokens < args.seq_len or args.seq_len < 2:
-        raise PLMError(f"--tokens ({args.tokens}) must be at least --seq-len ({args.seq_len}) >= 2")
-    if not 0 < args.mass_recall <= 1:
-        raise PLMError(f"--mass-recall must be in (0, 1], got {args.mass_recall}")
-    model = PLMForCausalLM.from_pretrained(args.dir, dtype=args.dtype)
-    tok = Tokenizer.from_dir(args.dir)
-    ids = sp.sample_sequences(args.data, tok, args.tokens, args.seq_len, args.text_field,
-                              model.config.vocab_size)
-    keep = ids.numel() if args.fit_predictor else 0
-    rep, inputs = sp.measure_sparsity(model, ids, args.eps, keep_inputs=keep)
     out = Path(args.out or Path("runs") / "sparsity" / Path(args.dir).resolve().name)
-    if args.fit_predictor:
-        tensors, layer_reps = sp.fit_predictors(model, inputs, args.rank, args.mass_recall)
-        pred_path = sp.save_predictors(tensors, out / "predictor.safetensors", model.config.num_hidden_layers,
-                                       args.rank, args.mass_recall)
-        held = ids[-max(1, args.agreement_seqs):]  # the held-out tail of the recorded tokens
-        agreement = sp.output_agreement(model.float(), pred_path, held[:, :min(ids.shape[1], 96)])
-        rep.predictor = {"file": str(pred_path), "rank": args.rank, "mass_recall_target": args.mass_recall,
-                         "layers": [vars(r) for r in layer_reps], "output_agreement": agreement}
-    js, png = sp.write_report(rep, out, f"{Path(args.dir).resolve().name}: relu² MLP activation sparsity")
+    rep = sparsity_report(args.dir, args.data, out, tokens=args.tokens, seq_len=args.seq_len,
+                          text_field=args.text_field, eps=args.eps, dtype=args.dtype,
+                          fit_predictor=args.fit_predictor, rank=args.rank, mass_recall=args.mass_recall,
+                          agreement_seqs=args.agreement_seqs)
     if args.json:
         print(json.dumps(rep.as_dict(), indent=2))
         return 0
@@ -238,5 +185,5 @@ def _cmd_sparsity(args: argparse.Namespace) -> int:
         print(f"  decode with predictor vs exact: top-1 agreement {ag['top1_agreement']:.3f} over {ag['steps']} "
               f"steps, mean rel. logit error {ag['mean_rel_logit_error']:.4f}")
         print(f"  wrote {p['file']}")
-    print(f"wrote {js} and {png}")
+    print(f"wrote {out / 'sparsity.json'} and {out / 'sparsity.png'}")
     return 0

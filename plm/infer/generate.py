@@ -170,9 +170,9 @@ def truncate_at_stop(text: str, stop_strings: Sequence[str]) -> tuple[str, bool]
 
 def model_step_fn(model, cache_factory: Callable[[], object] | None = None) -> StepFn:
     """A step function over a `PLMForCausalLM` with its decompressed KV cache."""
-    from plm.model.modeling import KVCache
+    from plm.model.cache import FullCache
 
-    cache = (cache_factory or KVCache)()
+    cache = cache_factory() if cache_factory else FullCache(model.config)
 
     @torch.no_grad()
     def step(new_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -17,10 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import json
 import mmap
-import os
-import struct
 import threading
 from pathlib import Path
 from typing import Callable
@@ -28,7 +25,8 @@ from typing import Callable
 import torch
 
 from plm.errors import CheckpointError
-from plm.model.checkpoint import weight_map
+from plm.model.checkpoint import safetensors_header, weight_map
+from plm.utils import parse_size
 
 _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
@@ -42,24 +40,18 @@ _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 class _MappedFile:
     def __init__(self, path: Path) -> None:
         self.path = path
+        header = safetensors_header(path)  # checked against the file size
         try:
             with open(path, "rb") as f:
-                n = struct.unpack("<Q", f.read(8))[0]
-                header = json.loads(f.read(n))
                 self.map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
                 self.addr = ctypes.addressof(ctypes.c_char.from_buffer(self.map))
-        except (OSError, ValueError, struct.error) as e:
-            raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
-        header.pop("__metadata__", None)
-        self.base = 8 + n
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{path}: cannot map the file ({e})") from None
         self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
-        for name, e in header.items():
-            if e["dtype"] not in _ST_DTYPES:
-                raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {e['dtype']}")
-            s, t = e["data_offsets"]
-            self.entries[name] = (_ST_DTYPES[e["dtype"]], tuple(e["shape"]), self.base + s, self.base + t)
-        if self.entries and max(v[3] for v in self.entries.values()) > len(self.map):
-            raise CheckpointError(f"{path}: file is shorter than its header says (truncated?)")
+        for name, (shape, dtype, start, end) in header.items():
+            if dtype not in _ST_DTYPES:
+                raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {dtype}")
+            self.entries[name] = (_ST_DTYPES[dtype], shape, start, end)
 
 
 class MappedCheckpoint:
@@ -117,16 +109,10 @@ class MappedCheckpoint:
 
 
 def parse_budget(budget: int | str | None) -> int | None:
+    """A memory budget in bytes ('2GB', '1.5GiB', 2_000_000_000); None or 0 = no budget."""
     if budget is None or budget == "" or budget == 0:
         return None
-    if isinstance(budget, int):
-        return budget
-    from plm.model.checkpoint import parse_size
-    s = str(budget).strip()
-    if s.lower().endswith("gib") or s.lower().endswith("mib"):
-        mult = 2**30 if s.lower().endswith("gib") else 2**20
-        return int(float(s[:-3]) * mult)
-    return parse_size(s)
+    return parse_size(budget, "memory budget")
 
 
 class LayerStore:
@@ -183,17 +169,3 @@ class LayerStore:
         if self._prefetch_thread is not None:
             self._prefetch_thread.join()
             self._prefetch_thread = None
-
-
-def rss_bytes() -> int:
-    """Current resident set size of this process."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        return 0
-
-
-def peak_rss_bytes() -> int:
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -26,17 +26,17 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from plm.errors import CheckpointError, PLMError
+from plm.errors import PLMError
 from plm.infer.layerwise import LayerStore, MappedCheckpoint, parse_budget
-from plm.infer.quant import (QUANT_MODES, DenseEmbedding, DenseLinear, Int4Linear, Int8Linear, Linear,
+from plm.infer.quant import (QUANT_MODES, DenseEmbedding, DenseLinear, Linear,
                              QuantEmbedding, make_linear)
+from plm.model.cache import FullCache, LatentCache
+from plm.model.checkpoint import DTYPES, load_config, read_headers, validate_checkpoint
 from plm.model.config import PLMConfig
 from plm.model.modeling import build_attention_mask, rope_cos_sin
 
 KV_MODES = ("latent", "full")
 SPARSE_MODES = ("auto", "on", "off")
-_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32,
-           "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16}
 
 LAYER_TENSORS = ("input_layernorm.weight", "post_attention_layernorm.weight", "self_attn.q_proj.weight",
                  "self_attn.kv_a_proj_with_mqa.weight", "self_attn.kv_a_layernorm.weight",
@@ -61,8 +61,8 @@ class EdgeOptions:
     threads: int | None = None
 
     def validate(self) -> None:
-        if self.dtype not in _DTYPES:
-            raise PLMError(f"unknown dtype {self.dtype!r}; choose from {', '.join(_DTYPES)}")
+        if self.dtype not in DTYPES:
+            raise PLMError(f"unknown dtype {self.dtype!r}; choose from {', '.join(DTYPES)}")
         if self.kv not in KV_MODES:
             raise PLMError(f"unknown --kv {self.kv!r}; choose from {', '.join(KV_MODES)}")
         if self.sparse not in SPARSE_MODES:
@@ -76,106 +76,11 @@ class EdgeOptions:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return _DTYPES[self.dtype]
+        return DTYPES[self.dtype]
 
 
 # ---------------------------------------------------------------------------------------
 # caches
-
-
-class LatentCache:
-    """Preallocated latent cache: [layers, batch, capacity, kv_lora_rank + rope_dim].
-
-    Only written positions are ever touched, so untouched capacity costs address space, not
-    resident memory. nbytes() counts the positions in use: 576 x layers x bytes x tokens
-    (x batch) for PLM-1.8B.
-    """
-
-    kind = "latent"
-
-    def __init__(self, config: PLMConfig, batch: int, capacity: int, dtype: torch.dtype) -> None:
-        self.dim = config.latent_cache_dim
-        self.rank = config.kv_lora_rank
-        self.layers, self.batch, self.dtype = config.num_hidden_layers, batch, dtype
-        self.buf = torch.empty(self.layers, batch, capacity, self.dim, dtype=dtype)
-        self.length = 0
-
-    @property
-    def capacity(self) -> int:
-        return self.buf.shape[2]
-
-    def reserve(self, n: int) -> None:
-        if n > self.capacity:  # grow geometrically (a copy; rare when sized up front)
-            new = torch.empty(self.layers, self.batch, max(n, 2 * self.capacity), self.dim, dtype=self.dtype)
-            new[:, :, :self.length] = self.buf[:, :, :self.length]
-            self.buf = new
-
-    def write(self, layer: int, c: torch.Tensor, kr: torch.Tensor) -> torch.Tensor:
-        """Store c [B,T,rank], kr [B,T,rope] after the cached positions; return [B, length+T, 576]."""
-        T = c.shape[1]
-        s, e = self.length, self.length + T
-        self.buf[layer, :, s:e, :self.rank] = c
-        self.buf[layer, :, s:e, self.rank:] = kr
-        return self.buf[layer, :, :e]
-
-    def advance(self, T: int) -> None:
-        self.length += T
-
-    def values_per_token(self) -> int:
-        return self.dim * self.layers
-
-    def nbytes(self) -> int:
-        return self.batch * self.length * self.values_per_token() * self.buf.element_size()
-
-    def allocated_bytes(self) -> int:
-        return self.buf.numel() * self.buf.element_size()
-
-
-class FullCache:
-    """Decompressed K/V cache (what llama.cpp and HF keep), preallocated:
-    K [layers, B, H, capacity, qk_head_dim], V [layers, B, H, capacity, v_head_dim]."""
-
-    kind = "full"
-
-    def __init__(self, config: PLMConfig, batch: int, capacity: int, dtype: torch.dtype) -> None:
-        c = config
-        self.layers, self.batch, self.dtype, self.H = c.num_hidden_layers, batch, dtype, c.num_attention_heads
-        self.kd, self.vd = c.qk_head_dim, c.v_head_dim
-        self.k = torch.empty(self.layers, batch, self.H, capacity, self.kd, dtype=dtype)
-        self.v = torch.empty(self.layers, batch, self.H, capacity, self.vd, dtype=dtype)
-        self.length = 0
-
-    @property
-    def capacity(self) -> int:
-        return self.k.shape[3]
-
-    def reserve(self, n: int) -> None:
-        if n > self.capacity:
-            cap = max(n, 2 * self.capacity)
-            k = torch.empty(self.layers, self.batch, self.H, cap, self.kd, dtype=self.dtype)
-            v = torch.empty(self.layers, self.batch, self.H, cap, self.vd, dtype=self.dtype)
-            k[:, :, :, :self.length] = self.k[:, :, :, :self.length]
-            v[:, :, :, :self.length] = self.v[:, :, :, :self.length]
-            self.k, self.v = k, v
-
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        T = k.shape[2]
-        s, e = self.length, self.length + T
-        self.k[layer, :, :, s:e] = k
-        self.v[layer, :, :, s:e] = v
-        return self.k[layer, :, :, :e], self.v[layer, :, :, :e]
-
-    def advance(self, T: int) -> None:
-        self.length += T
-
-    def values_per_token(self) -> int:
-        return self.H * (self.kd + self.vd) * self.layers
-
-    def nbytes(self) -> int:
-        return self.batch * self.length * self.values_per_token() * self.k.element_size()
-
-    def allocated_bytes(self) -> int:
-        return (self.k.numel() + self.v.numel()) * self.k.element_size()
 
 
 # ---------------------------------------------------------------------------------------
@@ -425,13 +330,12 @@ class EdgeRuntime:
     def from_checkpoint(cls, path: str | Path, options: EdgeOptions | None = None, **kw) -> "EdgeRuntime":
         """From a checkpoint directory, read through mmap one tensor at a time (peak memory is
         the runtime's own weights, not a second full copy of the model)."""
-        from plm.model.checkpoint import load_config
 
         opts = options or EdgeOptions(**kw)
         opts.validate()
         config = load_config(path)
         ckpt = MappedCheckpoint(path)
-        _check_checkpoint(ckpt, config)
+        validate_checkpoint(path, config, read_headers(path))
 
         def get(name):  # resident weights: a private copy, then the file pages are released
             t = ckpt.view(name).clone()
@@ -618,23 +522,6 @@ def _layers_within_budget(config: PLMConfig, opts: EdgeOptions, ckpt: MappedChec
         left -= per_layer[n]
         n += 1
     return n
-
-
-def _check_checkpoint(ckpt: MappedCheckpoint, config: PLMConfig) -> None:
-    """Names and shapes as strict as plm.model.checkpoint.load_model."""
-    from plm.model.modeling import PLMForCausalLM
-
-    with torch.device("meta"):
-        model = PLMForCausalLM(config)
-    keys = set(ckpt.keys())
-    for k, v in model.state_dict().items():
-        if k == "lm_head.weight":
-            continue
-        if k not in keys:
-            raise CheckpointError(f"{ckpt.path}: tensor {k!r} missing from the checkpoint")
-        if tuple(ckpt.shape(k)) != tuple(v.shape):
-            raise CheckpointError(f"{ckpt.path}: tensor {k!r} has shape {tuple(ckpt.shape(k))}, "
-                                  f"config.json implies {tuple(v.shape)}")
 
 
 def load_predictors(path: str | Path, config: PLMConfig, dtype: torch.dtype) -> list[Predictor]:

@@ -12,7 +12,6 @@ measured on held-out tokens.
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from plm.errors import PLMError
+from plm.utils import atomic_write_json
 
 
 # ---------------------------------------------------------------------------------------
@@ -149,7 +149,7 @@ def measure_sparsity(model, ids: torch.Tensor, eps: float = 1e-3, keep_inputs: i
     I = cfg.intermediate_size
     layers = [LayerSparsity(i, rec.zero[i] / rec.count[i], rec.near[i] / rec.count[i],
                             I * (1 - rec.zero[i] / rec.count[i])) for i in range(cfg.num_hidden_layers)]
-    from plm.model.commands import model_info
+    from plm.model.config import model_info
     total = model_info(cfg)["total_parameters"]
     mlp = 2 * cfg.hidden_size * I
     rep = SparsityReport(
@@ -304,7 +304,36 @@ def output_agreement(model, predictor: str | Path, ids: torch.Tensor, prefix: in
 def write_report(rep: SparsityReport, out_dir: str | Path, title: str = "") -> tuple[Path, Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    js = out_dir / "sparsity.json"
-    js.write_text(json.dumps(rep.as_dict(), indent=2) + "\n")
+    js = atomic_write_json(out_dir / "sparsity.json", rep.as_dict())
     png = plot_sparsity(rep, out_dir / "sparsity.png", title)
     return js, png
+
+
+def sparsity_report(ckpt: str | Path, data: Sequence[str], out: str | Path, tokens: int = 8192, seq_len: int = 256,
+                    text_field: str = "text", eps: float = 1e-3, dtype: str = "float32", fit_predictor: bool = False,
+                    rank: int = 128, mass_recall: float = 0.99, agreement_seqs: int = 2) -> SparsityReport:
+    """`plm sparsity`: per-layer relu² sparsity of a checkpoint on held-out data, written to
+    OUT/sparsity.json and OUT/sparsity.png; optionally fits (and saves) the activation predictor
+    and measures its recall and its decode agreement with the exact model."""
+    from plm.data.tokenizer import Tokenizer
+    from plm.model.modeling import PLMForCausalLM
+
+    if tokens < seq_len or seq_len < 2:
+        raise PLMError(f"--tokens ({tokens}) must be at least --seq-len ({seq_len}) >= 2")
+    if not 0 < mass_recall <= 1:
+        raise PLMError(f"--mass-recall must be in (0, 1], got {mass_recall}")
+    model = PLMForCausalLM.from_pretrained(ckpt, dtype=dtype)
+    tok = Tokenizer.from_dir(ckpt)
+    ids = sample_sequences(data, tok, tokens, seq_len, text_field, model.config.vocab_size)
+    rep, inputs = measure_sparsity(model, ids, eps, keep_inputs=ids.numel() if fit_predictor else 0)
+    out = Path(out)
+    if fit_predictor:
+        tensors, layer_reps = fit_predictors(model, inputs, rank, mass_recall)
+        pred_path = save_predictors(tensors, out / "predictor.safetensors", model.config.num_hidden_layers,
+                                    rank, mass_recall)
+        held = ids[-max(1, agreement_seqs):]  # the held-out tail of the recorded tokens
+        agreement = output_agreement(model.float(), pred_path, held[:, :min(ids.shape[1], 96)])
+        rep.predictor = {"file": str(pred_path), "rank": rank, "mass_recall_target": mass_recall,
+                         "layers": [vars(r) for r in layer_reps], "output_agreement": agreement}
+    write_report(rep, out, f"{Path(ckpt).resolve().name}: relu² MLP activation sparsity")
+    return rep

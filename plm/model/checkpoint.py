@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import struct
 from pathlib import Path
 
 import torch
@@ -15,41 +16,25 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from plm.errors import CheckpointError, ConfigError
-from plm.model.config import PLMConfig
+from plm.model.config import PLMConfig, padded_vocab
 from plm.model.modeling import PLMForCausalLM
+from plm.utils import atomic_write_text, parse_size
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 # tensors some exporters add that carry no information for PLM
 _IGNORABLE = re.compile(r"(^lm_head\.weight$)|(rotary_emb\.inv_freq$)")
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
-           "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+          "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
 def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
     if name is None or isinstance(name, torch.dtype):
         return name
-    if name not in _DTYPES:
-        raise ConfigError(f"unknown dtype {name!r}; choose from {', '.join(_DTYPES)}")
-    return _DTYPES[name]
-
-
-def parse_size(size: int | str) -> int:
-    """'4GB' / '500MB' / 1234 -> bytes."""
-    if isinstance(size, int):
-        return size
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*", size, re.I)
-    if not m:
-        raise ConfigError(f"cannot parse size {size!r} (e.g. '4GB', '500MB')")
-    unit = (m.group(2) or "B").upper().replace("I", "")
-    return int(float(m.group(1)) * {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9}[unit])
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    if name not in DTYPES:
+        raise ConfigError(f"unknown dtype {name!r}; choose from {', '.join(DTYPES)}")
+    return DTYPES[name]
 
 
 def save_model(model: PLMForCausalLM, path: str | Path, max_shard_size: int | str = "4GB",
@@ -67,7 +52,7 @@ def save_state_dict(state: dict[str, torch.Tensor], config: PLMConfig, path: str
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    limit = parse_size(max_shard_size)
+    limit = parse_size(max_shard_size, "max_shard_size")
     state = {k: v.detach().to(dtype or v.dtype).contiguous().cpu()
              for k, v in state.items() if k != "lm_head.weight"}
     shards: list[dict[str, torch.Tensor]] = [{}]
@@ -93,8 +78,8 @@ def save_state_dict(state: dict[str, torch.Tensor], config: PLMConfig, path: str
     if len(shards) > 1:
         index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
                  "weight_map": {k: f for f, s in zip(names, shards) for k in s}}
-        _atomic_write_text(path / INDEX_FILE, json.dumps(index, indent=2) + "\n")
-    _atomic_write_text(path / "config.json", json.dumps(cfg, indent=2) + "\n")
+        atomic_write_text(path / INDEX_FILE, json.dumps(index, indent=2) + "\n")
+    atomic_write_text(path / "config.json", json.dumps(cfg, indent=2) + "\n")
 
 
 def weight_map(path: str | Path) -> dict[str, Path]:
@@ -132,29 +117,95 @@ def load_config(path: str | Path) -> PLMConfig:
     return PLMConfig.load(path / "config.json")
 
 
+FLOAT_DTYPES = {"F32", "F16", "BF16", "F64"}  # safetensors dtype names a PLM weight may have
+
+
+def expected_tensors(config: PLMConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor a PLM checkpoint of this config must hold (the tied lm_head is stored once)."""
+    with torch.device("meta"):
+        model = PLMForCausalLM(config)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items() if k != "lm_head.weight"}
+
+
+def validate_checkpoint(path: str | Path, config: PLMConfig,
+                        headers: dict[str, tuple[Path, tuple[int, ...], str]]) -> dict[str, tuple[int, ...]]:
+    """The one strict check of a checkpoint's tensors against its config, before any is read:
+    every expected tensor present, with its shape and a float dtype; nothing unexpected.
+    `headers`: name -> (file, shape, safetensors dtype). Each failure names the file and tensor."""
+    path = Path(path)
+    expected = expected_tensors(config)
+    missing = [k for k in expected if k not in headers]
+    if missing:
+        where = sorted({f.name for f, _, _ in headers.values()}) or ["(no tensors)"]
+        raise CheckpointError(f"{path}: {len(missing)} tensor(s) missing from {', '.join(where)}, "
+                              f"e.g. {missing[0]!r}")
+    unexpected = [k for k in headers if k not in expected and not _IGNORABLE.search(k)]
+    if unexpected:
+        raise CheckpointError(f"{headers[unexpected[0]][0]}: unexpected tensor {unexpected[0]!r} "
+                              f"({len(unexpected)} in all); is this a PLM checkpoint with this config?")
+    for k, shape in expected.items():
+        file, got, dtype = headers[k]
+        if tuple(got) != shape:
+            raise CheckpointError(f"{file}: tensor {k!r} has shape {tuple(got)}, config.json implies {shape}")
+        if dtype not in FLOAT_DTYPES:
+            raise CheckpointError(f"{file}: tensor {k!r} has dtype {dtype}, expected a float")
+    return expected
+
+
+def read_headers(path: str | Path) -> dict[str, tuple[Path, tuple[int, ...], str]]:
+    """name -> (file, shape, dtype) of every tensor of a checkpoint folder, from the safetensors
+    headers alone (no tensor data is read)."""
+    out = {}
+    wmap = weight_map(path)
+    for file in sorted(set(wmap.values())):
+        for name, (shape, dtype, _, _) in safetensors_header(file).items():
+            if wmap.get(name) == file:
+                out[name] = (file, shape, dtype)
+    for name, file in wmap.items():
+        if name not in out:
+            raise CheckpointError(f"{file}: the index lists tensor {name!r} but the file does not hold it")
+    return out
+
+
+def safetensors_header(file: str | Path) -> dict[str, tuple[tuple[int, ...], str, int, int]]:
+    """name -> (shape, dtype, start, end) of a safetensors file (byte offsets from the file start),
+    checked against the file's size."""
+    file = Path(file)
+    if not file.exists():
+        raise CheckpointError(f"{file}: file listed by the checkpoint is missing")
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as f:
+            n = struct.unpack("<Q", f.read(8))[0]
+            if n > size - 8:
+                raise ValueError(f"header of {n} bytes in a {size}-byte file")
+            header = json.loads(f.read(n))
+        header.pop("__metadata__", None)
+        entries = {}
+        for name, e in header.items():
+            s, t = e["data_offsets"]
+            entries[name] = (tuple(e["shape"]), e["dtype"], 8 + n + s, 8 + n + t)
+    except (OSError, ValueError, KeyError, TypeError, struct.error) as e:
+        raise CheckpointError(f"{file}: not a readable safetensors file ({e}); it may be truncated or corrupt") from None
+    if entries and max(v[3] for v in entries.values()) > size:
+        raise CheckpointError(f"{file}: file is shorter than its header says (truncated?)")
+    return entries
+
+
 def load_model(path: str | Path, dtype: torch.dtype | str | None = torch.float32,
                device: str | torch.device = "cpu") -> PLMForCausalLM:
     """Load a PLM checkpoint directory (ours or the released one) strictly."""
     path = Path(path)
     config = load_config(path)
     dtype = parse_dtype(dtype)
+    headers = read_headers(path)
+    expected = validate_checkpoint(path, config, headers)
     with torch.device("meta"):
         model = PLMForCausalLM(config)
-    expected = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
-    wmap = weight_map(path)
-    missing = [k for k in expected if k not in wmap]
-    if missing:
-        where = sorted({str(f.name) for f in wmap.values()}) or ["(no tensors)"]
-        raise CheckpointError(f"{path}: {len(missing)} tensor(s) missing from {', '.join(where)}, "
-                              f"e.g. {missing[0]!r}")
-    unexpected = [k for k in wmap if k not in expected and not _IGNORABLE.search(k)]
-    if unexpected:
-        raise CheckpointError(f"{wmap[unexpected[0]]}: unexpected tensor {unexpected[0]!r} "
-                              f"({len(unexpected)} in all); is this a PLM checkpoint with this config?")
     state: dict[str, torch.Tensor] = {}
     by_file: dict[Path, list[str]] = {}
     for k in expected:
-        by_file.setdefault(wmap[k], []).append(k)
+        by_file.setdefault(headers[k][0], []).append(k)
     for file, keys in by_file.items():
         f = _open(file)
         for k in keys:
@@ -162,13 +213,24 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = torch.float32
                 t = f.get_tensor(k)
             except (SafetensorError, OSError, ValueError) as e:
                 raise CheckpointError(f"{file}: cannot read tensor {k!r} ({e})") from None
-            if tuple(t.shape) != tuple(expected[k].shape):
-                raise CheckpointError(f"{file}: tensor {k!r} has shape {tuple(t.shape)}, "
-                                      f"config.json implies {tuple(expected[k].shape)}")
-            if not t.is_floating_point():
-                raise CheckpointError(f"{file}: tensor {k!r} has dtype {t.dtype}, expected a float")
             state[k] = t.to(device=device, dtype=dtype or t.dtype)
     model.load_state_dict(state, strict=False, assign=True)
     model.lm_head.weight = model.model.embed_tokens.weight  # re-tie after assign
     return model.eval()
 
+
+def init_checkpoint(preset: str, out: str | Path, seed: int = 0, tokenizer: str = "qwen2",
+                    dtype: str = "float32", **overrides) -> Path:
+    """A random-weight PLM of a preset shape, with its tokenizer, saved in the released layout."""
+    from plm.data.tokenizer import Tokenizer, build_qwen2
+
+    tok = build_qwen2() if tokenizer == "qwen2" else Tokenizer.from_dir(tokenizer)
+    cfg = PLMConfig.from_preset(preset, vocab_size=padded_vocab(tok.vocab_size),
+                                bos_token_id=tok.endoftext_id, eos_token_id=tok.eos_token_id,
+                                **overrides)
+    torch.manual_seed(seed)
+    model = PLMForCausalLM(cfg)
+    out = Path(out)
+    model.save_pretrained(out, dtype=parse_dtype(dtype))
+    tok.save(out)
+    return out

@@ -5,65 +5,10 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
 
 from plm.errors import PLMError
-from plm.model.checkpoint import load_config
-from plm.model.config import PRESETS, PLMConfig
-
-# Fraction of relu² MLP neurons inactive per token in PLM-1.8B (public summary, REFERENCE §6);
-# `plm sparsity` measures it for a real checkpoint.
-DEFAULT_INACTIVE = 0.909
-
-
-def padded_vocab(n: int, multiple: int = 64) -> int:
-    """Embedding rows for a tokenizer of n ids, padded as the released model pads 151646 -> 151936."""
-    return 151936 if n == 151646 else -(-n // multiple) * multiple
-
-
-def init_checkpoint(preset: str, out: str | Path, seed: int = 0, tokenizer: str = "qwen2",
-                    dtype: str = "float32", **overrides) -> Path:
-    """A random-weight PLM of a preset shape, with its tokenizer, saved in the released layout."""
-    from plm.data.tokenizer import Tokenizer, build_qwen2
-    from plm.model.checkpoint import parse_dtype
-    from plm.model.modeling import PLMForCausalLM
-
-    tok = build_qwen2() if tokenizer == "qwen2" else Tokenizer.from_dir(tokenizer)
-    cfg = PLMConfig.from_preset(preset, vocab_size=padded_vocab(tok.vocab_size),
-                                bos_token_id=tok.endoftext_id, eos_token_id=tok.eos_token_id,
-                                **overrides)
-    torch.manual_seed(seed)
-    model = PLMForCausalLM(cfg)
-    out = Path(out)
-    model.save_pretrained(out, dtype=parse_dtype(dtype))
-    tok.save(out)
-    return out
-
-
-def model_info(cfg: PLMConfig, inactive: float = DEFAULT_INACTIVE, weight_bytes: float = 2.0) -> dict:
-    """Parameter, activation and memory figures derived from the config alone."""
-    L, d = cfg.num_hidden_layers, cfg.hidden_size
-    emb = cfg.vocab_size * d
-    attn = (d * cfg.num_attention_heads * cfg.qk_head_dim + d * cfg.latent_cache_dim + cfg.kv_lora_rank
-            + cfg.kv_lora_rank * cfg.num_attention_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim)
-            + cfg.num_attention_heads * cfg.v_head_dim * d)
-    mlp = 2 * d * cfg.intermediate_size
-    norms = 2 * d
-    total = emb + L * (attn + mlp + norms) + d
-    active = total - L * inactive * mlp
-    return {
-        "total_parameters": total,
-        "non_embedding_parameters": total - emb,
-        "activated_parameters_per_token": int(active),
-        "assumed_inactive_mlp_fraction": inactive,
-        "kv_values_per_token_per_layer": {"latent": cfg.latent_cache_dim, "decompressed": cfg.full_cache_dim},
-        "kv_bytes_per_token_bf16": {"latent": cfg.latent_cache_dim * L * 2,
-                                    "decompressed": cfg.full_cache_dim * L * 2},
-        "kv_cache_reduction": round(cfg.full_cache_dim / cfg.latent_cache_dim, 2),
-        "weight_memory_bytes": {"bf16": total * 2, "f32": total * 4, "q8_0": int(total * 34 / 32),
-                                "checkpoint_dtype": int(total * weight_bytes)},
-    }
-
+from plm.model.checkpoint import init_checkpoint, load_config
+from plm.model.config import DEFAULT_INACTIVE, PRESETS, PLMConfig, model_info
 
 def _human(n: float, unit: str = "") -> str:
     for s in ["", "K", "M", "G", "T"]:

@@ -158,6 +158,11 @@ class PLMConfig:
         return dataclasses.replace(self, **changes)
 
 
+def config_fields() -> set[str]:
+    """The config.json fields PLMConfig models (what `model.overrides` may set)."""
+    return {f.name for f in dataclasses.fields(PLMConfig)} - {"extra", "model_type", "architectures"}
+
+
 # The released shape exactly, plus small shapes that keep PLM's proportions for CPU work.
 PRESETS: dict[str, dict[str, Any]] = {
     "plm-1.8b": {},
@@ -174,3 +179,38 @@ PRESETS: dict[str, dict[str, Any]] = {
                       intermediate_size=256, kv_lora_rank=32, qk_nope_head_dim=16,
                       qk_rope_head_dim=8, v_head_dim=16, max_position_embeddings=512),
 }
+
+
+# Fraction of relu² MLP neurons inactive per token in PLM-1.8B (public summary, REFERENCE §6);
+# `plm sparsity` measures it for a real checkpoint.
+DEFAULT_INACTIVE = 0.909
+
+
+def padded_vocab(n: int, multiple: int = 64) -> int:
+    """Embedding rows for a tokenizer of n ids, padded as the released model pads 151646 -> 151936."""
+    return 151936 if n == 151646 else -(-n // multiple) * multiple
+
+
+def model_info(cfg: PLMConfig, inactive: float = DEFAULT_INACTIVE, weight_bytes: float = 2.0) -> dict:
+    """Parameter, activation and memory figures derived from the config alone."""
+    L, d = cfg.num_hidden_layers, cfg.hidden_size
+    emb = cfg.vocab_size * d
+    attn = (d * cfg.num_attention_heads * cfg.qk_head_dim + d * cfg.latent_cache_dim + cfg.kv_lora_rank
+            + cfg.kv_lora_rank * cfg.num_attention_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim)
+            + cfg.num_attention_heads * cfg.v_head_dim * d)
+    mlp = 2 * d * cfg.intermediate_size
+    norms = 2 * d
+    total = emb + L * (attn + mlp + norms) + d
+    active = total - L * inactive * mlp
+    return {
+        "total_parameters": total,
+        "non_embedding_parameters": total - emb,
+        "activated_parameters_per_token": int(active),
+        "assumed_inactive_mlp_fraction": inactive,
+        "kv_values_per_token_per_layer": {"latent": cfg.latent_cache_dim, "decompressed": cfg.full_cache_dim},
+        "kv_bytes_per_token_bf16": {"latent": cfg.latent_cache_dim * L * 2,
+                                    "decompressed": cfg.full_cache_dim * L * 2},
+        "kv_cache_reduction": round(cfg.full_cache_dim / cfg.latent_cache_dim, 2),
+        "weight_memory_bytes": {"bf16": total * 2, "f32": total * 4, "q8_0": int(total * 34 / 32),
+                                "checkpoint_dtype": int(total * weight_bytes)},
+    }

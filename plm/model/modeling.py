@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from plm.model.cache import FullCache
 from plm.model.config import PLMConfig
 
 
@@ -49,39 +50,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
 
 
-class KVCache:
-    """Decompressed K/V cache (what the released runtimes keep): one [B, H, T, D] pair per layer.
-
-    The latent (576-value) cache lives in the edge runtime (`plm.infer`).
-    """
-
-    def __init__(self) -> None:
-        self.k: list[torch.Tensor | None] = []
-        self.v: list[torch.Tensor | None] = []
-
-    @property
-    def length(self) -> int:
-        return 0 if not self.k or self.k[0] is None else self.k[0].shape[2]
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        while len(self.k) <= layer:
-            self.k.append(None)
-            self.v.append(None)
-        if self.k[layer] is not None:
-            k = torch.cat([self.k[layer], k], dim=2)
-            v = torch.cat([self.v[layer], v], dim=2)
-        self.k[layer], self.v[layer] = k, v
-        return k, v
-
-    def select(self, index: torch.Tensor) -> None:
-        """Keep only batch rows `index` (drop finished sequences in batched generation)."""
-        self.k = [None if t is None else t[index] for t in self.k]
-        self.v = [None if t is None else t[index] for t in self.v]
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v if t is not None)
-
-
 def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                     scale: float) -> torch.Tensor:
     """Explicit softmax(QK^T)V: the naive baseline the benchmarks compare SDPA against."""
@@ -93,12 +61,16 @@ def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
     return scores.softmax(-1).to(v.dtype) @ v
 
 
-class PLMAttention(nn.Module):
-    impl = "sdpa"  # "eager" for the naive baseline in benchmarks
+ATTENTION = ("sdpa", "eager")
 
-    def __init__(self, config: PLMConfig, layer_idx: int) -> None:
+
+class PLMAttention(nn.Module):
+    def __init__(self, config: PLMConfig, layer_idx: int, attn_impl: str = "sdpa") -> None:
         super().__init__()
         c = config
+        if attn_impl not in ATTENTION:
+            raise ValueError(f"attn_impl must be one of {ATTENTION}, got {attn_impl!r}")
+        self.attn_impl = attn_impl  # "eager": the explicit softmax(QK^T)V baseline of the benchmarks
         self.layer_idx = layer_idx
         self.n_heads = c.num_attention_heads
         self.nope, self.rope, self.vdim = c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim
@@ -111,7 +83,7 @@ class PLMAttention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.vdim, c.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor | None, cache: KVCache | None = None) -> torch.Tensor:
+                mask: torch.Tensor | None, cache: FullCache | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         H = self.n_heads
         q = self.q_proj(x).view(B, T, H, self.nope + self.rope).transpose(1, 2)
@@ -124,8 +96,8 @@ class PLMAttention(nn.Module):
         q = torch.cat([q_nope, q_rope], dim=-1)
         k = torch.cat([k_nope, k_rope.expand(B, H, T, self.rope)], dim=-1)
         if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)
-        if self.impl == "eager":
+            k, v = cache.write(self.layer_idx, k, v)
+        if self.attn_impl == "eager":
             out = eager_attention(q, k, v, mask, self.scale)
         elif mask is None:
             # no padding, no past: the fused causal path
@@ -148,32 +120,34 @@ class PLMMLP(nn.Module):
 
 
 class PLMDecoderLayer(nn.Module):
-    def __init__(self, config: PLMConfig, layer_idx: int) -> None:
+    def __init__(self, config: PLMConfig, layer_idx: int, attn_impl: str = "sdpa") -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = PLMAttention(config, layer_idx)
+        self.self_attn = PLMAttention(config, layer_idx, attn_impl)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = PLMMLP(config)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor | None, cache: KVCache | None = None) -> torch.Tensor:
+                mask: torch.Tensor | None, cache: FullCache | None = None) -> torch.Tensor:
         h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
 class PLMModel(nn.Module):
-    def __init__(self, config: PLMConfig) -> None:
+    def __init__(self, config: PLMConfig, attn_impl: str = "sdpa") -> None:
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(PLMDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(PLMDecoderLayer(config, i, attn_impl) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.gradient_checkpointing = False
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+                position_ids: torch.Tensor | None = None, cache: FullCache | None = None) -> torch.Tensor:
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
+        if cache is not None:
+            cache.reserve(past + T)
         if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[1] != past + T:
             raise ValueError(f"attention_mask covers {attention_mask.shape[1]} positions, "
                              f"expected past ({past}) + new ({T})")
@@ -187,6 +161,8 @@ class PLMModel(nn.Module):
                 x = checkpoint(layer, x, cos, sin, mask, None, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, mask, cache)
+        if cache is not None:
+            cache.advance(T)
         return self.norm(x)
 
 
@@ -231,10 +207,10 @@ class CausalLMOutput:
 class PLMForCausalLM(nn.Module):
     """PLM with tied input/output embeddings: `model(input_ids).logits`."""
 
-    def __init__(self, config: PLMConfig) -> None:
+    def __init__(self, config: PLMConfig, attn_impl: str = "sdpa") -> None:
         super().__init__()
         self.config = config
-        self.model = PLMModel(config)
+        self.model = PLMModel(config, attn_impl)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.lm_head.weight = self.model.embed_tokens.weight  # tied: stored once
         self.apply(self._init_weights)
@@ -254,7 +230,7 @@ class PLMForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                cache: KVCache | None = None, logits_to_keep: int = 0) -> CausalLMOutput:
+                cache: FullCache | None = None, logits_to_keep: int = 0) -> CausalLMOutput:
         """labels: next-token targets aligned with input_ids (already shifted); -100 = ignore.
 
         logits_to_keep > 0 computes logits for the last N positions only (decoding).

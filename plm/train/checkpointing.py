@@ -22,6 +22,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from plm.errors import CheckpointError
 from plm.model.checkpoint import load_model, save_state_dict
 from plm.model.config import PLMConfig
+from plm.utils import publish_dir
 
 STATE_FILE = "trainer_state.pt"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -90,3 +91,14 @@ def restore(state: dict, model: torch.nn.Module, optimizer: torch.optim.Optimize
         set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
     except (RuntimeError, KeyError, ValueError) as e:
         raise CheckpointError(f"{state['path']}: does not match this model/optimizer ({e})") from None
+
+
+def export_model(src: str | Path, dst: str | Path, tokenizer) -> Path:
+    """A training checkpoint as a released model folder (no trainer state), with its tokenizer,
+    published atomically over any earlier `dst`."""
+    src, dst = Path(src), Path(dst)
+    tmp = dst.parent / f".tmp-{dst.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns(STATE_FILE))
+    tokenizer.save(tmp)
+    return publish_dir(tmp, dst)

@@ -3,28 +3,36 @@ from __future__ import annotations
 
 import argparse
 
-from plm.recipe import add_recipe_args, load_recipe
+from plm.cli import add_recipe_args
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
+    from plm.recipe import load_recipe
+    from plm.train.config import PretrainRecipe
     from plm.train.pretrain import pretrain
-    pretrain(load_recipe(args.recipe, args.set), resume=not args.no_resume)
+    pretrain(load_recipe(args.recipe, PretrainRecipe, args.set), resume=not args.no_resume)
     return 0
 
 
 def _cmd_schedule_plot(args: argparse.Namespace) -> int:
-    from plm.train.pretrain import schedule_from
+    from plm.errors import ConfigError
+    from plm.recipe import load_recipe
+    from plm.train.config import PretrainRecipe, ScheduleSpec
     from plm.train.schedule import lr_at, plot_schedule
 
+    steps = args.steps
     if args.recipe:
-        recipe = load_recipe(args.recipe, args.set)
-        phase = recipe["phases"][args.phase]
-        d, steps = phase.get("schedule") or {}, args.steps
+        recipe = load_recipe(args.recipe, PretrainRecipe, args.set)
+        if not 0 <= args.phase < len(recipe.phases):
+            raise ConfigError(f"--phase {args.phase}: the recipe has phases 0..{len(recipe.phases) - 1}")
+        spec = recipe.phases[args.phase].schedule
     else:
-        d = {"kind": args.kind, "peak_lr": args.peak_lr, "floor_lr": args.floor_lr, "warmup": args.warmup,
-             "stable": args.stable, "decay": args.decay, "decay_shape": args.shape}
-        steps = args.steps
-    cfg = schedule_from(d, steps, "schedule")
+        spec = ScheduleSpec(kind=args.kind, peak_lr=args.peak_lr, floor_lr=args.floor_lr, warmup=args.warmup,
+                            stable=args.stable, decay=args.decay, decay_shape=args.shape)
+    try:
+        cfg = spec.build(steps)
+    except ConfigError as e:
+        raise ConfigError(f"schedule.{e}") from None
     plot_schedule(cfg, args.out, steps)
     W, S, D, shape = cfg.phases()
     print(f"wrote {args.out}: {cfg.kind} warmup {W}, stable {S}, decay {D} ({shape}), "

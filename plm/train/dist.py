@@ -2,8 +2,10 @@
 (world size 1, nothing initialised) to torchrun on many GPUs (DDP or FSDP2)."""
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -45,6 +47,17 @@ def init_distributed(device: str = "auto") -> DistEnv:
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     return DistEnv(rank, world, local, dev)
+
+
+@contextlib.contextmanager
+def distributed(device: str = "auto") -> Iterator[DistEnv]:
+    """`with distributed(cfg.device) as env:` the process group of one training command, torn
+    down however it ends (every stage's entry point)."""
+    env = init_distributed(device)
+    try:
+        yield env
+    finally:
+        cleanup(env)
 
 
 def wrap_model(model: nn.Module, env: DistEnv, strategy: str) -> nn.Module:

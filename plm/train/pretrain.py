@@ -1,39 +1,28 @@
-"""Pretraining from a recipe: tokenizer, data shards, model, multi-phase WSDC training.
-
-Recipe sections (see recipes/tiny/pretrain.yaml):
-  name, run_dir, seed
-  tokenizer: "qwen2" | DIR | {dir: DIR, train: {inputs: [...], vocab_size: N}}
-  model:     {preset: NAME, overrides: {...}} or {init_from: CHECKPOINT_DIR}
-  data:      {SOURCE: {dir: DIR, inputs: [...], text_field: text}}   (inputs are prepared once)
-  eval:      {sources: {SOURCE: weight}, batches: N}                 (held-out loss)
-  train:     TrainConfig fields
-  phases:    [{name, tokens, mixture: {SOURCE: weight}, schedule: {...}}]
-Schedule lengths (warmup/stable/decay) are steps, or fractions of the phase's steps if < 1.
+"""Pretraining from a typed `PretrainRecipe` (plm.train.config; see recipes/tiny/pretrain.yaml):
+tokenizer, data shards, model, multi-phase WSDC training, final model in the released layout.
 """
 from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
 from plm.data.mixture import MixtureLoader, MixturePhase
-from plm.data.prepare import load_shards, prepare
+from plm.data.prepare import iter_text_files, load_shards, prepare
 from plm.data.tokenizer import Tokenizer, build_qwen2, train_bpe
 from plm.errors import ConfigError
 from plm.model.checkpoint import load_model
-from plm.model.commands import padded_vocab
-from plm.model.config import PLMConfig
+from plm.model.config import padded_vocab
 from plm.model.modeling import PLMForCausalLM
-from plm.recipe import section
-from plm.train.dist import DistEnv, barrier, cleanup, init_distributed
+from plm.train.config import DataSource, ModelSpec, PretrainRecipe, TokenizerSpec, TrainConfig
+from plm.train.checkpointing import export_model
+from plm.train.dist import DistEnv, barrier, distributed
 from plm.train.plots import plot_training
-from plm.train.schedule import ScheduleConfig
-from plm.train.trainer import Phase, TrainConfig, Trainer, read_metrics
+from plm.train.trainer import Phase, Trainer, read_metrics
+from plm.utils import atomic_write_json
 
 
 class LMBatches:
@@ -53,80 +42,47 @@ class LMBatches:
         self.loader.load_state_dict(state)
 
 
-def run_dir_of(recipe: dict) -> Path:
-    return Path(recipe.get("run_dir") or f"runs/{recipe.get('name', 'run')}")
-
-
-def schedule_from(d: dict, steps: int, where: str) -> ScheduleConfig:
-    """Schedule settings with lengths as steps or fractions (< 1) of the phase."""
-    d = dict(d or {})
-    kind = d.pop("kind", "wsdc")
-
-    def length(key: str) -> int:
-        v = d.pop(key, 0)
-        if not isinstance(v, (int, float)) or v < 0:
-            raise ConfigError(f"{where}.schedule.{key} must be a non-negative number, got {v!r}")
-        return int(round(v * steps)) if isinstance(v, float) and v < 1 else int(v)
-
-    w, s, dd = length("warmup"), length("stable"), length("decay")
-    if kind in ("wsd", "cosine"):
-        s = 0
-    try:
-        return ScheduleConfig(kind=kind, warmup_steps=w, stable_steps=s, decay_steps=dd if kind != "cosine" else 0,
-                              total_steps=steps, **d)
-    except TypeError as e:
-        raise ConfigError(f"{where}.schedule: {e}") from None
-
-
-def resolve_tokenizer(spec: Any, env: DistEnv) -> Tokenizer:
+def resolve_tokenizer(spec: str | TokenizerSpec | None, env: DistEnv) -> Tokenizer:
+    """"qwen2", a tokenizer folder, or {dir, train}: a BPE trained (by rank 0) on first use."""
     if spec in (None, "qwen2"):
         return build_qwen2()
     if isinstance(spec, str):
         return Tokenizer.from_dir(spec)
-    if not isinstance(spec, dict) or "dir" not in spec:
-        raise ConfigError("tokenizer: expected 'qwen2', a directory, or {dir, train: {inputs, vocab_size}}")
-    d = Path(spec["dir"])
+    d = Path(spec.dir)
     if not (d / "tokenizer.json").exists():
-        if "train" not in spec:
-            raise ConfigError(f"tokenizer: {d} has no tokenizer.json and no train settings")
+        if spec.train is None:
+            raise ConfigError(f"tokenizer: {d} has no tokenizer.json and no train: settings")
         if env.is_main:
-            from plm.data.commands import iter_text_files
-            t = spec["train"]
-            tok = train_bpe(iter_text_files(t["inputs"]), int(t.get("vocab_size", 8192)),
-                            show_progress=bool(t.get("progress", True)))
+            t = spec.train
+            tok = train_bpe(iter_text_files(t.inputs), t.vocab_size, show_progress=t.progress)
             tok.save(d)
         barrier(env)
     return Tokenizer.from_dir(d)
 
 
-def prepare_sources(data: dict, tok: Tokenizer, env: DistEnv, workers: int = 1) -> dict[str, Path]:
+def prepare_sources(data: dict[str, DataSource], tok: Tokenizer, env: DistEnv) -> dict[str, Path]:
+    """Token shards of every source, prepared once (resumable: finished shards are verified and skipped)."""
     dirs = {}
-    for name, spec in data.items():
-        if not isinstance(spec, dict) or "dir" not in spec:
-            raise ConfigError(f"data.{name}: expected {{dir: ..., inputs: [...]}}")
-        d = Path(spec["dir"])
-        if spec.get("inputs") and env.is_main:
-            # resumable: finished shards are verified and skipped
-            prepare(list(spec["inputs"]), d, tok, text_field=spec.get("text_field", "text"), name=name,
-                    workers=int(spec.get("workers", workers)), dedup=bool(spec.get("dedup", False)),
-                    eos_id=tok.endoftext_id, shard_tokens=int(spec.get("shard_tokens", 1 << 26)))
+    for name, src in data.items():
+        d = Path(src.dir)
+        if src.inputs and env.is_main:
+            prepare(list(src.inputs), d, tok, text_field=src.text_field, name=name, workers=src.workers,
+                    dedup=src.dedup, eos_id=tok.endoftext_id, shard_tokens=src.shard_tokens)
         dirs[name] = d
     barrier(env)
     return dirs
 
 
-def build_model(spec: dict, tok: Tokenizer, seed: int) -> PLMForCausalLM:
-    if spec.get("init_from"):
-        model = load_model(spec["init_from"], dtype=torch.float32)
+def build_model(spec: ModelSpec, tok: Tokenizer, seed: int) -> PLMForCausalLM:
+    """A checkpoint to continue from, or a fresh model of a preset shape sized to the tokenizer."""
+    if spec.init_from:
+        model = load_model(spec.init_from, dtype=torch.float32)
         if model.config.vocab_size < tok.vocab_size:
-            raise ConfigError(f"model.init_from {spec['init_from']}: vocab_size {model.config.vocab_size} "
-                              f"is smaller than the tokenizer's {tok.vocab_size}")
+            raise ConfigError(f"model.init_from: {spec.init_from} has vocab_size {model.config.vocab_size}, "
+                              f"smaller than the tokenizer's {tok.vocab_size}")
         return model
-    if "preset" not in spec:
-        raise ConfigError("model: give a preset (and overrides) or init_from")
-    cfg = PLMConfig.from_preset(spec["preset"], vocab_size=padded_vocab(tok.vocab_size),
-                                bos_token_id=tok.endoftext_id, eos_token_id=tok.eos_token_id,
-                                **(spec.get("overrides") or {}))
+    cfg = spec.config(vocab_size=padded_vocab(tok.vocab_size), bos_token_id=tok.endoftext_id,
+                      eos_token_id=tok.eos_token_id)
     torch.manual_seed(seed)
     return PLMForCausalLM(cfg)
 
@@ -143,52 +99,49 @@ def unigram_entropy(dirs: list[Path], weights: list[float]) -> float:
     return float(-(p * np.log(p)).sum())
 
 
-def pretrain(recipe: dict, resume: bool = True) -> dict:
-    env = init_distributed(section(recipe, "train", False).get("device", "auto"))
-    try:
+def pretrain(recipe: PretrainRecipe, resume: bool = True) -> dict:
+    with distributed(recipe.train.device) as env:
         return _pretrain(recipe, env, resume)
-    finally:
-        cleanup(env)
 
 
-def build_phases(recipe: dict, dirs: dict[str, Path], cfg: TrainConfig, world: int) -> list[Phase]:
-    seed = int(recipe.get("seed", 0))
+def build_phases(recipe: PretrainRecipe, dirs: dict[str, Path], cfg: TrainConfig, world: int) -> list[Phase]:
+    seed = recipe.seed
     global_batch = cfg.micro_batch_size * cfg.grad_accum * world
-    ev = section(recipe, "eval", False)
+    ev = recipe.eval
     phases = []
-    for i, p in enumerate(section(recipe, "phases")):
-        where = f"phases[{i}]"
-        try:
-            mixture = {k: (str(dirs[k]), float(w)) for k, w in p["mixture"].items()}
-        except KeyError as e:
-            raise ConfigError(f"{where}.mixture names {e}, which is not a data source") from None
-        mp = MixturePhase(p.get("name", f"phase{i + 1}"), mixture, int(p["tokens"]))
+    for i, p in enumerate(recipe.phases):
+        mp = MixturePhase(p.name, {k: (str(dirs[k]), w) for k, w in p.mixture.items()}, p.tokens)
         steps = mp.steps(cfg.seq_len, global_batch)
 
         def make_loader(rank: int, world_size: int, mbs: int, mp=mp, i=i) -> LMBatches:
-            return LMBatches(MixtureLoader(mp.sources, cfg.seq_len, mbs,
-                                           seed + 1000 * i, rank, world_size))
+            return LMBatches(MixtureLoader(mp.sources, cfg.seq_len, mbs, seed + 1000 * i, rank, world_size))
 
         make_eval = None
-        if ev.get("sources"):
-            esrc = {k: (str(dirs[k]), float(w)) for k, w in ev["sources"].items()}
+        if ev is not None and ev.sources:
+            esrc = {k: (str(dirs[k]), w) for k, w in ev.sources.items()}
 
             def make_eval(esrc=esrc) -> list[dict]:
                 ld = MixtureLoader(esrc, cfg.seq_len, cfg.micro_batch_size, seed=12345)
-                return [next(LMBatches(ld)) for _ in range(int(ev.get("batches", cfg.eval_batches)))]
+                return [next(LMBatches(ld)) for _ in range(ev.batches)]
 
-        phases.append(Phase(mp.name, steps, schedule_from(p.get("schedule"), steps, where), make_loader,
-                            make_eval, info={"tokens": mp.token_budget, "mixture": p["mixture"]}))
+        try:
+            schedule = p.schedule.build(steps)
+        except ConfigError as e:
+            raise ConfigError(f"phases[{i}].schedule.{e}") from None
+        phases.append(Phase(mp.name, steps, schedule, make_loader, make_eval,
+                            info={"tokens": mp.token_budget, "mixture": p.mixture}))
     return phases
 
 
-def _pretrain(recipe: dict, env: DistEnv, resume: bool) -> dict:
-    run_dir = run_dir_of(recipe)
-    cfg = TrainConfig.from_dict(section(recipe, "train", False))
-    seed = int(recipe.get("seed", 0))
-    tok = resolve_tokenizer(recipe.get("tokenizer"), env)
-    dirs = prepare_sources(section(recipe, "data"), tok, env)
-    model = build_model(section(recipe, "model"), tok, seed)
+def _pretrain(recipe: PretrainRecipe, env: DistEnv, resume: bool) -> dict:
+    run_dir = recipe.run_path
+    cfg = recipe.train
+    tok = resolve_tokenizer(recipe.tokenizer, env)
+    dirs = prepare_sources(recipe.data, tok, env)
+    model = build_model(recipe.model, tok, recipe.seed)
+    if cfg.seq_len > model.config.max_position_embeddings:
+        raise ConfigError(f"train.seq_len: {cfg.seq_len} is longer than the model's max_position_embeddings "
+                          f"({model.config.max_position_embeddings})")
     phases = build_phases(recipe, dirs, cfg, env.world_size)
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -199,16 +152,9 @@ def _pretrain(recipe: dict, env: DistEnv, resume: bool) -> dict:
     summary = trainer.fit(phases, resume=resume)
     if not env.is_main:
         return summary
-    final = run_dir / "final"
-    latest = sorted((run_dir / "checkpoints").glob("step-*"))[-1]
-    tmp = run_dir / ".tmp-final"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(latest, tmp, ignore=shutil.ignore_patterns("trainer_state.pt"))
-    tok.save(tmp)
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
+    final = export_model(trainer.last_checkpoint, run_dir / "final", tok)
     metrics = read_metrics(run_dir)
-    plot_training(metrics, run_dir / "loss_lr.png", f"pretraining: {recipe.get('name', '')}")
+    plot_training(metrics, run_dir / "loss_lr.png", f"pretraining: {recipe.name}")
     last = phases[-1].info["mixture"]
     train_losses = [m["loss"] for m in metrics if "loss" in m]
     summary.update({
@@ -221,7 +167,7 @@ def _pretrain(recipe: dict, env: DistEnv, resume: bool) -> dict:
     evals = [m["eval_loss"] for m in metrics if "eval_loss" in m]
     if evals:
         summary["final_eval_loss"] = evals[-1]
-    (run_dir / "pretrain_summary.json").write_text(json.dumps(summary, indent=2))
+    atomic_write_json(run_dir / "pretrain_summary.json", summary)
     print(json.dumps({k: v for k, v in summary.items() if k != "phases"}, indent=2))
     return summary
 

@@ -16,76 +16,23 @@ import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Callable, Protocol
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
-from plm.errors import ConfigError, PLMError
+from plm.errors import PLMError
+from plm.model.loss import lm_loss_sum
 from plm.model.modeling import PLMForCausalLM
 from plm.train import checkpointing as ckpt
+from plm.train.config import TrainConfig
+from plm.utils import cpu_has_native_bf16
 from plm.train.dist import DistEnv, all_reduce_mean, barrier, wrap_model
 from plm.train.schedule import ScheduleConfig, lr_at
 
 # peak dense bf16 FLOP/s for MFU; other devices: set train.peak_flops
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "4090": 165e12}
-
-
-@dataclass
-class TrainConfig:
-    seq_len: int = 256
-    micro_batch_size: int = 8  # sequences per rank per micro-step
-    grad_accum: int = 1
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    grad_clip: float = 1.0  # 0 = off
-    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU | fp32 | bf16
-    compile: bool = False
-    # deterministic kernels (torch.use_deterministic_algorithms): a rerun gives the same weights.
-    # Compiled CPU kernels otherwise accumulate some gradients with atomics, in a varying order.
-    # None = on for CPU, off for CUDA (where the deterministic kernels cost speed)
-    deterministic: bool | None = None
-    activation_checkpointing: bool = False
-    fused_optimizer: bool = True  # fused AdamW where the device supports it
-    distributed: str = "ddp"  # none | ddp | fsdp (only used under torchrun)
-    eval_every: int = 0  # steps; 0 = only at phase ends
-    eval_batches: int = 4
-    log_every: int = 1
-    ckpt_every: int = 0  # steps; 0 = only at phase ends
-    keep_last: int = 2
-    seed: int = 0
-    device: str = "auto"
-    peak_flops: float | None = None
-    optimizer_state: str = "carry"  # between phases: carry | reset
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        for name in ("seq_len", "micro_batch_size", "grad_accum", "eval_batches", "log_every", "keep_last"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise ConfigError(f"train.{name} must be a positive integer, got {v!r}")
-        for name in ("eval_every", "ckpt_every"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"train.{name} must be >= 0")
-        if self.precision not in ("auto", "fp32", "bf16"):
-            raise ConfigError(f"train.precision must be auto, fp32 or bf16, got {self.precision!r}")
-        if self.optimizer_state not in ("carry", "reset"):
-            raise ConfigError(f"train.optimizer_state must be carry or reset, got {self.optimizer_state!r}")
-        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
-            raise ConfigError("train.beta1/beta2 must be in [0, 1)")
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any] | None, where: str = "train") -> "TrainConfig":
-        d = dict(d or {})
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"{where}: unknown setting(s) {unknown}; known: {sorted(known)}")
-        return cls(**d)
 
 
 class Loader(Protocol):
@@ -105,15 +52,6 @@ class Phase:
     make_loader: Callable[[int, int, int], Loader]
     make_eval_batches: Callable[[], list[dict[str, torch.Tensor]]] | None = None
     info: dict = field(default_factory=dict)
-
-
-def lm_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Summed next-token cross entropy over labelled tokens, and their count."""
-    labels = batch["labels"]
-    inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
-    logits = model(**inputs).logits
-    loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
-    return loss, int((labels != -100).sum())
 
 
 def flops_per_token(model: PLMForCausalLM, seq_len: int) -> float:
@@ -143,7 +81,7 @@ class Trainer:
         self.raw_model = model
         self.loss_fn = loss_fn
         self.on_save = on_save
-        self.autocast = (cfg.precision == "bf16" or (cfg.precision == "auto" and env.device.type == "cuda"))
+        self.autocast = use_bf16(cfg.precision, env.device)
         model.to(env.device)
         if cfg.activation_checkpointing:
             model.model.gradient_checkpointing = True
@@ -155,6 +93,7 @@ class Trainer:
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.global_step = 0
         self.tokens_seen = 0
+        self.last_checkpoint: Path | None = None  # the newest checkpoint this run wrote (rank 0)
         self.peak = device_peak_flops(env.device, cfg.peak_flops)
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
@@ -306,10 +245,19 @@ class Trainer:
                          "rng": _get_rng(), "config": asdict(self.cfg)}
         path = ckpt.save(self.run_dir, f"step-{self.global_step:07d}", self.model, self.raw_model.config,
                          self.optimizer, trainer_state, self.env, self.cfg.keep_last)
-        if path is not None and self.on_save is not None:
-            self.on_save(path)
+        if path is not None:
+            self.last_checkpoint = path
+            if self.on_save is not None:
+                self.on_save(path)
         barrier(self.env)
         return path
+
+
+def use_bf16(precision: str, device: torch.device) -> bool:
+    """bf16 autocast for `precision`: "auto" means on CUDA, and on CPUs with bf16 in hardware."""
+    if precision == "auto":
+        return device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
+    return precision == "bf16"
 
 
 class _null:

@@ -9,10 +9,18 @@ A `Task` is a prompt x plus what a verifier needs: the reference final number (m
 """
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from plm.errors import ConfigError, PLMError
+from plm.data.answers import extract_reference_answer
+from plm.data.hf import load_hf_dataset
+from plm.errors import PLMError
+from plm.eval.code_tasks import CodeProblem, mbpp_problem
+from plm.utils import read_jsonl
+
+if TYPE_CHECKING:
+    from plm.eval.config import TaskSource
 
 
 @dataclass(frozen=True)
@@ -27,15 +35,14 @@ class Task:
 
 def math_tasks_from_arith(n: int, seed: int = 0, skip: int = 0, split: str = "train",
                           difficulty: int | None = None) -> list[Task]:
-    from plm.align.tiny_data import arith_problems
+    from plm.data.tiny import arith_problems
     return [Task(p.question, "math", str(p.answer), id=f"arith-{split}-{seed}-{skip + i}",
                  meta={"level": p.level, "template": p.template})
             for i, p in enumerate(arith_problems(n, seed, skip, split, difficulty))]
 
 
 def code_tasks_from_tiny(n: int, seed: int = 0) -> list[Task]:
-    from plm.align.tiny_data import tiny_code_tasks
-    from plm.eval.code_tasks import CodeProblem
+    from plm.data.tiny import tiny_code_tasks
     out = []
     for i, t in enumerate(tiny_code_tasks(n, seed)):
         prob = CodeProblem(task_id=f"tiny-code-{seed}-{i}", prompt=t["prompt"], test=t["tests"],
@@ -44,57 +51,41 @@ def code_tasks_from_tiny(n: int, seed: int = 0) -> list[Task]:
     return out
 
 
-def load_tasks(spec: dict, where: str = "prompts") -> list[Task]:
-    if not isinstance(spec, dict):
-        raise ConfigError(f"{where}: expected a mapping")
-    spec = dict(spec)
-    limit = spec.pop("limit", None)
-    if "builder" in spec:
-        b = spec.pop("builder")
-        try:
-            if b == "arith":
-                tasks = math_tasks_from_arith(**spec)
-            elif b == "tiny_code_tasks":
-                tasks = code_tasks_from_tiny(**spec)
-            else:
-                raise ConfigError(f"{where}: unknown builder {b!r}; known: arith, tiny_code_tasks")
-        except TypeError as e:
-            raise ConfigError(f"{where}: {e}") from None
-    elif spec.get("path") or spec.get("hf"):
-        from plm.align.data import load_hf, read_jsonl
-        records = (read_jsonl(spec["path"]) if spec.get("path")
-                   else load_hf(spec["hf"], spec.get("config"), spec.get("split", "train")))
-        fmt = spec.get("format", "qa")
-        fields = {"question": "question", "answer": "answer", **(spec.get("fields") or {})}
+def load_tasks(src: TaskSource, where: str = "prompts") -> list[Task]:
+    """The tasks of one source (a parsed `TaskSource`)."""
+    if src.builder is not None:
+        build = math_tasks_from_arith if src.builder == "arith" else code_tasks_from_tiny
+        tasks = build(**src.builder_args())
+    else:
+        records = (read_jsonl(src.path) if src.path
+                   else load_hf_dataset(src.hf, src.config, src.split or "train"))
+        fields = {"question": "question", "answer": "answer", **src.fields}
         tasks = []
         for i, r in enumerate(records):
-            if limit is not None and i >= int(limit):
+            if src.limit is not None and i >= src.limit:
                 break
             r = dict(r)
-            if fmt == "qa":
-                from plm.eval.answers import extract_reference_answer
+            if src.format == "qa":
+                missing = [f for f in (fields["question"], fields["answer"]) if f not in r]
+                if missing:
+                    raise PLMError(f"{where}: record {i} has no field {missing[0]!r} (found: {', '.join(r)}); "
+                                   "map the names with fields: {question: ..., answer: ...}")
                 ans = str(r[fields["answer"]])
                 ref = extract_reference_answer(ans) if "####" in ans else ans.strip()
                 tasks.append(Task(str(r[fields["question"]]), "math", ref, id=f"{where}-{i}"))
-            elif fmt == "mbpp":
-                from plm.eval.code_tasks import mbpp_problem
+            else:
                 prob = mbpp_problem(r, f"{where}[{i}]")
                 tasks.append(Task(prob.prompt, "code", None, prob, id=prob.task_id))
-            else:
-                raise ConfigError(f"{where}: format must be qa or mbpp, got {fmt!r}")
-    else:
-        raise ConfigError(f"{where}: give builder:, path: or hf:")
-    if limit is not None:
-        tasks = tasks[: int(limit)]
+    if src.limit is not None:
+        tasks = tasks[:src.limit]
     if not tasks:
         raise PLMError(f"{where}: no prompts")
     return tasks
 
 
-def load_task_pool(spec: dict | list, seed: int = 0, where: str = "prompts") -> list[Task]:
+def load_task_pool(spec: TaskSource | list[TaskSource], seed: int = 0, where: str = "prompts") -> list[Task]:
     """One task source, or a list of them mixed in a seeded order (e.g. math and code prompts)."""
     if isinstance(spec, list):
-        import random
         pool = [t for i, s in enumerate(spec) for t in load_tasks(s, f"{where}[{i}]")]
         random.Random(f"pool:{seed}").shuffle(pool)
         return pool

@@ -1,7 +1,7 @@
 """Pluggable answer scorers for ARIES selection and evaluation.
 
 Every scorer has `score_batch(tasks, answers) -> list[float]` and `score(task, answer) -> float`.
-* `MathVerifier`   1.0 when the answer's final number equals the reference (plm.eval.answers).
+* `MathVerifier`   1.0 when the answer's final number equals the reference (plm.data.answers).
 * `CodeVerifier`   1.0 when the answer's code passes the task's unit tests in the sandbox
                    (subprocess with time and memory limits, plm.eval.sandbox).
 * `Verifier`       dispatches on task.kind to the two above: the rule-based scorer.
@@ -10,12 +10,16 @@ Every scorer has `score_batch(tasks, answers) -> list[float]` and `score(task, a
 """
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+from typing import TYPE_CHECKING, Protocol, Sequence
 
-import torch
+from plm.data.chat import IM_END, chat_prompt, direct_messages
+from plm.errors import PLMError
+from plm.data.answers import score_math, steps_consistent
+from plm.eval.code_tasks import extract_code, score_completions
+from plm.eval.tasks import Task
 
-from plm.align.tasks import Task
-from plm.errors import ConfigError, PLMError
+if TYPE_CHECKING:
+    from plm.eval.config import ScorerSpec
 
 
 class Scorer(Protocol):
@@ -40,7 +44,6 @@ class MathVerifier(_Base):
         self.check_steps = check_steps
 
     def score_batch(self, tasks: Sequence[Task], answers: Sequence[str]) -> list[float]:
-        from plm.eval.answers import score_math, steps_consistent
         out = []
         for t, a in zip(tasks, answers, strict=True):
             if t.reference is None:
@@ -57,7 +60,6 @@ class CodeVerifier(_Base):
         self.timeout_s, self.memory_mb, self.workers = timeout_s, memory_mb, workers
 
     def score_batch(self, tasks: Sequence[Task], answers: Sequence[str]) -> list[float]:
-        from plm.eval.code_tasks import extract_code, score_completions
         if not tasks:
             return []
         probs = [t.code for t in tasks]
@@ -75,6 +77,12 @@ class Verifier(_Base):
     def __init__(self, code: CodeVerifier | None = None, math: MathVerifier | None = None) -> None:
         self.math, self.code = math or MathVerifier(), code or CodeVerifier()
 
+    @classmethod
+    def from_settings(cls, check_steps: bool = False, timeout_s: float = 5.0, memory_mb: int = 512,
+                      workers: int | None = None) -> "Verifier":
+        """The recipe's `scorer: {kind: verifier, ...}` settings."""
+        return cls(CodeVerifier(timeout_s, memory_mb, workers), MathVerifier(check_steps))
+
     def score_batch(self, tasks: Sequence[Task], answers: Sequence[str]) -> list[float]:
         out: list[float] = [0.0] * len(tasks)
         for kind, scorer in (("math", self.math), ("code", self.code)):
@@ -88,7 +96,8 @@ class Verifier(_Base):
 
 
 class RewardModel(_Base):
-    """A PLM checkpoint as a reward model: score = mean log p(answer tokens | ChatML prompt).
+    """A PLM checkpoint as a reward model: score = mean log p(answer tokens, then <|im_end|> |
+    the ChatML prompt), through the evaluation engine (`plm.eval.lm.PLMEvalModel`).
 
     Simple but real: a stronger (e.g. later or larger) checkpoint judges how likely it would
     have been to give this answer; higher is better. Scores are continuous (use selection: reward).
@@ -96,28 +105,23 @@ class RewardModel(_Base):
 
     binary = False
 
-    def __init__(self, checkpoint: str, device: str = "cpu", batch_size: int = 16, max_len: int = 1024,
-                 tokenizer: str | None = None) -> None:
-        from plm.data.tokenizer import Tokenizer
-        from plm.model.checkpoint import load_model
-        self.model = load_model(checkpoint, dtype=torch.float32, device=device).eval()
-        self.tok = Tokenizer.from_dir(tokenizer or checkpoint)
-        self.batch_size, self.max_len = batch_size, max_len
+    def __init__(self, checkpoint: str, device: str = "cpu", batch_size: int = 16, max_len: int = 1024) -> None:
+        from plm.eval.lm import PLMEvalModel
+        self.lm = PLMEvalModel.from_pretrained(checkpoint, device=device, batch_size=batch_size,
+                                               max_length=max_len, progress=False)
 
-    @torch.no_grad()
     def score_texts(self, prompts: Sequence[str], answers: Sequence[str]) -> list[float]:
-        from plm.align.data import encode_prompt_response, pad_batch
-        from plm.align.losses import sequence_logps
-        from plm.align.template import direct_messages
-        out: list[float] = []
-        for i in range(0, len(prompts), self.batch_size):
-            enc = [encode_prompt_response(self.tok, direct_messages(p), a, self.max_len)
-                   for p, a in zip(prompts[i:i + self.batch_size], answers[i:i + self.batch_size])]
-            b = {k: v.to(self.model.device) for k, v in pad_batch(enc, self.tok.pad_token_id).items()}
-            lp = sequence_logps(self.model, b["input_ids"], b["labels"], b["attention_mask"])
-            n = (b["labels"] != -100).sum(-1).clamp(min=1)
-            out += (lp / n).tolist()
-        return out
+        reqs = [self._split(chat_prompt(direct_messages(p)), a + IM_END) for p, a in zip(prompts, answers)]
+        return [lp / len(cont) for (lp, _), (_, cont) in zip(self.lm.loglikelihood_tokens(reqs), reqs)]
+
+    def _split(self, prompt: str, response: str) -> tuple[list[int], list[int]]:
+        """The chat's own token ids, cut where the prompt ends: the answer's tokens exactly as
+        the model would have produced them (ChatML's special tokens keep the cut clean)."""
+        tok = self.lm.tokenizer
+        head, ids = tok.encode(prompt), tok.encode(prompt + response)
+        if ids[:len(head)] == head and len(ids) > len(head):
+            return head, ids[len(head):]
+        return self.lm.encode_pair(prompt, response)
 
     def score(self, prompt, answer: str) -> float:  # type: ignore[override]
         """score(prompt, answer) -> float; `prompt` may be a Task."""
@@ -128,23 +132,12 @@ class RewardModel(_Base):
         return self.score_texts([t.prompt for t in tasks], list(answers))
 
 
-def build_scorer(spec: dict | str | None) -> _Base:
-    """scorer: verifier (default) | math | code | {kind: reward_model, checkpoint: DIR} |
-    {kind: verifier, timeout_s, memory_mb, check_steps}."""
-    spec = {"kind": spec} if isinstance(spec, str) else dict(spec or {"kind": "verifier"})
-    kind = spec.pop("kind", "verifier")
-    try:
-        if kind == "verifier":
-            steps = bool(spec.pop("check_steps", False))
-            return Verifier(CodeVerifier(**spec), MathVerifier(steps))
-        if kind == "math":
-            return MathVerifier(**spec)
-        if kind == "code":
-            return CodeVerifier(**spec)
-        if kind == "reward_model":
-            if "checkpoint" not in spec:
-                raise ConfigError("scorer: reward_model needs checkpoint: DIR")
-            return RewardModel(**spec)
-    except TypeError as e:
-        raise ConfigError(f"scorer: {e}") from None
-    raise ConfigError(f"scorer.kind must be verifier, math, code or reward_model, got {kind!r}")
+def build_scorer(spec: ScorerSpec) -> _Base:
+    """The scorer a parsed `scorer:` section describes."""
+    if spec.kind == "verifier":
+        return Verifier.from_settings(**spec.args)
+    if spec.kind == "math":
+        return MathVerifier(**spec.args)
+    if spec.kind == "code":
+        return CodeVerifier(**spec.args)
+    return RewardModel(**spec.args)

@@ -144,14 +144,14 @@ def arith(n: int = 3000, seed: int = 1, skip: int = 0, difficulty: int | None = 
     """Worked arithmetic problems (train split) as user question -> assistant solution chats.
 
     refine: for this fraction of the problems, also a refinement chat z(x, y_l) -> y_w (the
-    ARIES-SFT form, plm.align.template) where y_l is a wrong answer made from the correct one
+    ARIES-SFT form, plm.data.chat) where y_l is a wrong answer made from the correct one
     (a miscomputed or miscopied last step, or another problem's solution) and y_w the worked
     solution; y_l is context only (no loss). refine_keep: the share of those whose earlier
     answer is already correct, so the model also learns to keep a right answer."""
     problems = arith_problems(n, seed, skip, "train", difficulty)
     out = [arith_gen.as_chat(p) for p in problems]
     if refine > 0:
-        from plm.align.template import refinement_messages
+        from plm.data.chat import refinement_messages
         rng = random.Random(f"arith-refine:{seed}:{skip}")
         for i in sorted(rng.sample(range(len(problems)), int(round(refine * len(problems))))):
             p = problems[i]

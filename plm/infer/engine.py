@@ -1,0 +1,54 @@
+"""A loaded model behind one interface, whichever runtime serves it: `Engine.new_step()` gives a
+fresh `StepFn` (one per generation call) for plm.infer.generate. On CPU the edge runtime
+(plm.infer.runtime) runs by default; on a GPU, or with runtime="reference", the PyTorch model."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from plm.errors import PLMError
+from plm.infer.generate import StepFn, model_step_fn
+
+RUNTIMES = ("auto", "edge", "reference")
+
+
+def resolve_runtime(runtime: str = "auto") -> str:
+    if runtime not in RUNTIMES:
+        raise PLMError(f"unknown runtime {runtime!r}; choose from {', '.join(RUNTIMES)}")
+    if runtime != "auto":
+        return runtime
+    return "reference" if torch.cuda.is_available() else "edge"
+
+
+class Engine:
+    """A checkpoint, its tokenizer and the runtime chosen for it.
+
+    dtype: compute dtype (default bfloat16 on the edge runtime, float32 on the reference);
+    edge: the edge runtime's options (plm.infer.runtime.EdgeOptions).
+    """
+
+    def __init__(self, path: str | Path, runtime: str = "auto", dtype: str | None = None, edge=None) -> None:
+        from plm.data.tokenizer import Tokenizer
+        from plm.model.checkpoint import load_config
+
+        self.kind = resolve_runtime(runtime)
+        self.config = load_config(path)  # a clear error for a wrong path before anything else
+        self.tokenizer = Tokenizer.from_dir(path)
+        self.model = self.runtime = None
+        if self.kind == "reference":
+            from plm.model.modeling import PLMForCausalLM
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+            self.model = PLMForCausalLM.from_pretrained(path, dtype=dtype or "float32", device=device)
+        else:
+            from plm.infer.runtime import EdgeOptions, EdgeRuntime
+            opts = edge or EdgeOptions()
+            if dtype:
+                opts.dtype = dtype
+            self.runtime = EdgeRuntime.from_checkpoint(path, opts)
+
+    def new_step(self) -> StepFn:
+        from plm.infer.runtime import edge_step_fn
+        if self.runtime is not None:
+            return edge_step_fn(self.runtime)
+        return model_step_fn(self.model)
