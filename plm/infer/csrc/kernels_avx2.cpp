@@ -1,0 +1,597 @@
+// AVX2 + FMA + F16C kernels (llama.cpp's x86 baseline): int8 dots with maddubs/madd on the
+// 16-row tiles (two 8-row halves per 64-byte vector), bf16/fp16 widened to fp32 for FMA.
+// Same integer sums and fp32 sequence as kernels_scalar.cpp (see plm_kernels.h).
+#pragma GCC target("avx2,fma,f16c")
+#include <immintrin.h>
+
+#include "plm_kernels.h"
+
+namespace plm {
+namespace {
+
+inline __m256 f16x8(const uint8_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
+inline __m256i ld256(const uint8_t* p) { return _mm256_loadu_si256((const __m256i*)p); }
+inline int32_t ld32(const int8_t* p) { int32_t v; memcpy(&v, p, 4); return v; }
+
+inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+inline float hmax8(__m256 v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_max_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// (v, v) int16 pairs in each 32-bit lane from 8 bytes (unsigned or signed)
+inline __m256i pairs_u8(const uint8_t* p) {
+  const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)p));
+  return _mm256_or_si256(v, _mm256_slli_epi32(v, 16));
+}
+inline __m256i pairs_i8(const int8_t* p) {
+  const __m256i v = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p));
+  return _mm256_or_si256(_mm256_and_si256(v, _mm256_set1_epi32(0xffff)), _mm256_slli_epi32(v, 16));
+}
+
+inline void store_tile(float* y, int64_t ldy, int64_t m, int64_t row0, int64_t N, __m256 lo, __m256 hi) {
+  float* dst = y + m * ldy + row0;
+  if (row0 + TILE <= N) {
+    _mm256_storeu_ps(dst, lo);
+    _mm256_storeu_ps(dst + 8, hi);
+  } else {
+    float tmp[TILE];
+    _mm256_storeu_ps(tmp, lo);
+    _mm256_storeu_ps(tmp + 8, hi);
+    for (int r = 0; r < TILE && row0 + r < N; r++) dst[r] = tmp[r];
+  }
+}
+
+void quantize_act(const float* x, int64_t K, int bs, int8_t* q, float* d, int32_t* s16) {
+  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  const __m256i flip = _mm256_set1_epi8((char)0x80);
+  for (int64_t b = 0; b < K / bs; b++) {
+    const float* xb = x + b * bs;
+    __m256 mx = _mm256_setzero_ps();
+    for (int i = 0; i < bs; i += 8) mx = _mm256_max_ps(mx, _mm256_and_ps(_mm256_loadu_ps(xb + i), absmask));
+    const float db = hmax8(mx) / 127.f;
+    const float id = db != 0.f ? 1.f / db : 0.f;
+    d[b] = db;
+    const __m256 vid = _mm256_set1_ps(id);
+    for (int i = 0; i < bs; i += 32) {
+      // cvtps rounds to nearest even (MXCSR default), as nearbyintf in the scalar path
+      const __m256i i0 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xb + i), vid));
+      const __m256i i1 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xb + i + 8), vid));
+      const __m256i i2 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xb + i + 16), vid));
+      const __m256i i3 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xb + i + 24), vid));
+      __m256i v = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
+      v = _mm256_permutevar8x32_epi32(v, perm);
+      _mm256_storeu_si256((__m256i*)(q + b * bs + i), v);
+      // sums of 16: sad of the biased bytes gives 4 sums of 8
+      const __m256i sad = _mm256_sad_epu8(_mm256_xor_si256(v, flip), _mm256_setzero_si256());
+      int64_t s[4];
+      _mm256_storeu_si256((__m256i*)s, sad);
+      s16[(b * bs + i) / 16] = (int32_t)(s[0] + s[1]) - 16 * 128;
+      s16[(b * bs + i) / 16 + 1] = (int32_t)(s[2] + s[3]) - 16 * 128;
+    }
+  }
+}
+
+// ---- Q8_0 ---------------------------------------------------------------------------------
+template <int MB>
+void q8_0_rows(const uint8_t* wt, int64_t K, const QAct& x, int64_t m0, float* y, int64_t ldy, int64_t row0,
+               int64_t N) {
+  const int64_t nb = K / 32, nd = K / x.bs;
+  const __m256i ones = _mm256_set1_epi16(1), flip = _mm256_set1_epi8((char)0x80);
+  __m256 al[MB], ah[MB];
+  for (int i = 0; i < MB; i++) al[i] = ah[i] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; b++) {
+    const uint8_t* blk = wt + b * Q8_0_TB;
+    __m256i il[MB], ih[MB];
+    for (int i = 0; i < MB; i++) il[i] = ih[i] = _mm256_setzero_si256();
+    for (int c = 0; c < 8; c++) {
+      const __m256i wl = _mm256_xor_si256(ld256(blk + 32 + 64 * c), flip);
+      const __m256i wh = _mm256_xor_si256(ld256(blk + 64 + 64 * c), flip);
+      const __m256i ul = _mm256_abs_epi8(wl), uh = _mm256_abs_epi8(wh);
+      for (int i = 0; i < MB; i++) {
+        const __m256i xb = _mm256_set1_epi32(ld32(x.q + (m0 + i) * K + 32 * b + 4 * c));
+        il[i] = _mm256_add_epi32(il[i], _mm256_madd_epi16(_mm256_maddubs_epi16(ul, _mm256_sign_epi8(xb, wl)), ones));
+        ih[i] = _mm256_add_epi32(ih[i], _mm256_madd_epi16(_mm256_maddubs_epi16(uh, _mm256_sign_epi8(xb, wh)), ones));
+      }
+    }
+    const __m256 dl = f16x8(blk), dh = f16x8(blk + 16);
+    for (int i = 0; i < MB; i++) {
+      const __m256 dx = _mm256_set1_ps(x.d[(m0 + i) * nd + b]);
+      al[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(il[i]), _mm256_mul_ps(dl, dx), al[i]);
+      ah[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ih[i]), _mm256_mul_ps(dh, dx), ah[i]);
+    }
+  }
+  for (int i = 0; i < MB; i++) store_tile(y, ldy, m0 + i, row0, N, al[i], ah[i]);
+}
+
+// ---- Q4_0 ---------------------------------------------------------------------------------
+// One 64-byte nibble group (16 rows x 8 inputs) against 8 activation bytes, int16 pair sums
+// added into sl (rows 0-7) / sh (rows 8-15). Each maddubs pair is at most 2*15*127 = 3810, so
+// 8 of them (one block of 32) stay within int16.
+inline void nib_group(const uint8_t* g, __m256i xa, __m256i xb, __m256i& sl, __m256i& sh) {
+  const __m256i m4 = _mm256_set1_epi8(15);
+  const __m256i vl = ld256(g), vh = ld256(g + 32);
+  sl = _mm256_add_epi16(sl, _mm256_maddubs_epi16(_mm256_and_si256(vl, m4), xa));
+  sl = _mm256_add_epi16(sl, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(vl, 4), m4), xb));
+  sh = _mm256_add_epi16(sh, _mm256_maddubs_epi16(_mm256_and_si256(vh, m4), xa));
+  sh = _mm256_add_epi16(sh, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(vh, 4), m4), xb));
+}
+
+template <int MB>
+void q4_0_rows(const uint8_t* wt, int64_t K, const QAct& x, int64_t m0, float* y, int64_t ldy, int64_t row0,
+               int64_t N) {
+  const int64_t nb = K / 32, nd = K / x.bs;
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 al[MB], ah[MB];
+  for (int i = 0; i < MB; i++) al[i] = ah[i] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; b++) {
+    const uint8_t* blk = wt + b * Q4_0_TB;
+    __m256i sl[MB], sh[MB];
+    for (int i = 0; i < MB; i++) sl[i] = sh[i] = _mm256_setzero_si256();
+    for (int g = 0; g < 4; g++)
+      for (int i = 0; i < MB; i++) {
+        const int8_t* xq = x.q + (m0 + i) * K + 32 * b + 8 * g;
+        nib_group(blk + 32 + 64 * g, _mm256_set1_epi32(ld32(xq)), _mm256_set1_epi32(ld32(xq + 4)), sl[i], sh[i]);
+      }
+    const __m256 dl = f16x8(blk), dh = f16x8(blk + 16);
+    for (int i = 0; i < MB; i++) {
+      const int32_t* s = x.s16 + (m0 + i) * (K / 16) + 2 * b;
+      const __m256i off = _mm256_set1_epi32(8 * (s[0] + s[1]));
+      const __m256 dx = _mm256_set1_ps(x.d[(m0 + i) * nd + b]);
+      const __m256i il = _mm256_sub_epi32(_mm256_madd_epi16(sl[i], ones), off);
+      const __m256i ih = _mm256_sub_epi32(_mm256_madd_epi16(sh[i], ones), off);
+      al[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(il), _mm256_mul_ps(dl, dx), al[i]);
+      ah[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ih), _mm256_mul_ps(dh, dx), ah[i]);
+    }
+  }
+  for (int i = 0; i < MB; i++) store_tile(y, ldy, m0 + i, row0, N, al[i], ah[i]);
+}
+
+// ---- Q4_K ---------------------------------------------------------------------------------
+template <int MB>
+void q4_k_rows(const uint8_t* wt, int64_t K, const QAct& x, int64_t m0, float* y, int64_t ldy, int64_t row0,
+               int64_t N) {
+  const int64_t nb = K / 256, nd = K / x.bs;
+  const __m256 neg = _mm256_castsi256_ps(_mm256_set1_epi32((int)0x80000000));
+  __m256 al[MB], ah[MB];
+  for (int i = 0; i < MB; i++) al[i] = ah[i] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; b++) {
+    const uint8_t* blk = wt + b * Q4_K_TB;
+    __m256i cl[MB], ch[MB], nl[MB], nh[MB];  // sum sc*dot and sum m*s32, per half
+    for (int i = 0; i < MB; i++) cl[i] = ch[i] = nl[i] = nh[i] = _mm256_setzero_si256();
+    for (int j = 0; j < 8; j++) {
+      const __m256i scl = pairs_u8(blk + 64 + 16 * j), sch = pairs_u8(blk + 72 + 16 * j);
+      // mins as (m, 0) int16 pairs: madd with a (s, s) broadcast gives m * s
+      const __m256i mnl = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(blk + 192 + 16 * j)));
+      const __m256i mnh = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(blk + 200 + 16 * j)));
+      for (int i = 0; i < MB; i++) {
+        const int8_t* xq = x.q + (m0 + i) * K + 256 * b + 32 * j;
+        __m256i sl = _mm256_setzero_si256(), sh = _mm256_setzero_si256();
+        for (int g = 0; g < 4; g++)
+          nib_group(blk + 320 + 256 * j + 64 * g, _mm256_set1_epi32(ld32(xq + 8 * g)),
+                    _mm256_set1_epi32(ld32(xq + 8 * g + 4)), sl, sh);
+        cl[i] = _mm256_add_epi32(cl[i], _mm256_madd_epi16(sl, scl));
+        ch[i] = _mm256_add_epi32(ch[i], _mm256_madd_epi16(sh, sch));
+        const int32_t* s = x.s16 + (m0 + i) * (K / 16) + 16 * b + 2 * j;
+        const __m256i s32 = _mm256_set1_epi16((short)(s[0] + s[1]));
+        nl[i] = _mm256_add_epi32(nl[i], _mm256_madd_epi16(mnl, s32));
+        nh[i] = _mm256_add_epi32(nh[i], _mm256_madd_epi16(mnh, s32));
+      }
+    }
+    const __m256 dl = f16x8(blk), dh = f16x8(blk + 16), ml = f16x8(blk + 32), mh = f16x8(blk + 48);
+    for (int i = 0; i < MB; i++) {
+      const __m256 dx = _mm256_set1_ps(x.d[(m0 + i) * nd + b]);
+      al[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(cl[i]), _mm256_mul_ps(dl, dx), al[i]);
+      ah[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ch[i]), _mm256_mul_ps(dh, dx), ah[i]);
+      al[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(nl[i]), _mm256_xor_ps(_mm256_mul_ps(ml, dx), neg), al[i]);
+      ah[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(nh[i]), _mm256_xor_ps(_mm256_mul_ps(mh, dx), neg), ah[i]);
+    }
+  }
+  for (int i = 0; i < MB; i++) store_tile(y, ldy, m0 + i, row0, N, al[i], ah[i]);
+}
+
+// ---- Q6_K ---------------------------------------------------------------------------------
+template <int MB>
+void q6_k_rows(const uint8_t* wt, int64_t K, const QAct& x, int64_t m0, float* y, int64_t ldy, int64_t row0,
+               int64_t N) {
+  const int64_t nb = K / 256, nd = K / x.bs;
+  const __m256i m4 = _mm256_set1_epi8(15), m30 = _mm256_set1_epi8(0x30);
+  __m256 al[MB], ah[MB];
+  for (int i = 0; i < MB; i++) al[i] = ah[i] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; b++) {
+    const uint8_t* blk = wt + b * Q6_K_TB;
+    const int8_t* sc = (const int8_t*)(blk + 32);
+    __m256i il[MB], ih[MB];
+    for (int i = 0; i < MB; i++) il[i] = ih[i] = _mm256_setzero_si256();
+    for (int u = 0; u < 8; u++) {
+      const uint8_t* ql = blk + 288 + 384 * u;
+      const uint8_t* qh = ql + 256;
+      for (int g = 0; g < 4; g++) {
+        const int g16 = 2 * u + g / 2;
+        const __m256i vl = ld256(ql + 64 * g), vh = ld256(ql + 64 * g + 32), pl = ld256(qh + 32 * g);
+        const __m256i lo_l = _mm256_or_si256(_mm256_and_si256(vl, m4), _mm256_and_si256(_mm256_slli_epi16(pl, 4), m30));
+        const __m256i hi_l = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(vl, 4), m4), _mm256_and_si256(pl, m30));
+        const __m256i lo_h = _mm256_or_si256(_mm256_and_si256(vh, m4), _mm256_and_si256(_mm256_slli_epi16(pl, 2), m30));
+        const __m256i hi_h = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(vh, 4), m4),
+                                             _mm256_and_si256(_mm256_srli_epi16(pl, 2), m30));
+        const __m256i scl = pairs_i8(sc + 16 * g16), sch = pairs_i8(sc + 16 * g16 + 8);
+        for (int i = 0; i < MB; i++) {
+          const int8_t* xq = x.q + (m0 + i) * K + 256 * b + 32 * u + 8 * g;
+          const __m256i xa = _mm256_set1_epi32(ld32(xq)), xb = _mm256_set1_epi32(ld32(xq + 4));
+          // q <= 63: each pair <= 16002, the lo+hi sum <= 32004 fits int16
+          const __m256i tl = _mm256_add_epi16(_mm256_maddubs_epi16(lo_l, xa), _mm256_maddubs_epi16(hi_l, xb));
+          const __m256i th = _mm256_add_epi16(_mm256_maddubs_epi16(lo_h, xa), _mm256_maddubs_epi16(hi_h, xb));
+          il[i] = _mm256_add_epi32(il[i], _mm256_madd_epi16(tl, scl));
+          ih[i] = _mm256_add_epi32(ih[i], _mm256_madd_epi16(th, sch));
+          if (g % 2 == 1) {  // offset of the sub-block: 32 * sc * sum16(x)
+            const __m256i s = _mm256_set1_epi32(x.s16[(m0 + i) * (K / 16) + 16 * b + g16] & 0xffff);
+            il[i] = _mm256_sub_epi32(il[i], _mm256_slli_epi32(_mm256_madd_epi16(scl, s), 5));
+            ih[i] = _mm256_sub_epi32(ih[i], _mm256_slli_epi32(_mm256_madd_epi16(sch, s), 5));
+          }
+        }
+      }
+    }
+    const __m256 dl = f16x8(blk), dh = f16x8(blk + 16);
+    for (int i = 0; i < MB; i++) {
+      const __m256 dx = _mm256_set1_ps(x.d[(m0 + i) * nd + b]);
+      al[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(il[i]), _mm256_mul_ps(dl, dx), al[i]);
+      ah[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ih[i]), _mm256_mul_ps(dh, dx), ah[i]);
+    }
+  }
+  for (int i = 0; i < MB; i++) store_tile(y, ldy, m0 + i, row0, N, al[i], ah[i]);
+}
+
+// Rows of M activations, two at a time (registers), the tile re-read from cache for each pair.
+#define PLM_TILE_DRIVER(NAME, ROWS, TB)                                                                \
+  void NAME(const uint8_t* W, int64_t K, int64_t t0, int64_t t1, const QAct& x, int64_t M, float* y, \
+            int64_t ldy, int64_t N) {                                                                 \
+    const int64_t bpt = K / (TB == Q4_K_TB || TB == Q6_K_TB ? 256 : 32) * TB;                        \
+    for (int64_t t = t0; t < t1; t++) {                                                              \
+      const uint8_t* wt = W + t * bpt;                                                               \
+      int64_t m = 0;                                                                                 \
+      for (; m + 2 <= M; m += 2) ROWS<2>(wt, K, x, m, y, ldy, t * TILE, N);                          \
+      if (m < M) ROWS<1>(wt, K, x, m, y, ldy, t * TILE, N);                                          \
+    }                                                                                                \
+  }
+PLM_TILE_DRIVER(gemv_q8_0, q8_0_rows, Q8_0_TB)
+PLM_TILE_DRIVER(gemv_q4_0, q4_0_rows, Q4_0_TB)
+PLM_TILE_DRIVER(gemv_q4_k, q4_k_rows, Q4_K_TB)
+PLM_TILE_DRIVER(gemv_q6_k, q6_k_rows, Q6_K_TB)
+#undef PLM_TILE_DRIVER
+
+// ---- float weights ------------------------------------------------------------------------
+inline __m256 load8(int fmt, const void* W, int64_t i) {
+  if (fmt == F32) return _mm256_loadu_ps((const float*)W + i);
+  const __m128i h = _mm_loadu_si128((const __m128i*)((const uint16_t*)W + i));
+  if (fmt == F16) return _mm256_cvtph_ps(h);
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+inline float load1(int fmt, const void* W, int64_t i) {
+  if (fmt == F32) return ((const float*)W)[i];
+  const uint16_t h = ((const uint16_t*)W)[i];
+  return fmt == F16 ? fp16_to_fp32(h) : bf16_to_fp32(h);
+}
+
+template <int MB>
+void f_rows(int fmt, const void* W, int64_t K, int64_t n, const float* x, int64_t m0, float* y, int64_t ldy) {
+  __m256 a0[MB], a1[MB], a2[MB], a3[MB];
+  for (int i = 0; i < MB; i++) a0[i] = a1[i] = a2[i] = a3[i] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) {
+    const __m256 w0 = load8(fmt, W, n * K + k), w1 = load8(fmt, W, n * K + k + 8);
+    const __m256 w2 = load8(fmt, W, n * K + k + 16), w3 = load8(fmt, W, n * K + k + 24);
+    for (int i = 0; i < MB; i++) {
+      const float* xr = x + (m0 + i) * K + k;
+      a0[i] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xr), a0[i]);
+      a1[i] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xr + 8), a1[i]);
+      a2[i] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xr + 16), a2[i]);
+      a3[i] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xr + 24), a3[i]);
+    }
+  }
+  for (; k + 8 <= K; k += 8) {
+    const __m256 w0 = load8(fmt, W, n * K + k);
+    for (int i = 0; i < MB; i++) a0[i] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + (m0 + i) * K + k), a0[i]);
+  }
+  for (int i = 0; i < MB; i++) {
+    float s = hsum8(_mm256_add_ps(_mm256_add_ps(a0[i], a1[i]), _mm256_add_ps(a2[i], a3[i])));
+    for (int64_t kk = k; kk < K; kk++) s += load1(fmt, W, n * K + kk) * x[(m0 + i) * K + kk];
+    y[(m0 + i) * ldy + n] = s;
+  }
+}
+
+void gemv_f(int fmt, const void* W, int64_t K, int64_t n0, int64_t n1, const float* x, const uint16_t*, int64_t M,
+            float* y, int64_t ldy) {
+  for (int64_t n = n0; n < n1; n++) {
+    int64_t m = 0;
+    for (; m + 2 <= M; m += 2) f_rows<2>(fmt, W, K, n, x, m, y, ldy);
+    if (m < M) f_rows<1>(fmt, W, K, n, x, m, y, ldy);
+  }
+}
+
+// ---- sparse down --------------------------------------------------------------------------
+// Per 64 outputs: integer sums over a block's active neurons, two neurons at a time
+// (interleaved so that madd/maddubs pairs them), flushed per block as in the dense kernel.
+
+// Q8_0 rows: int8 widened to int16, (w1, w2) pairs against (x1, x2): 8 int32 per madd.
+// Accumulators hold outputs in the order [0-3, 8-11 | 4-7, 12-15] per 16; fixed at the flush.
+inline void q8_pair(const int8_t* r1, const int8_t* r2, int x1, int x2, __m256i* acc /*[8]*/) {
+  const __m256i xp = _mm256_set1_epi32((int)(((uint32_t)x1 & 0xffff) | ((uint32_t)x2 << 16)));
+  for (int c = 0; c < 4; c++) {
+    const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(r1 + 16 * c)));
+    const __m256i w2 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(r2 + 16 * c)));
+    acc[2 * c] = _mm256_add_epi32(acc[2 * c], _mm256_madd_epi16(_mm256_unpacklo_epi16(w1, w2), xp));
+    acc[2 * c + 1] = _mm256_add_epi32(acc[2 * c + 1], _mm256_madd_epi16(_mm256_unpackhi_epi16(w1, w2), xp));
+  }
+}
+inline void q8_unscramble(const __m256i* acc, __m256i* out /*[8] in output order*/) {
+  for (int c = 0; c < 4; c++) {
+    out[2 * c] = _mm256_permute2x128_si256(acc[2 * c], acc[2 * c + 1], 0x20);
+    out[2 * c + 1] = _mm256_permute2x128_si256(acc[2 * c], acc[2 * c + 1], 0x31);
+  }
+}
+
+// Q4 nibble rows (32 bytes = 64 outputs): (w1, w2) u8 pairs against (x1, x2) s8 with
+// maddubs; int16 sums of up to 8 pairs (<= 8 * 3810) then widened into acc (output order).
+inline void q4_pair(const uint8_t* r1, const uint8_t* r2, int x1, int x2, __m256i* s /*[4] int16*/) {
+  const __m256i m4 = _mm256_set1_epi8(15);
+  const __m256i xp = _mm256_set1_epi16((short)((x1 & 0xff) | ((x2 & 0xff) << 8)));
+  const __m256i v1 = ld256(r1), v2 = ld256(r2);
+  const __m256i a_lo = _mm256_and_si256(v1, m4), b_lo = _mm256_and_si256(v2, m4);
+  const __m256i a_hi = _mm256_and_si256(_mm256_srli_epi16(v1, 4), m4), b_hi = _mm256_and_si256(_mm256_srli_epi16(v2, 4), m4);
+  s[0] = _mm256_add_epi16(s[0], _mm256_maddubs_epi16(_mm256_unpacklo_epi8(a_lo, b_lo), xp));  // 0-7 | 16-23
+  s[1] = _mm256_add_epi16(s[1], _mm256_maddubs_epi16(_mm256_unpackhi_epi8(a_lo, b_lo), xp));  // 8-15 | 24-31
+  s[2] = _mm256_add_epi16(s[2], _mm256_maddubs_epi16(_mm256_unpacklo_epi8(a_hi, b_hi), xp));  // 32-39 | 48-55
+  s[3] = _mm256_add_epi16(s[3], _mm256_maddubs_epi16(_mm256_unpackhi_epi8(a_hi, b_hi), xp));  // 40-47 | 56-63
+}
+inline void q4_widen(__m256i* s, __m256i* acc) {
+  for (int h = 0; h < 2; h++) {  // low / high nibble halves
+    acc[4 * h + 0] = _mm256_add_epi32(acc[4 * h + 0], _mm256_cvtepi16_epi32(_mm256_castsi256_si128(s[2 * h])));
+    acc[4 * h + 1] = _mm256_add_epi32(acc[4 * h + 1], _mm256_cvtepi16_epi32(_mm256_castsi256_si128(s[2 * h + 1])));
+    acc[4 * h + 2] = _mm256_add_epi32(acc[4 * h + 2], _mm256_cvtepi16_epi32(_mm256_extracti128_si256(s[2 * h], 1)));
+    acc[4 * h + 3] = _mm256_add_epi32(acc[4 * h + 3], _mm256_cvtepi16_epi32(_mm256_extracti128_si256(s[2 * h + 1], 1)));
+    s[2 * h] = s[2 * h + 1] = _mm256_setzero_si256();
+  }
+}
+
+// Integer sums over the active neurons of block b for outputs [c0, c0+64), in output order.
+inline void block_isum(const SparseW& W, const int8_t* q, const ActiveList& act, int64_t b, int64_t c0, __m256i* out) {
+  const int32_t a0 = act.start[b], a1 = act.start[b + 1];
+  __m256i acc[8];
+  for (int i = 0; i < 8; i++) acc[i] = _mm256_setzero_si256();
+  if (W.fmt == Q8_0) {
+    const int8_t* base = (const int8_t*)W.base + c0;
+    int32_t a = a0;
+    for (; a + 2 <= a1; a += 2) {
+      const int32_t i1 = act.idx[a], i2 = act.idx[a + 1];
+      q8_pair(base + i1 * W.Np, base + i2 * W.Np, q[i1], q[i2], acc);
+    }
+    if (a < a1) q8_pair(base + act.idx[a] * W.Np, base + act.idx[a] * W.Np, q[act.idx[a]], 0, acc);
+    q8_unscramble(acc, out);
+  } else {
+    const uint8_t* base = W.base + c0 / 2;
+    const int64_t ld = W.Np / 2;
+    __m256i s[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
+    int32_t a = a0, n = 0;
+    for (; a + 2 <= a1; a += 2) {
+      const int32_t i1 = act.idx[a], i2 = act.idx[a + 1];
+      q4_pair(base + i1 * ld, base + i2 * ld, q[i1], q[i2], s);
+      if (++n == 8) { q4_widen(s, acc); n = 0; }
+    }
+    if (a < a1) q4_pair(base + act.idx[a] * ld, base + act.idx[a] * ld, q[act.idx[a]], 0, s);
+    q4_widen(s, acc);
+    for (int i = 0; i < 8; i++) out[i] = acc[i];
+  }
+}
+
+void sparse_q(const SparseW& W, const int8_t* q, const float* d, const int32_t* s16, const ActiveList& act,
+              int64_t j0, int64_t j1, float* y) {
+  const int64_t K = W.K, Np = W.Np, nb = K / 32;
+  const __m256 neg = _mm256_castsi256_ps(_mm256_set1_epi32((int)0x80000000));
+  for (int64_t c0 = j0; c0 < j1; c0 += 64) {
+    __m256 acc[8];
+    for (int i = 0; i < 8; i++) acc[i] = _mm256_setzero_ps();
+    __m256i is[8];
+    if (W.fmt == Q8_0 || W.fmt == Q4_0) {
+      const uint8_t* dplane = W.base + K * (W.fmt == Q8_0 ? Np : Np / 2);
+      for (int64_t b = 0; b < nb; b++) {
+        if (act.start[b] == act.start[b + 1]) continue;
+        block_isum(W, q, act, b, c0, is);
+        const __m256i off = _mm256_set1_epi32(W.fmt == Q4_0 ? 8 * (s16[2 * b] + s16[2 * b + 1]) : 0);
+        const __m256 dx = _mm256_set1_ps(d[b]);
+        for (int i = 0; i < 8; i++)
+          acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(is[i], off)),
+                                   _mm256_mul_ps(f16x8(dplane + 2 * (b * Np + c0 + 8 * i)), dx), acc[i]);
+      }
+    } else {  // Q4_K
+      const int64_t ns = K / 256;
+      const uint8_t* dpl = W.base + K * (Np / 2);
+      const uint8_t* mpl = dpl + 2 * ns * Np;
+      const uint8_t* scpl = mpl + 2 * ns * Np;
+      const uint8_t* mnpl = scpl + nb * Np;
+      for (int64_t s = 0; s < ns; s++) {
+        if (act.start[8 * s] == act.start[8 * s + 8]) continue;
+        __m256i isc[8], imin[8];
+        for (int i = 0; i < 8; i++) isc[i] = imin[i] = _mm256_setzero_si256();
+        for (int64_t b = 8 * s; b < 8 * s + 8; b++) {
+          if (act.start[b] == act.start[b + 1]) continue;
+          block_isum(W, q, act, b, c0, is);
+          const __m256i s32 = _mm256_set1_epi32(s16[2 * b] + s16[2 * b + 1]);
+          for (int i = 0; i < 8; i++) {
+            const __m256i sc = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(scpl + b * Np + c0 + 8 * i)));
+            const __m256i mn = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(mnpl + b * Np + c0 + 8 * i)));
+            isc[i] = _mm256_add_epi32(isc[i], _mm256_mullo_epi32(sc, is[i]));
+            imin[i] = _mm256_add_epi32(imin[i], _mm256_mullo_epi32(mn, s32));
+          }
+        }
+        const __m256 dx = _mm256_set1_ps(d[s]);
+        for (int i = 0; i < 8; i++) {
+          const __m256 dd = _mm256_mul_ps(f16x8(dpl + 2 * (s * Np + c0 + 8 * i)), dx);
+          const __m256 dm = _mm256_xor_ps(_mm256_mul_ps(f16x8(mpl + 2 * (s * Np + c0 + 8 * i)), dx), neg);
+          acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isc[i]), dd, acc[i]);
+          acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(imin[i]), dm, acc[i]);
+        }
+      }
+    }
+    if (c0 + 64 <= j1) {
+      for (int i = 0; i < 8; i++) _mm256_storeu_ps(y + c0 + 8 * i, acc[i]);
+    } else {
+      float tmp[64];
+      for (int i = 0; i < 8; i++) _mm256_storeu_ps(tmp + 8 * i, acc[i]);
+      for (int64_t j = c0; j < j1; j++) y[j] = tmp[j - c0];
+    }
+  }
+}
+
+void sparse_f(const SparseW& W, const float* a, const int32_t* idx, int64_t n_idx, int64_t j0, int64_t j1, float* y) {
+  int64_t c0 = j0;
+  for (; c0 + 64 <= j1; c0 += 64) {
+    __m256 acc[8];
+    for (int i = 0; i < 8; i++) acc[i] = _mm256_setzero_ps();
+    for (int64_t t = 0; t < n_idx; t++) {
+      const __m256 ai = _mm256_set1_ps(a[idx[t]]);
+      const int64_t row = (int64_t)idx[t] * W.N + c0;
+      for (int i = 0; i < 8; i++) acc[i] = _mm256_fmadd_ps(ai, load8(W.fmt, W.base, row + 8 * i), acc[i]);
+    }
+    for (int i = 0; i < 8; i++) _mm256_storeu_ps(y + c0 + 8 * i, acc[i]);
+  }
+  for (int64_t j = c0; j < j1; j++) {
+    float s = 0.f;
+    for (int64_t t = 0; t < n_idx; t++) s += a[idx[t]] * load1(W.fmt, W.base, (int64_t)idx[t] * W.N + j);
+    y[j] = s;
+  }
+}
+
+// ---- attention ----------------------------------------------------------------------------
+// exp for x <= 0 (softmax after max subtraction), Cephes polynomial: relative error ~1e-7.
+inline __m256 exp8(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
+  __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+  x = _mm256_sub_ps(x, _mm256_mul_ps(fx, _mm256_set1_ps(0.693359375f)));
+  x = _mm256_sub_ps(x, _mm256_mul_ps(fx, _mm256_set1_ps(-2.12194440e-4f)));
+  const __m256 z = _mm256_mul_ps(x, x);
+  __m256 p = _mm256_set1_ps(1.9875691500E-4f);
+  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(1.3981999507E-3f));
+  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(8.3334519073E-3f));
+  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(4.1665795894E-2f));
+  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(1.6666665459E-1f));
+  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(5.0000001201E-1f));
+  p = _mm256_add_ps(_mm256_fmadd_ps(p, z, x), _mm256_set1_ps(1.f));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+void attention(const float* q, int64_t nh, int64_t D, int64_t rank, const void* cache, int cache_bf16, int64_t S,
+               float scale, float* out, float* scratch) {
+  float* R = scratch;
+  float* s = R + ATTN_TB * D;
+  float* mx = s + nh * ATTN_TB;
+  float* l = mx + nh;
+  const int64_t D8 = D & ~7;
+  for (int64_t h = 0; h < nh; h++) {
+    mx[h] = -__builtin_inff();
+    l[h] = 0.f;
+    for (int64_t r = 0; r < rank; r++) out[h * rank + r] = 0.f;
+  }
+  for (int64_t t0 = 0; t0 < S; t0 += ATTN_TB) {
+    const int64_t tb = S - t0 < ATTN_TB ? S - t0 : ATTN_TB;
+    if (cache_bf16) {
+      const uint16_t* c = (const uint16_t*)cache + t0 * D;
+      int64_t k = 0;
+      for (; k + 8 <= tb * D; k += 8)
+        _mm256_storeu_ps(R + k, _mm256_castsi256_ps(_mm256_slli_epi32(
+                                    _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)(c + k))), 16)));
+      for (; k < tb * D; k++) R[k] = bf16_to_fp32(c[k]);
+    } else {
+      memcpy(R, (const float*)cache + t0 * D, sizeof(float) * tb * D);
+    }
+    for (int64_t h = 0; h < nh; h++) {
+      const float* qh = q + h * D;
+      float* sh = s + h * ATTN_TB;
+      int64_t t = 0;
+      for (; t + 4 <= tb; t += 4) {
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        const float* r0 = R + t * D;
+        for (int64_t k = 0; k < D8; k += 8) {
+          const __m256 qv = _mm256_loadu_ps(qh + k);
+          a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(r0 + k), a0);
+          a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(r0 + D + k), a1);
+          a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(r0 + 2 * D + k), a2);
+          a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(r0 + 3 * D + k), a3);
+        }
+        float v[4] = {hsum8(a0), hsum8(a1), hsum8(a2), hsum8(a3)};
+        for (int64_t k = D8; k < D; k++)
+          for (int i = 0; i < 4; i++) v[i] += qh[k] * r0[i * D + k];
+        for (int i = 0; i < 4; i++) sh[t + i] = v[i] * scale;
+      }
+      for (; t < tb; t++) {
+        __m256 a0 = _mm256_setzero_ps();
+        for (int64_t k = 0; k < D8; k += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qh + k), _mm256_loadu_ps(R + t * D + k), a0);
+        float v = hsum8(a0);
+        for (int64_t k = D8; k < D; k++) v += qh[k] * R[t * D + k];
+        sh[t] = v * scale;
+      }
+      float bm = -__builtin_inff();
+      for (t = 0; t < tb; t++) bm = bm > sh[t] ? bm : sh[t];
+      const float mnew = mx[h] > bm ? mx[h] : bm;
+      const float alpha = __builtin_expf(mx[h] - mnew);
+      __m256 sum = _mm256_setzero_ps();
+      const __m256 vm = _mm256_set1_ps(mnew);
+      for (t = 0; t + 8 <= tb; t += 8) {
+        const __m256 p = exp8(_mm256_sub_ps(_mm256_loadu_ps(sh + t), vm));
+        _mm256_storeu_ps(sh + t, p);
+        sum = _mm256_add_ps(sum, p);
+      }
+      float ssum = hsum8(sum);
+      for (; t < tb; t++) {
+        sh[t] = __builtin_expf(sh[t] - mnew);
+        ssum += sh[t];
+      }
+      l[h] = l[h] * alpha + ssum;
+      mx[h] = mnew;
+      float* o = out + h * rank;
+      const __m256 va = _mm256_set1_ps(alpha);
+      int64_t r = 0;
+      for (; r + 64 <= rank; r += 64) {
+        __m256 acc[8];
+        for (int i = 0; i < 8; i++) acc[i] = _mm256_mul_ps(_mm256_loadu_ps(o + r + 8 * i), va);
+        for (t = 0; t < tb; t++) {
+          const __m256 p = _mm256_set1_ps(sh[t]);
+          const float* row = R + t * D + r;
+          for (int i = 0; i < 8; i++) acc[i] = _mm256_fmadd_ps(p, _mm256_loadu_ps(row + 8 * i), acc[i]);
+        }
+        for (int i = 0; i < 8; i++) _mm256_storeu_ps(o + r + 8 * i, acc[i]);
+      }
+      for (; r + 8 <= rank; r += 8) {
+        __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(o + r), va);
+        for (t = 0; t < tb; t++) acc = _mm256_fmadd_ps(_mm256_set1_ps(sh[t]), _mm256_loadu_ps(R + t * D + r), acc);
+        _mm256_storeu_ps(o + r, acc);
+      }
+      for (; r < rank; r++) {
+        float acc = o[r] * alpha;
+        for (t = 0; t < tb; t++) acc += sh[t] * R[t * D + r];
+        o[r] = acc;
+      }
+    }
+  }
+  for (int64_t h = 0; h < nh; h++) {
+    const float inv = l[h] > 0.f ? 1.f / l[h] : 0.f;
+    for (int64_t r = 0; r < rank; r++) out[h * rank + r] *= inv;
+  }
+}
+
+}  // namespace
+
+extern const Kernels kernels_avx2 = {
+    "avx2", quantize_act, gemv_q8_0, gemv_q4_0, gemv_q4_k, gemv_q6_k, gemv_f, sparse_q, sparse_f, attention,
+};
+
+}  // namespace plm

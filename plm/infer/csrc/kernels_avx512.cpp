@@ -1,0 +1,184 @@
+// AVX-512 (F, BW, VL, DQ, VNNI) kernels: one 16-row tile is one zmm, `vpdpbusd` multiplies
+// 4 unsigned weight bytes by 4 signed activation bytes per row and accumulates in int32, so a
+// block costs one instruction per 64 bytes of weights. Same integer sums and fp32 sequence as
+// kernels_scalar.cpp. Formats without an entry here (Q6_K, sparse, attention, activation
+// quantisation) use the AVX2 kernels, which run unchanged on these CPUs.
+//
+// PLM_SIMDE builds this file against SIMDe's portable AVX-512 emulation
+// (scripts/check_avx512_emulated.sh), so the path can be verified on a host without AVX-512.
+#ifdef PLM_SIMDE
+#define SIMDE_ENABLE_NATIVE_ALIASES
+#include <simde/x86/avx512.h>
+#else
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")
+#include <immintrin.h>
+#endif
+
+#include "plm_kernels.h"
+#include "simde_shim.h"
+
+namespace plm {
+namespace {
+
+inline __m512 f16x16(const uint8_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
+inline __m512i ld512(const uint8_t* p) { return _mm512_loadu_si512((const void*)p); }
+inline int32_t ld32(const int8_t* p) { int32_t v; memcpy(&v, p, 4); return v; }
+
+inline void store_tile(float* y, int64_t ldy, int64_t m, int64_t row0, int64_t N, __m512 v) {
+  float* dst = y + m * ldy + row0;
+  if (row0 + TILE <= N) {
+    _mm512_storeu_ps(dst, v);
+  } else {
+    _mm512_mask_storeu_ps(dst, (__mmask16)((1u << (N - row0)) - 1), v);
+  }
+}
+
+template <int MB>
+void q8_0_rows(const uint8_t* wt, int64_t K, const QAct& x, int64_t m0, float* y, int64_t ldy, int64_t row0,
+               int64_t N) {
+  const int64_t nb = K / 32, nd = K / x.bs;
+  __m512 acc[MB];
+  for (int i = 0; i < MB; i++) acc[i] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb; b++) {
+    const uint8_t* blk = wt + b * Q8_0_TB;
+    __m512i is[MB];
+    for (int i = 0; i < MB; i++) is[i] = _mm512_setzero_si512();
+    for (int c = 0; c < 8; c++) {
+      const __m512i w = ld512(blk + 32 + 64 * c);  // q + 128 as unsigned bytes
+      for (int i = 0; i < MB; i++)
+        is[i] = _mm512_dpbusd_epi32(is[i], w, _mm512_set1_epi32(ld32(x.q + (m0 + i) * K + 32 * b + 4 * c)));
+    }
+    const __m512 dw = f16x16(blk);
+    for (int i = 0; i < MB; i++) {
+      const int32_t* s = x.s16 + (m0 + i) * (K / 16) + 2 * b;
+      const __m512i dot = _mm512_sub_epi32(is[i], _mm512_set1_epi32(128 * (s[0] + s[1])));
+      acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(dw, _mm512_set1_ps(x.d[(m0 + i) * nd + b])), acc[i]);
+    }
+  }
+  for (int i = 0; i < MB; i++) store_tile(y, ldy, m0 + i, row0, N, acc[i]);
+}
+
+inline __m512i nib_dot(__m512i acc, const uint8_t* g, const int8_t* xq) {
+  const __m512i m4 = _mm512_set1_epi8(15);
+  const __m512i v = ld512(g);
+  acc = _mm512_dpbusd_epi32(acc, _mm512_and_si512(v, m4), _mm512_set1_epi32(ld32(xq)));
+  return _mm512_dpbusd_epi32(acc, _mm512_and_si512(_mm512_srli_epi16(v, 4), m4), _mm512_set1_epi32(ld32(xq + 4)));
+}
+
+template <int MB>
+void q4_0_rows(const uint8_t* wt, int64_t K, const QAct& x, int64_t m0, float* y, int64_t ldy, int64_t row0,
+               int64_t N) {
+  const int64_t nb = K / 32, nd = K / x.bs;
+  __m512 acc[MB];
+  for (int i = 0; i < MB; i++) acc[i] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb; b++) {
+    const uint8_t* blk = wt + b * Q4_0_TB;
+    __m512i is[MB];
+    for (int i = 0; i < MB; i++) is[i] = _mm512_setzero_si512();
+    for (int g = 0; g < 4; g++)
+      for (int i = 0; i < MB; i++) is[i] = nib_dot(is[i], blk + 32 + 64 * g, x.q + (m0 + i) * K + 32 * b + 8 * g);
+    const __m512 dw = f16x16(blk);
+    for (int i = 0; i < MB; i++) {
+      const int32_t* s = x.s16 + (m0 + i) * (K / 16) + 2 * b;
+      const __m512i dot = _mm512_sub_epi32(is[i], _mm512_set1_epi32(8 * (s[0] + s[1])));
+      acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(dw, _mm512_set1_ps(x.d[(m0 + i) * nd + b])), acc[i]);
+    }
+  }
+  for (int i = 0; i < MB; i++) store_tile(y, ldy, m0 + i, row0, N, acc[i]);
+}
+
+template <int MB>
+void q4_k_rows(const uint8_t* wt, int64_t K, const QAct& x, int64_t m0, float* y, int64_t ldy, int64_t row0,
+               int64_t N) {
+  const int64_t nb = K / 256, nd = K / x.bs;
+  const __m512 neg = _mm512_castsi512_ps(_mm512_set1_epi32((int)0x80000000));
+  __m512 acc[MB];
+  for (int i = 0; i < MB; i++) acc[i] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb; b++) {
+    const uint8_t* blk = wt + b * Q4_K_TB;
+    __m512i isc[MB], imin[MB];
+    for (int i = 0; i < MB; i++) isc[i] = imin[i] = _mm512_setzero_si512();
+    for (int j = 0; j < 8; j++) {
+      const __m512i sc = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(blk + 64 + 16 * j)));
+      const __m512i mn = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(blk + 192 + 16 * j)));
+      for (int i = 0; i < MB; i++) {
+        const int8_t* xq = x.q + (m0 + i) * K + 256 * b + 32 * j;
+        __m512i dj = _mm512_setzero_si512();
+        for (int g = 0; g < 4; g++) dj = nib_dot(dj, blk + 320 + 256 * j + 64 * g, xq + 8 * g);
+        const int32_t* s = x.s16 + (m0 + i) * (K / 16) + 16 * b + 2 * j;
+        isc[i] = _mm512_add_epi32(isc[i], _mm512_mullo_epi32(dj, sc));
+        imin[i] = _mm512_add_epi32(imin[i], _mm512_mullo_epi32(mn, _mm512_set1_epi32(s[0] + s[1])));
+      }
+    }
+    const __m512 d = f16x16(blk), dm = f16x16(blk + 32);
+    for (int i = 0; i < MB; i++) {
+      const __m512 dx = _mm512_set1_ps(x.d[(m0 + i) * nd + b]);
+      acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isc[i]), _mm512_mul_ps(d, dx), acc[i]);
+      acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(imin[i]), _mm512_xor_ps(_mm512_mul_ps(dm, dx), neg), acc[i]);
+    }
+  }
+  for (int i = 0; i < MB; i++) store_tile(y, ldy, m0 + i, row0, N, acc[i]);
+}
+
+#define PLM_TILE_DRIVER(NAME, ROWS, BS, TB)                                                            \
+  void NAME(const uint8_t* W, int64_t K, int64_t t0, int64_t t1, const QAct& x, int64_t M, float* y, \
+            int64_t ldy, int64_t N) {                                                                 \
+    for (int64_t t = t0; t < t1; t++) {                                                              \
+      const uint8_t* wt = W + t * (K / BS) * TB;                                                     \
+      int64_t m = 0;                                                                                 \
+      for (; m + 4 <= M; m += 4) ROWS<4>(wt, K, x, m, y, ldy, t * TILE, N);                          \
+      if (m + 2 <= M) { ROWS<2>(wt, K, x, m, y, ldy, t * TILE, N); m += 2; }                         \
+      if (m < M) ROWS<1>(wt, K, x, m, y, ldy, t * TILE, N);                                          \
+    }                                                                                                \
+  }
+PLM_TILE_DRIVER(gemv_q8_0, q8_0_rows, 32, Q8_0_TB)
+PLM_TILE_DRIVER(gemv_q4_0, q4_0_rows, 32, Q4_0_TB)
+PLM_TILE_DRIVER(gemv_q4_k, q4_k_rows, 256, Q4_K_TB)
+#undef PLM_TILE_DRIVER
+
+// ---- float weights (convert + FMA; BF16 with vdpbf16ps lives in kernels_avx512bf16.cpp) ----
+inline __m512 load16(int fmt, const void* W, int64_t i, __mmask16 m) {
+  if (fmt == F32) return _mm512_maskz_loadu_ps(m, (const float*)W + i);
+  const __m256i h = _mm256_maskz_loadu_epi16(m, (const uint16_t*)W + i);
+  if (fmt == F16) return _mm512_cvtph_ps(h);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+template <int MB>
+void f_rows(int fmt, const void* W, int64_t K, int64_t n, const float* x, int64_t m0, float* y, int64_t ldy) {
+  __m512 a0[MB], a1[MB];
+  for (int i = 0; i < MB; i++) a0[i] = a1[i] = _mm512_setzero_ps();
+  const __mmask16 all = 0xffff;
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) {
+    const __m512 w0 = load16(fmt, W, n * K + k, all), w1 = load16(fmt, W, n * K + k + 16, all);
+    for (int i = 0; i < MB; i++) {
+      a0[i] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + (m0 + i) * K + k), a0[i]);
+      a1[i] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + (m0 + i) * K + k + 16), a1[i]);
+    }
+  }
+  for (; k < K; k += 16) {
+    const __mmask16 msk = K - k >= 16 ? all : (__mmask16)((1u << (K - k)) - 1);
+    const __m512 w0 = load16(fmt, W, n * K + k, msk);
+    for (int i = 0; i < MB; i++) a0[i] = _mm512_fmadd_ps(w0, _mm512_maskz_loadu_ps(msk, x + (m0 + i) * K + k), a0[i]);
+  }
+  for (int i = 0; i < MB; i++) y[(m0 + i) * ldy + n] = _mm512_reduce_add_ps(_mm512_add_ps(a0[i], a1[i]));
+}
+
+void gemv_f(int fmt, const void* W, int64_t K, int64_t n0, int64_t n1, const float* x, const uint16_t*, int64_t M,
+            float* y, int64_t ldy) {
+  for (int64_t n = n0; n < n1; n++) {
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) f_rows<4>(fmt, W, K, n, x, m, y, ldy);
+    for (; m < M; m++) f_rows<1>(fmt, W, K, n, x, m, y, ldy);
+  }
+}
+
+}  // namespace
+
+// Entries left null fall back to the AVX2 kernels (see ops.cpp).
+extern const Kernels kernels_avx512 = {
+    "avx512", nullptr, gemv_q8_0, gemv_q4_0, gemv_q4_k, nullptr, gemv_f, nullptr, nullptr, nullptr,
+};
+
+}  // namespace plm

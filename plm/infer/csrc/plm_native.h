@@ -1,0 +1,79 @@
+// Torch-side internals shared by ops.cpp, pack.cpp and decoder.cpp (baseline ISA only).
+#pragma once
+#include <torch/torch.h>
+
+#include <string>
+#include <vector>
+
+#include "plm_kernels.h"
+
+namespace plm {
+
+// ---- dispatch -------------------------------------------------------------------------
+struct Dispatch {
+  Kernels k;                 // merged table of the selected path
+  std::string isa;           // "avx512", "avx2" or "scalar"
+  bool bf16_dp = false;      // AVX512-BF16 vdpbf16ps for BF16 weights
+};
+const Dispatch& dispatch();
+void set_isa(const std::string& name);  // throws if the CPU lacks it
+std::string cpu_features();
+void gemv_bf16_avx512bf16(const void* W, int64_t K, int64_t n0, int64_t n1, const uint16_t* xb, int64_t M, float* y,
+                          int64_t ldy);
+
+// ---- formats --------------------------------------------------------------------------
+bool is_block(int fmt);            // Q8_0, Q4_0, Q4_K, Q6_K
+bool is_float(int fmt);            // F32, F16, BF16
+int block_size(int fmt);           // inputs per GGUF block (1 for float formats)
+int64_t row_bytes(int fmt, int64_t K);  // GGUF bytes of one row of K inputs
+int act_block(int fmt);            // activation quantisation block: 32 or 256
+std::string format_name(int fmt);
+void check_shape(int fmt, int64_t N, int64_t K, const char* what);
+
+// GGUF blocks [N, row_bytes] -> tile layout (block formats) or a contiguous copy (float).
+at::Tensor pack_tiles(const at::Tensor& raw, int fmt, int64_t N, int64_t K);
+// GGUF blocks -> neuron-major layout for the sparse down projection.
+at::Tensor pack_sparse(const at::Tensor& raw, int fmt, int64_t N, int64_t K);
+// Packed tiles -> float [N, K] (tests; embedding rows).
+void dequant_tile_row(int fmt, const uint8_t* tiles, int64_t K, int64_t row, float* out);
+// float [N, K] -> GGUF blocks (Q8_0, Q4_0, Q4_K; F32/F16/BF16 casts).
+at::Tensor quantize_blocks(const at::Tensor& w, int fmt);
+// Neuron-major layout -> float [N, K] (tests).
+at::Tensor dequant_sparse(const at::Tensor& packed, int fmt, int64_t N, int64_t K);
+
+// ---- matrices -------------------------------------------------------------------------
+struct Work {  // scratch reused across calls (grows, never shrinks)
+  std::vector<int8_t> q;
+  std::vector<float> d, xf;
+  std::vector<int32_t> s16, idx, start;
+  std::vector<uint16_t> xb;
+};
+
+struct SparseStats {
+  int64_t rows = 0, active = 0, neurons = 0;
+};
+
+// One weight matrix y = x W^T, W [N, K] in `fmt`, packed. `groups` > 1: N = groups * Ng rows
+// where group g is multiplied by its own activation rows (absorbed MLA's per-head matrices);
+// tile formats pack each group separately (padded to whole tiles).
+struct Mat {
+  at::Tensor data;
+  int fmt = -1;
+  int64_t N = 0, K = 0, groups = 1;
+  bool sparse = false;  // neuron-major layout (down projection)
+
+  bool defined() const { return fmt >= 0; }
+  int64_t Ng() const { return N / groups; }
+  int64_t tiles_per_group() const { return ceil_div(Ng(), TILE); }
+  int64_t tile_bytes() const;
+  int64_t nbytes() const { return data.defined() ? data.numel() * data.element_size() : 0; }
+  // x [groups][M][K] (group-major), y [M][N] row stride ldy. bf16_x: x already rounded.
+  void forward(const float* x, int64_t M, float* y, int64_t ldy, Work& w) const;
+  // sparse layout: y [M][N] from a [M][K], skipping zero (quantised) activations
+  void forward_sparse(const float* a, int64_t M, float* y, int64_t ldy, Work& w, SparseStats* st) const;
+  void row(int64_t r, float* out) const;  // dequantised row r (embedding lookup)
+};
+
+Mat make_mat(const at::Tensor& data, int64_t fmt, int64_t N, int64_t K, int64_t groups, bool sparse);
+
+}  // namespace plm

@@ -1,0 +1,94 @@
+// Test-only (PLM_SIMDE builds): AVX-512 intrinsics that SIMDe 0.7 does not emulate, written
+// as plain loops with the instructions' documented semantics, so the AVX-512 kernels can run
+// on a host without AVX-512 (scripts/check_avx512_emulated.sh). Never part of a normal build.
+#pragma once
+#ifdef PLM_SIMDE
+
+typedef simde__mmask16 __mmask16;
+typedef simde__mmask32 __mmask32;
+
+namespace plm {
+namespace shim {
+
+static inline __m512 cvtepi32_ps(__m512i v) {
+  int32_t a[16];
+  float f[16];
+  _mm512_storeu_si512(a, v);
+  for (int i = 0; i < 16; i++) f[i] = (float)a[i];
+  return _mm512_loadu_ps(f);
+}
+static inline __m512i cvtepu8_epi32(__m128i v) {
+  uint8_t a[16];
+  int32_t o[16];
+  _mm_storeu_si128((__m128i*)a, v);
+  for (int i = 0; i < 16; i++) o[i] = a[i];
+  return _mm512_loadu_si512(o);
+}
+static inline __m512i cvtepu16_epi32(__m256i v) {
+  uint16_t a[16];
+  int32_t o[16];
+  _mm256_storeu_si256((__m256i*)a, v);
+  for (int i = 0; i < 16; i++) o[i] = a[i];
+  return _mm512_loadu_si512(o);
+}
+static inline __m512 cvtph_ps(__m256i v) {
+  uint16_t a[16];
+  float o[16];
+  _mm256_storeu_si256((__m256i*)a, v);
+  for (int i = 0; i < 16; i++) o[i] = fp16_to_fp32(a[i]);
+  return _mm512_loadu_ps(o);
+}
+static inline __m512 maskz_loadu_ps(__mmask16 m, const void* p) {
+  float o[16];
+  for (int i = 0; i < 16; i++) o[i] = (m >> i) & 1 ? ((const float*)p)[i] : 0.f;
+  return _mm512_loadu_ps(o);
+}
+static inline __m256i maskz_loadu_epi16_256(__mmask16 m, const void* p) {
+  uint16_t o[16];
+  for (int i = 0; i < 16; i++) o[i] = (m >> i) & 1 ? ((const uint16_t*)p)[i] : 0;
+  return _mm256_loadu_si256((const __m256i*)o);
+}
+static inline __m512i maskz_loadu_epi16_512(__mmask32 m, const void* p) {
+  uint16_t o[32];
+  for (int i = 0; i < 32; i++) o[i] = (m >> i) & 1 ? ((const uint16_t*)p)[i] : 0;
+  return _mm512_loadu_si512(o);
+}
+static inline void mask_storeu_ps(void* p, __mmask16 m, __m512 v) {
+  float a[16];
+  _mm512_storeu_ps(a, v);
+  for (int i = 0; i < 16; i++)
+    if ((m >> i) & 1) ((float*)p)[i] = a[i];
+}
+// SIMDe's portable fmadd rounds twice (a * b + c); the instruction rounds once.
+static inline __m512 fmadd_ps(__m512 a, __m512 b, __m512 c) {
+  float x[16], y[16], z[16];
+  _mm512_storeu_ps(x, a);
+  _mm512_storeu_ps(y, b);
+  _mm512_storeu_ps(z, c);
+  for (int i = 0; i < 16; i++) z[i] = __builtin_fmaf(x[i], y[i], z[i]);
+  return _mm512_loadu_ps(z);
+}
+static inline float reduce_add_ps(__m512 v) {
+  float a[16];
+  _mm512_storeu_ps(a, v);
+  float s = 0.f;
+  for (int i = 0; i < 16; i++) s += a[i];
+  return s;
+}
+
+}  // namespace shim
+}  // namespace plm
+
+#define _mm512_cvtepi32_ps plm::shim::cvtepi32_ps
+#define _mm512_cvtepu8_epi32 plm::shim::cvtepu8_epi32
+#define _mm512_cvtepu16_epi32 plm::shim::cvtepu16_epi32
+#define _mm512_cvtph_ps plm::shim::cvtph_ps
+#define _mm512_maskz_loadu_ps plm::shim::maskz_loadu_ps
+#define _mm256_maskz_loadu_epi16 plm::shim::maskz_loadu_epi16_256
+#define _mm512_maskz_loadu_epi16 plm::shim::maskz_loadu_epi16_512
+#define _mm512_mask_storeu_ps plm::shim::mask_storeu_ps
+#define _mm512_reduce_add_ps plm::shim::reduce_add_ps
+#undef _mm512_fmadd_ps
+#define _mm512_fmadd_ps plm::shim::fmadd_ps
+
+#endif  // PLM_SIMDE

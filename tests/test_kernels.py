@@ -1,0 +1,322 @@
+"""The native kernels (plm/infer/csrc) against independent float64 references.
+
+Weights are random GGUF blocks (any bytes are valid blocks once the fp16 scales are finite),
+decoded by the `gguf` package's numpy dequantiser, which shares no code with ours. Each kernel
+runs on every path this CPU supports (the AVX-512 cases skip here and run on AVX-512 hosts or
+under scripts/check_avx512_emulated.sh).
+
+Error bounds, and why they hold:
+* Block formats quantise the activations per block of bs inputs (32, or 256 for K-quants):
+  d = max|x| / 127 and q = round(x / d), so |x - d q| <= d / 2 per input. Against the exact
+  product the error is therefore at most sum over blocks of d_b / 2 * sum_{k in b} |w_k|
+  (`act_bound`), plus fp32 rounding of the per-block results.
+* Against the activation-quantised product computed in float64 (`emulate`), each block's
+  integer dot is exact and only the fp32 scale product and the fp32 accumulation over the
+  nb blocks round: |error| <= (nb + 2) * 2^-24 * sum |d q| |w|; we allow 1e-5 of that sum.
+* BF16 weights take bf16-rounded activations (|x - bf16(x)| <= 2^-9 |x|); float formats
+  accumulate K products in fp32 (<= K * 2^-24 * sum |x| |w|).
+* Paths (scalar, AVX2, AVX-512) compute the same integers and the same fp32 sequence per
+  row for block formats: their outputs are compared bit for bit.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from plm.infer import native as nv
+
+pytestmark = pytest.mark.skipif(not nv.load(), reason="native kernels not built (python -m plm.infer.native build)")
+
+REPO = Path(__file__).resolve().parents[1]
+ISAS = ("scalar", "avx2", "avx512")
+BLOCK_FORMATS = (nv.Q8_0, nv.Q4_0, nv.Q4_K, nv.Q6_K)
+FLOAT_FORMATS = (nv.F32, nv.F16, nv.BF16)
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    if not nv.isa_supported(request.param):
+        pytest.skip(f"this CPU has no {request.param} path")
+    nv.set_isa(request.param)
+    yield request.param
+    nv.set_isa("auto")
+
+
+def random_blocks(fmt: int, N: int, K: int, rng: np.random.Generator) -> torch.Tensor:
+    """N rows of random GGUF blocks of `fmt` (uint8 [N, row_bytes])."""
+    if fmt in FLOAT_FORMATS:
+        w = torch.from_numpy(rng.standard_normal((N, K)).astype(np.float32))
+        return nv.quantize(w, fmt)
+    bs, nbytes = nv.BLOCK[fmt]
+    nb = K // bs
+    raw = rng.integers(0, 256, size=(N, nb, nbytes), dtype=np.uint8)
+
+    def put_f16(off: int, lo: float, hi: float) -> None:
+        raw[:, :, off:off + 2] = rng.uniform(lo, hi, (N, nb)).astype(np.float16).view(np.uint8).reshape(N, nb, 2)
+
+    if fmt in (nv.Q8_0, nv.Q4_0):
+        put_f16(0, -0.05, 0.05)
+    elif fmt == nv.Q4_K:
+        put_f16(0, 0.0, 0.005)
+        put_f16(2, 0.0, 0.005)
+    else:  # Q6_K: d last
+        put_f16(208, -0.001, 0.001)
+    return torch.from_numpy(raw.reshape(N, -1).copy())
+
+
+def act_block(fmt: int) -> int:
+    return 256 if fmt in (nv.Q4_K, nv.Q6_K) else 32
+
+
+def quant_act(x: torch.Tensor, bs: int) -> torch.Tensor:
+    """The activations as the kernels see them (float64), per the definition above."""
+    xb = x.double().reshape(x.shape[0], -1, bs)
+    d = (xb.abs().amax(-1, keepdim=True).float() / 127.0).double()  # fp32 division, as the kernels
+    inv = torch.where(d != 0, (1.0 / d.float()).double(), torch.zeros_like(d))
+    q = torch.round((xb.float() * inv.float()).double())  # fp32 product, round half to even
+    return (q * d).reshape(x.shape)
+
+
+def check_block_gemv(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, fmt: int) -> None:
+    bs = act_block(fmt)
+    xq = quant_act(x, bs)
+    emulate = xq @ w.T
+    mag = xq.abs() @ w.abs().T
+    assert (y.double() - emulate).abs().le(1e-5 * mag + 1e-30).all(), (y.double() - emulate).abs().max()
+    exact = x.double() @ w.T
+    d = x.double().reshape(x.shape[0], -1, bs).abs().amax(-1) / 127.0  # [M, nb]
+    wl1 = w.abs().reshape(w.shape[0], -1, bs).sum(-1)  # [N, nb]
+    act_bound = (d / 2) @ wl1.T
+    assert (y.double() - exact).abs().le(act_bound + 1e-5 * mag + 1e-30).all()
+
+
+SHAPES = [(1, 32), (17, 96), (33, 256), (50, 768), (16, 512)]  # N odd, K not a multiple of the unroll
+
+
+@pytest.mark.parametrize("fmt", BLOCK_FORMATS, ids=lambda f: nv.FORMAT_NAMES[f])
+@pytest.mark.parametrize("N,K", SHAPES)
+@pytest.mark.parametrize("M", (1, 2, 7))
+def test_block_gemv_against_gguf_dequant(isa, fmt, N, K, M):
+    if K % nv.BLOCK[fmt][0]:
+        pytest.skip("K not a multiple of the block")
+    rng = np.random.default_rng(N * 1000 + K + M + fmt)
+    raw = random_blocks(fmt, N, K, rng)
+    w = nv.dequantize_blocks(raw, fmt, N, K).double()
+    lin = nv.PackedLinear(raw, fmt, N, K)
+    assert torch.equal(lin.dequantize().double(), w)  # the repacked layout holds the file's values
+    x = torch.from_numpy(rng.standard_normal((M, K)).astype(np.float32)) * 3
+    x[:, : K // 4] *= 0.01  # blocks of very different scales
+    check_block_gemv(lin(x), x, w, fmt)
+
+
+@pytest.mark.parametrize("fmt", BLOCK_FORMATS, ids=lambda f: nv.FORMAT_NAMES[f])
+def test_block_paths_bit_identical(fmt):
+    rng = np.random.default_rng(fmt)
+    N, K = 45, 768
+    raw = random_blocks(fmt, N, K, rng)
+    lin = nv.PackedLinear(raw, fmt, N, K)
+    x = torch.from_numpy(rng.standard_normal((7, K)).astype(np.float32))
+    outs = {}
+    for isa in ISAS:
+        if nv.isa_supported(isa):
+            nv.set_isa(isa)
+            outs[isa] = lin(x)
+    nv.set_isa("auto")
+    assert len(outs) >= 2
+    ref = outs.pop("scalar")
+    for isa, y in outs.items():
+        assert torch.equal(y, ref), f"{isa} differs from scalar by {(y - ref).abs().max()}"
+
+
+@pytest.mark.parametrize("fmt", FLOAT_FORMATS, ids=lambda f: nv.FORMAT_NAMES[f])
+@pytest.mark.parametrize("N,K", [(1, 5), (17, 37), (33, 100), (50, 256)])
+@pytest.mark.parametrize("M", (1, 2, 7))
+def test_float_gemv(isa, fmt, N, K, M):
+    rng = np.random.default_rng(N + K + M + fmt)
+    raw = random_blocks(fmt, N, K, rng)
+    w = nv.dequantize_blocks(raw, fmt, N, K).double()
+    lin = nv.PackedLinear(raw, fmt, N, K)
+    x = torch.from_numpy(rng.standard_normal((M, K)).astype(np.float32))
+    y = lin(x).double()
+    xr = x.to(torch.bfloat16).double() if fmt == nv.BF16 else x.double()
+    mag = xr.abs() @ w.abs().T
+    assert (y - xr @ w.T).abs().le(K * 2.0 ** -24 * mag + 1e-30).all()
+    if fmt == nv.BF16:  # and against unrounded activations, within bf16 rounding of x
+        assert (y - x.double() @ w.T).abs().le((2.0 ** -9 + K * 2.0 ** -24) * (x.double().abs() @ w.abs().T)).all()
+
+
+@pytest.mark.parametrize("fmt", (nv.Q8_0, nv.Q4_K, nv.BF16), ids=lambda f: nv.FORMAT_NAMES[f])
+def test_grouped_gemv(isa, fmt):
+    """groups: each block of rows takes its own activation rows (absorbed MLA per head)."""
+    rng = np.random.default_rng(7)
+    G, ng, K, M = 3, 20, 256, 2
+    raw = random_blocks(fmt, G * ng, K, rng)
+    lin = nv.PackedLinear(raw, fmt, G * ng, K, groups=G)
+    x = torch.from_numpy(rng.standard_normal((G * M, K)).astype(np.float32))
+    y = lin(x)
+    for g in range(G):
+        part = nv.PackedLinear(raw[g * ng:(g + 1) * ng], fmt, ng, K)
+        assert torch.equal(y[:, g * ng:(g + 1) * ng], part(x[g * M:(g + 1) * M]))
+
+
+def relu2_acts(rng: np.random.Generator, M: int, K: int, zero_share: float) -> torch.Tensor:
+    a = rng.standard_normal((M, K)).astype(np.float32)
+    a = np.where(rng.random((M, K)) < zero_share, 0.0, np.abs(a)) ** 2
+    return torch.from_numpy(a.astype(np.float32))
+
+
+@pytest.mark.parametrize("fmt", (nv.Q8_0, nv.Q4_0, nv.Q4_K, nv.F32, nv.F16, nv.BF16), ids=lambda f: nv.FORMAT_NAMES[f])
+@pytest.mark.parametrize("N", (64, 70, 130))
+def test_sparse_down_equals_dense(isa, fmt, N):
+    """Neuron-major down projection: the same numbers as the dense kernel on the same
+    activations (bit for bit for block formats), reading only active neurons' rows."""
+    rng = np.random.default_rng(N + fmt)
+    K = 512
+    raw = random_blocks(fmt, N, K, rng)
+    dense = nv.PackedLinear(raw, fmt, N, K)
+    sparse = nv.PackedLinear(raw, fmt, N, K, sparse=True)
+    assert torch.equal(sparse.dequantize(), nv.dequantize_blocks(raw, fmt, N, K))
+    a = relu2_acts(rng, 3, K, 0.9)
+    a[1] = 0  # a row with nothing active
+    a[2, :40] = 1.0  # and one with a dense head
+    y_sparse, y_dense = sparse(a), dense(a)
+    if fmt in BLOCK_FORMATS:
+        assert torch.equal(y_sparse, y_dense)
+    else:
+        ar = a.to(torch.bfloat16).double() if fmt == nv.BF16 else a.double()
+        w = nv.dequantize_blocks(raw, fmt, N, K).double()
+        tol = 2 * K * 2.0 ** -24 * (ar.abs() @ w.abs().T)
+        assert (y_sparse.double() - y_dense.double()).abs().le(tol + 1e-30).all()
+    assert torch.equal(y_sparse[1], torch.zeros(N))
+
+    # inactive neurons' rows are never read: scribbling over them changes nothing
+    if fmt in (nv.Q8_0, nv.Q4_0, nv.Q4_K):
+        np_ = (N + 63) // 64 * 64
+        row = np_ if fmt == nv.Q8_0 else np_ // 2
+        inactive = (a[0] == 0) & (a[2] == 0)
+        poisoned = sparse.data.clone().view(-1)
+        qrows = poisoned[: K * row].view(K, row)
+        qrows[inactive] = torch.randint(0, 256, (int(inactive.sum()), row), dtype=torch.uint8)
+        y2 = torch.ops.plm.sparse_gemv(poisoned, fmt, N, K, a)
+        assert torch.equal(y2, y_sparse)
+
+
+@pytest.mark.parametrize("fmt", (nv.Q8_0, nv.Q4_0))
+def test_quantisers_match_gguf(fmt):
+    """Our Q8_0/Q4_0 quantisers write the same bytes as gguf-py's (ggml's reference)."""
+    import gguf
+
+    rng = np.random.default_rng(fmt)
+    w = rng.standard_normal((40, 256)).astype(np.float32)
+    w[3] = 0.0  # an all-zero row
+    ours = nv.quantize(torch.from_numpy(w), fmt).numpy()
+    theirs = np.ascontiguousarray(gguf.quants.quantize(w, gguf.GGMLQuantizationType(fmt))).view(np.uint8).reshape(40, -1)
+    assert (ours != theirs).mean() < 1e-3  # exact .5 ties may round differently in rare cases
+    deq = nv.dequantize_blocks(torch.from_numpy(ours), fmt, 40, 256).numpy()
+    assert np.abs(deq - w).max() <= np.abs(w).max() / (127 if fmt == nv.Q8_0 else 7)
+
+
+def test_q4_k_quantiser_error():
+    """Q4_K (scales and mins per 32, 6-bit) beats Q4_0 on the same weights and stays within
+    its worst case of half a step per value."""
+    rng = np.random.default_rng(3)
+    w = torch.from_numpy(rng.standard_normal((64, 1024)).astype(np.float32))
+    errs = {}
+    for fmt in (nv.Q4_K, nv.Q4_0):
+        deq = nv.dequantize_blocks(nv.quantize(w, fmt), fmt, 64, 1024)
+        errs[fmt] = float((deq - w).norm() / w.norm())
+    assert errs[nv.Q4_K] < errs[nv.Q4_0] < 0.15, errs
+    assert errs[nv.Q4_K] < 0.1
+
+
+@pytest.mark.parametrize("D,rank", [(40, 32), (576, 512)])
+@pytest.mark.parametrize("S", (1, 5, 64, 65, 200))
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=("f32", "bf16"))
+def test_attention_kernel(isa, D, rank, S, dtype):
+    rng = np.random.default_rng(S + D)
+    H = 3
+    q = torch.from_numpy(rng.standard_normal((H, D)).astype(np.float32))
+    cache = torch.from_numpy(rng.standard_normal((S, D)).astype(np.float32)).to(dtype)
+    scale = D ** -0.5
+    out = nv.attention(q, cache, rank, scale).double()
+    c = cache.double()
+    p = ((q.double() @ c.T) * scale).softmax(-1)
+    ref = p @ c[:, :rank]
+    # fp32 scores (D products) and exp (~1e-7): well under 1e-5 of the values' scale
+    assert (out - ref).abs().max() <= 1e-5 * c[:, :rank].abs().max() * max(1.0, float(p.max() * S) ** 0.5)
+
+
+def _run(code: str, **env) -> subprocess.CompletedProcess:
+    e = {**os.environ, **env}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=e, cwd=REPO, timeout=300)
+
+
+FALLBACK_SCRIPT = """
+import numpy as np, torch, sys
+sys.path.insert(0, {tests!r})
+from test_kernels import random_blocks
+from plm.infer import native as nv
+out = {{}}
+for fmt in (nv.Q8_0, nv.Q4_0, nv.Q6_K, nv.BF16, nv.F16):
+    rng = np.random.default_rng(fmt)
+    N, K = 33, 512
+    raw = random_blocks(fmt, N, K, rng)
+    x = torch.from_numpy(rng.standard_normal((2, K)).astype(np.float32))
+    out[f"y{{fmt}}"] = nv.PackedLinear(raw, fmt, N, K)(x)
+    out[f"s{{fmt}}"] = nv.PackedLinear(raw, fmt, N, K, sparse=fmt != nv.Q6_K)(x.abs())
+    out[f"w{{fmt}}"] = nv.PackedLinear(raw, fmt, N, K).dequantize()
+q = torch.from_numpy(np.random.default_rng(0).standard_normal((2, 40)).astype(np.float32))
+c = torch.from_numpy(np.random.default_rng(1).standard_normal((70, 40)).astype(np.float32))
+out["attn"] = nv.attention(q, c, 32, 0.2)
+out["native"] = torch.tensor(nv.load())
+torch.save(out, {path!r})
+"""
+
+
+def test_forced_fallback_gives_the_same_results(tmp_path):
+    """PLM_NATIVE=0 runs the PyTorch emulation of the same arithmetic: one notice line on
+    stderr and results equal to the native kernels within fp32 rounding."""
+    results = {}
+    for native_on in ("1", "0"):
+        path = tmp_path / f"out{native_on}.pt"
+        proc = _run(FALLBACK_SCRIPT.format(tests=str(REPO / "tests"), path=str(path)), PLM_NATIVE=native_on)
+        assert proc.returncode == 0, proc.stderr
+        results[native_on] = torch.load(path)
+        notices = [ln for ln in proc.stderr.splitlines() if "native kernels unavailable" in ln]
+        assert len(notices) == (1 if native_on == "0" else 0), proc.stderr
+    nat, fb = results["1"], results["0"]
+    assert bool(nat.pop("native")) and not bool(fb.pop("native"))
+    for k in nat:
+        scale = float(nat[k].abs().max())
+        assert torch.allclose(nat[k], fb[k], rtol=0, atol=2e-5 * scale), (k, (nat[k] - fb[k]).abs().max(), scale)
+
+
+def test_load_without_a_build_falls_back_with_one_line(tmp_path):
+    proc = _run("from plm.infer import native as nv; print(nv.load()); print(nv.info()['available'])",
+                PLM_KERNEL_CACHE=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["False", "False"]
+    assert proc.stderr.strip().splitlines() == [
+        "plm: native kernels unavailable (not built; run `python -m plm.infer.native build`); using PyTorch kernels"]
+
+
+def test_forcing_an_isa():
+    proc = _run("from plm.infer import native as nv; nv.load(); print(nv.info()['isa'])", PLM_NATIVE_ISA="scalar")
+    assert proc.returncode == 0 and proc.stdout.strip() == "scalar", proc.stderr
+    proc = _run("from plm.infer import native as nv; nv.load()", PLM_NATIVE_ISA="neon")
+    assert proc.returncode != 0 and "PLM_NATIVE_ISA=neon" in proc.stderr
+    if not nv.isa_supported("avx512"):
+        proc = _run("from plm.infer import native as nv; nv.load()", PLM_NATIVE_ISA="avx512")
+        assert proc.returncode != 0 and "cannot run the avx512 kernels" in proc.stderr
+
+
+def test_info_names_the_path():
+    i = nv.info()
+    assert i["available"] and i["isa"].split("+")[0] in ISAS and Path(i["library"]).exists()
+    assert isinstance(i.get("build_seconds"), (int, float))
