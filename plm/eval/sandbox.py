@@ -321,8 +321,16 @@ def children(pid):
         for tid in os.listdir("/proc/%d/task" % pid):
             with open("/proc/%d/task/%s/children" % (pid, tid)) as f:
                 kids.update(int(x) for x in f.read().split())
-    except OSError:
+        return kids
+    except OSError:  # a kernel without CONFIG_PROC_CHILDREN: look for our PPid instead
         pass
+    for entry in os.listdir("/proc"):
+        try:
+            with open("/proc/%s/stat" % entry) as f:
+                if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                    kids.add(int(entry))
+        except (OSError, ValueError, IndexError):
+            pass
     return kids
 
 
@@ -772,8 +780,16 @@ def _children(pid: int) -> set[int]:
     try:
         for tid in os.listdir(f"/proc/{pid}/task"):
             kids.update(int(x) for x in Path(f"/proc/{pid}/task/{tid}/children").read_text().split())
-    except OSError:
-        pass
+        return kids
+    except OSError:  # no CONFIG_PROC_CHILDREN, or the process is gone
+        if not os.path.exists(f"/proc/{pid}"):
+            return kids
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                kids.add(int(entry))
+        except (OSError, ValueError, IndexError):
+            pass
     return kids
 
 
