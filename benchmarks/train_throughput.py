@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from plm import PLMConfig, PLMForCausalLM
-from plm.train.trainer import device_peak_flops, flops_per_token
+from plm.train.trainer import device_peak_flops, flops_per_token, use_bf16
 
 
 def measured_matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
@@ -49,13 +49,14 @@ def run_path(name: str, cfg: PLMConfig, device: torch.device, seq: int, batch: i
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, **kw)
         fwd = torch.compile(model) if compile_ else model
         x = torch.randint(0, cfg.vocab_size, (batch, seq), device=device)
-        times = []
+        times, losses = [], []
         for i in range(warmup + steps):
             sync(device)
             t = time.perf_counter()
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 loss = fwd(x, labels=x).loss
             loss.backward()
+            losses.append(float(loss))
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -64,7 +65,7 @@ def run_path(name: str, cfg: PLMConfig, device: torch.device, seq: int, batch: i
                 times.append(time.perf_counter() - t)
         tps = batch * seq * len(times) / sum(times)
         peak_mem = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-        return {"path": name, "tokens_per_s": tps, "step_s": sum(times) / len(times),
+        return {"path": name, "tokens_per_s": tps, "step_s": sum(times) / len(times), "losses": losses,
                 "flops_per_token": flops_per_token(model, seq), "peak_gpu_mem_bytes": peak_mem}
     finally:
         if device.type == "cuda":
@@ -93,7 +94,7 @@ def main() -> None:
                           ("cpu" if args.device == "auto" else args.device))
     vocab = args.vocab_size or (151936 if args.preset == "plm-1.8b" else 4096)
     cfg = PLMConfig.from_preset(args.preset, vocab_size=vocab, bos_token_id=0, eos_token_id=0)
-    bf16 = args.precision == "bf16" or (args.precision == "auto" and (device.type == "cuda" or _cpu_bf16()))
+    bf16 = use_bf16(args.precision, device)
     dtype = torch.bfloat16 if bf16 else torch.float32
     published = device_peak_flops(device, None)
     peak = published or measured_matmul_peak(device, dtype)
@@ -128,13 +129,6 @@ def main() -> None:
         stem = f"train_throughput-{args.preset}-{device.type}"
         (out / f"{stem}.json").write_text(json.dumps(result, indent=2))
         (out / f"{stem}.md").write_text("\n".join(md) + "\n")
-
-
-def _cpu_bf16() -> bool:
-    try:
-        return "avx512_bf16" in Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
 
 
 if __name__ == "__main__":

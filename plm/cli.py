@@ -54,8 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     except PLMError as e:
         print(f"plm {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except FileNotFoundError as e:
-        print(f"plm {args.command}: error: {e.strerror}: {e.filename}", file=sys.stderr)
+    except OSError as e:  # missing, unreadable, a folder where a file was meant, no space left, ...
+        where = f": {e.filename}" if e.filename else ""
+        print(f"plm {args.command}: error: {e.strerror or e}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -39,6 +39,26 @@ def atomic_open(path: str | Path, mode: str = "w", encoding: str | None = "utf-8
     fsync_dir(path.parent)
 
 
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary path beside `path` for a writer that wants a file name (a GGUF writer, numpy's
+    tofile, a quantiser); on success it is fsynced and renamed to `path`, on failure removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
+
+
 def atomic_write_text(path: str | Path, text: str) -> Path:
     with atomic_open(path, "w") as f:
         f.write(text)

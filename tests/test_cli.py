@@ -51,10 +51,28 @@ def test_generate_is_deterministic_and_batched(micro):
     assert r.returncode == 0 and r.stdout.count("### ") == 2
 
 
-def test_chat_multi_turn(micro):
-    r = plm("chat", micro, "--max-new-tokens", "4", input="hi\nand again\n\n")
+def test_chat_multi_turn(qwen2_micro_dir):
+    """Each reply is the greedy continuation of the whole conversation so far (history kept);
+    empty lines and unknown commands do not end the session, /exit does."""
+    r = plm("chat", qwen2_micro_dir, "--max-new-tokens", "6", "--runtime", "reference",
+            input="hi\n\n/nope\nand again\n/exit\n")
     assert r.returncode == 0, r.stderr
-    assert r.stdout.count("plm> ") == 2
+    replies = [part.split("\nyou> ")[0] for part in r.stdout.split("plm> ")[1:]]
+    from plm.data.tokenizer import Tokenizer
+    from plm.infer.generate import GenerationConfig, generate
+    from plm.model.modeling import PLMForCausalLM
+    model, tok = PLMForCausalLM.from_pretrained(qwen2_micro_dir), Tokenizer.from_dir(qwen2_micro_dir)
+
+    def greedy(msgs):
+        return generate(model, tok, tok.apply_chat_template(msgs, add_generation_prompt=True),
+                        GenerationConfig(max_new_tokens=6)).texts[0]
+
+    first = greedy([{"role": "user", "content": "hi"}])
+    second = greedy([{"role": "user", "content": "hi"}, {"role": "assistant", "content": first},
+                     {"role": "user", "content": "and again"}])
+    assert replies == [first, second]
+    assert second != greedy([{"role": "user", "content": "and again"}])  # the history made a difference
+    assert "unknown command /nope" in r.stdout and r.stderr.count("tok/s") == 2
 
 
 @pytest.mark.parametrize("args,msg", [

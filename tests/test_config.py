@@ -24,11 +24,23 @@ def test_plm_1_8b_preset_is_the_released_shape():
     assert abs(n * 2 / 1e9 - 3.65) < 0.01
 
 
-def test_small_presets_exist_for_cpu():
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_model_info_counts_every_preset_exactly(name):
+    """`plm info`'s formula against the parameters of the model itself (built on the meta device),
+    for every preset; the small ones fit a laptop CPU."""
+    import torch
+
+    from plm import PLMForCausalLM
     from plm.model.config import model_info
-    sizes = {name: model_info(PLMConfig.from_preset(name, vocab_size=8192, bos_token_id=0, eos_token_id=0))
-             ["total_parameters"] for name in PRESETS}
-    assert min(sizes.values()) < 20_000_000
+    cfg = PLMConfig.from_preset(name, vocab_size=8192, bos_token_id=0, eos_token_id=0)
+    with torch.device("meta"):
+        real = PLMForCausalLM(cfg).num_parameters()
+    info = model_info(cfg, inactive=0.5)
+    assert info["total_parameters"] == real
+    mlp = cfg.num_hidden_layers * 2 * cfg.hidden_size * cfg.intermediate_size
+    assert info["activated_parameters_per_token"] == int(real - 0.5 * mlp)
+    if name in ("plm-micro", "plm-tiny"):
+        assert real < 20_000_000
 
 
 @pytest.mark.parametrize("field,value,match", [

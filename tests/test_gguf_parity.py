@@ -103,3 +103,27 @@ def test_quantised_exports_run_in_llama_cpp(qwen2_micro_dir, tmp_path, prompt_id
     rel = np.abs(theirs - ours).max() / np.abs(ours).max()
     assert rel < tol, rel
     assert out.stat().st_size < (tmp_path / "m-f32.gguf").stat().st_size if (tmp_path / "m-f32.gguf").exists() else True
+
+
+@pytest.mark.parametrize("qtype,ftype", [("q8_0", 7), ("q4_0", 2)])
+def test_direct_quantisation_matches_llama_cpp_bytes(qwen2_micro_dir, f32_gguf, tmp_path, qtype, ftype):
+    """Our numpy q8_0/q4_0 blocks are exactly the blocks llama.cpp's own quantiser makes from the
+    same f32 file, tensor by tensor (where both chose the same type)."""
+    import gguf
+    import llama_cpp
+
+    from plm.export.gguf import quiet_llama_log
+    ours = export_gguf(qwen2_micro_dir, tmp_path / f"ours-{qtype}.gguf", qtype)
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    theirs = tmp_path / f"llama-{qtype}.gguf"
+    with quiet_llama_log():
+        assert llama_cpp.llama_model_quantize(str(f32_gguf).encode(), str(theirs).encode(), params) == 0
+    a = {t.name: t for t in gguf.GGUFReader(str(ours)).tensors}
+    b = {t.name: t for t in gguf.GGUFReader(str(theirs)).tensors}
+    assert set(a) == set(b)
+    same = [n for n in a if a[n].tensor_type == b[n].tensor_type]
+    Q = gguf.GGMLQuantizationType
+    assert sum(1 for n in same if a[n].tensor_type == getattr(Q, qtype.upper())) >= 5 * 3  # every layer's matrices
+    for n in same:
+        assert bytes(a[n].data.tobytes()) == bytes(b[n].data.tobytes()), n

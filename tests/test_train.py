@@ -162,3 +162,23 @@ def test_bad_recipes_fail_clearly(data, tmp_path):
     (tmp_path / "empty").mkdir()
     r = run(["pretrain", rec, "--set", f"data.math.dir={tmp_path / 'empty'}"])
     assert r.returncode == 2 and "math" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_train_throughput_benchmark_measures_the_same_model_twice(tmp_path):
+    """benchmarks/train_throughput.py: its optimized and naive paths train the same model on the
+    same data (SDPA and explicit attention agree), its tokens/s is tokens over the timed steps,
+    and its FLOPs per token is 6 x matmul parameters + attention, written out here by hand."""
+    repo = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, str(repo / "benchmarks/train_throughput.py"), "--preset", "plm-micro",
+                        "--seq-len", "32", "--batch", "2", "--steps", "2", "--warmup", "1", "--precision", "fp32",
+                        "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    res = json.loads((tmp_path / "train_throughput-plm-micro-cpu.json").read_text())
+    opt, naive = res["rows"]
+    assert len(opt["losses"]) == 3 and opt["losses"] == pytest.approx(naive["losses"], rel=1e-4)
+    for row in (opt, naive):
+        assert row["tokens_per_s"] == pytest.approx(2 * 32 / row["step_s"], rel=1e-6)
+    d, L, H, I, V = 64, 2, 2, 256, 4096  # plm-micro with the benchmark's 4096-word vocabulary
+    qk, v, rank, rope = 16 + 8, 16, 32, 8
+    matmul = L * (d * H * qk + d * (rank + rope) + rank * H * (16 + v) + H * v * d + 2 * d * I) + V * d
+    assert opt["flops_per_token"] == 6 * matmul + 6 * L * H * 32 * (qk + v) / 2

@@ -1,4 +1,4 @@
-"""`plm aries`: iterative self-refinement preference learning (REFERENCE §4).
+"""`plm aries`: iterative self-refinement preference learning (ARIES, arXiv 2502.05605).
 
 For t = 1..T, with the current model M_t:
   1. sample: for each of this iteration's prompts x, an answer y_0 ~ M_t(.|x) and K refinements

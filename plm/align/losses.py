@@ -1,6 +1,6 @@
 """ARIES losses on summed response log-probabilities.
 
-Notation (REFERENCE §4): x the prompt, y_w the better answer, y_l the worse (or earlier) one,
+Notation (ARIES, arXiv 2502.05605): x the prompt, y_w the better answer, y_l the worse (or earlier) one,
 z(x, y_l) the refinement context from `plm.data.chat`. Every log-prob here is the SUM of
 the response tokens' log-probabilities (not a mean), as DPO defines it.
 

@@ -1,6 +1,6 @@
 """Choosing (chosen, rejected) from a refinement chain y_0, y_1, ..., y_K and its scores.
 
-* Rule-based selection (ASSUMED rule, REFERENCE §4): correctness by the verifier; the chosen
+* Rule-based selection (ASSUMED: the public record gives no rule): correctness by the verifier; the chosen
   answer is a correct one, ties broken toward the LATER refinement (the latest correct
   answer); the rejected one is an incorrect one, ties broken toward the EARLIER answer (the
   answer that needed refining). No pair unless the chain has both a correct and an incorrect

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import random
 import re
-import shutil
 import time
 from pathlib import Path
 
@@ -91,9 +90,6 @@ def _sft(recipe: SFTRecipe, env: DistEnv, resume: bool) -> dict:
         total += p.steps
         ends[total] = p.name
     if env.is_main:
-        if not resume:  # a fresh run: stale checkpoints would be taken for newer ones and pruned wrongly
-            shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
         run_dir.mkdir(parents=True, exist_ok=True)
         print(f"SFT of {model.num_parameters() / 1e6:.2f}M parameters on {env.world_size} process(es), "
               f"device {env.device}: " + ", ".join(f"{p.name} {p.steps} steps ({p.info['samples']} samples)"

@@ -17,8 +17,8 @@ time; the markdown says which machine, which load, and which command.
 """
 from __future__ import annotations
 
-import argparse
 import ctypes
+import dataclasses
 import json
 import os
 import platform
@@ -26,6 +26,7 @@ import re
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -360,7 +361,7 @@ WORKERS = {"ours": worker_ours, "llama": worker_llama, "mlp": worker_mlp_sweep, 
 
 
 def run_worker(kind: str, args: dict, timeout: float) -> dict:
-    cmd = [sys.executable, "-m", "plm.bench.edge", "--worker", kind, "--worker-args", json.dumps(args)]
+    cmd = [sys.executable, "-m", "plm.bench.edge", "--worker", kind, json.dumps(args)]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.get("threads", 2)))
     t0 = time.time()
     try:
@@ -650,54 +651,46 @@ def plot(results: dict, out: Path) -> None:
     plt.close(fig)
 
 
+@dataclass
+class EdgeBenchSettings:
+    """What one benchmark run measures (benchmarks/edge.py's flags; the pipeline's bench stage)."""
+
+    ckpt: str | None = None  # checkpoint directory; None: random weights of `preset`
+    preset: str = "plm-1.8b"
+    quick: bool = False  # plm-300m preset, contexts 64/1024, fewer engines: a few minutes on 2 cores
+    threads: int = 2
+    contexts: str = "64,1024,4000"
+    decode_tokens: int = 16
+    engines: str | None = None  # comma list (default: all of OURS and DEFAULT_LLAMA)
+    budgets: str = "0.75,0.5,0.3"  # memory budgets as fractions of the bf16 weights ("" to skip)
+    no_sweep: bool = False  # skip the sparse-MLP kernel sweep
+    no_quality: bool = False  # skip the quantisation quality check
+    data: list[str] | None = None  # text for the quality check
+    text_field: str = "text"
+    quality_tokens: int = 1024
+    predictor: str | None = None  # predictor file for the ours-* sparse engines
+    trained: bool = False  # the checkpoint is trained (enables the sparse-vs-dense target verdict)
+    workdir: str = "runs/edge"  # random checkpoints and GGUFs are cached here
+    out: str | None = None  # output folder (default WORKDIR/bench-MODEL)
+    timeout: float = 3600  # seconds per engine
+    contention: float = 0.1  # redo a timed section when other processes took more of the CPUs than this
+    retries: int = 3  # attempts per timed section
+    command: str = ""  # how this run was asked for, for the report
+
+
 def main(argv: list[str] | None = None) -> int:
+    """`python -m plm.bench.edge --worker KIND JSON`: one engine's measurement, in its own process."""
     args = sys.argv[1:] if argv is None else argv
-    if "--worker" in args:
-        ns = _parser().parse_args(args)
-        print(json.dumps(WORKERS[ns.worker](json.loads(ns.worker_args))))
-        return 0
-    _, md = run_from_args(args)
-    print(md)
+    if len(args) != 3 or args[0] != "--worker" or args[1] not in WORKERS:
+        raise SystemExit("usage: python -m plm.bench.edge --worker KIND JSON (run benchmarks/edge.py instead)")
+    print(json.dumps(WORKERS[args[1]](json.loads(args[2]))))
     return 0
 
 
-def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--ckpt", help="checkpoint directory")
-    ap.add_argument("--preset", default="plm-1.8b", help="random-weight preset when no --ckpt")
-    ap.add_argument("--quick", action="store_true",
-                    help="plm-300m preset, contexts 64/1024, fewer engines: a few minutes on 2 cores")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--contexts", default="64,1024,4000")
-    ap.add_argument("--decode-tokens", type=int, default=16)
-    ap.add_argument("--engines", default=None, help="comma list (default: all; see OURS and LLAMA)")
-    ap.add_argument("--budgets", default="0.75,0.5,0.3",
-                    help="memory budgets as fractions of the bf16 weights ('' to skip)")
-    ap.add_argument("--no-sweep", action="store_true", help="skip the sparse-MLP kernel sweep")
-    ap.add_argument("--no-quality", action="store_true", help="skip the quantisation quality check")
-    ap.add_argument("--data", action="append", default=None, help="text for the quality check (repeatable)")
-    ap.add_argument("--text-field", default="text", help="JSONL field of the --data text")
-    ap.add_argument("--quality-tokens", type=int, default=1024)
-    ap.add_argument("--predictor", default=None, help="predictor file for the ours-* sparse engines")
-    ap.add_argument("--trained", action="store_true",
-                    help="the checkpoint is trained (enables the sparse-vs-dense target verdict)")
-    ap.add_argument("--workdir", default="runs/edge", help="checkpoints and GGUFs are cached here")
-    ap.add_argument("--out", default=None, help="output folder (default WORKDIR/bench-MODEL)")
-    ap.add_argument("--timeout", type=float, default=3600, help="seconds per engine")
-    ap.add_argument("--contention", type=float, default=0.1,
-                    help="redo a timed section when other processes used more than this share of the CPUs")
-    ap.add_argument("--retries", type=int, default=3, help="attempts per timed section")
-    ap.add_argument("--worker", help=argparse.SUPPRESS)
-    ap.add_argument("--worker-args", help=argparse.SUPPRESS)
-    return ap
-
-
-def run_from_args(argv: list[str]) -> tuple[dict, str]:
-    """Run the benchmark for command-line style arguments; returns the results and the markdown
-    (both also written to --out)."""
-    ap = _parser()
-    args = ap.parse_args(argv)
-    command = "python benchmarks/edge.py " + " ".join(argv)
+def run(args: EdgeBenchSettings) -> tuple[dict, str]:
+    """Run the benchmark; returns the results and the markdown (both also written to args.out)."""
+    args = dataclasses.replace(args)
+    command = args.command or "python benchmarks/edge.py"
     if args.quick:
         args.preset = "plm-300m" if not args.ckpt else args.preset
         if args.contexts == "64,1024,4000":

@@ -150,13 +150,13 @@ def _travel(rng: random.Random, level: int) -> tuple[str, _Steps, int]:
     if level == 1:
         return q + " How many kilometres does it travel?", st, d1
     s2, t2 = _num(rng, level, 30, 60, 110, lo=10), rng.randint(2, 5)
-    d2 = st.op(s2, "*", t2, f"Then it covers {{calc}} km.")
-    both = st.op(d1, "+", d2, f"Together that is {{calc}} km.")
+    d2 = st.op(s2, "*", t2, "Then it covers {calc} km.")
+    both = st.op(d1, "+", d2, "Together that is {calc} km.")
     q += f" Then it travels at {s2} km per hour for {t2} hours."
     if level == 2:
         return q + " How many kilometres does it travel in total?", st, both
     trip = both + rng.randint(5, 400)
-    left = st.op(trip, "-", both, f"The distance still to go is {{calc}} km.")
+    left = st.op(trip, "-", both, "The distance still to go is {calc} km.")
     return q + f" The whole trip is {trip} km. How many kilometres are left?", st, left
 
 
@@ -206,17 +206,17 @@ def _bakery(rng: random.Random, level: int) -> tuple[str, _Steps, int]:
     per_box, boxes = rng.choice((4, 6, 8, 10, 12)), _num(rng, level, 9, 30, 80)
     baked = per_box * boxes
     st = _Steps()
-    n_boxes = st.op(baked, "/", per_box, f"The bakery fills {{calc}} boxes.")
+    n_boxes = st.op(baked, "/", per_box, "The bakery fills {calc} boxes.")
     q = f"A bakery bakes {baked} {snack} and packs them in boxes of {per_box}."
     if level == 1:
         return q + " How many boxes does it fill?", st, n_boxes
     price = _num(rng, level, 9, 15, 30, lo=3)
-    revenue = st.op(n_boxes, "*", price, f"Selling every box brings in {{calc}} dollars.")
+    revenue = st.op(n_boxes, "*", price, "Selling every box brings in {calc} dollars.")
     q += f" Each box sells for {price} dollars."
     if level == 2:
         return q + " How many dollars does the bakery make by selling all the boxes?", st, revenue
     cost = rng.randint(1, revenue - 1)
-    profit = st.op(revenue, "-", cost, f"The profit is {{calc}} dollars.")
+    profit = st.op(revenue, "-", cost, "The profit is {calc} dollars.")
     return q + f" The ingredients cost {cost} dollars. What is the profit in dollars?", st, profit
 
 
@@ -248,7 +248,7 @@ def _reading(rng: random.Random, level: int) -> tuple[str, _Steps, int]:
     rest_days = rng.randint(1, (1, 6, 12)[level - 1])
     pages = read + faster * rest_days
     q = f"A book has {pages} pages. {name} reads {per_day} pages a day for {days} days."
-    left = st.op(pages, "-", read, f"{{calc}} pages are left.")
+    left = st.op(pages, "-", read, "{calc} pages are left.")
     if level == 2:
         return q + " How many pages are left?", st, left
     more = st.op(left, "/", faster, f"At {faster} pages a day the rest takes {{calc}} days.")
@@ -258,14 +258,14 @@ def _reading(rng: random.Random, level: int) -> tuple[str, _Steps, int]:
 def _school_trip(rng: random.Random, level: int) -> tuple[str, _Steps, int]:
     classes, per_class = rng.randint(2, (4, 6, 10)[level - 1]), _num(rng, level, 12, 30, 35, lo=8)
     st = _Steps()
-    students = st.op(classes, "*", per_class, f"There are {{calc}} students.")
+    students = st.op(classes, "*", per_class, "There are {calc} students.")
     q = f"A school sends {classes} classes of {per_class} students on a trip."
     if level == 1:
         return q + " How many students go on the trip?", st, students
     seats = rng.choice([s for s in (10, 12, 15, 20, 25, 30, 40, 50) if s <= students])
     buses = -(-(students + 1) // seats)  # enough full buses to fit everyone plus some teachers
     teachers = buses * seats - students
-    people = st.op(students, "+", teachers, f"With the teachers that is {{calc}} people.")
+    people = st.op(students, "+", teachers, "With the teachers that is {calc} people.")
     q += f" {teachers} teachers go with them."
     if level == 2:
         return q + " How many people go on the trip?", st, people
@@ -277,7 +277,7 @@ def _wages(rng: random.Random, level: int) -> tuple[str, _Steps, int]:
     name = rng.choice(NAMES)
     wage, hours = _num(rng, level, 9, 20, 45, lo=5), rng.randint(2, (6, 8, 10)[level - 1])
     st = _Steps()
-    pay = st.op(wage, "*", hours, f"Regular pay is {{calc}} dollars.")
+    pay = st.op(wage, "*", hours, "Regular pay is {calc} dollars.")
     q = f"{name} earns {wage} dollars an hour and works {hours} hours."
     if level == 1:
         return q + f" How many dollars does {name} earn?", st, pay
@@ -286,8 +286,8 @@ def _wages(rng: random.Random, level: int) -> tuple[str, _Steps, int]:
         bonus = _num(rng, level, 9, 50, 100, lo=5)
         total = st.op(pay, "+", bonus, f"With the bonus {name} earns {{calc}} dollars.")
         return q + f" {name} also gets a bonus of {bonus} dollars. How many dollars does {name} earn in total?", st, total
-    rate = st.op(wage, "*", 2, f"The overtime rate is {{calc}} dollars an hour.")
-    over = st.op(rate, "*", extra, f"Overtime pay is {{calc}} dollars.")
+    rate = st.op(wage, "*", 2, "The overtime rate is {calc} dollars an hour.")
+    over = st.op(rate, "*", extra, "Overtime pay is {calc} dollars.")
     total = st.op(pay, "+", over, f"In total {name} earns {{calc}} dollars.")
     return (q + f" {name} also works {extra} hours of overtime at twice the hourly rate. "
             f"How many dollars does {name} earn in total?", st, total)

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from plm.data.hf import load_hf_dataset
 from plm.errors import PLMError
-from plm.utils import iter_jsonl, sha256_file
+from plm.utils import atomic_path, atomic_write_json, iter_jsonl, sha256_file
 
 TEXT_SUFFIXES = (".txt", ".md", ".py", ".rst")
 JSONL_SUFFIXES = (".jsonl",)
@@ -80,10 +80,8 @@ class Manifest:
     version: int = MANIFEST_VERSION
 
     def save(self, out_dir: str | Path) -> None:
-        path = Path(out_dir) / MANIFEST
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=2) + "\n")
-        os.replace(tmp, path)  # atomic: a reader sees the old or the new manifest, never half
+        # atomic: a reader sees the old or the new manifest, never half
+        atomic_write_json(Path(out_dir) / MANIFEST, asdict(self))
 
     @classmethod
     def load(cls, out_dir: str | Path) -> "Manifest":
@@ -414,9 +412,8 @@ def prepare(sources: list[str], out_dir: str | Path, tokenizer: TokenizerSpec, *
         out.mkdir(parents=True, exist_ok=True)
         info_name = _shard_name(name, len(manifest.shards))
         path = out / info_name
-        tmp = path.with_name(path.name + ".tmp")
-        buf[:fill].tofile(tmp)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            buf[:fill].tofile(tmp)
         manifest.shards.append(ShardInfo(info_name, fill, sha256_file(path), next_doc, next_offset, *tally))
         manifest.save(out)
 

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import argparse
 
-from plm.export.gguf import TYPES, export_gguf
+from plm.export import TYPES
 
 
 def _cmd_gguf(args: argparse.Namespace) -> int:
-    out = export_gguf(args.dir, args.out, args.type)
-    print(f"wrote {out} ({args.type})")
+    from plm.export.gguf import export_gguf
+    out = export_gguf(args.dir, args.out, args.type, progress=True)
+    print(f"wrote {out} ({args.type}, {out.stat().st_size / 1e6:.1f} MB)")
     return 0
 
 
@@ -19,5 +20,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     g = esub.add_parser("gguf", help="GGUF for llama.cpp (architecture plm)")
     g.add_argument("dir")
     g.add_argument("--out", required=True)
-    g.add_argument("--type", default="f16", choices=TYPES)
+    g.add_argument("--type", default="f16", choices=TYPES,
+                   help="f32, f16, bf16, q8_0 and q4_0 are written directly; K-quants use llama.cpp's quantiser "
+                        "(the llama extra)")
     g.set_defaults(func=_cmd_gguf)

@@ -1,12 +1,14 @@
 """GGUF export for llama.cpp's `plm` architecture, through the `gguf` package.
 
-f32/f16 are written directly; quantised types (q8_0, q4_k_m, ...) are produced from the
-f16/f32 file by llama.cpp's own quantiser in `llama-cpp-python`, so the bytes are exactly
-what llama.cpp would make.
+f32, f16, bf16, q8_0 and q4_0 are written directly (the `gguf` package's numpy quantisers, the
+same round-to-nearest blocks as llama.cpp's reference quantiser; norms stay f32; a matrix whose
+rows are not whole 32-value blocks stays f16; for q4_0 the tied embedding/output matrix is q8_0,
+as llama.cpp keeps its output layer at higher precision). K-quants (q4_k_m, q5_k_m, q6_k) are
+made by llama.cpp's own quantiser from an f32 file (the `llama` extra).
 """
 from __future__ import annotations
 
-import os
+import contextlib
 import tempfile
 from pathlib import Path
 
@@ -15,8 +17,9 @@ import torch
 
 from plm.data.tokenizer import SPECIAL_TOKENS, Tokenizer
 from plm.errors import PLMError
-from plm.model.checkpoint import load_config, weight_map
+from plm.model.checkpoint import load_config, read_headers, validate_checkpoint
 from plm.model.config import PLMConfig
+from plm.utils import atomic_path
 
 # HF tensor name (after "model.layers.N.") -> llama.cpp tensor name (after "blk.N.")
 LAYER_TENSORS = {
@@ -33,8 +36,7 @@ LAYER_TENSORS = {
 GLOBAL_TENSORS = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
 
 # llama.cpp's llama_ftype values for the quantiser
-QUANT_FTYPES = {"q8_0": 7, "q4_0": 2, "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}
-TYPES = ("f32", "f16", *QUANT_FTYPES)
+from plm.export import DIRECT_TYPES, QUANT_FTYPES, TYPES  # noqa: E402  (light constants the CLI reads too)
 
 
 def gguf_tensor_name(hf_name: str) -> str:
@@ -77,18 +79,75 @@ def _vocab(tok: Tokenizer, vocab_size: int) -> tuple[list[str], list[int], list[
 
 
 def write_gguf(ckpt: str | Path, out: str | Path, ftype: str = "f16", tokenizer: Tokenizer | None = None,
-               name: str | None = None) -> Path:
-    """Write an f32 or f16 GGUF from a checkpoint directory (read from its safetensors)."""
+               name: str | None = None, progress: bool = False) -> Path:
+    """Write a GGUF of a directly written type (f32, f16, bf16, q8_0, q4_0) from a checkpoint
+    directory, read tensor by tensor from its safetensors; atomic."""
     import gguf
     from safetensors import safe_open
+    from tqdm.auto import tqdm
 
-    if ftype not in ("f32", "f16"):
-        raise PLMError(f"write_gguf writes f32 or f16, got {ftype!r}")
+    if ftype not in DIRECT_TYPES:
+        raise PLMError(f"write_gguf writes {', '.join(DIRECT_TYPES)}, got {ftype!r}")
     ckpt, out = Path(ckpt), Path(out)
     cfg: PLMConfig = load_config(ckpt)
+    headers = read_headers(ckpt)
+    validate_checkpoint(ckpt, cfg, headers)  # llama.cpp would refuse a wrong-shape or missing tensor later
+    check_output_path(ckpt, out)
     tok = tokenizer or Tokenizer.from_dir(ckpt)
-    w = gguf.GGUFWriter(str(out) + ".tmp", "plm")
-    w.add_name(name or ckpt.resolve().name)
+    with atomic_path(out) as tmp:
+        w = gguf.GGUFWriter(str(tmp), "plm")
+        _write_metadata(w, cfg, tok, ftype, name or ckpt.resolve().name)
+        opened = {}
+        names = [n for n in sorted(headers, key=_tensor_order)
+                 if n != "lm_head.weight" and not n.endswith("rotary_emb.inv_freq")]  # tied output: token_embd
+        for hf_name in tqdm(names, desc=f"GGUF {ftype}", unit="tensor", disable=not progress, leave=False):
+            file = headers[hf_name][0]
+            f = opened.setdefault(file, safe_open(str(file), framework="pt"))
+            arr, raw = _encode(f.get_tensor(hf_name).float().numpy(), ftype, hf_name)
+            w.add_tensor(gguf_tensor_name(hf_name), arr, raw_dtype=raw)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file(progress=False)
+        w.close()
+    return out
+
+
+_FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0", "q4_0": "MOSTLY_Q4_0"}
+
+
+def _encode(t: np.ndarray, ftype: str, hf_name: str):
+    """A tensor in the file's type: (array, gguf raw dtype or None for a plain float array)."""
+    import gguf
+    from gguf import quants
+
+    Q = gguf.GGMLQuantizationType
+    if t.ndim == 1 or ftype == "f32":
+        return t.astype(np.float32), None  # norms stay f32: llama.cpp requires it
+    kind = {"f16": None, "bf16": Q.BF16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0}[ftype]
+    if ftype == "q4_0" and hf_name == "model.embed_tokens.weight":
+        kind = Q.Q8_0  # the tied output layer: 8 bits, as llama.cpp keeps its output layer finer
+    if kind is None or (kind in (Q.Q8_0, Q.Q4_0) and t.shape[-1] % 32):
+        return t.astype(np.float16), None  # f16, or rows that are not whole 32-value blocks
+    return quants.quantize(t, kind), kind
+
+
+def check_output_path(ckpt: Path, out: Path) -> None:
+    """Never write an export over the checkpoint it is made from."""
+    try:
+        inside = out.resolve().parent == ckpt.resolve()
+    except OSError:
+        return
+    if inside and (out.suffix in (".safetensors", ".json") or out.name.startswith(("tokenizer", "config"))
+                   or out.exists() and out.suffix != ".gguf"):
+        raise PLMError(f"--out {out} would overwrite a file of the checkpoint {ckpt}; write the GGUF elsewhere")
+    if out.exists() and out.is_dir():
+        raise PLMError(f"--out {out} is a directory; give a file name, e.g. {out / 'model.gguf'}")
+
+
+def _write_metadata(w, cfg: PLMConfig, tok: Tokenizer, ftype: str, name: str) -> None:
+    import gguf
+
+    w.add_name(name)
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
     w.add_block_count(cfg.num_hidden_layers)
@@ -96,13 +155,16 @@ def write_gguf(ckpt: str | Path, out: str | Path, ftype: str = "f16", tokenizer:
     w.add_head_count(cfg.num_attention_heads)
     w.add_head_count_kv(cfg.num_attention_heads)
     w.add_rope_freq_base(cfg.rope_theta)
+    if cfg.rope_scaling:  # linear: llama.cpp divides positions by the factor too
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(cfg.rope_factor)
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_vocab_size(cfg.vocab_size)
     w.add_kv_lora_rank(cfg.kv_lora_rank)
     w.add_key_length(cfg.qk_head_dim)
     w.add_value_length(cfg.v_head_dim)
     w.add_rope_dimension_count(cfg.qk_rope_head_dim)
-    w.add_file_type(gguf.LlamaFileType.ALL_F32 if ftype == "f32" else gguf.LlamaFileType.MOSTLY_F16)
+    w.add_file_type(getattr(gguf.LlamaFileType, _FILE_TYPES[ftype]))
     tokens, types, merges = _vocab(tok, cfg.vocab_size)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("qwen2")  # same pre-tokenizer regex for Qwen2 and our small BPEs
@@ -114,22 +176,6 @@ def write_gguf(ckpt: str | Path, out: str | Path, ftype: str = "f16", tokenizer:
     w.add_pad_token_id(tok.pad_token_id)
     w.add_add_bos_token(False)
     w.add_chat_template(tok.config.get("chat_template") or "")
-    wmap = weight_map(ckpt)
-    opened = {}
-    for hf_name in sorted(wmap, key=_tensor_order):
-        if hf_name == "lm_head.weight" or hf_name.endswith("rotary_emb.inv_freq"):
-            continue  # tied output: llama.cpp reuses token_embd
-        f = opened.setdefault(wmap[hf_name], safe_open(str(wmap[hf_name]), framework="pt"))
-        t = f.get_tensor(hf_name).float()
-        # norms stay f32 (llama.cpp requires it); matrices follow ftype
-        arr = t.numpy().astype(np.float16 if ftype == "f16" and t.dim() == 2 else np.float32)
-        w.add_tensor(gguf_tensor_name(hf_name), arr)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file(progress=False)
-    w.close()
-    os.replace(str(out) + ".tmp", out)
-    return out
 
 
 def _tensor_order(name: str) -> tuple[int, str]:
@@ -148,26 +194,40 @@ def quantize(src: str | Path, out: str | Path, qtype: str, threads: int = 0) -> 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = QUANT_FTYPES[qtype]
     params.nthread = threads
-    tmp = str(out) + ".tmp"
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), tmp.encode(), params)
-    if rc != 0:
-        Path(tmp).unlink(missing_ok=True)
-        raise PLMError(f"llama.cpp quantisation of {src} to {qtype} failed (code {rc})")
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp, quiet_llama_log():
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
+        if rc != 0:
+            raise PLMError(f"llama.cpp quantisation of {src} to {qtype} failed (code {rc})")
     return Path(out)
 
 
+@contextlib.contextmanager
+def quiet_llama_log():
+    """llama.cpp logs every tensor it quantises to stderr (through llama-cpp-python's logger,
+    printed below its level): keep errors only while quantising."""
+    import logging
+
+    from llama_cpp import _logger
+    before = _logger.logger.level
+    _logger.logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        _logger.logger.setLevel(before)
+
+
 def export_gguf(ckpt: str | Path, out: str | Path, qtype: str = "f16",
-                tokenizer: Tokenizer | None = None) -> Path:
+                tokenizer: Tokenizer | None = None, progress: bool = False) -> Path:
     """Checkpoint directory -> GGUF of any supported type."""
     if qtype not in TYPES:
         raise PLMError(f"unknown GGUF type {qtype!r}; choose from {', '.join(TYPES)}")
-    out = Path(out)
+    ckpt, out = Path(ckpt), Path(out)
+    check_output_path(ckpt, out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    if qtype in ("f32", "f16"):
-        return write_gguf(ckpt, out, qtype, tokenizer)
+    if qtype in DIRECT_TYPES:
+        return write_gguf(ckpt, out, qtype, tokenizer, progress=progress)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        base = write_gguf(ckpt, Path(tmp) / "base-f32.gguf", "f32", tokenizer)
+        base = write_gguf(ckpt, Path(tmp) / "base-f32.gguf", "f32", tokenizer, progress=progress)
         return quantize(base, out, qtype)
 
 

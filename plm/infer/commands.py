@@ -9,10 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-import torch
-
 from plm.errors import PLMError
-from plm.infer.generate import GenerationConfig, generate
 
 
 def engine_from_args(args: argparse.Namespace):
@@ -53,15 +50,29 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
                         "from the memory-mapped safetensors")
 
 
-def sampling_config(args: argparse.Namespace) -> GenerationConfig:
+def sampling_config(args: argparse.Namespace):
+    from plm.infer.generate import GenerationConfig
+    if args.threads is not None and args.threads < 1:
+        raise PLMError(f"--threads must be at least 1, got {args.threads}")
+    for p in getattr(args, "prompt", None) or []:
+        check_text(p, "--prompt")
     cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                            top_k=args.top_k, top_p=args.top_p,
                            repetition_penalty=args.repetition_penalty,
                            stop_strings=list(args.stop), seed=args.seed)
     cfg.validate()
     if args.threads:
+        import torch
         torch.set_num_threads(args.threads)
     return cfg
+
+
+def check_text(text: str, what: str) -> None:
+    """Command-line text must be valid UTF-8 (Python keeps undecodable bytes as lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise PLMError(f"{what}: not valid UTF-8 text") from None
 
 
 def _stream(piece: str) -> None:
@@ -70,6 +81,7 @@ def _stream(piece: str) -> None:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
+    from plm.infer.generate import fit_to_context, generate
     cfg = sampling_config(args)
     prompts = args.prompt
     if not prompts:
@@ -79,40 +91,101 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if args.chat_template:
         prompts = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)
                    for p in prompts]
+    fit_to_context(cfg, max(len(tok.encode(p)) for p in prompts), eng.config.max_position_embeddings,
+                   warn=lambda msg: print(f"plm generate: warning: {msg}", file=sys.stderr))
     if len(prompts) == 1:
-        generate(eng.model, tok, prompts[0], cfg, step=eng.new_step(), stream=_stream)
+        generate(None, tok, prompts[0], cfg, step=eng.new_step(), stream=_stream)
         print()
     else:
-        res = generate(eng.model, tok, prompts, cfg, step=eng.new_step())
+        res = generate(None, tok, prompts, cfg, step=eng.new_step())
         for p, t in zip(args.prompt, res.texts):
             print(f"### {p}\n{t}\n")
     return 0
 
 
+CHAT_HELP = "/exit quit, /reset forget the conversation, /system TEXT set the system prompt, " \
+            "/save FILE write the conversation as JSON; Ctrl-C stops a reply, Ctrl-D quits"
+
+
 def _cmd_chat(args: argparse.Namespace) -> int:
+    from plm.infer.chat import ChatSession
     cfg = sampling_config(args)
-    cfg.stop_strings = cfg.stop_strings or []
     eng = engine_from_args(args)
-    tok = eng.tokenizer
-    messages = [{"role": "system", "content": args.system}] if args.system else []
-    print("plm chat: empty line or Ctrl-D to quit, /reset to start over")
+    session = ChatSession(eng, cfg, system=args.system)
+    history = _enable_line_editing()
+    print(f"plm chat ({eng.kind} runtime, {eng.config.max_position_embeddings}-token window): {CHAT_HELP}")
     while True:
         try:
             user = input("you> ").strip()
         except EOFError:
             print()
-            return 0
-        if not user:
-            return 0
-        if user == "/reset":
-            messages = messages[:1] if args.system else []
+            break
+        except KeyboardInterrupt:  # at the prompt: a fresh line, the session goes on
+            print()
             continue
-        messages.append({"role": "user", "content": user})
-        prompt = tok.apply_chat_template(messages, add_generation_prompt=True)
+        if not user:
+            continue
+        cmd, _, rest = user.partition(" ")
+        if cmd == "/exit":
+            break
+        if cmd == "/reset":
+            session.reset()
+            print("(conversation cleared)")
+            continue
+        if cmd == "/system":
+            session.system = rest.strip() or None
+            print(f"(system prompt {'set' if session.system else 'cleared'})")
+            continue
+        if cmd == "/save":
+            if not rest.strip():
+                print("(usage: /save FILE)")
+                continue
+            print(f"(saved to {session.save(rest.strip())})")
+            continue
+        if cmd.startswith("/") and cmd not in ("/", "//"):
+            print(f"(unknown command {cmd}; {CHAT_HELP})")
+            continue
         sys.stdout.write("plm> ")
-        res = generate(eng.model, tok, prompt, cfg, step=eng.new_step(), stream=_stream)
+        sys.stdout.flush()
+        try:
+            r = session.reply(user, stream=_stream)
+        except PLMError as e:
+            print(f"\n(error: {e})")
+            continue
         print()
-        messages.append({"role": "assistant", "content": res.texts[0]})
+        note = " (interrupted)" if r.interrupted else ""
+        if r.dropped_turns:
+            note += f"; the {r.dropped_turns} oldest turn(s) left the {session.context}-token window"
+        print(f"[{r.tokens} tokens, {r.tokens_per_s:.1f} tok/s{note}]", file=sys.stderr)
+    if history:
+        history()
+    return 0
+
+
+def _enable_line_editing():
+    """Line editing and history for input() where the terminal allows it; returns a function
+    that saves the history (None without readline or a terminal)."""
+    if not sys.stdin.isatty():
+        return None
+    try:
+        import readline
+    except ImportError:
+        return None
+    from plm.utils import cache_dir
+    path = cache_dir("chat_history")
+    try:
+        readline.read_history_file(path)
+    except OSError:
+        pass
+    readline.set_history_length(1000)
+
+    def save() -> None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            readline.write_history_file(path)
+        except OSError:
+            pass
+    return save
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -157,6 +230,7 @@ def _cmd_sparsity(args: argparse.Namespace) -> int:
     from plm.infer.sparsity import sparsity_report
 
     if args.threads:
+        import torch
         torch.set_num_threads(args.threads)
     out = Path(args.out or Path("runs") / "sparsity" / Path(args.dir).resolve().name)
     rep = sparsity_report(args.dir, args.data, out, tokens=args.tokens, seq_len=args.seq_len,

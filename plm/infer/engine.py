@@ -35,6 +35,9 @@ class Engine:
         self.kind = resolve_runtime(runtime)
         self.config = load_config(path)  # a clear error for a wrong path before anything else
         self.tokenizer = Tokenizer.from_dir(path)
+        if self.tokenizer.vocab_size > self.config.vocab_size:
+            raise PLMError(f"{path}: the tokenizer has {self.tokenizer.vocab_size} ids but the model's vocabulary "
+                           f"has {self.config.vocab_size} rows; they do not belong together")
         self.model = self.runtime = None
         if self.kind == "reference":
             from plm.model.modeling import PLMForCausalLM

@@ -6,6 +6,7 @@ one sampling loop.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
@@ -28,6 +29,9 @@ class GenerationConfig:
     def validate(self) -> None:
         if self.max_new_tokens < 0:
             raise PLMError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            if not math.isfinite(getattr(self, name)):
+                raise PLMError(f"{name} must be a finite number, got {getattr(self, name)}")
         if self.temperature < 0:
             raise PLMError(f"temperature must be >= 0, got {self.temperature}")
         if self.top_k < 0:
@@ -36,6 +40,8 @@ class GenerationConfig:
             raise PLMError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.repetition_penalty <= 0:
             raise PLMError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if any(not s for s in self.stop_strings):
+            raise PLMError("a stop string must not be empty (it would stop before the first token)")
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -161,6 +167,20 @@ def generate_tokens(step: StepFn, prompts: Sequence[Sequence[int]], cfg: Generat
         # the step sees the mask over past + new; finished rows (without `select`) decode pads, ignored
         mask = torch.cat([mask, torch.ones_like(new)], dim=1)
         new_mask = mask
+
+
+def fit_to_context(cfg: GenerationConfig, prompt_tokens: int, context: int,
+                   warn: Callable[[str], None] | None = None) -> None:
+    """Cap `cfg.max_new_tokens` so prompt + reply fit the model's context window (saying so);
+    a prompt that does not fit at all is an error."""
+    if prompt_tokens >= context:
+        raise PLMError(f"the prompt has {prompt_tokens} tokens; the model's context window is {context}")
+    room = context - prompt_tokens
+    if cfg.max_new_tokens > room:
+        if warn:
+            warn(f"--max-new-tokens {cfg.max_new_tokens} would pass the model's {context}-token window "
+                 f"(prompt: {prompt_tokens} tokens); generating at most {room}")
+        cfg.max_new_tokens = room
 
 
 def truncate_at_stop(text: str, stop_strings: Sequence[str]) -> tuple[str, bool]:

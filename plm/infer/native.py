@@ -35,7 +35,7 @@ import torch
 from plm.errors import PLMError
 
 CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCES = ("ops.cpp", "pack.cpp", "decoder.cpp", "kernels_scalar.cpp", "kernels_avx2.cpp", "kernels_avx512.cpp",
+SOURCES = ("ops.cpp", "pack.cpp", "pool.cpp", "decoder.cpp", "kernels_scalar.cpp", "kernels_avx2.cpp", "kernels_avx512.cpp",
            "kernels_avx512bf16.cpp")
 HEADERS = ("plm_kernels.h", "plm_native.h", "simde_shim.h")
 # -ffp-contract=off: the compiler must not fuse a*b+c on its own; the kernels place their

@@ -392,7 +392,7 @@ class EdgeRuntime:
         else:
             pos = (mask.long().cumsum(-1) - 1)[:, past:].clamp(min=0)
             attn_mask = build_attention_mask(mask, T, past, ids.device)  # [B, 1, T, S] bool
-        cos, sin = rope_cos_sin(pos, self.rope_dim, self.config.rope_theta, torch.float32)
+        cos, sin = rope_cos_sin(pos, self.rope_dim, self.config.rope_theta, torch.float32, self.config.rope_factor)
         freqs = torch.complex(cos, sin)  # [B, T, rope/2]: one rotation per interleaved pair
         x = self.embed.lookup(ids)
         for i in range(self.config.num_hidden_layers):
@@ -530,7 +530,11 @@ def load_predictors(path: str | Path, config: PLMConfig, dtype: torch.dtype) -> 
     path = Path(path)
     if not path.exists():
         raise PLMError(f"{path}: predictor file not found (fit one with `plm sparsity DIR --fit-predictor`)")
-    with safe_open(str(path), framework="pt") as f:
+    try:
+        f = safe_open(str(path), framework="pt")
+    except Exception as e:  # not a safetensors file, truncated, ...
+        raise PLMError(f"{path}: not a predictor file ({type(e).__name__}: {e})") from None
+    with f:
         meta = f.metadata() or {}
         n = int(meta.get("layers", -1))
         if n != config.num_hidden_layers:

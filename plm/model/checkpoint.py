@@ -6,7 +6,6 @@ silently re-initialised, and every failure names the file and the tensor.
 from __future__ import annotations
 
 import json
-import os
 import re
 import struct
 from pathlib import Path
@@ -18,7 +17,7 @@ from safetensors.torch import save_file
 from plm.errors import CheckpointError, ConfigError
 from plm.model.config import PLMConfig, padded_vocab
 from plm.model.modeling import PLMForCausalLM
-from plm.utils import atomic_write_text, parse_size
+from plm.utils import atomic_path, atomic_write_text, parse_size
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -65,16 +64,15 @@ def save_state_dict(state: dict[str, torch.Tensor], config: PLMConfig, path: str
         shards[-1][name] = t
         size += nbytes
     cfg = config.to_dict()
-    cfg["torch_dtype"] = str(next(iter(state.values())).dtype).replace("torch.", "")
+    cfg["torch_dtype"] = cfg["dtype"] = str(next(iter(state.values())).dtype).replace("torch.", "")  # what is stored
     # remove files of an earlier save with another shard count
     for old in list(path.glob("model-*-of-*.safetensors")) + [path / SINGLE_FILE, path / INDEX_FILE]:
         old.unlink(missing_ok=True)
     names = ([SINGLE_FILE] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     for fname, shard in zip(names, shards):
-        tmp = path / (fname + ".tmp")
-        save_file(shard, str(tmp), metadata={"format": "pt"})
-        os.replace(tmp, path / fname)
+        with atomic_path(path / fname) as tmp:
+            save_file(shard, str(tmp), metadata={"format": "pt"})
     if len(shards) > 1:
         index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
                  "weight_map": {k: f for f, s in zip(names, shards) for k in s}}

@@ -7,7 +7,6 @@ from pathlib import Path
 
 
 from plm.errors import PLMError
-from plm.model.checkpoint import init_checkpoint, load_config
 from plm.model.config import DEFAULT_INACTIVE, PRESETS, PLMConfig, model_info
 
 def _human(n: float, unit: str = "") -> str:
@@ -19,13 +18,26 @@ def _human(n: float, unit: str = "") -> str:
 
 
 def _cmd_init(args: argparse.Namespace) -> int:
-    overrides = json.loads(args.set) if args.set else {}
+    from plm.model.checkpoint import init_checkpoint
+    from plm.model.config import config_fields
+    from plm.recipe import parse_value
+    overrides = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise PLMError(f"--set {item!r}: expected KEY=VALUE, e.g. num_hidden_layers=4")
+        if key not in config_fields() and key not in ("rope_interleave", "rope_parameters"):
+            raise PLMError(f"--set {key}: {key}: not a PLM config field (known: {', '.join(sorted(config_fields()))})")
+        overrides[key] = parse_value(value)
     out = init_checkpoint(args.preset, args.out, args.seed, args.tokenizer, args.dtype, **overrides)
     print(f"wrote random {args.preset} PLM to {out}")
     return 0
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
+    from plm.model.checkpoint import load_config
+    if not 0 <= args.inactive <= 1:
+        raise PLMError(f"--inactive is a fraction of MLP neurons in [0, 1], got {args.inactive}")
     cfg = load_config(args.dir) if Path(args.dir).exists() or "/" in args.dir else None
     if cfg is None:
         if args.dir not in PRESETS:
@@ -63,7 +75,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tokenizer", default="qwen2", help="'qwen2' (full PLM vocabulary) or a tokenizer directory")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--set", help="JSON object of config overrides, e.g. '{\"num_hidden_layers\": 4}'")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config.json field, e.g. num_hidden_layers=4 (repeatable)")
     p.set_defaults(func=_cmd_init)
     p = sub.add_parser("info", help="parameters, activated parameters, KV-cache and weight memory")
     p.add_argument("dir", help="checkpoint directory or preset name")

@@ -27,6 +27,8 @@ class PLMConfig:
     hidden_act: str = "relu2"
     rms_norm_eps: float = 1e-6
     rope_theta: float = 100000.0
+    # None (PLM) or {"rope_type": "linear", "factor": F}: positions divided by F (context extension)
+    rope_scaling: dict[str, Any] | None = None
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = True
     attention_bias: bool = False
@@ -63,6 +65,11 @@ class PLMConfig:
         return self.num_attention_heads * (self.qk_head_dim + self.v_head_dim)
 
     @property
+    def rope_factor(self) -> float:
+        """Linear RoPE scaling: positions are divided by this (1 without scaling)."""
+        return float(self.rope_scaling["factor"]) if self.rope_scaling else 1.0
+
+    @property
     def eos_ids(self) -> list[int]:
         e = self.eos_token_id
         return [] if e is None else ([e] if isinstance(e, int) else list(e))
@@ -91,6 +98,14 @@ class PLMConfig:
             raise ConfigError(f"PLMConfig.rms_norm_eps must be in (0, 1), got {self.rms_norm_eps}")
         if not self.rope_theta > 0:
             raise ConfigError(f"PLMConfig.rope_theta must be positive, got {self.rope_theta}")
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
+            factor = self.rope_scaling.get("factor")
+            if kind != "linear":
+                raise ConfigError(f"PLMConfig.rope_scaling type {kind!r} is not supported (supported: linear); "
+                                  "running it without its scaling would compute different attention")
+            if not isinstance(factor, (int, float)) or isinstance(factor, bool) or factor <= 0:
+                raise ConfigError(f"PLMConfig.rope_scaling.factor must be a positive number, got {factor!r}")
         if self.attention_bias:
             raise ConfigError("PLMConfig.attention_bias must be false: PLM has no biases")
         if not self.tie_word_embeddings:
@@ -111,6 +126,10 @@ class PLMConfig:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
         out = dict(self.extra)
         out.update(d)
+        # what other readers assume when these are absent: MLA has one KV "group" per head (a port
+        # of PLM to transformers defaults num_key_value_heads to 16), and transformers 5 says dtype
+        out["num_key_value_heads"] = self.num_attention_heads
+        out["dtype"] = self.torch_dtype
         return dict(sorted(out.items()))
 
     @classmethod
@@ -119,6 +138,7 @@ class PLMConfig:
             raise ConfigError(f"{source}: expected a JSON object, got {type(d).__name__}")
         if d.get("model_type", "plm") != "plm":
             raise ConfigError(f"{source}: model_type is {d.get('model_type')!r}, expected 'plm'")
+        d = _normalise(dict(d), source)
         known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         kwargs = {k: v for k, v in d.items() if k in known}
         extra = {k: v for k, v in d.items() if k not in known}
@@ -152,10 +172,52 @@ class PLMConfig:
     def from_preset(cls, name: str, **overrides: Any) -> "PLMConfig":
         if name not in PRESETS:
             raise ConfigError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
-        return cls(**{**PRESETS[name], **overrides})
+        unknown = sorted(set(overrides) - config_fields() - {"rope_interleave", "rope_parameters", "dtype"})
+        if unknown:
+            raise ConfigError(f"{unknown[0]}: not a PLM config field (known: {', '.join(sorted(config_fields()))})")
+        return cls.from_dict({**PRESETS[name], **overrides}, source=f"preset {name}")
 
     def replace(self, **changes: Any) -> "PLMConfig":
         return dataclasses.replace(self, **changes)
+
+
+def _normalise(d: dict[str, Any], source: str) -> dict[str, Any]:
+    """Fields other writers of PLM configs use, mapped onto ours; any that would change the math
+    in a way we do not implement is an error, never silently ignored."""
+    if d.pop("rope_interleave", True) is not True:
+        raise ConfigError(f"{source}: rope_interleave: false (half-split RoPE) is not supported; PLM rotates "
+                          "interleaved pairs (x[2i], x[2i+1]) as llama.cpp and the released model do")
+    params = d.pop("rope_parameters", None)  # transformers 5
+    if params is not None:
+        if not isinstance(params, dict):
+            raise ConfigError(f"{source}: rope_parameters must be an object, got {params!r}")
+        params = dict(params)
+        theta = params.pop("rope_theta", None)
+        if theta is not None:
+            if "rope_theta" in d and d["rope_theta"] != theta:
+                raise ConfigError(f"{source}: rope_theta {d['rope_theta']} and rope_parameters.rope_theta {theta} "
+                                  "disagree")
+            d["rope_theta"] = theta
+        kind = params.get("rope_type", params.get("type", "default"))
+        if kind != "default":
+            if d.get("rope_scaling") not in (None, params):
+                raise ConfigError(f"{source}: rope_scaling and rope_parameters disagree")
+            d["rope_scaling"] = params
+    if isinstance(d.get("rope_scaling"), dict) and d["rope_scaling"].get("rope_type", d["rope_scaling"].get("type")) == "default":
+        d["rope_scaling"] = None
+    kv = d.pop("num_key_value_heads", None)
+    if kv is not None and kv != d.get("num_attention_heads", PLMConfig.num_attention_heads):
+        raise ConfigError(f"{source}: num_key_value_heads {kv} differs from num_attention_heads "
+                          f"{d.get('num_attention_heads')}: PLM's latent attention has no grouped KV heads")
+    if "dtype" in d:  # transformers 5's name for torch_dtype
+        dtype = d.pop("dtype")
+        if d.get("torch_dtype") not in (None, dtype) and dtype is not None:
+            raise ConfigError(f"{source}: dtype {dtype!r} and torch_dtype {d['torch_dtype']!r} disagree")
+        if dtype is not None:
+            d["torch_dtype"] = dtype
+    if d.get("mlp_bias"):
+        raise ConfigError(f"{source}: mlp_bias: true is not PLM (its MLP has no biases)")
+    return d
 
 
 def config_fields() -> set[str]:
@@ -181,7 +243,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-# Fraction of relu² MLP neurons inactive per token in PLM-1.8B (public summary, REFERENCE §6);
+# Fraction of relu² MLP neurons inactive per token in PLM-1.8B (public summary of the paper);
 # `plm sparsity` measures it for a real checkpoint.
 DEFAULT_INACTIVE = 0.909
 

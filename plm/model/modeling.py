@@ -1,7 +1,7 @@
 """PLM in PyTorch: Multi-head Latent Attention + non-gated squared-ReLU MLP.
 
 Module and parameter names follow the released Hugging Face checkpoint exactly, so
-`state_dict()` keys are the safetensors tensor names (REFERENCE section 1).
+`state_dict()` keys are the safetensors tensor names of the released checkpoint.
 """
 from __future__ import annotations
 
@@ -32,11 +32,12 @@ class RMSNorm(nn.Module):
 
 
 def rope_cos_sin(position_ids: torch.Tensor, dim: int, theta: float,
-                 dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin for positions [B, T] -> [B, T, dim/2] (one frequency per interleaved pair)."""
+                 dtype: torch.dtype = torch.float32, factor: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin for positions [B, T] -> [B, T, dim/2] (one frequency per interleaved pair);
+    `factor` > 1 is linear RoPE scaling (positions divided by it)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, device=position_ids.device,
                                              dtype=torch.float32) / dim))
-    ang = position_ids.float()[..., None] * inv_freq
+    ang = (position_ids.float() / factor)[..., None] * inv_freq
     return ang.cos().to(dtype), ang.sin().to(dtype)
 
 
@@ -154,7 +155,8 @@ class PLMModel(nn.Module):
         if position_ids is None:
             position_ids = default_position_ids(attention_mask, B, T, past, input_ids.device)
         x = self.embed_tokens(input_ids)
-        cos, sin = rope_cos_sin(position_ids, self.config.qk_rope_head_dim, self.config.rope_theta, x.dtype)
+        c = self.config
+        cos, sin = rope_cos_sin(position_ids, c.qk_rope_head_dim, c.rope_theta, x.dtype, c.rope_factor)
         mask = build_attention_mask(attention_mask, T, past, input_ids.device)
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:

@@ -78,11 +78,20 @@ class ExportStage:
 
 @dataclass
 class BenchStage:
-    threads: int = 2
-    contexts: str = "64,256,1000"
-    decode_tokens: int = 16
-    args: list[str] = field(default_factory=list)  # more arguments of the edge benchmark
+    """The edge benchmark on the run's model: any setting of plm.bench.edge.EdgeBenchSettings
+    (threads, contexts, decode_tokens, contention, engines, ...)."""
+
     checkpoint: str | None = None
+    settings: dict[str, Any] = field(default_factory=dict, metadata={"rest": True})
+
+    def __post_init__(self) -> None:
+        import dataclasses
+
+        from plm.bench.edge import EdgeBenchSettings
+        known = {f.name for f in dataclasses.fields(EdgeBenchSettings)} - {"ckpt", "out", "workdir", "command"}
+        for k in self.settings:
+            check(k in known, f"{k}: not a setting of the edge benchmark (settings: {', '.join(sorted(known))})")
+        parse(EdgeBenchSettings, self.settings, "")  # types and values
 
 
 STAGE_SETTINGS: dict[str, type] = {

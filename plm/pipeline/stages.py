@@ -12,6 +12,7 @@ from plm.errors import ConfigError
 from plm.pipeline.config import (AriesStage, BenchStage, CorpusStage, EvalStage, ExportStage, PerplexitySpec,
                                  RecipeStage, SparsityStage, TokenizerStage)
 from plm.pipeline.engine import Context, Stage
+from plm.recipe import parse
 
 
 def corpus(ctx: Context, s: CorpusStage) -> dict:
@@ -114,15 +115,15 @@ def sparsity(ctx: Context, s: SparsityStage) -> dict:
 
 def bench(ctx: Context, s: BenchStage) -> dict:
     """The edge runtime against llama.cpp on the final checkpoint (plm.bench.edge)."""
-    from plm.bench.edge import run_from_args
+    from plm.bench.edge import EdgeBenchSettings, run
     ckpt = s.checkpoint or latest_checkpoint(ctx)
     out = ctx.path("bench")
-    argv = ["--ckpt", ckpt, "--out", str(out), "--workdir", str(out / "work"), "--threads", str(s.threads),
-            "--contexts", s.contexts, "--decode-tokens", str(s.decode_tokens), "--trained"]
     test = ctx.path("corpus", "math_test.jsonl")  # quantisation quality on held-out text of the run's domain
-    if test.exists():
-        argv += ["--data", str(test), "--text-field", "answer"]
-    results, md = run_from_args(argv + list(s.args))
+    held_out = {"data": [str(test)], "text_field": "answer"} if test.exists() else {}
+    settings = parse(EdgeBenchSettings, {"contexts": "64,256,1000", **held_out, **s.settings, "ckpt": ckpt,
+                                         "out": str(out), "workdir": str(out / "work"), "trained": True,
+                                         "command": "plm pipeline (bench stage)"}, "stages.bench")
+    results, md = run(settings)
     return {"report_md": "## Edge runtime against llama.cpp\n\n" + md.replace("(edge.png)", "(bench/edge.png)"),
             "summary": results.get("summary", {}), "outputs": [out / "edge.json"]}
 

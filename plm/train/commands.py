@@ -16,7 +16,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 
 def _cmd_schedule_plot(args: argparse.Namespace) -> int:
     from plm.errors import ConfigError
-    from plm.recipe import load_recipe
+    from plm.recipe import load_recipe, parse
     from plm.train.config import PretrainRecipe, ScheduleSpec
     from plm.train.schedule import lr_at, plot_schedule
 
@@ -27,8 +27,9 @@ def _cmd_schedule_plot(args: argparse.Namespace) -> int:
             raise ConfigError(f"--phase {args.phase}: the recipe has phases 0..{len(recipe.phases) - 1}")
         spec = recipe.phases[args.phase].schedule
     else:
-        spec = ScheduleSpec(kind=args.kind, peak_lr=args.peak_lr, floor_lr=args.floor_lr, warmup=args.warmup,
-                            stable=args.stable, decay=args.decay, decay_shape=args.shape)
+        spec = parse(ScheduleSpec, {"kind": args.kind, "peak_lr": args.peak_lr, "floor_lr": args.floor_lr,
+                                    "warmup": args.warmup, "stable": args.stable, "decay": args.decay,
+                                    "decay_shape": args.shape}, "schedule")
     try:
         cfg = spec.build(steps)
     except ConfigError as e:

@@ -1,6 +1,6 @@
 """Learning-rate schedules: WSDC (PLM's), WSD and cosine, as pure functions of the step.
 
-WSDC follows REFERENCE.md section 3 (the definition there is ASSUMED; every length and
+WSDC: the public record gives only its shape, so this definition is ASSUMED (every length and
 level is a setting):
 
     warmup   t <  W            : peak * t / W

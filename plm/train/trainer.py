@@ -8,7 +8,6 @@ from one phase to the next, the optimizer state too unless `optimizer_state: res
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
@@ -27,7 +26,7 @@ from plm.model.loss import lm_loss_sum
 from plm.model.modeling import PLMForCausalLM
 from plm.train import checkpointing as ckpt
 from plm.train.config import TrainConfig
-from plm.utils import cpu_has_native_bf16
+from plm.utils import append_jsonl, cpu_has_native_bf16, read_jsonl, write_jsonl
 from plm.train.dist import DistEnv, all_reduce_mean, barrier, wrap_model
 from plm.train.schedule import ScheduleConfig, lr_at
 
@@ -57,8 +56,8 @@ class Phase:
 def flops_per_token(model: PLMForCausalLM, seq_len: int) -> float:
     """Training FLOPs per token: 6 x matmul parameters (lm_head included) + attention."""
     c = model.config
-    n = sum(p.numel() for p in model.parameters()) - c.vocab_size * c.hidden_size
-    n += c.vocab_size * c.hidden_size  # the tied lm_head matmul
+    # every weight matrix once: the tied embedding counts as the lm_head matmul; norms are no matmul
+    n = sum(p.numel() for p in model.parameters() if p.dim() == 2)
     attn = 6 * c.num_hidden_layers * c.num_attention_heads * seq_len * (c.qk_head_dim + c.v_head_dim) / 2
     return 6 * n + attn
 
@@ -113,16 +112,13 @@ class Trainer:
     # ---- logging -----------------------------------------------------------
     def log(self, record: dict) -> None:
         if self.env.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            with self.metrics_path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+            append_jsonl(self.metrics_path, record)
 
     def _truncate_metrics(self, step: int) -> None:
-        """After a resume, drop records the interrupted run wrote past the checkpoint."""
+        """Start the metrics log at `step` (a resume, or 0 for a fresh run): records an earlier or
+        interrupted run wrote past it, and a torn last line, are dropped, so no step appears twice."""
         if self.env.is_main and self.metrics_path.exists():
-            keep = [line for line in self.metrics_path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= step]
-            self.metrics_path.write_text("".join(line + "\n" for line in keep))
+            write_jsonl(self.metrics_path, [r for r in read_metrics(self.run_dir) if r.get("step", 0) <= step])
 
     # ---- one optimiser step --------------------------------------------------
     def train_step(self, loader: Loader, lr: float) -> dict[str, float]:
@@ -171,6 +167,12 @@ class Trainer:
         if not phases:
             raise PLMError("nothing to train: no phases")
         start_phase, start_step, loader_state = 0, 0, None
+        if not resume and env.is_main:  # a fresh start: an earlier run's checkpoints would be taken for ours
+            gone = ckpt.clear(self.run_dir)
+            if gone:
+                print(f"starting over: removed {len(gone)} earlier checkpoint(s) of {self.run_dir} "
+                      f"(up to {gone[-1].name})")
+        barrier(env)
         state = ckpt.load_latest(self.run_dir) if resume else None
         if state is not None:
             ckpt.restore(state, self.model, self.optimizer)
@@ -182,7 +184,8 @@ class Trainer:
             self._truncate_metrics(self.global_step)
             if env.is_main:
                 print(f"resumed from {state['path']} (phase {phases[start_phase].name}, step {start_step})")
-        else:
+        else:  # a fresh start: a log left by an earlier attempt would repeat its steps
+            self._truncate_metrics(0)
             torch.manual_seed(cfg.seed)
             random.seed(cfg.seed)
             np.random.seed(cfg.seed)
@@ -296,6 +299,7 @@ def _test_kill_hook(step: int) -> None:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
+    """A run's metrics.jsonl (a torn last line, from a kill mid-write, is skipped)."""
     p = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()] if p.exists() else []
+    return read_jsonl(p, torn_tail_ok=True) if p.exists() else []
 

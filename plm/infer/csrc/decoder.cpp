@@ -296,8 +296,8 @@ class Decoder : public torch::CustomClassHolder {
       l.wuk.forward(qn, M, qlat, H * R, work_);  // latent queries: q_nope @ W_UK per head
       for (int64_t r = 0; r < M; r++)
         for (int64_t hh = 0; hh < H; hh++) memcpy(qcat + (r * H + hh) * D, qlat + (r * H + hh) * R, R * sizeof(float));
-      at::parallel_for(0, M * nchunk, 1, [&](int64_t a, int64_t b) {
-        float* sc = scratch + at::get_thread_num() * scr;
+      parallel_run(M * nchunk, 1, [&](int64_t a, int64_t b, int tid) {
+        float* sc = scratch + tid * scr;
         for (int64_t it = a; it < b; it++) {
           const int64_t r = it / nchunk, h0 = (it % nchunk) * hc, nh = std::min(hc, H - h0);
           const Seq& s = *rows[r];

@@ -146,7 +146,7 @@ void quantize_rows(const Kernels& k, const float* x, int64_t rows, int64_t K, in
     for (int64_t r = r0; r < r1; r++) k.quantize_act(x + r * K, K, bs, q + r * K, d + r * (K / bs), s + r * (K / 16));
   };
   if (rows * K < (1 << 16)) body(0, rows);
-  else at::parallel_for(0, rows, 1, body);
+  else parallel_run(rows, 1, [&](int64_t a, int64_t b, int) { body(a, b); });
 }
 
 // x -> bf16-rounded copy (fp32 values and bf16 bits): BF16 weights see bf16 activations on
@@ -161,11 +161,13 @@ const float* round_bf16(const float* x, int64_t n, Work& w) {
   return xf;
 }
 
-// Split [0, total) over the threads; `grain` items at least per thread.
+// Chunks of at least `grain` items, about four per thread so a late thread costs little.
 template <typename F>
 void parallel(int64_t total, int64_t grain, const F& f) {
-  if (total <= grain || at::get_num_threads() == 1) f(0, total);
-  else at::parallel_for(0, total, grain, f);
+  const int64_t nt = at::get_num_threads();
+  if (total <= grain || nt == 1) return f(0, total);
+  const int64_t chunk = std::max(grain, ceil_div(total, 4 * nt));
+  parallel_run(total, chunk, [&](int64_t a, int64_t b, int) { f(a, b); });
 }
 
 }  // namespace

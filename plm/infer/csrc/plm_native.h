@@ -2,6 +2,7 @@
 #pragma once
 #include <torch/torch.h>
 
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -20,6 +21,12 @@ void set_isa(const std::string& name);  // throws if the CPU lacks it
 std::string cpu_features();
 void gemv_bf16_avx512bf16(const void* W, int64_t K, int64_t n0, int64_t n1, const uint16_t* xb, int64_t M, float* y,
                           int64_t ldy);
+
+// ---- threads ------------------------------------------------------------------------
+// fn(begin, end, thread index) over [0, total) in chunks of `grain`, on the caller and the
+// pool's workers (pool.cpp); thread indices are in [0, torch.get_num_threads()).
+using ParallelFn = std::function<void(int64_t, int64_t, int)>;
+void parallel_run(int64_t total, int64_t grain, const ParallelFn& fn);
 
 // ---- formats --------------------------------------------------------------------------
 bool is_block(int fmt);            // Q8_0, Q4_0, Q4_K, Q6_K

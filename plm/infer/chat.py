@@ -1,0 +1,97 @@
+"""A multi-turn chat over an `Engine`: the history as ChatML, trimmed to the model's context
+window (oldest turns first, the system prompt kept), replies streamed, interruptible."""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from plm.errors import PLMError
+from plm.infer.generate import GenerationConfig, generate
+
+
+@dataclass
+class Reply:
+    text: str
+    tokens: int
+    seconds: float
+    interrupted: bool = False
+    dropped_turns: int = 0  # oldest turns left out so the prompt fits the context window
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
+class ChatSession:
+    engine: object  # plm.infer.engine.Engine
+    cfg: GenerationConfig
+    system: str | None = None
+    messages: list[dict] = field(default_factory=list)  # user/assistant turns, oldest first
+
+    @property
+    def context(self) -> int:
+        return self.engine.config.max_position_embeddings
+
+    def _text(self, turns: list[dict]) -> str:
+        msgs = ([{"role": "system", "content": self.system}] if self.system else []) + turns
+        return self.engine.tokenizer.apply_chat_template(msgs, add_generation_prompt=True)
+
+    def _prompt(self, turns: list[dict]) -> list[int]:
+        return self.engine.tokenizer.encode(self._text(turns))
+
+    def fit(self) -> tuple[list[dict], int]:
+        """The turns that fit the window with room for a full reply; whole user/assistant pairs
+        are dropped from the oldest, never the newest user turn."""
+        turns, dropped = list(self.messages), 0
+        room = self.context - self.cfg.max_new_tokens
+        while len(self._prompt(turns)) > room and len(turns) > 1:
+            turns = turns[2:] if len(turns) > 2 else turns[1:]
+            dropped += 1
+        if len(self._prompt(turns)) > room:
+            raise PLMError(f"the message needs {len(self._prompt(turns))} tokens; with --max-new-tokens "
+                           f"{self.cfg.max_new_tokens} the model's window ({self.context}) has room for {room}")
+        return turns, dropped
+
+    def reply(self, user: str, stream: Callable[[str], None] | None = None) -> Reply:
+        """Answer `user`; Ctrl-C (KeyboardInterrupt) stops the reply and keeps what was said."""
+        self.messages.append({"role": "user", "content": user})
+        try:
+            turns, dropped = self.fit()
+        except PLMError:
+            self.messages.pop()
+            raise
+        self.messages[:] = self.messages[len(self.messages) - len(turns):]
+        tok = self.engine.tokenizer
+        pieces: list[str] = []
+
+        def emit(piece: str) -> None:
+            pieces.append(piece)
+            if stream:
+                stream(piece)
+
+        t0, interrupted, text, n = time.perf_counter(), False, "", 0
+        try:
+            res = generate(None, tok, self._text(turns), self.cfg, step=self.engine.new_step(),
+                           stream=emit)
+            text, n = res.texts[0], len(res.tokens[0])
+        except KeyboardInterrupt:
+            interrupted, text = True, "".join(pieces)
+            n = len(tok.encode(text))
+        self.messages.append({"role": "assistant", "content": text})
+        return Reply(text, n, time.perf_counter() - t0, interrupted, dropped)
+
+    def reset(self) -> None:
+        self.messages.clear()
+
+    def save(self, path: str | Path) -> Path:
+        from plm.utils import atomic_write_json
+        msgs = ([{"role": "system", "content": self.system}] if self.system else []) + self.messages
+        return atomic_write_json(path, {"messages": msgs})
+
+    @classmethod
+    def load_messages(cls, path: str | Path) -> list[dict]:
+        return json.loads(Path(path).read_text())["messages"]
