@@ -171,7 +171,8 @@ def relu2_acts(rng: np.random.Generator, M: int, K: int, zero_share: float) -> t
     return torch.from_numpy(a.astype(np.float32))
 
 
-@pytest.mark.parametrize("fmt", (nv.Q8_0, nv.Q4_0, nv.Q4_K, nv.F32, nv.F16, nv.BF16), ids=lambda f: nv.FORMAT_NAMES[f])
+@pytest.mark.parametrize("fmt", (nv.Q8_0, nv.Q4_0, nv.Q4_K, nv.Q6_K, nv.F32, nv.F16, nv.BF16),
+                         ids=lambda f: nv.FORMAT_NAMES[f])
 @pytest.mark.parametrize("N", (64, 70, 130))
 def test_sparse_down_equals_dense(isa, fmt, N):
     """Neuron-major down projection: the same numbers as the dense kernel on the same
@@ -196,9 +197,9 @@ def test_sparse_down_equals_dense(isa, fmt, N):
     assert torch.equal(y_sparse[1], torch.zeros(N))
 
     # inactive neurons' rows are never read: scribbling over them changes nothing
-    if fmt in (nv.Q8_0, nv.Q4_0, nv.Q4_K):
+    if fmt in BLOCK_FORMATS:
         np_ = (N + 63) // 64 * 64
-        row = np_ if fmt == nv.Q8_0 else np_ // 2
+        row = np_ if fmt in (nv.Q8_0, nv.Q6_K) else np_ // 2
         inactive = (a[0] == 0) & (a[2] == 0)
         poisoned = sparse.data.clone().view(-1)
         qrows = poisoned[: K * row].view(K, row)
@@ -269,7 +270,7 @@ for fmt in (nv.Q8_0, nv.Q4_0, nv.Q6_K, nv.BF16, nv.F16):
     raw = random_blocks(fmt, N, K, rng)
     x = torch.from_numpy(rng.standard_normal((2, K)).astype(np.float32))
     out[f"y{{fmt}}"] = nv.PackedLinear(raw, fmt, N, K)(x)
-    out[f"s{{fmt}}"] = nv.PackedLinear(raw, fmt, N, K, sparse=fmt != nv.Q6_K)(x.abs())
+    out[f"s{{fmt}}"] = nv.PackedLinear(raw, fmt, N, K, sparse=True)(x.abs())
     out[f"w{{fmt}}"] = nv.PackedLinear(raw, fmt, N, K).dequantize()
 q = torch.from_numpy(np.random.default_rng(0).standard_normal((2, 40)).astype(np.float32))
 c = torch.from_numpy(np.random.default_rng(1).standard_normal((70, 40)).astype(np.float32))

@@ -344,3 +344,34 @@ def test_gguf_errors(gguf_files, tmp_path, qwen2_micro_dir):
     q5 = export_gguf(qwen2_micro_dir, tmp_path / "micro-q5_k_m.gguf", "q5_k_m")  # Q5_0/Q5_K/... blocks
     with pytest.raises(CheckpointError, match=r"tensor '.*' has GGUF type Q5_\w+, which the native decoder does not read"):
         NativeDecoder.from_gguf(q5)
+
+
+@pytest.fixture(scope="module")
+def q4_k_m_gguf(qwen2_tokenizer, tmp_path_factory):
+    """llama.cpp's Q4_K_M of a model whose rows are whole 256-value super-blocks: Q4_K
+    matrices, Q6_K token_embd and Q6_K ffn_down / attn_kv_b in some layers."""
+    pytest.importorskip("llama_cpp")
+    from plm.export.gguf import export_gguf
+
+    cfg = PLMConfig(hidden_size=256, intermediate_size=1024, num_attention_heads=2, kv_lora_rank=256,
+                    num_hidden_layers=4, initializer_range=0.05)
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("q4km")
+    PLMForCausalLM(cfg).save_pretrained(out / "ckpt")
+    qwen2_tokenizer.save(out / "ckpt")
+    return export_gguf(out / "ckpt", out / "m-q4_k_m.gguf", "q4_k_m")
+
+
+def test_llama_cpp_q4_k_m_file(q4_k_m_gguf):
+    dense = NativeDecoder.from_gguf(q4_k_m_gguf, cache_dtype="f32")
+    sparse = NativeDecoder.from_gguf(q4_k_m_gguf, cache_dtype="f32", sparse=True)
+    kinds = set(dense.formats.values())
+    assert {"Q4_K", "Q6_K"} <= kinds and dense.formats["token_embd"] == "Q6_K"
+    assert "Q6_K sparse" in set(sparse.formats.values())
+    torch.manual_seed(0)
+    ids = torch.randint(0, 151643, (24,)).tolist()
+    ref = reference_logits(gguf_reference(q4_k_m_gguf), ids)[7:]
+    ours = decoder_logits(dense, ids[:8], ids[8:])
+    assert rel_err(ours, ref) < 0.05
+    assert (ours.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9
+    assert torch.equal(decoder_logits(sparse, ids[:8], ids[8:]), ours)

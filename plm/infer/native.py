@@ -319,8 +319,6 @@ class PackedLinear:
             raise PLMError(f"{name}: {FORMAT_NAMES[self.fmt]} [{N}, {K}] needs {expect} bytes, got {raw.numel()}")
         if groups < 1 or N % groups:
             raise PLMError(f"{name}: {N} rows do not split into {groups} groups")
-        if sparse and self.fmt == Q6_K:
-            raise PLMError(f"{name}: the sparse layout does not support Q6_K")
         self.raw = raw.contiguous().view(torch.uint8).reshape(N, -1)
         self.native = load()
         self.data: torch.Tensor | None = None

@@ -70,8 +70,6 @@ class NativeDecoder:
     # ---- loading --------------------------------------------------------------------------
     def _add(self, layer: int, name: str, raw: torch.Tensor, fmt: int, N: int, K: int, groups: int = 1,
              sparse: bool = False, label: str = "") -> None:
-        if sparse and fmt == nv.Q6_K:
-            sparse = False  # no neuron-major Q6_K layout: this layer's down projection runs dense
         raw = raw.contiguous().view(torch.uint8).reshape(-1)
         packed = torch.ops.plm.pack_sparse(raw, fmt, N, K) if sparse else torch.ops.plm.pack(raw, fmt, N, K, groups)
         self.impl.add_matrix(layer, name, packed, fmt, N, K, groups, sparse)

@@ -265,9 +265,10 @@ class Decoder : public torch::CustomClassHolder {
         cs[r * rd + 2 * i + 1] = std::sin(a);
       }
     }
-    // attention work items: (row, chunk of heads), enough to occupy every thread
+    // attention work items: (row, chunk of heads), one per thread when rows are few (each
+    // item converts its row's whole cache once, so more items per row cost more)
     const int64_t nt = at::get_num_threads();
-    const int64_t per_row = std::min<int64_t>(H, std::max<int64_t>(1, ceil_div(2 * nt, M)));
+    const int64_t per_row = std::min<int64_t>(H, std::max<int64_t>(1, ceil_div(nt, M)));
     const int64_t hc = ceil_div(H, per_row), nchunk = ceil_div(H, hc);
     const int64_t scr = attn_scratch_floats(hc, D) + hc * R;  // + the chunk's attended latents
     float* scratch = grow(attn_scratch_, nt * scr);

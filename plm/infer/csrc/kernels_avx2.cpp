@@ -308,8 +308,37 @@ void f_rows(int fmt, const void* W, int64_t K, int64_t n, const float* x, int64_
   }
 }
 
+// One activation row against 4 weight rows: x loads shared, 8 independent FMA chains.
+void f_rows4(int fmt, const void* W, int64_t K, int64_t n, const float* x, float* y) {
+  __m256 a[4][2];
+  for (int r = 0; r < 4; r++) a[r][0] = a[r][1] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    const __m256 x0 = _mm256_loadu_ps(x + k), x1 = _mm256_loadu_ps(x + k + 8);
+    for (int r = 0; r < 4; r++) {
+      a[r][0] = _mm256_fmadd_ps(load8(fmt, W, (n + r) * K + k), x0, a[r][0]);
+      a[r][1] = _mm256_fmadd_ps(load8(fmt, W, (n + r) * K + k + 8), x1, a[r][1]);
+    }
+  }
+  for (; k + 8 <= K; k += 8) {
+    const __m256 x0 = _mm256_loadu_ps(x + k);
+    for (int r = 0; r < 4; r++) a[r][0] = _mm256_fmadd_ps(load8(fmt, W, (n + r) * K + k), x0, a[r][0]);
+  }
+  for (int r = 0; r < 4; r++) {
+    float s = hsum8(_mm256_add_ps(a[r][0], a[r][1]));
+    for (int64_t kk = k; kk < K; kk++) s += load1(fmt, W, (n + r) * K + kk) * x[kk];
+    y[n + r] = s;
+  }
+}
+
 void gemv_f(int fmt, const void* W, int64_t K, int64_t n0, int64_t n1, const float* x, const uint16_t*, int64_t M,
             float* y, int64_t ldy) {
+  if (M == 1) {  // decode
+    int64_t n = n0;
+    for (; n + 4 <= n1; n += 4) f_rows4(fmt, W, K, n, x, y);
+    for (; n < n1; n++) f_rows<1>(fmt, W, K, n, x, 0, y, ldy);
+    return;
+  }
   for (int64_t n = n0; n < n1; n++) {
     int64_t m = 0;
     for (; m + 2 <= M; m += 2) f_rows<2>(fmt, W, K, n, x, m, y, ldy);
@@ -328,6 +357,16 @@ inline void q8_pair(const int8_t* r1, const int8_t* r2, int x1, int x2, __m256i*
   for (int c = 0; c < 4; c++) {
     const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(r1 + 16 * c)));
     const __m256i w2 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(r2 + 16 * c)));
+    acc[2 * c] = _mm256_add_epi32(acc[2 * c], _mm256_madd_epi16(_mm256_unpacklo_epi16(w1, w2), xp));
+    acc[2 * c + 1] = _mm256_add_epi32(acc[2 * c + 1], _mm256_madd_epi16(_mm256_unpackhi_epi16(w1, w2), xp));
+  }
+}
+// Q6_K rows (u8 0..63): as q8_pair with zero extension.
+inline void u8_pair(const uint8_t* r1, const uint8_t* r2, int x1, int x2, __m256i* acc /*[8]*/) {
+  const __m256i xp = _mm256_set1_epi32((int)(((uint32_t)x1 & 0xffff) | ((uint32_t)x2 << 16)));
+  for (int c = 0; c < 4; c++) {
+    const __m256i w1 = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)(r1 + 16 * c)));
+    const __m256i w2 = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)(r2 + 16 * c)));
     acc[2 * c] = _mm256_add_epi32(acc[2 * c], _mm256_madd_epi16(_mm256_unpacklo_epi16(w1, w2), xp));
     acc[2 * c + 1] = _mm256_add_epi32(acc[2 * c + 1], _mm256_madd_epi16(_mm256_unpackhi_epi16(w1, w2), xp));
   }
@@ -410,6 +449,41 @@ void sparse_q(const SparseW& W, const int8_t* q, const float* d, const int32_t* 
         for (int i = 0; i < 8; i++)
           acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(is[i], off)),
                                    _mm256_mul_ps(f16x8(dplane + 2 * (b * Np + c0 + 8 * i)), dx), acc[i]);
+      }
+    } else if (W.fmt == Q6_K) {
+      const int64_t ns = K / 256;
+      const uint8_t* dpl = W.base + K * Np;
+      const int8_t* scpl = (const int8_t*)(dpl + 2 * ns * Np);
+      const uint8_t* base = W.base + c0;
+      for (int64_t s = 0; s < ns; s++) {
+        if (act.start[8 * s] == act.start[8 * s + 8]) continue;
+        __m256i isum[8];
+        for (int i = 0; i < 8; i++) isum[i] = _mm256_setzero_si256();
+        for (int64_t b = 8 * s; b < 8 * s + 8; b++) {
+          int32_t a = act.start[b];
+          for (int h = 0; h < 2; h++) {  // the two sub-blocks of 16 neurons in this block of 32
+            const int64_t g = 2 * b + h;
+            int32_t e = a;
+            while (e < act.start[b + 1] && act.idx[e] < 16 * (g + 1)) e++;
+            if (e == a) continue;
+            __m256i isub[8];
+            for (int i = 0; i < 8; i++) isub[i] = _mm256_setzero_si256();
+            for (; a + 2 <= e; a += 2)
+              u8_pair(base + act.idx[a] * Np, base + act.idx[a + 1] * Np, q[act.idx[a]], q[act.idx[a + 1]], isub);
+            if (a < e) u8_pair(base + act.idx[a] * Np, base + act.idx[a] * Np, q[act.idx[a]], 0, isub);
+            a = e;
+            q8_unscramble(isub, is);
+            const __m256i off = _mm256_set1_epi32(32 * s16[g]);
+            for (int i = 0; i < 8; i++) {
+              const __m256i sc = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(scpl + g * Np + c0 + 8 * i)));
+              isum[i] = _mm256_add_epi32(isum[i], _mm256_mullo_epi32(sc, _mm256_sub_epi32(is[i], off)));
+            }
+          }
+        }
+        const __m256 dx = _mm256_set1_ps(d[s]);
+        for (int i = 0; i < 8; i++)
+          acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[i]), _mm256_mul_ps(f16x8(dpl + 2 * (s * Np + c0 + 8 * i)), dx),
+                                   acc[i]);
       }
     } else {  // Q4_K
       const int64_t ns = K / 256;

@@ -165,8 +165,35 @@ void f_rows(int fmt, const void* W, int64_t K, int64_t n, const float* x, int64_
   for (int i = 0; i < MB; i++) y[(m0 + i) * ldy + n] = _mm512_reduce_add_ps(_mm512_add_ps(a0[i], a1[i]));
 }
 
+// One activation row against 4 weight rows: x loads shared, 8 independent FMA chains.
+void f_rows4(int fmt, const void* W, int64_t K, int64_t n, const float* x, float* y) {
+  __m512 a[4][2];
+  for (int r = 0; r < 4; r++) a[r][0] = a[r][1] = _mm512_setzero_ps();
+  const __mmask16 all = 0xffff;
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) {
+    const __m512 x0 = _mm512_loadu_ps(x + k), x1 = _mm512_loadu_ps(x + k + 16);
+    for (int r = 0; r < 4; r++) {
+      a[r][0] = _mm512_fmadd_ps(load16(fmt, W, (n + r) * K + k, all), x0, a[r][0]);
+      a[r][1] = _mm512_fmadd_ps(load16(fmt, W, (n + r) * K + k + 16, all), x1, a[r][1]);
+    }
+  }
+  for (; k < K; k += 16) {
+    const __mmask16 msk = K - k >= 16 ? all : (__mmask16)((1u << (K - k)) - 1);
+    const __m512 x0 = _mm512_maskz_loadu_ps(msk, x + k);
+    for (int r = 0; r < 4; r++) a[r][0] = _mm512_fmadd_ps(load16(fmt, W, (n + r) * K + k, msk), x0, a[r][0]);
+  }
+  for (int r = 0; r < 4; r++) y[n + r] = _mm512_reduce_add_ps(_mm512_add_ps(a[r][0], a[r][1]));
+}
+
 void gemv_f(int fmt, const void* W, int64_t K, int64_t n0, int64_t n1, const float* x, const uint16_t*, int64_t M,
             float* y, int64_t ldy) {
+  if (M == 1) {  // decode
+    int64_t n = n0;
+    for (; n + 4 <= n1; n += 4) f_rows4(fmt, W, K, n, x, y);
+    for (; n < n1; n++) f_rows<1>(fmt, W, K, n, x, 0, y, ldy);
+    return;
+  }
   for (int64_t n = n0; n < n1; n++) {
     int64_t m = 0;
     for (; m + 4 <= M; m += 4) f_rows<4>(fmt, W, K, n, x, m, y, ldy);

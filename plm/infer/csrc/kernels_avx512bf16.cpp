@@ -42,10 +42,37 @@ void bf16_rows(const uint16_t* W, int64_t K, int64_t n, const uint16_t* xb, int6
   for (int i = 0; i < MB; i++) y[(m0 + i) * ldy + n] = _mm512_reduce_add_ps(_mm512_add_ps(a0[i], a1[i]));
 }
 
+// M = 1: 4 weight rows share each activation load; 8 independent accumulation chains.
+void bf16_rows4(const uint16_t* W, int64_t K, int64_t n, const uint16_t* xb, float* y) {
+  __m512 a[4][2];
+  for (int r = 0; r < 4; r++) a[r][0] = a[r][1] = _mm512_setzero_ps();
+  const __mmask32 all = 0xffffffffu;
+  int64_t k = 0;
+  for (; k + 64 <= K; k += 64) {
+    const __m512bh x0 = ldbh(xb + k, all), x1 = ldbh(xb + k + 32, all);
+    for (int r = 0; r < 4; r++) {
+      a[r][0] = _mm512_dpbf16_ps(a[r][0], ldbh(W + (n + r) * K + k, all), x0);
+      a[r][1] = _mm512_dpbf16_ps(a[r][1], ldbh(W + (n + r) * K + k + 32, all), x1);
+    }
+  }
+  for (; k < K; k += 32) {
+    const __mmask32 msk = K - k >= 32 ? all : (__mmask32)((1ull << (K - k)) - 1);
+    const __m512bh x0 = ldbh(xb + k, msk);
+    for (int r = 0; r < 4; r++) a[r][0] = _mm512_dpbf16_ps(a[r][0], ldbh(W + (n + r) * K + k, msk), x0);
+  }
+  for (int r = 0; r < 4; r++) y[n + r] = _mm512_reduce_add_ps(_mm512_add_ps(a[r][0], a[r][1]));
+}
+
 }  // namespace
 
 void gemv_bf16_avx512bf16(const void* W, int64_t K, int64_t n0, int64_t n1, const uint16_t* xb, int64_t M, float* y,
                           int64_t ldy) {
+  if (M == 1) {
+    int64_t n = n0;
+    for (; n + 4 <= n1; n += 4) bf16_rows4((const uint16_t*)W, K, n, xb, y);
+    for (; n < n1; n++) bf16_rows<1>((const uint16_t*)W, K, n, xb, 0, y, ldy);
+    return;
+  }
   for (int64_t n = n0; n < n1; n++) {
     int64_t m = 0;
     for (; m + 4 <= M; m += 4) bf16_rows<4>((const uint16_t*)W, K, n, xb, m, y, ldy);

@@ -196,6 +196,28 @@ void sparse_q(const SparseW& W, const int8_t* q, const float* d, const int32_t* 
         const int32_t off = W.fmt == Q4_0 ? 8 * (s16[2 * b] + s16[2 * b + 1]) : 0;
         for (int j = 0; j < n; j++) acc[j] = fmaf((float)(isum[j] - off), ld_f16(dplane + 2 * b * Np, c0 + j) * d[b], acc[j]);
       }
+    } else if (W.fmt == Q6_K) {
+      const int64_t ns = K / 256;
+      const uint8_t* dpl = W.base + K * Np;
+      const int8_t* scpl = (const int8_t*)(dpl + 2 * ns * Np);
+      for (int64_t s = 0; s < ns; s++) {
+        if (act.start[8 * s] == act.start[8 * s + 8]) continue;
+        int32_t isum[64] = {0};
+        for (int64_t g = 16 * s; g < 16 * s + 16; g++) {  // sub-blocks of 16 neurons
+          int32_t isub[64] = {0};
+          bool any = false;
+          for (int32_t a = act.start[g / 2]; a < act.start[g / 2 + 1]; a++) {
+            const int32_t i = act.idx[a];
+            if (i / 16 != g) continue;
+            any = true;
+            const uint8_t* row = W.base + i * Np + c0;
+            for (int j = 0; j < n; j++) isub[j] += q[i] * row[j];
+          }
+          if (!any) continue;
+          for (int j = 0; j < n; j++) isum[j] += scpl[g * Np + c0 + j] * (isub[j] - 32 * s16[g]);
+        }
+        for (int j = 0; j < n; j++) acc[j] = fmaf((float)isum[j], ld_f16(dpl + 2 * s * Np, c0 + j) * d[s], acc[j]);
+      }
     } else {  // Q4_K
       const int64_t ns = K / 256;
       const uint8_t* dpl = W.base + K * (Np / 2);

@@ -191,6 +191,7 @@ Mat make_mat(const at::Tensor& data, int64_t fmt, int64_t N, int64_t K, int64_t 
     expect = is_float((int)fmt) ? row_bytes((int)fmt, K) * N
              : fmt == Q8_0     ? K * Np + 2 * nb * Np
              : fmt == Q4_0     ? K * Np / 2 + 2 * nb * Np
+             : fmt == Q6_K     ? K * Np + 2 * ns * Np + K / 16 * Np
                                : K * Np / 2 + 4 * ns * Np + 2 * nb * Np;
   } else {
     expect = is_float((int)fmt) ? row_bytes((int)fmt, K) * N : groups * m.tiles_per_group() * m.tile_bytes();

@@ -351,7 +351,6 @@ void dequant_tile_row(int fmt, const uint8_t* tiles, int64_t K, int64_t row, flo
 
 at::Tensor pack_sparse(const at::Tensor& raw_in, int fmt, int64_t N, int64_t K) {
   check_shape(fmt, N, K, "pack_sparse");
-  TORCH_CHECK(fmt != Q6_K, "plm: the sparse down projection has no Q6_K layout (use the dense kernel)");
   const at::Tensor raw = raw_in.contiguous();
   TORCH_CHECK(raw.scalar_type() == at::kByte && raw.numel() == N * row_bytes(fmt, K), "plm: pack_sparse: expected ",
               N * row_bytes(fmt, K), " bytes of ", format_name(fmt), ", got ", raw.numel());
@@ -367,8 +366,10 @@ at::Tensor pack_sparse(const at::Tensor& raw_in, int fmt, int64_t N, int64_t K) 
     return out;
   }
   const int64_t Np = ceil_div(N, 64) * 64, nb = K / 32, ns = K / 256, rb = row_bytes(fmt, K);
-  const int64_t qbytes = fmt == Q8_0 ? K * Np : K * Np / 2;
-  const int64_t total = fmt == Q4_K ? qbytes + 4 * ns * Np + 2 * nb * Np : qbytes + 2 * nb * Np;
+  const int64_t qbytes = fmt == Q8_0 || fmt == Q6_K ? K * Np : K * Np / 2;
+  const int64_t total = fmt == Q4_K ? qbytes + 4 * ns * Np + 2 * nb * Np
+                        : fmt == Q6_K ? qbytes + 2 * ns * Np + K / 16 * Np
+                                      : qbytes + 2 * nb * Np;
   at::Tensor out = at::zeros({total}, at::kByte);
   uint8_t* dst = out.data_ptr<uint8_t>();
   const int64_t bs = block_size(fmt), gb = rb / (K / bs);
@@ -379,14 +380,17 @@ at::Tensor pack_sparse(const at::Tensor& raw_in, int fmt, int64_t N, int64_t K) 
         decode_block(fmt, src + j * rb + b * gb, c);
         for (int k = 0; k < bs; k++) {
           const int64_t i = b * bs + k;  // neuron
-          if (fmt == Q8_0) {
-            dst[i * Np + j] = (uint8_t)(int8_t)c.q[k];
+          if (fmt == Q8_0 || fmt == Q6_K) {
+            dst[i * Np + j] = (uint8_t)c.q[k];
           } else {
             const int64_t jj = j % 64;
             dst[i * (Np / 2) + (j / 64) * 32 + (jj % 32)] |= (uint8_t)(c.q[k] << (jj < 32 ? 0 : 4));
           }
         }
-        if (fmt == Q4_K) {
+        if (fmt == Q6_K) {
+          wr16(dst + qbytes + 2 * (b * Np + j), c.d);
+          for (int g = 0; g < 16; g++) dst[qbytes + 2 * ns * Np + (16 * b + g) * Np + j] = (uint8_t)c.sc6[g];
+        } else if (fmt == Q4_K) {
           uint8_t* dpl = dst + qbytes;
           wr16(dpl + 2 * (b * Np + j), c.d);
           wr16(dpl + 2 * ns * Np + 2 * (b * Np + j), c.dmin);
@@ -414,14 +418,18 @@ at::Tensor dequant_sparse(const at::Tensor& packed, int fmt, int64_t N, int64_t 
     return out;
   }
   const int64_t Np = ceil_div(N, 64) * 64, nb = K / 32, ns = K / 256;
-  const int64_t qbytes = fmt == Q8_0 ? K * Np : K * Np / 2;
+  const int64_t qbytes = fmt == Q8_0 || fmt == Q6_K ? K * Np : K * Np / 2;
   for (int64_t j = 0; j < N; j++)
     for (int64_t i = 0; i < K; i++) {
       const int64_t jj = j % 64;
       const int q = fmt == Q8_0 ? (int8_t)p[i * Np + j]
-                                : (p[i * (Np / 2) + (j / 64) * 32 + (jj % 32)] >> (jj < 32 ? 0 : 4)) & 15;
+                    : fmt == Q6_K ? p[i * Np + j]
+                                  : (p[i * (Np / 2) + (j / 64) * 32 + (jj % 32)] >> (jj < 32 ? 0 : 4)) & 15;
       const int64_t b = i / 32;
-      if (fmt == Q8_0) {
+      if (fmt == Q6_K) {
+        const float d = fp16_to_fp32(rd16(p + qbytes + 2 * ((i / 256) * Np + j)));
+        o[j * K + i] = d * (float)(int8_t)p[qbytes + 2 * ns * Np + (i / 16) * Np + j] * (float)(q - 32);
+      } else if (fmt == Q8_0) {
         o[j * K + i] = fp16_to_fp32(rd16(p + qbytes + 2 * (b * Np + j))) * q;
       } else if (fmt == Q4_0) {
         o[j * K + i] = fp16_to_fp32(rd16(p + qbytes + 2 * (b * Np + j))) * (q - 8);

@@ -57,6 +57,7 @@ struct QAct {
 //        fp16 d[K/32][Np]
 //  Q4_K: u8 q[K][Np/2] (as Q4_0) | fp16 d[K/256][Np] | fp16 dmin[K/256][Np] | u8 sc[K/32][Np] |
 //        u8 m[K/32][Np]
+//  Q6_K: u8 q[K][Np] (0..63) | fp16 d[K/256][Np] | i8 sc[K/16][Np]
 //  F32/F16/BF16: [K][N] rows of the weight type.
 struct SparseW {
   const uint8_t* base;
