@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.plm-installed
 # llama-cpp-python compiles llama.cpp from source (~10 min on 2 cores) once per machine:
 # scripts/build_llama_wheel.sh caches the wheel (see there why not plain pip).
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test test-fast clean
 
 setup: $(STAMP)
 
@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	# torch first and pinned: the CPU wheel on disk, never a CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q "$$(scripts/build_llama_wheel.sh $(PY))"
-	$(PY) -m pip install -q -e ".[dev,llama,eval]"
+	$(PY) -m pip install -q -e ".[dev,llama,eval,hf]"
 	touch $(STAMP)
 
 demo: setup
@@ -24,6 +24,11 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest tests
+
+# everything but the tests marked slow (training runs, subprocess CLIs, llama.cpp parity): a
+# couple of minutes, for the edit-test loop; `make test` runs them all
+test-fast: setup
+	$(PY) -m pytest tests -m "not slow"
 
 clean:
 	rm -rf $(VENV) runs

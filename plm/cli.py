@@ -22,7 +22,9 @@ COMMAND_MODULES = [
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from plm import __version__
     parser = argparse.ArgumentParser(prog="plm", description="PLM: the Peripheral Language Model toolkit")
+    parser.add_argument("--version", action="version", version=f"plm {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in COMMAND_MODULES:
@@ -33,7 +35,21 @@ def build_parser() -> argparse.ArgumentParser:
                 continue
             raise
         mod.add_commands(sub)
+    _conventions(parser)
     return parser
+
+
+def _conventions(parser: argparse.ArgumentParser) -> None:
+    """Every command shows its defaults in --help and says what it does (its one-line help)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            helps = {a.dest: a.help for a in action._choices_actions}
+            for name, sub in action.choices.items():
+                if sub.formatter_class is argparse.HelpFormatter:
+                    sub.formatter_class = argparse.ArgumentDefaultsHelpFormatter
+                if not sub.description and helps.get(name):
+                    sub.description = helps[name][0].upper() + helps[name][1:] + "."
+                _conventions(sub)
 
 
 def add_recipe_args(p: argparse.ArgumentParser, example: str, resume_help: str = "ignore existing checkpoints") -> None:

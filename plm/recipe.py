@@ -34,12 +34,30 @@ T = TypeVar("T")
 
 
 # ---- reading ----------------------------------------------------------------------------
+PACKAGED = Path(__file__).resolve().parent / "recipes"  # recipes/ of the repository, shipped in the wheel
+
+
+def find_recipe(path: str | Path) -> Path:
+    """A recipe path as given; failing that, the same path among the recipes shipped with the
+    package ("recipes/tiny/sft.yaml", or "tiny/sft.yaml"), so commands work from any folder."""
+    p = Path(path)
+    if p.exists() or p.is_absolute():
+        return p
+    rel = p.relative_to("recipes") if p.parts[:1] == ("recipes",) else p
+    packaged = PACKAGED / rel
+    return packaged if packaged.exists() else p
+
+
+def packaged_recipes() -> list[str]:
+    return sorted(str(f.relative_to(PACKAGED)) for f in PACKAGED.rglob("*.yaml"))
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
+    path = find_recipe(path)
     if path.is_dir():
         raise ConfigError(f"{path} is a directory; name the YAML file inside it")
     if not path.exists():
-        raise ConfigError(f"{path}: recipe not found")
+        raise ConfigError(f"{path}: recipe not found (shipped recipes: {', '.join(packaged_recipes())})")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as e:
@@ -56,7 +74,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 def load_recipe(path: str | Path, cls: type[T], overrides: list[str] | None = None) -> T:
     """Read, override, interpolate and parse a recipe file into `cls`."""
-    path = Path(path)
+    path = find_recipe(path)
     raw = read_yaml(path)
     try:
         apply_overrides(raw, overrides or [])

@@ -9,6 +9,9 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("PLM_SHARED_DATA", REPO.parent / "shared" / "data"))
+os.environ.setdefault("PLM_DATA", str(SHARED_DATA))  # the benchmark data the tests read (GSM8K, HumanEval)
+# derived-result caches (held-out evaluations) of a test session stay in the session
+os.environ.setdefault("PLM_CACHE", str(Path(os.environ.get("TMPDIR", "/tmp")) / f"plm-test-cache-{os.getpid()}"))
 
 
 @pytest.fixture(scope="session")

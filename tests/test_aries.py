@@ -277,6 +277,7 @@ def test_task_sources(tmp_path):
 
 
 # ---- end to end ---------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_plm_aries_end_to_end(micro_base, tmp_path):
     """Two iterations on a micro model; a reward-model scorer so that pairs exist with random weights."""
     run_dir = tmp_path / "aries"

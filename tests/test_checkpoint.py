@@ -113,3 +113,16 @@ def test_resave_with_fewer_shards_removes_stale_files(small_model, tmp_path):
     assert not list(tmp_path.glob("model-*-of-*.safetensors"))
     assert not (tmp_path / "model.safetensors.index.json").exists()
     PLMForCausalLM.from_pretrained(tmp_path)
+
+
+def test_expected_tensors_are_the_models_own():
+    """The validator's names and shapes, written from the config, equal the model's state dict."""
+    import torch
+
+    from plm import PLMConfig, PLMForCausalLM
+    from plm.model.checkpoint import expected_tensors
+    for preset in ("plm-micro", "plm-tiny", "plm-1.8b"):
+        cfg = PLMConfig.from_preset(preset)
+        with torch.device("meta"):
+            sd = PLMForCausalLM(cfg).state_dict()
+        assert expected_tensors(cfg) == {k: tuple(v.shape) for k, v in sd.items() if k != "lm_head.weight"}

@@ -5,6 +5,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow  # subprocesses and training runs: `make test`, not `make test-fast`
+
 
 def plm(*args, input=None):
     return subprocess.run([sys.executable, "-m", "plm", *map(str, args)], capture_output=True, text=True,
@@ -78,7 +80,7 @@ def test_chat_multi_turn(qwen2_micro_dir):
 @pytest.mark.parametrize("args,msg", [
     (["info", "/no/such/dir"], "not a checkpoint directory"),
     (["generate", "/no/such/dir", "--prompt", "x"], "not a checkpoint directory"),
-    (["init", "--preset", "plm-micro", "--out", "{out}", "--set", '{"hidden_act": "gelu"}'], "hidden_act 'gelu'"),
+    (["init", "--preset", "plm-micro", "--out", "{out}", "--set", "hidden_act=gelu"], "hidden_act 'gelu'"),
     (["generate", "{micro}", "--prompt", "x", "--top-p", "0"], "top_p must be in (0, 1]"),
     (["export", "gguf", "/no/such/dir", "--out", "{out}/x.gguf"], "not a checkpoint directory"),
 ])
@@ -109,3 +111,27 @@ def test_tokenizer_commands(tmp_path):
     assert json.loads((tmp_path / "m" / "config.json").read_text())["vocab_size"] == 320
     r = plm("tokenizer", "qwen2", "--out", tmp_path / "q")
     assert r.returncode == 0 and (tmp_path / "q" / "tokenizer.json").exists()
+
+
+def test_every_flag_has_help_and_the_cli_starts_fast():
+    """One convention across commands: every option explains itself (and --help shows its
+    default); building the parser imports no torch, so `plm --help` answers at once."""
+    import argparse
+    import time
+
+    from plm.cli import build_parser
+
+    def walk(p, path):
+        for a in p._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                for n, sp in a.choices.items():
+                    assert sp.description, f"{path} {n}: no description"
+                    yield from walk(sp, f"{path} {n}")
+            elif a.dest != "help" and not a.help:
+                yield f"{path} {a.option_strings or a.dest}"
+
+    assert list(walk(build_parser(), "plm")) == []
+    t = time.perf_counter()
+    r = plm("--help")
+    assert r.returncode == 0 and time.perf_counter() - t < 5  # generous: a subprocess on a busy CI machine
+    assert "--version" in r.stdout and plm("--version").stdout.startswith("plm ")

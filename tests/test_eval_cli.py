@@ -22,6 +22,7 @@ def plm_eval(*args, env=None):
                           text=True, timeout=300, env=full_env)
 
 
+@pytest.mark.slow
 def test_one_command_on_the_shipped_data(qwen2_micro_dir: Path, shared_data: Path, tmp_path: Path) -> None:
     """What a new user runs: GSM8K and HumanEval by default, data found through $PLM_DATA."""
     out = tmp_path / "results"
@@ -42,6 +43,7 @@ def test_one_command_on_the_shipped_data(qwen2_micro_dir: Path, shared_data: Pat
     assert "| ARC-C | ARC-E | MMLU |" in r.stdout  # the table is printed too
 
 
+@pytest.mark.slow
 def test_refinement_and_multiple_choice_from_a_local_data_dir(qwen2_micro_dir: Path, shared_data: Path,
                                                               tmp_path: Path) -> None:
     data = tmp_path / "data"
@@ -86,7 +88,8 @@ def test_list_tasks(capsys, shared_data: Path) -> None:
 def test_data_dir_precedence(monkeypatch, tmp_path: Path) -> None:
     monkeypatch.delenv("PLM_DATA", raising=False)
     monkeypatch.delenv("PLM_SHARED_DATA", raising=False)
-    assert default_data_dir() == Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    monkeypatch.setenv("PLM_CACHE", str(tmp_path / "cache"))
+    assert default_data_dir() == tmp_path / "cache" / "data"  # never a path beside the repository
     monkeypatch.setenv("PLM_SHARED_DATA", str(tmp_path / "old"))
     assert default_data_dir() == tmp_path / "old"
     monkeypatch.setenv("PLM_DATA", str(tmp_path / "new"))

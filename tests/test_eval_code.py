@@ -20,6 +20,7 @@ def humaneval() -> list[CodeProblem]:
     return load_humaneval()
 
 
+@pytest.mark.slow
 def test_humaneval_canonical_solutions_all_pass_and_broken_ones_all_fail(
         humaneval: list[CodeProblem]) -> None:
     assert len(humaneval) == 164

@@ -104,6 +104,7 @@ def test_registered_model_scores_like_the_plm_engine(plm_lm, qwen2_micro_dir) ->
         "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
 
 
+@pytest.mark.slow
 def test_lm_eval_cli_runs_local_tasks_offline(qwen2_micro_dir, task_dir: Path, tmp_path: Path) -> None:
     """`plm lm-eval` is lm_eval's own CLI with `--model plm` registered."""
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"),

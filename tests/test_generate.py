@@ -14,6 +14,7 @@ def _run(step, prompts, cfg, **kw):
     return out
 
 
+@pytest.mark.slow
 def test_cached_equals_recompute_batched(small_model):
     prompts = [[5, 6, 7, 8, 9, 10], [11, 12], [100, 200, 300, 400]]
     cfg = GenerationConfig(max_new_tokens=20)
@@ -30,6 +31,7 @@ def test_batch_equals_single(small_model):
         assert _run(model_step_fn(small_model), [p], cfg)[0] == b
 
 
+@pytest.mark.slow
 def test_finished_rows_leave_the_batch(small_model):
     """Rows that stop early are dropped from the batch and the cache: the others' tokens are
     exactly those of a batch that keeps decoding pads for them, and of each prompt alone."""
@@ -49,6 +51,7 @@ def test_finished_rows_leave_the_batch(small_model):
         assert _run(model_step_fn(small_model), [p], cfg)[0] == got
 
 
+@pytest.mark.slow
 def test_sampling_is_seeded_and_cached_equals_recompute(small_model):
     cfg = GenerationConfig(max_new_tokens=15, temperature=1.0, top_k=50, top_p=0.9, seed=7)
     a = _run(model_step_fn(small_model), [[1, 2, 3]], cfg)

@@ -8,6 +8,8 @@ from plm import PLMForCausalLM
 from plm.data.tokenizer import Tokenizer
 from plm.export.gguf import export_gguf, load_gguf_state
 
+pytestmark = pytest.mark.slow  # subprocesses and training runs: `make test`, not `make test-fast`
+
 llama_cpp = pytest.importorskip("llama_cpp", reason="make test installs the llama extra") if False else __import__("llama_cpp")
 
 

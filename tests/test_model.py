@@ -132,8 +132,7 @@ def test_bf16_close_to_fp32(small_model):
 
 def test_loss_and_backward(small_model):
     ids = torch.randint(0, 512, (2, 10), generator=torch.Generator().manual_seed(4))
-    labels = ids.roll(-1, 1)
-    labels[:, -1] = -100
+    labels = ids  # transformers' convention: shifted inside the model
     out = small_model.train()(ids, labels=labels)
     assert math.log(512) * 0.8 < out.loss.item() < math.log(512) * 1.2
     out.loss.backward()

@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+pytestmark = pytest.mark.slow  # subprocesses and training runs: `make test`, not `make test-fast`
+
 
 def plm(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "plm", *map(str, args)], capture_output=True, text=True,

@@ -177,6 +177,7 @@ def test_quantised_logit_agreement_bounds(tiny):
         assert rel < max_rel and top1 >= min_top1, (quant, rel, top1)
 
 
+@pytest.mark.slow
 def test_predictor_recall_and_agreement(tiny, tmp_path):
     from plm.infer import sparsity as sp
     ids = torch.randint(0, 512, (12, 128), generator=torch.Generator().manual_seed(4))
@@ -219,6 +220,7 @@ def test_layerwise_streaming_equals_resident(tiny, tiny_dir):
         EdgeRuntime.from_checkpoint(tiny_dir, memory_budget=1000)
 
 
+@pytest.mark.slow
 def test_cli_runtime_flags_and_sparsity(qwen2_micro_dir, tmp_path, capsys):
     from plm.cli import main
     base = ["generate", str(qwen2_micro_dir), "--prompt", "Hello", "--max-new-tokens", "5"]

@@ -116,3 +116,15 @@ def test_plot_writes_png(tmp_path):
     assert len(data) > 1000 and data[:8] == b"\x89PNG\r\n\x1a\n"
     out2 = plot_schedule(ScheduleConfig(kind="cosine", warmup_steps=5, total_steps=50), tmp_path / "c.png", steps=80)
     assert out2.stat().st_size > 1000
+
+
+def test_lr_plot_shows_every_step_of_a_short_warmup():
+    """The trainer logs each phase's schedule, so the plotted LR has every step even when losses
+    are logged every 5 steps: a 3-step warmup is visible."""
+    from plm.train.plots import lr_series
+    cfg = ScheduleConfig(kind="wsdc", peak_lr=1e-3, floor_lr=1e-4, warmup_steps=3, stable_steps=4, decay_steps=3)
+    metrics = [{"phase": "a", "step": 0, "phase_steps": 12, "schedule": cfg.to_dict()}]
+    metrics += [{"phase": "a", "step": s, "loss": 1.0, "lr": lr_at(cfg, s - 1)} for s in (5, 10, 12)]
+    xs, ys = lr_series(metrics)
+    assert xs == list(range(1, 13)) and ys[:4] == pytest.approx([0.0, 1e-3 / 3, 2e-3 / 3, 1e-3])
+    assert lr_series(metrics[1:]) == ([5, 10, 12], [m["lr"] for m in metrics[1:]])  # older logs: as logged

@@ -202,6 +202,7 @@ def micro_sft(micro_base, tmp_path_factory):
     return run_dir
 
 
+@pytest.mark.slow
 def test_plm_sft_end_to_end(micro_sft):
     run_dir = micro_sft
     recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -13,6 +13,8 @@ from plm.data import arith
 from plm.data.prepare import prepare
 from plm.data.tokenizer import train_bpe
 
+pytestmark = pytest.mark.slow  # subprocesses and training runs: `make test`, not `make test-fast`
+
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):

@@ -26,7 +26,8 @@ from plm.utils import atomic_write_json
 
 def tokenizer_for(recipe, env: DistEnv) -> Tokenizer:
     """The recipe's tokenizer, by default the one beside model.init_from."""
-    return resolve_tokenizer(recipe.tokenizer or recipe.model.init_from, env)
+    from plm.model.hub import resolve_model
+    return resolve_tokenizer(recipe.tokenizer or str(resolve_model(recipe.model.init_from)), env)
 
 
 def weighted(samples: list, weight: float, seed: int) -> list:

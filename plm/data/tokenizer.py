@@ -38,6 +38,16 @@ def bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, map(chr, cs)))
 
 
+class Encoding(dict):
+    """The result of calling a Tokenizer: a dict that also reads as attributes (enc.input_ids)."""
+
+    def __getattr__(self, name: str):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
 class Tokenizer:
     """A byte-level BPE tokenizer with PLM's special tokens and ChatML chat formatting."""
 
@@ -91,9 +101,44 @@ class Tokenizer:
         return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = False,
-                            tokenize: bool = False) -> str | list[int]:
+                            tokenize: bool = False, return_tensors: str | None = None):
+        """The ChatML text of `messages` (tokenize: its ids; return_tensors="pt": a [1, T] tensor)."""
         text = render_chatml(messages, add_generation_prompt)
+        if return_tensors is not None:
+            return self(text, return_tensors=return_tensors)["input_ids"]
         return self.encode(text) if tokenize else text
+
+    def __call__(self, text: str | Sequence[str], padding: bool | str = False, padding_side: str = "left",
+                 return_tensors: str | None = None, truncation: bool = False,
+                 max_length: int | None = None) -> "Encoding":
+        """transformers-style: {"input_ids", "attention_mask"} for a text or a batch. A batch
+        returned as tensors is padded (left by default, as generation wants); `truncation` keeps
+        the first `max_length` ids."""
+        single = isinstance(text, str)
+        texts = [text] if single else list(text)
+        ids = self.encode_batch(texts)
+        if truncation and max_length is not None:
+            ids = [x[:max_length] for x in ids]
+        if padding or (return_tensors is not None and len({len(x) for x in ids}) > 1):
+            if padding_side not in ("left", "right"):
+                raise PLMError(f"padding_side must be left or right, got {padding_side!r}")
+            n = max((len(x) for x in ids), default=0)
+            pad = [[self.pad_token_id] * (n - len(x)) for x in ids]
+            masks = [[0] * len(p) + [1] * len(x) if padding_side == "left" else [1] * len(x) + [0] * len(p)
+                     for x, p in zip(ids, pad)]
+            ids = [p + x if padding_side == "left" else x + p for x, p in zip(ids, pad)]
+        else:
+            masks = [[1] * len(x) for x in ids]
+        if return_tensors == "pt":
+            import torch
+            return Encoding(input_ids=torch.tensor(ids, dtype=torch.long),
+                            attention_mask=torch.tensor(masks, dtype=torch.long))
+        if return_tensors is not None:
+            raise PLMError(f"return_tensors must be 'pt' or None, got {return_tensors!r}")
+        return Encoding(input_ids=ids[0] if single else ids, attention_mask=masks[0] if single else masks)
+
+    def batch_decode(self, sequences, skip_special_tokens: bool = False) -> list[str]:
+        return [self.decode(list(map(int, s)), skip_special_tokens) for s in sequences]
 
     def fingerprint(self) -> str:
         return hashlib.sha256(self.hf.to_str().encode()).hexdigest()[:16]

@@ -23,7 +23,7 @@ _FENCE = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)(?:```|\Z)", re.DOTA
 
 
 def shared_data_dir() -> Path:
-    """Where shared datasets live: $PLM_DATA, else $PLM_SHARED_DATA, else <repo>/../shared/data."""
+    """Where benchmark data lives (see plm.eval.data.default_data_dir)."""
     return default_data_dir()
 
 

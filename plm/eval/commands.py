@@ -9,7 +9,7 @@ from plm.errors import PLMError
 EPILOG = """\
 tasks: arc_challenge arc_easy mmlu cmmlu ceval gsm8k mathqa humaneval mbpp boolq hellaswag
        logiqa piqa; aliases: paper/all (the 13), mc (the 10 multiple-choice), generation, code.
-data:  --data-dir, else $PLM_DATA, else ../shared/data next to the repository; each task reads
+data:  --data-dir, else $PLM_DATA, else ~/.cache/plm/data (plm eval --download fills it); each task reads
        <data-dir>/<task>/<split>.jsonl (see docs/eval.md), or Hugging Face with --source hf.
 examples:
   plm eval runs/micro                                   # GSM8K + HumanEval from the shipped data
@@ -99,7 +99,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("dir", nargs="?", help="checkpoint directory (config.json, safetensors, tokenizer)")
     p.add_argument("--tasks", default=None, help="comma-separated tasks or aliases (default: gsm8k,humaneval)")
-    p.add_argument("--data-dir", default=None, help="benchmark data root (default: $PLM_DATA or ../shared/data)")
+    p.add_argument("--data-dir", default=None, help="benchmark data root (default: $PLM_DATA, else ~/.cache/plm/data)")
     p.add_argument("--source", choices=["auto", "local", "hf"], default="auto",
                    help="local files, Hugging Face datasets, or local first (default)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples of each task")
@@ -111,15 +111,16 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="self-refinement: answer, then K refinements with the ARIES template (implies --chat)")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="generation budget (default: gsm8k 256, humaneval/mbpp 384)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
     p.add_argument("--max-length", type=int, default=None, help="context window (default: the model's)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="compute dtype")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds per sandboxed code test (default 10)")
     p.add_argument("--memory-mb", type=int, default=512, help="address-space limit per code test (MiB)")
     p.add_argument("--workers", type=int, default=None, help="parallel code tests (default: CPU count)")
-    p.add_argument("--output", default=None, help="results directory (default: runs/eval/<checkpoint name>)")
+    p.add_argument("--out", "--output", dest="output", default=None,
+                   help="results folder (default: runs/eval/<checkpoint name>)")
     p.add_argument("--name", default=None, help="row label in the table (default: checkpoint name)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--list-tasks", action="store_true", help="list tasks and where their data is found")
@@ -132,6 +133,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                                    "plm lm-eval --model plm --model_args pretrained=DIR --tasks arc_easy. "
                                    "The same as `python -m plm.eval.lm_eval_cli ...`.",
                        add_help=False, prefix_chars="\x00")  # every argument goes to lm_eval as is
-    q.add_argument("lm_eval_args", nargs="*")
+    q.add_argument("lm_eval_args", nargs="*", help="lm_eval's own arguments")
     q.set_defaults(func=_cmd_lm_eval)
 

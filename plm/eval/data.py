@@ -3,8 +3,9 @@
 Every benchmark has a local layout, ``<data-dir>/<task>/<split>.jsonl`` (or ``.jsonl.gz``),
 holding the Hugging Face dataset's own records, one JSON object per line, so
 ``datasets.load_dataset(...)[split].to_json(path)`` (or ``plm eval --download``) makes one.
-The data directory is ``--data-dir``, else ``$PLM_DATA``, else ``$PLM_SHARED_DATA``, else
-``../shared/data`` next to the repository (where the shipped GSM8K and HumanEval live).
+The data directory is ``--data-dir``, else ``$PLM_DATA`` (``$PLM_SHARED_DATA`` is read too), else
+``~/.cache/plm/data`` (``$PLM_CACHE/data``); ``plm eval --download`` fills it where the network
+allows, and a missing task says where it looked.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import Any
 
 from plm.data.hf import hf_available, load_hf_dataset
 from plm.errors import PLMError
+from plm.utils import cache_dir
 
 DATA_ENV = "PLM_DATA"
 LEGACY_DATA_ENV = "PLM_SHARED_DATA"  # what the test-suite fixtures set; still honoured
@@ -21,11 +23,11 @@ SOURCES = ("auto", "local", "hf")
 
 
 def default_data_dir() -> Path:
-    """$PLM_DATA, else $PLM_SHARED_DATA, else <repo>/../shared/data."""
+    """$PLM_DATA, else $PLM_SHARED_DATA, else the cache folder's data/ (~/.cache/plm/data)."""
     for env in (DATA_ENV, LEGACY_DATA_ENV):
         if os.environ.get(env):
             return Path(os.environ[env]).expanduser()
-    return Path(__file__).resolve().parents[2].parent / "shared" / "data"
+    return cache_dir("data")
 
 
 def resolve_data_dir(data_dir: str | Path | None) -> Path:

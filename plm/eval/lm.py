@@ -69,6 +69,8 @@ class PLMEvalModel:
 
         if str(device).startswith("cuda") and not torch.cuda.is_available():
             raise PLMError(f"device {device!r} requested but CUDA is not available")
+        from plm.model.hub import resolve_model
+        path = resolve_model(path)
         model = PLMForCausalLM.from_pretrained(path, dtype=dtype, device=device)
         return cls(model, Tokenizer.from_dir(path), **kwargs)
 

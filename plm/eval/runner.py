@@ -22,7 +22,7 @@ TASK_ALIASES = {
     "mc": tuple(n for n in PAPER_TASKS if n in MC_TASKS),
     "generation": ("gsm8k", "humaneval", "mbpp"), "code": ("humaneval", "mbpp"),
 }
-DEFAULT_TASKS = "gsm8k,humaneval"  # the benchmarks whose data ships in ../shared/data
+DEFAULT_TASKS = "gsm8k,humaneval"  # generation benchmarks a chat model is usually judged on first
 
 
 def parse_tasks(spec: str | list[str]) -> list[str]:

@@ -18,8 +18,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     esub = p.add_subparsers(dest="export_command", metavar="FORMAT")
     esub.required = True
     g = esub.add_parser("gguf", help="GGUF for llama.cpp (architecture plm)")
-    g.add_argument("dir")
-    g.add_argument("--out", required=True)
+    g.add_argument("dir", help="checkpoint folder or Hugging Face hub id")
+    g.add_argument("--out", required=True, help="the GGUF file to write")
     g.add_argument("--type", default="f16", choices=TYPES,
                    help="f32, f16, bf16, q8_0 and q4_0 are written directly; K-quants use llama.cpp's quantiser "
                         "(the llama extra)")

@@ -221,7 +221,8 @@ def export_gguf(ckpt: str | Path, out: str | Path, qtype: str = "f16",
     """Checkpoint directory -> GGUF of any supported type."""
     if qtype not in TYPES:
         raise PLMError(f"unknown GGUF type {qtype!r}; choose from {', '.join(TYPES)}")
-    ckpt, out = Path(ckpt), Path(out)
+    from plm.model.hub import resolve_model
+    ckpt, out = resolve_model(ckpt), Path(out)
     check_output_path(ckpt, out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if qtype in DIRECT_TYPES:

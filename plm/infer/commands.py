@@ -18,20 +18,21 @@ def engine_from_args(args: argparse.Namespace):
     from plm.infer.runtime import EdgeOptions
     edge = EdgeOptions(kv=args.kv, sparse=args.sparse, quant=args.quant, predictor=args.predictor,
                        memory_budget=args.memory_budget, threads=args.threads)
-    return Engine(args.dir, args.runtime, args.dtype, edge)
+    return Engine(args.dir, args.runtime, args.dtype, edge, device=args.device)
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most (capped at the context window)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k best tokens (0 = off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="CTRL-style penalty on seen tokens (1 = off)")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                    help="compute dtype (default: bfloat16 on the edge runtime, float32 on the reference)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when present, else cpu)")
     g = p.add_argument_group("runtime")
     g.add_argument("--runtime", default="auto", choices=["auto", "edge", "reference"],
                    help="edge: the CPU runtime of plm.infer.runtime; reference: the PyTorch model "
@@ -190,26 +191,27 @@ def _enable_line_editing():
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate text from a checkpoint")
-    p.add_argument("dir")
+    p.add_argument("dir", help="checkpoint folder or Hugging Face hub id")
     p.add_argument("--prompt", action="append", default=[], help="repeat for a batch")
     p.add_argument("--chat-template", action="store_true", help="wrap each prompt as a user turn")
     add_sampling_args(p)
     p.set_defaults(func=_cmd_generate)
     p = sub.add_parser("chat", help="multi-turn chat in the terminal (ChatML)")
-    p.add_argument("dir")
+    p.add_argument("dir", help="checkpoint folder or Hugging Face hub id")
     p.add_argument("--system", default=None, help="system prompt")
     add_sampling_args(p)
     p.set_defaults(func=_cmd_chat)
     p = sub.add_parser("sparsity", help="per-layer relu² activation sparsity on data (JSON + PNG); "
                                         "optionally fit the activation predictor")
-    p.add_argument("dir")
+    p.add_argument("dir", help="checkpoint folder or Hugging Face hub id")
     p.add_argument("--data", action="append", required=True,
                    help="text files, folders, globs, .jsonl, or a prepared-token folder (repeatable)")
     p.add_argument("--text-field", default="text", help="JSONL field holding the text")
     p.add_argument("--tokens", type=int, default=8192, help="tokens to measure over")
-    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per measured sequence")
     p.add_argument("--eps", type=float, default=1e-3, help="also count activations with |a| < eps")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
     p.add_argument("--out", default=None, help="output folder (default runs/sparsity/NAME)")
     p.add_argument("--fit-predictor", action="store_true",
                    help="fit the low-rank activation predictor and report its recall and output agreement")
@@ -218,7 +220,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="share of activation mass the predictor must keep on the fitting tokens")
     p.add_argument("--agreement-seqs", type=int, default=2,
                    help="held-out sequences decoded with and without the predictor")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=_cmd_sparsity)
 
@@ -236,7 +238,7 @@ def _cmd_sparsity(args: argparse.Namespace) -> int:
     rep = sparsity_report(args.dir, args.data, out, tokens=args.tokens, seq_len=args.seq_len,
                           text_field=args.text_field, eps=args.eps, dtype=args.dtype,
                           fit_predictor=args.fit_predictor, rank=args.rank, mass_recall=args.mass_recall,
-                          agreement_seqs=args.agreement_seqs)
+                          agreement_seqs=args.agreement_seqs, device=args.device)
     if args.json:
         print(json.dumps(rep.as_dict(), indent=2))
         return 0

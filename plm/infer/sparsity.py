@@ -167,20 +167,22 @@ def plot_sparsity(rep: SparsityReport, out: str | Path, title: str = "") -> Path
     import matplotlib.pyplot as plt
 
     L = [lyr.layer for lyr in rep.layers]
-    fig, ax = plt.subplots(figsize=(max(6, 0.3 * len(L) + 3), 4))
+    fig, ax = plt.subplots(figsize=(max(6, 0.3 * len(L) + 3), 4.4))
     w = 0.4
     ax.bar([i - w / 2 for i in L], [100 * lyr.exact_zero for lyr in rep.layers], w, label="exactly 0")
     ax.bar([i + w / 2 for i in L], [100 * lyr.near_zero for lyr in rep.layers], w, label=f"|a| < {rep.eps:g}")
-    ax.axhline(100 * rep.mean_exact_zero, color="C0", ls="--", lw=1)
+    ax.axhline(100 * rep.mean_exact_zero, color="C0", ls="--", lw=1,
+               label=f"mean exactly 0: {100 * rep.mean_exact_zero:.1f}%")
+    ax.set_xticks(L)  # whole layers, never fractional ticks
     ax.set_xlabel("layer")
     ax.set_ylabel("inactive MLP neurons per token (%)")
     ax.set_ylim(0, 100)
     act = rep.activated_parameters_per_token
-    summary = (f"mean {100 * rep.mean_exact_zero:.1f}% exact zeros over {rep.tokens} tokens; "
-               f"{act / 1e6:.2f}M of {rep.total_parameters / 1e6:.2f}M params active/token")
-    ax.set_title(f"{title}\n{summary}" if title else summary, fontsize=10)
-    ax.legend(loc="lower right")
-    fig.tight_layout()
+    summary = (f"{rep.tokens} tokens; {act / 1e6:.2f}M of {rep.total_parameters / 1e6:.2f}M "
+               "parameters active per token")
+    ax.set_title(f"{title}\n{summary}" if title else summary, fontsize=9)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()  # after the two-line title, so nothing is clipped
     out = Path(out)
     fig.savefig(out, dpi=120)
     plt.close(fig)
@@ -311,18 +313,21 @@ def write_report(rep: SparsityReport, out_dir: str | Path, title: str = "") -> t
 
 def sparsity_report(ckpt: str | Path, data: Sequence[str], out: str | Path, tokens: int = 8192, seq_len: int = 256,
                     text_field: str = "text", eps: float = 1e-3, dtype: str = "float32", fit_predictor: bool = False,
-                    rank: int = 128, mass_recall: float = 0.99, agreement_seqs: int = 2) -> SparsityReport:
+                    rank: int = 128, mass_recall: float = 0.99, agreement_seqs: int = 2,
+                    device: str = "cpu") -> SparsityReport:
     """`plm sparsity`: per-layer relu² sparsity of a checkpoint on held-out data, written to
     OUT/sparsity.json and OUT/sparsity.png; optionally fits (and saves) the activation predictor
     and measures its recall and its decode agreement with the exact model."""
     from plm.data.tokenizer import Tokenizer
+    from plm.model.hub import resolve_model
     from plm.model.modeling import PLMForCausalLM
 
     if tokens < seq_len or seq_len < 2:
         raise PLMError(f"--tokens ({tokens}) must be at least --seq-len ({seq_len}) >= 2")
     if not 0 < mass_recall <= 1:
         raise PLMError(f"--mass-recall must be in (0, 1], got {mass_recall}")
-    model = PLMForCausalLM.from_pretrained(ckpt, dtype=dtype)
+    model = PLMForCausalLM.from_pretrained(ckpt, dtype=dtype, device=device)
+    ckpt = resolve_model(ckpt)
     tok = Tokenizer.from_dir(ckpt)
     ids = sample_sequences(data, tok, tokens, seq_len, text_field, model.config.vocab_size)
     rep, inputs = measure_sparsity(model, ids, eps, keep_inputs=ids.numel() if fit_predictor else 0)

@@ -21,6 +21,11 @@ from plm.utils import atomic_path, atomic_write_text, parse_size
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+# our transformers implementation, copied beside every checkpoint so that
+# AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True) loads it (docs/transformers.md)
+HF_CODE = Path(__file__).parent / "hf"
+HF_FILES = ("configuration_plm.py", "modeling_plm.py")
+AUTO_MAP = {"AutoConfig": "configuration_plm.PLMConfig", "AutoModelForCausalLM": "modeling_plm.PLMForCausalLM"}
 # tensors some exporters add that carry no information for PLM
 _IGNORABLE = re.compile(r"(^lm_head\.weight$)|(rotary_emb\.inv_freq$)")
 
@@ -77,6 +82,9 @@ def save_state_dict(state: dict[str, torch.Tensor], config: PLMConfig, path: str
         index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
                  "weight_map": {k: f for f, s in zip(names, shards) for k in s}}
         atomic_write_text(path / INDEX_FILE, json.dumps(index, indent=2) + "\n")
+    for name in HF_FILES:
+        atomic_write_text(path / name, (HF_CODE / name).read_text())
+    cfg["auto_map"] = {**cfg.get("auto_map", {}), **AUTO_MAP}  # ours replace a released checkpoint's
     atomic_write_text(path / "config.json", json.dumps(cfg, indent=2) + "\n")
 
 
@@ -119,10 +127,28 @@ FLOAT_DTYPES = {"F32", "F16", "BF16", "F64"}  # safetensors dtype names a PLM we
 
 
 def expected_tensors(config: PLMConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor a PLM checkpoint of this config must hold (the tied lm_head is stored once)."""
-    with torch.device("meta"):
-        model = PLMForCausalLM(config)
-    return {k: tuple(v.shape) for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    """Every tensor a PLM checkpoint of this config holds, with its shape (the tied lm_head is
+    stored once, as the embedding). Written from the config alone: building even a meta-device
+    model would import torch's compiler stack, seconds before the first token;
+    tests/test_checkpoint.py holds this equal to the model's own state dict."""
+    c = config
+    d, H, rank, rope = c.hidden_size, c.num_attention_heads, c.kv_lora_rank, c.qk_rope_head_dim
+    out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (c.vocab_size, d)}
+    for i in range(c.num_hidden_layers):
+        p = f"model.layers.{i}."
+        out.update({
+            p + "self_attn.q_proj.weight": (H * c.qk_head_dim, d),
+            p + "self_attn.kv_a_proj_with_mqa.weight": (rank + rope, d),
+            p + "self_attn.kv_a_layernorm.weight": (rank,),
+            p + "self_attn.kv_b_proj.weight": (H * (c.qk_nope_head_dim + c.v_head_dim), rank),
+            p + "self_attn.o_proj.weight": (d, H * c.v_head_dim),
+            p + "mlp.up_proj.weight": (c.intermediate_size, d),
+            p + "mlp.down_proj.weight": (d, c.intermediate_size),
+            p + "input_layernorm.weight": (d,),
+            p + "post_attention_layernorm.weight": (d,),
+        })
+    out["model.norm.weight"] = (d,)
+    return out
 
 
 def validate_checkpoint(path: str | Path, config: PLMConfig,

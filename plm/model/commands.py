@@ -38,7 +38,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
     from plm.model.checkpoint import load_config
     if not 0 <= args.inactive <= 1:
         raise PLMError(f"--inactive is a fraction of MLP neurons in [0, 1], got {args.inactive}")
-    cfg = load_config(args.dir) if Path(args.dir).exists() or "/" in args.dir else None
+    from plm.model.hub import resolve_model
+    cfg = load_config(resolve_model(args.dir)) if Path(args.dir).exists() or "/" in args.dir else None
     if cfg is None:
         if args.dir not in PRESETS:
             raise PLMError(f"{args.dir}: not a checkpoint directory or preset")
@@ -70,17 +71,17 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("init", help="create a random-weight PLM checkpoint of a preset shape")
-    p.add_argument("--preset", required=True, choices=sorted(PRESETS))
-    p.add_argument("--out", required=True)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--preset", required=True, choices=sorted(PRESETS), help="the model shape")
+    p.add_argument("--out", required=True, help="checkpoint folder to write")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     p.add_argument("--tokenizer", default="qwen2", help="'qwen2' (full PLM vocabulary) or a tokenizer directory")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="stored dtype")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a config.json field, e.g. num_hidden_layers=4 (repeatable)")
     p.set_defaults(func=_cmd_init)
     p = sub.add_parser("info", help="parameters, activated parameters, KV-cache and weight memory")
-    p.add_argument("dir", help="checkpoint directory or preset name")
+    p.add_argument("dir", help="checkpoint folder, hub id or preset name")
     p.add_argument("--inactive", type=float, default=DEFAULT_INACTIVE,
                    help="fraction of MLP neurons inactive per token (default: PLM-1.8B's published 0.909)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the figures as JSON")
     p.set_defaults(func=_cmd_info)

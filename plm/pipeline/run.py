@@ -11,7 +11,7 @@ from plm.align.config import AriesRecipe, SFTRecipe
 from plm.pipeline.config import PipelineRecipe, RecipeStage
 from plm.pipeline.engine import Context, run_pipeline, stage_times
 from plm.pipeline.stages import STAGES
-from plm.recipe import load_recipe
+from plm.recipe import find_recipe, load_recipe
 from plm.report import pipeline_report
 from plm.train.config import PretrainRecipe
 from plm.utils import atomic_write_text
@@ -20,8 +20,8 @@ STAGE_RECIPES = {"pretrain": PretrainRecipe, "sft": SFTRecipe, "aries": AriesRec
 
 
 def resolve_recipe_path(path: str | Path) -> Path:
-    """A pipeline recipe file, or a folder holding pipeline.yaml."""
-    p = Path(path)
+    """A pipeline recipe file, or a folder holding pipeline.yaml (here or among the shipped recipes)."""
+    p = find_recipe(path)
     return p / "pipeline.yaml" if p.is_dir() else p
 
 

@@ -14,6 +14,28 @@ def plot_training(metrics: list[dict], path: str | Path, title: str = "training"
     return plot_stages([("", metrics)], path, title)
 
 
+def lr_series(metrics: list[dict]) -> tuple[list[int], list[float]]:
+    """The learning rate at every optimizer step, from each phase's schedule record (the trainer
+    logs one at the start of every phase), so a warmup shorter than log_every still shows; logs
+    without them fall back to the logged values."""
+    from plm.train.schedule import ScheduleConfig, lr_at
+
+    phases = [m for m in metrics if "schedule" in m]
+    if not phases:
+        train = [m for m in metrics if "loss" in m]
+        return [m["step"] for m in train], [m["lr"] for m in train]
+    last = max((m["step"] for m in metrics if "loss" in m), default=0)
+    xs, ys = [], []
+    for m in phases:
+        cfg = ScheduleConfig(**m["schedule"])
+        for s in range(m["phase_steps"]):
+            if m["step"] + s + 1 > last:
+                break
+            xs.append(m["step"] + s + 1)
+            ys.append(lr_at(cfg, s))
+    return xs, ys
+
+
 def plot_stages(segments: list[tuple[str, list[dict]]], path: str | Path, title: str = "training") -> Path:
     """Several runs' metrics end to end (e.g. pretraining, SFT, each ARIES iteration) on one step
     axis, each segment in its own colour (their losses are different objectives), with every
@@ -33,7 +55,8 @@ def plot_stages(segments: list[tuple[str, list[dict]]], path: str | Path, title:
         if evals:
             ax.plot([offset + m["step"] for m in evals], [m["eval_loss"] for m in evals], "o-", ms=3,
                     color=color, alpha=0.6, label=f"{prefix}held-out loss")
-        ax_lr.plot([offset + m["step"] for m in train], [m["lr"] for m in train], color=color)
+        lx, ly = lr_series(metrics)
+        ax_lr.plot([offset + x for x in lx], ly, color=color)
         prev = None
         for m in train:
             if m["phase"] != prev:

@@ -16,6 +16,7 @@ from plm.data.tokenizer import Tokenizer, build_qwen2, train_bpe
 from plm.errors import ConfigError
 from plm.model.checkpoint import load_model
 from plm.model.config import padded_vocab
+from plm.model.hub import resolve_model
 from plm.model.modeling import PLMForCausalLM
 from plm.train.config import DataSource, ModelSpec, PretrainRecipe, TokenizerSpec, TrainConfig
 from plm.train.checkpointing import export_model
@@ -76,7 +77,7 @@ def prepare_sources(data: dict[str, DataSource], tok: Tokenizer, env: DistEnv) -
 def build_model(spec: ModelSpec, tok: Tokenizer, seed: int) -> PLMForCausalLM:
     """A checkpoint to continue from, or a fresh model of a preset shape sized to the tokenizer."""
     if spec.init_from:
-        model = load_model(spec.init_from, dtype=torch.float32)
+        model = load_model(resolve_model(spec.init_from), dtype=torch.float32)
         if model.config.vocab_size < tok.vocab_size:
             raise ConfigError(f"model.init_from: {spec.init_from} has vocab_size {model.config.vocab_size}, "
                               f"smaller than the tokenizer's {tok.vocab_size}")
