@@ -2,6 +2,7 @@
 window (oldest turns first, the system prompt kept), replies streamed, interruptible."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
@@ -43,24 +44,26 @@ class ChatSession:
     def _prompt(self, turns: list[dict]) -> list[int]:
         return self.engine.tokenizer.encode(self._text(turns))
 
-    def fit(self) -> tuple[list[dict], int]:
-        """The turns that fit the window with room for a full reply; whole user/assistant pairs
-        are dropped from the oldest, never the newest user turn."""
+    def fit(self) -> tuple[list[dict], int, int]:
+        """The turns that fit the window with room for a reply: whole user/assistant pairs are
+        dropped from the oldest, never the newest user turn. Returns (turns, dropped, the reply's
+        token budget: --max-new-tokens, or what the window leaves)."""
         turns, dropped = list(self.messages), 0
-        room = self.context - self.cfg.max_new_tokens
-        while len(self._prompt(turns)) > room and len(turns) > 1:
+        want = min(self.cfg.max_new_tokens, max(1, self.context // 4))  # room a reply is guaranteed
+        while len(self._prompt(turns)) > self.context - want and len(turns) > 1:
             turns = turns[2:] if len(turns) > 2 else turns[1:]
             dropped += 1
-        if len(self._prompt(turns)) > room:
-            raise PLMError(f"the message needs {len(self._prompt(turns))} tokens; with --max-new-tokens "
-                           f"{self.cfg.max_new_tokens} the model's window ({self.context}) has room for {room}")
-        return turns, dropped
+        n = len(self._prompt(turns))
+        if n > self.context - want:
+            raise PLMError(f"the message needs {n} tokens; the model's window ({self.context}) "
+                           f"leaves no room for a reply of {want}")
+        return turns, dropped, min(self.cfg.max_new_tokens, self.context - n)
 
     def reply(self, user: str, stream: Callable[[str], None] | None = None) -> Reply:
         """Answer `user`; Ctrl-C (KeyboardInterrupt) stops the reply and keeps what was said."""
         self.messages.append({"role": "user", "content": user})
         try:
-            turns, dropped = self.fit()
+            turns, dropped, budget = self.fit()
         except PLMError:
             self.messages.pop()
             raise
@@ -75,8 +78,8 @@ class ChatSession:
 
         t0, interrupted, text, n = time.perf_counter(), False, "", 0
         try:
-            res = generate(None, tok, self._text(turns), self.cfg, step=self.engine.new_step(),
-                           stream=emit)
+            cfg = dataclasses.replace(self.cfg, max_new_tokens=budget)
+            res = generate(None, tok, self._text(turns), cfg, step=self.engine.new_step(), stream=emit)
             text, n = res.texts[0], len(res.tokens[0])
         except KeyboardInterrupt:
             interrupted, text = True, "".join(pieces)

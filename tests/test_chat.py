@@ -1,0 +1,59 @@
+"""plm chat's session: history as ChatML, trimmed to the context window from the oldest turns
+(the system prompt kept), replies interruptible without losing the session."""
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from plm.infer.chat import ChatSession
+from plm.infer.engine import Engine
+from plm.infer.generate import GenerationConfig
+
+
+@pytest.fixture(scope="module")
+def engine(qwen2_micro_dir):
+    return Engine(qwen2_micro_dir, runtime="reference")
+
+
+def test_history_is_kept_and_trimmed_to_the_window(engine, tmp_path):
+    s = ChatSession(engine, GenerationConfig(max_new_tokens=4), system="Be brief.")
+    first = s.reply("hello there")
+    assert [m["role"] for m in s.messages] == ["user", "assistant"] and s.messages[1]["content"] == first.text
+    assert first.dropped_turns == 0 and first.tokens <= 4 and first.tokens_per_s > 0
+    # a window that holds the system prompt and about one exchange: older turns leave, newest first kept
+    engine.config.max_position_embeddings, saved = len(s._prompt(s.messages)) + 4, engine.config.max_position_embeddings
+    try:
+        r = s.reply("and again")
+        assert r.dropped_turns == 1 and s.messages[0]["content"] == "and again"
+        prompt = engine.tokenizer.decode(s._prompt(s.messages[:1]))
+        assert prompt.startswith("<|im_start|>system\nBe brief.<|im_end|>")  # the system prompt stays
+        with pytest.raises(Exception, match="leaves no room for a reply"):
+            s.reply("word " * 50)
+        assert s.messages[-1]["role"] == "assistant"  # a refused message leaves the history as it was
+    finally:
+        engine.config.max_position_embeddings = saved
+    path = s.save(tmp_path / "chat.json")
+    saved_msgs = json.loads(path.read_text())["messages"]
+    assert saved_msgs[0] == {"role": "system", "content": "Be brief."} and saved_msgs[1:] == s.messages
+    s.reset()
+    assert s.messages == []
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_a_reply_and_keeps_the_session(qwen2_micro_dir):
+    p = subprocess.Popen([sys.executable, "-u", "-m", "plm", "chat", str(qwen2_micro_dir), "--runtime", "reference",
+                          "--max-new-tokens", "100000"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    try:
+        p.stdin.write("tell me everything\n")
+        p.stdin.flush()
+        time.sleep(8)  # loading, then a reply that would go on for 100000 tokens
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate("/exit\n", timeout=120)
+    finally:
+        p.kill()
+    assert p.returncode == 0, err
+    assert "(interrupted)" in err and out.count("you> ") == 2  # back at the prompt after Ctrl-C
