@@ -89,10 +89,7 @@ def test_hub_ids_resolve_from_the_cache_offline(qwen2_micro_dir, tmp_path):
     r = subprocess.run([sys.executable, "-m", "plm", "info", "PLM-Team/not-cached"], capture_output=True, text=True,
                        env=env, timeout=300)
     assert r.returncode == 2 and "not in the local Hugging Face cache and HF_HUB_OFFLINE is set" in r.stderr
-    os.environ["HF_HUB_CACHE"] = str(tmp_path / "hub")
-    try:
-        assert (resolve_model("PLM-Team/tiny-test", local_files_only=True) / "config.json").exists()
-        with pytest.raises(PLMError, match="not in the local Hugging Face cache"):
-            resolve_model("PLM-Team/missing", local_files_only=True)
-    finally:
-        del os.environ["HF_HUB_CACHE"]
+    hub = tmp_path / "hub"
+    assert (resolve_model("PLM-Team/tiny-test", cache_dir=hub, local_files_only=True) / "config.json").exists()
+    with pytest.raises(PLMError, match="not in the local Hugging Face cache"):
+        resolve_model("PLM-Team/missing", cache_dir=hub, local_files_only=True)
