@@ -1,6 +1,8 @@
 """A loaded model behind one interface, whichever runtime serves it: `Engine.new_step()` gives a
 fresh `StepFn` (one per generation call) for plm.infer.generate. On CPU the edge runtime
-(plm.infer.runtime) runs by default; on a GPU, or with runtime="reference", the PyTorch model."""
+(plm.infer.runtime) runs by default; on a CUDA GPU the static decoder (plm.infer.static_decode:
+latent cache, absorbed MLA, one CUDA graph per token); with runtime="reference", the PyTorch
+model."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,7 +12,7 @@ import torch
 from plm.errors import PLMError
 from plm.infer.generate import StepFn, model_step_fn
 
-RUNTIMES = ("auto", "edge", "reference")
+RUNTIMES = ("auto", "edge", "reference", "static")
 
 
 def resolve_runtime(runtime: str = "auto") -> str:
@@ -18,13 +20,14 @@ def resolve_runtime(runtime: str = "auto") -> str:
         raise PLMError(f"unknown runtime {runtime!r}; choose from {', '.join(RUNTIMES)}")
     if runtime != "auto":
         return runtime
-    return "reference" if torch.cuda.is_available() else "edge"
+    return "static" if torch.cuda.is_available() else "edge"
 
 
 class Engine:
     """A checkpoint, its tokenizer and the runtime chosen for it.
 
-    dtype: compute dtype (default bfloat16 on the edge runtime, float32 on the reference);
+    dtype: compute dtype (default bfloat16 on the edge runtime and the static decoder on CUDA,
+    float32 on the reference and the static decoder on CPU);
     edge: the edge runtime's options (plm.infer.runtime.EdgeOptions).
     """
 
@@ -38,8 +41,15 @@ class Engine:
         if self.tokenizer.vocab_size > self.config.vocab_size:
             raise PLMError(f"{path}: the tokenizer has {self.tokenizer.vocab_size} ids but the model's vocabulary "
                            f"has {self.config.vocab_size} rows; they do not belong together")
-        self.model = self.runtime = None
-        if self.kind == "reference":
+        self.model = self.runtime = self.static = None
+        if self.kind == "static":  # the CUDA path: the reference model's weights, decoded statically
+            from plm.infer.static_decode import StaticRuntime
+            from plm.model.modeling import PLMForCausalLM
+            dev = "cuda" if torch.cuda.is_available() else "cpu"
+            default = "bfloat16" if torch.device(dev).type == "cuda" else "float32"
+            self.model = PLMForCausalLM.from_pretrained(path, dtype=dtype or default, device=dev).eval()
+            self.static = StaticRuntime(self.model)
+        elif self.kind == "reference":
             from plm.model.modeling import PLMForCausalLM
             device = "cuda" if torch.cuda.is_available() else "cpu"
             self.model = PLMForCausalLM.from_pretrained(path, dtype=dtype or "float32", device=device)
@@ -52,6 +62,8 @@ class Engine:
 
     def new_step(self) -> StepFn:
         from plm.infer.runtime import edge_step_fn
+        if self.static is not None:
+            return self.static.new_step()
         if self.runtime is not None:
             return edge_step_fn(self.runtime)
         return model_step_fn(self.model)

@@ -62,16 +62,86 @@ def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
     return scores.softmax(-1).to(v.dtype) @ v
 
 
-ATTENTION = ("sdpa", "eager")
+# "sdpa": F.scaled_dot_product_attention on q/k of head dim 192 and v of 128. Flash kernels need
+# one head dim for q, k and v, so SDPA runs memory-efficient attention on CUDA (math on CPU).
+# "flash": v zero-padded to 192 so flash kernels apply; the padded output columns are zeros
+# and are dropped, so the result is the same attention (tests/test_gpu_paths.py).
+# "eager": the explicit softmax(QK^T)V baseline of the benchmarks.
+ATTENTION = ("sdpa", "eager", "flash")
+
+
+def check_attn_impl(attn_impl: str) -> str:
+    if attn_impl not in ATTENTION:
+        raise ValueError(f"attn_impl must be one of {ATTENTION}, got {attn_impl!r}")
+    return attn_impl
+
+
+def set_attn_impl(model: nn.Module, attn_impl: str) -> None:
+    """Switch every PLMAttention of `model` to `attn_impl` (the weights are the same for all)."""
+    check_attn_impl(attn_impl)
+    for m in model.modules():
+        if isinstance(m, PLMAttention):
+            m.attn_impl = attn_impl
+
+
+def sdpa_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                 is_causal: bool = False) -> str:
+    """The SDPA backend F.scaled_dot_product_attention picks for these inputs: "FLASH_ATTENTION",
+    "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH", ...
+
+    SDPA takes the first enabled backend, in its priority order, whose constraints the inputs
+    meet; this runs the inputs under each backend alone, in that order, and names the first
+    that accepts them (a few small attention calls: pass inputs of the real shape, batch 1)."""
+    import warnings
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    names = {int(getattr(SDPBackend, n)): n for n in
+             ("MATH", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "OVERRIDEABLE")
+             if hasattr(SDPBackend, n)}
+    order = torch._C._get_sdp_priority_order() if hasattr(torch._C, "_get_sdp_priority_order") else \
+        [int(SDPBackend.FLASH_ATTENTION), int(SDPBackend.EFFICIENT_ATTENTION), int(SDPBackend.MATH)]
+    enabled = {"FLASH_ATTENTION": torch.backends.cuda.flash_sdp_enabled(),
+               "EFFICIENT_ATTENTION": torch.backends.cuda.mem_efficient_sdp_enabled(),
+               "CUDNN_ATTENTION": getattr(torch.backends.cuda, "cudnn_sdp_enabled", lambda: False)(),
+               "MATH": torch.backends.cuda.math_sdp_enabled()}
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # each refusal warns why; the answer is the point here
+        for b in order:
+            name = names.get(int(b))
+            if name is None or not enabled.get(name, False):
+                continue
+            try:
+                with sdpa_kernel([getattr(SDPBackend, name)]):
+                    F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+                return name
+            except RuntimeError:
+                continue
+    return "none"
+
+
+def attention_backend(config: PLMConfig, attn_impl: str = "sdpa", seq_len: int = 2048,
+                      device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
+                      masked: bool = False) -> str:
+    """Which kernel a PLMAttention with `attn_impl` runs at this shape, device and dtype
+    ("eager" for the explicit baseline; masked: with a padding/packing mask instead of the
+    causal fast path)."""
+    if check_attn_impl(attn_impl) == "eager":
+        return "eager"
+    c = config
+    H, qk = c.num_attention_heads, c.qk_head_dim
+    q = torch.randn(1, H, seq_len, qk, device=device, dtype=dtype)
+    k = torch.randn_like(q)
+    v = torch.randn(1, H, seq_len, qk if attn_impl == "flash" else c.v_head_dim, device=device, dtype=dtype)
+    mask = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).tril()[None, None] if masked else None
+    return sdpa_backend(q, k, v, attn_mask=mask, is_causal=not masked)
 
 
 class PLMAttention(nn.Module):
     def __init__(self, config: PLMConfig, layer_idx: int, attn_impl: str = "sdpa") -> None:
         super().__init__()
         c = config
-        if attn_impl not in ATTENTION:
-            raise ValueError(f"attn_impl must be one of {ATTENTION}, got {attn_impl!r}")
-        self.attn_impl = attn_impl  # "eager": the explicit softmax(QK^T)V baseline of the benchmarks
+        self.attn_impl = check_attn_impl(attn_impl)  # see ATTENTION
         self.layer_idx = layer_idx
         self.n_heads = c.num_attention_heads
         self.nope, self.rope, self.vdim = c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim
@@ -100,11 +170,15 @@ class PLMAttention(nn.Module):
             k, v = cache.write(self.layer_idx, k, v)
         if self.attn_impl == "eager":
             out = eager_attention(q, k, v, mask, self.scale)
-        elif mask is None:
-            # no padding, no past: the fused causal path
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, scale=self.scale)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+            if self.attn_impl == "flash":
+                v = F.pad(v, (0, q.shape[-1] - self.vdim))  # zeros: their output columns are dropped
+            if mask is None:
+                # no padding, no past: the fused causal path
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, scale=self.scale)
+            else:
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+            out = out[..., :self.vdim]
         return self.o_proj(out.transpose(1, 2).reshape(B, T, H * self.vdim))
 
 

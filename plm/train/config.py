@@ -26,7 +26,18 @@ class TrainConfig:
     grad_clip: float = 1.0  # 0 = off
     # auto: bf16 autocast on CUDA and on CPUs with bf16 in hardware (AVX-512 BF16, AMX), else fp32
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    compile: bool = False
+    # torch.compile: true or "model" = the whole model as one graph; "block" = each decoder layer's
+    # forward on its own (one compile shared by every layer, FSDP2's hooks and activation
+    # checkpointing stay outside the graphs: the usual choice on GPUs); false = eager
+    compile: bool | Literal["block", "model"] = False
+    # tokens per chunk of the chunked linear + cross entropy (plm.model.loss.chunked_lm_loss):
+    # the [tokens, vocab] logits (10 GB in fp32 for 4 x 4096 tokens of PLM's 151,936-word
+    # vocabulary) never exist whole, only [loss_chunk, vocab]. 0 = off (the model's logits).
+    # Applies to the LM loss of pretraining and SFT; ARIES keeps its own loss.
+    loss_chunk: int = 0
+    # attention kernel (plm.model.modeling.ATTENTION): "auto" = "flash" on CUDA (v padded to the
+    # q/k head dim so flash kernels apply), the model's own elsewhere; or sdpa | flash | eager
+    attention: Literal["auto", "sdpa", "flash", "eager"] = "auto"
     # deterministic kernels (torch.use_deterministic_algorithms): a rerun gives the same weights.
     # Compiled CPU kernels otherwise accumulate some gradients with atomics, in a varying order.
     # None = on for CPU, off for CUDA (where the deterministic kernels cost speed)
@@ -57,6 +68,12 @@ class TrainConfig:
             v = getattr(self, name)
             check(isinstance(v, int) and v >= 0, f"{name}: must be a whole number of steps >= 0, got {v!r}")
         check(self.precision in ("auto", "fp32", "bf16"), f"precision: must be auto, fp32 or bf16, got {self.precision!r}")
+        check(self.compile in (True, False, "block", "model"),
+              f"compile: must be true, false, block or model, got {self.compile!r}")
+        check(isinstance(self.loss_chunk, int) and not isinstance(self.loss_chunk, bool) and self.loss_chunk >= 0,
+              f"loss_chunk: must be a whole number of tokens >= 0 (0 = off), got {self.loss_chunk!r}")
+        check(self.attention in ("auto", "sdpa", "flash", "eager"),
+              f"attention: must be auto, sdpa, flash or eager, got {self.attention!r}")
         check(self.distributed in ("none", "ddp", "fsdp"),
               f"distributed: must be none, ddp or fsdp, got {self.distributed!r}")
         check(self.optimizer_state in ("carry", "reset"),

@@ -61,7 +61,14 @@ def distributed(device: str = "auto") -> Iterator[DistEnv]:
 
 
 def wrap_model(model: nn.Module, env: DistEnv, strategy: str) -> nn.Module:
-    """DDP, or FSDP2 (`fully_shard` per decoder layer, then the root)."""
+    """DDP, or FSDP2 (`fully_shard` per decoder layer, then the root).
+
+    Under FSDP2 each layer all-gathers its weights for its forward and frees them after (again
+    for its backward); the root (embedding, final norm) keeps its weights gathered from its
+    forward to its backward, which is what lets the chunked loss (plm.model.loss) read the tied
+    embedding after the forward. Weights and AdamW state stay fp32 and sharded; bf16 is the
+    trainer's autocast. The trainer compiles after wrapping: per block, FSDP2's hooks run
+    eagerly around each compiled layer."""
     if strategy not in STRATEGIES:
         raise ConfigError(f"train.distributed must be one of {STRATEGIES}, got {strategy!r}")
     if not env.enabled or strategy == "none":

@@ -1,7 +1,8 @@
 """One training loop for every stage (pretraining, SFT, ARIES-SFT): AdamW, gradient
-accumulation, clipping, bf16 autocast on GPU, optional torch.compile and activation
-checkpointing, held-out eval, metrics JSONL, progress bar, plots, atomic checkpoints and exact
-resume, from one CPU process to torchrun with DDP or FSDP2.
+accumulation, clipping, bf16 autocast on GPU, optional torch.compile (whole model or per block),
+the chunked LM loss, flash attention with V padded on CUDA and activation checkpointing,
+held-out eval, metrics JSONL, progress bar, plots, atomic checkpoints and exact resume, from one
+CPU process to torchrun with DDP or FSDP2 (docs/gpu.md).
 
 A run is a list of `Phase`s, each with its own data loader and schedule; the model carries
 from one phase to the next, the optimizer state too unless `optimizer_state: reset`.
@@ -22,8 +23,8 @@ import torch
 from tqdm import tqdm
 
 from plm.errors import PLMError
-from plm.model.loss import lm_loss_sum
-from plm.model.modeling import PLMForCausalLM
+from plm.model.loss import chunked_lm_loss, lm_loss_sum, unwrap_model
+from plm.model.modeling import PLMForCausalLM, set_attn_impl
 from plm.train import checkpointing as ckpt
 from plm.train.config import TrainConfig
 from plm.utils import append_jsonl, cpu_has_native_bf16, read_jsonl, write_jsonl
@@ -73,21 +74,51 @@ def device_peak_flops(device: torch.device, override: float | None) -> float | N
     return None
 
 
+def resolve_attention(attention: str, device: torch.device) -> str | None:
+    """train.attention -> the attn_impl to set, or None to keep the model's own."""
+    if attention == "auto":
+        # v padded to 192 lets flash kernels run on CUDA (sdpa would fall back to the
+        # memory-efficient kernel for q/k 192 vs v 128); elsewhere nothing to gain by default
+        return "flash" if device.type == "cuda" else None
+    return attention
+
+
+def compile_model(model: torch.nn.Module, mode: bool | str) -> torch.nn.Module:
+    """train.compile: the callable to run forward passes through.
+
+    "block" compiles each decoder layer's forward in place: one graph serves every layer (same
+    code and shapes), module hooks (FSDP2's all-gathers, DDP's) and activation checkpointing
+    stay eager around it, and parameter names do not change. True / "model" wraps the whole
+    (possibly DDP/FSDP-wrapped) model, as before."""
+    if mode in (True, "model"):
+        return torch.compile(model)
+    if mode == "block":
+        for layer in unwrap_model(model).model.layers:
+            if not getattr(layer, "_plm_compiled", False):  # ARIES trains one model several times
+                layer.forward = torch.compile(layer.forward)
+                layer._plm_compiled = True
+    return model
+
+
 class Trainer:
     def __init__(self, model: PLMForCausalLM, cfg: TrainConfig, env: DistEnv, run_dir: str | Path,
-                 loss_fn: Callable = lm_loss_sum, on_save: Callable[[Path], None] | None = None) -> None:
+                 loss_fn: Callable | None = None, on_save: Callable[[Path], None] | None = None) -> None:
         self.cfg, self.env, self.run_dir = cfg, env, Path(run_dir)
         self.raw_model = model
-        self.loss_fn = loss_fn
+        # the LM loss (pretraining, SFT) unless a stage brings its own (ARIES)
+        self.loss_fn = loss_fn or (chunked_lm_loss(cfg.loss_chunk) if cfg.loss_chunk else lm_loss_sum)
         self.on_save = on_save
         self.autocast = use_bf16(cfg.precision, env.device)
         model.to(env.device)
+        attn = resolve_attention(cfg.attention, env.device)
+        if attn is not None:
+            set_attn_impl(model, attn)
         if cfg.activation_checkpointing:
             model.model.gradient_checkpointing = True
         self.model = wrap_model(model, env, cfg.distributed)
         if cfg.deterministic or (cfg.deterministic is None and env.device.type == "cpu"):
             torch.use_deterministic_algorithms(True, warn_only=True)
-        self.fwd = torch.compile(self.model) if cfg.compile else self.model
+        self.fwd = compile_model(self.model, cfg.compile)
         self.optimizer = self._make_optimizer()
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.global_step = 0
@@ -201,6 +232,9 @@ class Trainer:
             if step0 > 0 and loader_state is not None:
                 loader.load_state_dict(loader_state)
             eval_batches = phase.make_eval_batches() if phase.make_eval_batches else None
+            if step0 == 0:  # the schedule itself, so plots show the LR of every step
+                self.log({"phase": phase.name, "step": self.global_step, "phase_steps": phase.steps,
+                          "schedule": asdict(phase.schedule)})
             bar = tqdm(total=phase.steps, initial=step0, desc=f"{phase.name}", unit="step",
                        disable=not (env.is_main and cfg.progress), dynamic_ncols=True)
             t_last, tok_since = time.perf_counter(), 0
