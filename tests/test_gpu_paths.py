@@ -94,6 +94,25 @@ def test_chunked_cross_entropy_all_ignored_is_zero_with_zero_gradients():
     assert loss.item() == 0 and h.grad.abs().max() == 0 and w.grad.abs().max() == 0
 
 
+def test_chunked_cross_entropy_under_no_grad_computes_no_gradients():
+    """Evaluation: one matmul per chunk (the logits), none for gradients."""
+    h = torch.randn(20, 8, requires_grad=True)
+    w = torch.randn(30, 8, requires_grad=True)
+    y = torch.randint(0, 30, (20,))
+
+    class Count(TorchDispatchMode):
+        mm = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.mm += func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad(), Count():
+        loss = chunked_cross_entropy_sum(h, w, y, 6)
+    assert Count.mm == 4 and not loss.requires_grad  # ceil(20 / 6) chunks
+    assert loss.item() == pytest.approx(F.cross_entropy(h @ w.t(), y, reduction="sum").item(), rel=1e-6)
+
+
 class _Largest(TorchDispatchMode):
     """Records the element count of the largest tensor any op produces."""
 

@@ -89,6 +89,8 @@ def chunked_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels
     dev = hidden.device.type
     dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else hidden.dtype
     h, y = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
+    if not torch.is_grad_enabled():  # evaluation: a Function sees requires_grad even under no_grad
+        h, weight = h.detach(), weight.detach()
     keep = y != -100
     if not bool(keep.all()):  # SFT masks prompts: their rows cost nothing
         idx = keep.nonzero().squeeze(1)
