@@ -4,8 +4,10 @@
 #include <cpuid.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <mutex>
+#include <unordered_map>
 
 #include "plm_native.h"
 
@@ -79,17 +81,31 @@ Dispatch make_dispatch(const std::string& isa) {
   return dp;
 }
 
-std::mutex g_mu;
-Dispatch* g_dispatch = nullptr;
-
 std::string best_isa() { return supports("avx512") && !kEmulated ? "avx512" : supports("avx2") ? "avx2" : "scalar"; }
+
+// One table per path, built on first use and never freed, so switching paths (tests) cannot
+// pull a table from under a computation running in another thread.
+const Dispatch* table(const std::string& isa) {
+  static std::mutex mu;
+  static std::unordered_map<std::string, const Dispatch*> made;
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = made.find(isa);
+  if (it == made.end()) it = made.emplace(isa, new Dispatch(make_dispatch(isa))).first;
+  return it->second;
+}
+
+std::atomic<const Dispatch*> g_dispatch{nullptr};
 
 }  // namespace
 
 const Dispatch& dispatch() {
-  std::lock_guard<std::mutex> lock(g_mu);
-  if (!g_dispatch) g_dispatch = new Dispatch(make_dispatch(best_isa()));
-  return *g_dispatch;
+  const Dispatch* d = g_dispatch.load(std::memory_order_acquire);
+  if (!d) {
+    const Dispatch* best = table(best_isa());
+    g_dispatch.compare_exchange_strong(d, best);  // on failure d holds the winner
+    d = g_dispatch.load(std::memory_order_acquire);
+  }
+  return *d;
 }
 
 void set_isa(const std::string& name) {
@@ -97,9 +113,7 @@ void set_isa(const std::string& name) {
   TORCH_CHECK(isa == "scalar" || isa == "avx2" || isa == "avx512", "plm: unknown ISA '", name,
               "' (choose auto, avx512, avx2 or scalar)");
   TORCH_CHECK(supports(isa), "plm: this CPU cannot run the ", isa, " kernels (it has: ", cpu_features(), ")");
-  std::lock_guard<std::mutex> lock(g_mu);
-  delete g_dispatch;
-  g_dispatch = new Dispatch(make_dispatch(isa));
+  g_dispatch.store(table(isa), std::memory_order_release);
 }
 
 std::string cpu_features() {
