@@ -15,12 +15,29 @@ from plm.infer.generate import StepFn, model_step_fn
 RUNTIMES = ("auto", "edge", "reference", "static")
 
 
-def resolve_runtime(runtime: str = "auto") -> str:
+def resolve_device(device: str | None = None) -> torch.device:
+    """--device: as given (checked), else cuda when present, else cpu."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise PLMError(f"--device {device!r}: not a device (cpu, cuda, cuda:1, ...)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise PLMError(f"--device {device}: CUDA is not available on this machine")
+    return dev
+
+
+def resolve_runtime(runtime: str = "auto", device: torch.device | None = None) -> str:
+    """The edge runtime is the CPU one; a CUDA GPU runs the static decoder (plm.infer.static_decode)."""
     if runtime not in RUNTIMES:
         raise PLMError(f"unknown runtime {runtime!r}; choose from {', '.join(RUNTIMES)}")
+    device = device or resolve_device()
+    if runtime == "edge" and device.type != "cpu":
+        raise PLMError(f"--runtime edge runs on the CPU, not on {device}")
     if runtime != "auto":
         return runtime
-    return "static" if torch.cuda.is_available() else "edge"
+    return "edge" if device.type == "cpu" else ("static" if device.type == "cuda" else "reference")
 
 
 class Engine:
@@ -31,11 +48,16 @@ class Engine:
     edge: the edge runtime's options (plm.infer.runtime.EdgeOptions).
     """
 
-    def __init__(self, path: str | Path, runtime: str = "auto", dtype: str | None = None, edge=None) -> None:
+    def __init__(self, path: str | Path, runtime: str = "auto", dtype: str | None = None, edge=None,
+                 device: str | None = None) -> None:
         from plm.data.tokenizer import Tokenizer
         from plm.model.checkpoint import load_config
 
-        self.kind = resolve_runtime(runtime)
+        from plm.model.hub import resolve_model
+        self.device = resolve_device(device)
+        self.kind = resolve_runtime(runtime, self.device)
+        path = resolve_model(path)
+        self.path = path
         self.config = load_config(path)  # a clear error for a wrong path before anything else
         self.tokenizer = Tokenizer.from_dir(path)
         if self.tokenizer.vocab_size > self.config.vocab_size:
@@ -45,14 +67,13 @@ class Engine:
         if self.kind == "static":  # the CUDA path: the reference model's weights, decoded statically
             from plm.infer.static_decode import StaticRuntime
             from plm.model.modeling import PLMForCausalLM
-            dev = "cuda" if torch.cuda.is_available() else "cpu"
+            dev = self.device
             default = "bfloat16" if torch.device(dev).type == "cuda" else "float32"
             self.model = PLMForCausalLM.from_pretrained(path, dtype=dtype or default, device=dev).eval()
             self.static = StaticRuntime(self.model)
         elif self.kind == "reference":
             from plm.model.modeling import PLMForCausalLM
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-            self.model = PLMForCausalLM.from_pretrained(path, dtype=dtype or "float32", device=device)
+            self.model = PLMForCausalLM.from_pretrained(path, dtype=dtype or "float32", device=self.device)
         else:
             from plm.infer.runtime import EdgeOptions, EdgeRuntime
             opts = edge or EdgeOptions()

@@ -307,7 +307,8 @@ class PLMForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 cache: FullCache | None = None, logits_to_keep: int = 0) -> CausalLMOutput:
-        """labels: next-token targets aligned with input_ids (already shifted); -100 = ignore.
+        """labels: as in transformers, the same shape as input_ids and shifted here (position t
+        predicts labels[t + 1]); -100 = ignore. The mean over predicted tokens is the loss.
 
         logits_to_keep > 0 computes logits for the last N positions only (decoding).
         """
@@ -316,18 +317,58 @@ class PLMForCausalLM(nn.Module):
         logits = self.lm_head(hk)
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+            if logits_to_keep:
+                raise ValueError("labels need the logits of every position (logits_to_keep=0)")
+            loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
         return CausalLMOutput(logits=logits, loss=loss, hidden_states=h)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+                 top_k: int = 0, repetition_penalty: float = 1.0, eos_token_id: int | list[int] | None = None,
+                 pad_token_id: int | None = None, seed: int | None = None) -> torch.Tensor:
+        """transformers-style generation: the prompts (a batch, left- or right-padded with
+        `attention_mask`) followed by their continuations, [B, prompt + new], finished rows
+        padded with `pad_token_id`. Greedy unless `do_sample`; stops at `eos_token_id`
+        (default: the config's)."""
+        from plm.infer.generate import GenerationConfig, generate_tokens, model_step_fn
+
+        eos = self.config.eos_ids if eos_token_id is None else (
+            [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
+        pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
+        mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+        prompts = [row[m.bool()].tolist() for row, m in zip(input_ids.cpu(), mask.cpu())]
+        cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature if do_sample else 0.0,
+                               top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
+                               stop_token_ids=eos, seed=seed)
+        new: list[list[int]] = [[] for _ in prompts]
+        for row, tok in generate_tokens(model_step_fn(self), prompts, cfg, pad_id=pad):
+            new[row].append(tok)
+        for row, ids in enumerate(new):  # keep the stop token, as transformers does
+            if len(ids) < max_new_tokens and eos:
+                ids.append(eos[0])
+        width = max(len(x) for x in new) if new else 0
+        out = torch.full((input_ids.shape[0], input_ids.shape[1] + width), pad, dtype=torch.long)
+        out[:, :input_ids.shape[1]] = input_ids.cpu()
+        for row, ids in enumerate(new):
+            out[row, input_ids.shape[1]:input_ids.shape[1] + len(ids)] = torch.tensor(ids, dtype=torch.long)
+        return out.to(input_ids.device)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())  # tied weight counted once
 
     # checkpoint I/O lives in plm.model.checkpoint; these are the familiar entry points
     @classmethod
-    def from_pretrained(cls, path: str | Path, dtype: torch.dtype | None = torch.float32,
-                        device: str | torch.device = "cpu") -> "PLMForCausalLM":
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype | str | None = None,
+                        device: str | torch.device = "cpu", torch_dtype: torch.dtype | str | None = None,
+                        **hub) -> "PLMForCausalLM":
+        """A checkpoint folder or a Hugging Face hub id (downloaded once, then read from the cache).
+        The weights keep their stored dtype unless `dtype` (or transformers' `torch_dtype`) says
+        otherwise ("auto" = stored)."""
         from plm.model.checkpoint import load_model
-        return load_model(path, dtype=dtype, device=device)
+        from plm.model.hub import resolve_model
+        dtype = dtype if dtype is not None else torch_dtype
+        return load_model(resolve_model(path, **hub), dtype=None if dtype == "auto" else dtype, device=device)
 
     def save_pretrained(self, path: str | Path, max_shard_size: int | str = "4GB",
                         dtype: torch.dtype | None = None) -> None:
