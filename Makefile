@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	# torch first and pinned: the CPU wheel on disk, never a CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q "$$(scripts/build_llama_wheel.sh $(PY))"
-	$(PY) -m pip install -q -e ".[dev,llama,eval,hf]"
+	$(PY) -m pip install -q -e ".[dev,llama,eval,hf,serve,test]"
 	touch $(STAMP)
 
 demo: setup

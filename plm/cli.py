@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "plm.align.commands",
     "plm.eval.commands",
     "plm.pipeline.commands",
+    "plm.serve.commands",
 ]
 
 

@@ -18,7 +18,7 @@ LAYERS = [
     ["train", "infer"],  # the trainer; the edge runtime, generation, kernels
     ["export", "eval"],  # GGUF; benchmarks, held-out evaluation, scorers, sandbox
     ["align", "bench"],  # SFT and ARIES; benchmark cores
-    ["pipeline"],  # the whole pipeline and its stages
+    ["pipeline", "serve"],  # the whole pipeline and its stages; the OpenAI-compatible server
     ["cli", "plm"],  # plm.cli, every *.commands module, plm/__init__ and __main__
 ]
 RANK = {unit: i for i, units in enumerate(LAYERS) for unit in units}

@@ -1,0 +1,413 @@
+#!/usr/bin/env python
+"""Serving benchmark: `plm serve` against llama.cpp's servers under the same load on loopback.
+
+For each model and engine, one server process; for each concurrency level, that many clients
+each send `--rounds` streamed greedy completions one after another (a bounded load), and we
+measure aggregate output tokens/s (all tokens / wall time of the level), time to first token
+and inter-token latency (gaps between streamed chunks) at p50 and p95.
+
+Engines (same 8-bit weights, same threads):
+  ours              plm serve on the PyTorch edge runtime, --quant int8
+  ours-native       plm serve --runtime native on the Q8_0 GGUF (if the native kernels are built)
+  llama-cpp-python  python -m llama_cpp.server on the Q8_0 GGUF (its `server` extra)
+  llama-server      llama.cpp's own server, -np 8 (continuous batching), built by
+                    scripts/build_llama_server.sh ("not built" otherwise)
+
+    python benchmarks/serve.py --model tiny                       # a few minutes
+    python benchmarks/serve.py --model plm-1.8b --threads 2       # the full run (see docs/serve.md)
+
+Writes serve-MODEL.json, serve-MODEL.md and serve-MODEL.png in --out and prints the markdown.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+ENGINES = ("ours", "ours-native", "llama-cpp-python", "llama-server")
+DEFAULT_MAX_TOKENS = {"tiny": 64, "plm-1.8b": 32}
+
+
+def log(msg: str) -> None:
+    print(f"[serve-bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pct(xs: list[float], q: float) -> float | None:
+    if not xs:
+        return None
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+
+
+# ---- models and weights -------------------------------------------------------------------------
+
+def checkpoint(model: str, args) -> Path:
+    """The tiny model of `make demo` when it exists, else random weights of the preset."""
+    if args.ckpt:
+        return Path(args.ckpt)
+    if model == "tiny" and (REPO / "runs/tiny/aries/final/config.json").exists():
+        return REPO / "runs/tiny/aries/final"
+    preset = "plm-tiny" if model == "tiny" else model
+    out = Path(args.workdir) / f"{preset}-random"  # shared with benchmarks/edge.py
+    if not (out / "config.json").exists():
+        from plm.model.checkpoint import init_checkpoint
+        log(f"creating a random-weight {preset} checkpoint in {out}")
+        init_checkpoint(preset, out, seed=0, dtype="bfloat16")
+    return out
+
+
+def gguf_q8(ckpt: Path, workdir: Path) -> Path:
+    from plm.export.gguf import export_gguf
+    stamp = int(max(p.stat().st_mtime for p in ckpt.glob("*.safetensors")))
+    out = workdir / f"{ckpt.resolve().parent.name}-{ckpt.resolve().name}-{stamp}-q8_0.gguf"
+    if not out.exists():
+        log(f"exporting {out.name}")
+        export_gguf(ckpt, out, "q8_0")
+    return out
+
+
+def prompts(n: int, words: int) -> list[str]:
+    """n different prompts of `words` words from this repository's docs."""
+    text = " ".join((REPO / "README.md").read_text().split() + (REPO / "docs/edge.md").read_text().split())
+    ws = text.split()
+    return [" ".join(ws[(i * words) % max(1, len(ws) - words):][:words]) for i in range(n)]
+
+
+# ---- engines ----------------------------------------------------------------------------------------
+
+def llama_server_path(args) -> Path | None:
+    if args.llama_server:
+        return Path(args.llama_server)
+    r = subprocess.run(["bash", str(REPO / "scripts/build_llama_server.sh"), "--path"], capture_output=True, text=True)
+    return Path(r.stdout.strip()) if r.returncode == 0 else None
+
+
+def unavailable(engine: str, args) -> str | None:
+    """Why an engine cannot run here (None when it can)."""
+    if engine == "ours-native":
+        from plm.serve.backend import native_unavailable
+        return native_unavailable()
+    if engine == "llama-cpp-python":
+        missing = []
+        for mod in ("llama_cpp", "fastapi", "sse_starlette", "starlette_context", "pydantic_settings"):
+            try:
+                __import__(mod)
+            except ImportError:
+                missing.append(mod)
+        if missing:
+            return (f"missing {', '.join(missing)}: pip install fastapi sse-starlette 'starlette-context>=0.3.6,<0.4' "
+                    f"pydantic-settings (llama-cpp-python's server extra)")
+    if engine == "llama-server" and llama_server_path(args) is None:
+        return "not built (scripts/build_llama_server.sh)"
+    return None
+
+
+def command(engine: str, ckpt: Path, gguf: Path, port: int, args, max_tokens: int) -> list[str]:
+    t = str(args.threads)
+    ctx = args.prompt_tokens * 2 + max_tokens + 64  # per sequence: prompt (words -> tokens) + reply
+    if engine == "ours":
+        return [sys.executable, "-m", "plm", "serve", str(ckpt), "--port", str(port), "--threads", t,
+                "--quant", "int8", "--max-batch", "16", "--max-queue", "256", "--model-name", "bench"]
+    if engine == "ours-native":
+        return [sys.executable, "-m", "plm", "serve", str(gguf), "--runtime", "native", "--port", str(port),
+                "--threads", t, "--max-batch", "16", "--max-queue", "256", "--model-name", "bench"]
+    if engine == "llama-cpp-python":
+        return [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", "bench",
+                "--host", "127.0.0.1", "--port", str(port), "--n_threads", t, "--n_threads_batch", t,
+                "--n_ctx", str(ctx), "--interrupt_requests", "False"]
+    return [str(llama_server_path(args)), "-m", str(gguf), "--alias", "bench", "--host", "127.0.0.1",
+            "--port", str(port), "-t", t, "-tb", t, "-np", "8", "-c", str(8 * ctx), "--no-warmup"]
+
+
+class Running:
+    def __init__(self, cmd: list[str], port: int, timeout: float = 600) -> None:
+        import httpx
+        self.log = open(os.devnull, "w")
+        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT)
+        self.url = f"http://127.0.0.1:{port}"
+        t0 = time.time()
+        while time.time() - t0 < timeout:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"exited with {self.proc.returncode}: {' '.join(cmd)}")
+            try:
+                if httpx.get(self.url + "/v1/models", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"not ready after {timeout:.0f}s: {' '.join(cmd)}")
+
+    def cpu_seconds(self) -> float:
+        try:
+            f = open(f"/proc/{self.proc.pid}/stat").read().rsplit(")", 1)[1].split()
+            return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+        except OSError:
+            return 0.0
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+# ---- load -------------------------------------------------------------------------------------------
+
+def one_request(client, url: str, prompt: str, max_tokens: int) -> dict:
+    body = {"model": "bench", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    t0 = time.perf_counter()
+    times, usage, err = [], None, None
+    try:
+        with client.stream("POST", url + "/v1/completions", json=body) as r:
+            if r.status_code != 200:
+                r.read()
+                return {"error": f"HTTP {r.status_code}: {r.text[:200]}"}
+            for line in r.iter_lines():
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                obj = json.loads(data)
+                if obj.get("usage"):
+                    usage = obj["usage"].get("completion_tokens")
+                ch = obj.get("choices") or []
+                if ch and ch[0].get("text"):
+                    times.append(time.perf_counter())
+    except Exception as e:  # a server that falls over is a result too
+        err = f"{type(e).__name__}: {e}"
+    tokens = usage if usage else len(times)
+    return {"t0": t0, "times": times, "tokens": tokens, "error": err}
+
+
+def run_level(url: str, texts: list[str], c: int, rounds: int, max_tokens: int) -> dict:
+    import httpx
+    results: list[dict] = []
+    lock = threading.Lock()
+    start = threading.Barrier(c)
+
+    def worker(w: int) -> None:
+        with httpx.Client(timeout=3600) as client:
+            start.wait()
+            for r in range(rounds):
+                res = one_request(client, url, texts[(w * rounds + r) % len(texts)], max_tokens)
+                with lock:
+                    results.append(res)
+
+    threads = [threading.Thread(target=worker, args=(w,)) for w in range(c)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    ok = [r for r in results if not r.get("error") and r["times"]]
+    tokens = sum(r["tokens"] for r in ok)
+    ttft = [r["times"][0] - r["t0"] for r in ok]
+    itl = [b - a for r in ok for a, b in zip(r["times"], r["times"][1:])]
+    return {"concurrency": c, "requests": len(results), "errors": len(results) - len(ok),
+            "error_sample": next((r["error"] for r in results if r.get("error")), None),
+            "output_tokens": tokens, "wall_s": round(wall, 3), "tok_s": tokens / wall if wall else 0.0,
+            "ttft_p50": pct(ttft, 0.5), "ttft_p95": pct(ttft, 0.95),
+            "itl_p50": pct(itl, 0.5), "itl_p95": pct(itl, 0.95)}
+
+
+# ---- report -----------------------------------------------------------------------------------------
+
+def _ms(x: float | None) -> str:
+    return "-" if x is None else f"{1000 * x:.0f}" if x >= 0.1 else f"{1000 * x:.1f}"
+
+
+def targets(res: dict) -> list[dict]:
+    eng = res["engines"]
+
+    def level(e: str, c: int) -> dict | None:
+        return next((lv for lv in eng.get(e, {}).get("levels", []) if lv["concurrency"] == c), None)
+
+    rows = []
+    for ours in ("ours", "ours-native"):
+        a1, a8 = level(ours, 1), level(ours, 8)
+        if not (a1 and a8):
+            continue
+        r = a8["tok_s"] / a1["tok_s"] if a1["tok_s"] else 0
+        rows.append({"target": f"{ours}: throughput at c=8 >= 3x c=1", "measured":
+                     f"{a8['tok_s']:.1f} vs {a1['tok_s']:.1f} tok/s = {r:.2f}x", "met": r >= 3})
+        if a1["itl_p95"] and a8["itl_p95"]:
+            r = a8["itl_p95"] / a1["itl_p95"]
+            rows.append({"target": f"{ours}: p95 inter-token latency at c=8 <= 3x c=1", "measured":
+                         f"{_ms(a8['itl_p95'])} vs {_ms(a1['itl_p95'])} ms = {r:.2f}x", "met": r <= 3})
+        for other, bar in (("llama-cpp-python", 1.5), ("llama-server", 1.0)):
+            b8 = level(other, 8)
+            if b8 and b8["tok_s"]:
+                r = a8["tok_s"] / b8["tok_s"]
+                rows.append({"target": f"{ours} vs {other} at c=8: >= {bar}x", "measured":
+                             f"{a8['tok_s']:.1f} vs {b8['tok_s']:.1f} tok/s = {r:.2f}x", "met": r >= bar})
+    return rows
+
+
+def markdown(res: dict) -> str:
+    m = res["machine"]
+    out = [f"### {res['model']} ({res['checkpoint']}), {res['threads']} threads", "",
+           f"Command: `{res['command']}`  ",
+           f"Machine: {m['cpu']}, {m['cores']} cores; load average at start {m['loadavg'][0]:.2f}; "
+           f"{res['rounds']} streamed greedy requests per client per level, prompts of about "
+           f"{res['prompt_tokens']} words, {res['max_tokens']} new tokens each.", "",
+           "| engine | concurrency | output tok/s | TTFT p50 ms | TTFT p95 ms | ITL p50 ms | ITL p95 ms | "
+           "errors | load | other CPU |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, e in res["engines"].items():
+        if e.get("skipped"):
+            out.append(f"| {name} | {e['skipped']} | | | | | | | | |")
+            continue
+        for lv in e["levels"]:
+            out.append(f"| {name} | {lv['concurrency']} | {lv['tok_s']:.1f} | {_ms(lv['ttft_p50'])} | "
+                       f"{_ms(lv['ttft_p95'])} | {_ms(lv['itl_p50'])} | {_ms(lv['itl_p95'])} | {lv['errors']} | "
+                       f"{lv['loadavg']:.2f} | {100 * lv['other_cpu']:.0f}% |")
+    out += ["", "Output tok/s: every streamed token of the level / its wall time (prefill included). "
+                "ITL: gaps between streamed chunks. Load: 1-minute load average before the level; other CPU: "
+                "share of the CPUs used by processes other than the server and this client during it.", ""]
+    rows = targets(res)
+    if rows:
+        out += ["| target | measured | met |", "|---|---|---|"]
+        out += [f"| {r['target']} | {r['measured']} | {'yes' if r['met'] else 'no'} |" for r in rows]
+    return "\n".join(out) + "\n"
+
+
+def plot(res: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for name, e in res["engines"].items():
+        lv = e.get("levels") or []
+        if not lv:
+            continue
+        c = [x["concurrency"] for x in lv]
+        axes[0].plot(c, [x["tok_s"] for x in lv], "o-", label=name)
+        axes[1].plot(c, [1000 * (x["itl_p95"] or 0) for x in lv], "o-", label=name)
+        axes[2].plot(c, [1000 * (x["ttft_p50"] or 0) for x in lv], "o-", label=name)
+    for ax, title in zip(axes, ("aggregate output tok/s", "inter-token latency p95 (ms)", "time to first token p50 (ms)")):
+        ax.set_xlabel("concurrent clients")
+        ax.set_title(title)
+        ax.set_xscale("log", base=2)
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.suptitle(f"plm serve vs llama.cpp servers: {res['model']}, {res['threads']} threads")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---- main -------------------------------------------------------------------------------------------
+
+def bench_model(model: str, args) -> dict:
+    from plm.bench.edge import machine_info, Quiet
+    ckpt = checkpoint(model, args)
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    gguf = gguf_q8(ckpt, workdir)
+    max_tokens = args.max_tokens or DEFAULT_MAX_TOKENS.get(model, 32)
+    levels = [int(c) for c in args.concurrency.split(",")]
+    texts = prompts(max(levels) * args.rounds, args.prompt_tokens)
+    info = machine_info(args.threads)
+    res = {"model": model, "checkpoint": str(ckpt), "gguf": str(gguf), "threads": args.threads,
+           "rounds": args.rounds, "prompt_tokens": args.prompt_tokens, "max_tokens": max_tokens,
+           "command": "python benchmarks/serve.py " + " ".join(sys.argv[1:]),
+           "machine": {"cpu": info["cpu"], "cores": info["cores"], "loadavg": list(os.getloadavg()),
+                       "torch": info["torch"], "llama_cpp_python": info["llama_cpp_python"]},
+           "engines": {}}
+    log(f"CPU: {info['cpu']}, {info['cores']} cores; load average {os.getloadavg()[0]:.2f}")
+    quiet = Quiet(limit=args.contention, max_wait=args.max_wait)
+    for engine in args.engines.split(","):
+        why = unavailable(engine, args)
+        if why:
+            log(f"{engine}: {why}")
+            res["engines"][engine] = {"skipped": why}
+            continue
+        port = free_port()
+        log(f"{engine}: starting")
+        try:
+            srv = Running(command(engine, ckpt, gguf, port, args, max_tokens), port)
+        except RuntimeError as e:
+            log(f"{engine}: {e}")
+            res["engines"][engine] = {"skipped": f"failed to start ({e})"[:300]}
+            continue
+        try:
+            one_request(__import__("httpx").Client(timeout=600), srv.url, texts[0], 4)  # warm-up
+            res["engines"][engine] = {"levels": []}
+            for c in levels:
+                quiet.wait_idle()
+                load = os.getloadavg()[0]
+                s0, cpu0 = quiet.snapshot(), srv.cpu_seconds()
+                lv = run_level(srv.url, texts, c, args.rounds, max_tokens)
+                s1, cpu1 = quiet.snapshot(), srv.cpu_seconds()
+                wall = s1[0] - s0[0]
+                other = ((s1[1] - s0[1]) - (s1[2] - s0[2]) - (cpu1 - cpu0)) / (wall * quiet.ncpu) if wall else 0
+                lv.update(loadavg=load, other_cpu=max(0.0, other))
+                res["engines"][engine]["levels"].append(lv)
+                log(f"{engine} c={c}: {lv['tok_s']:.1f} tok/s, TTFT p50 {_ms(lv['ttft_p50'])} ms, "
+                    f"ITL p50/p95 {_ms(lv['itl_p50'])}/{_ms(lv['itl_p95'])} ms, errors {lv['errors']}")
+        finally:
+            srv.stop()
+    res["targets"] = targets(res)
+    return res
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", action="append", choices=["tiny", "plm-1.8b", "plm-300m"],
+                    help="repeatable (default: tiny)")
+    ap.add_argument("--ckpt", default=None, help="checkpoint folder instead of the default for --model")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--concurrency", default="1,4,8,16")
+    ap.add_argument("--rounds", type=int, default=2, help="requests per client per level")
+    ap.add_argument("--max-tokens", type=int, default=None, help="new tokens per request (default 64 tiny, 32 else)")
+    ap.add_argument("--prompt-tokens", type=int, default=32, help="prompt length in words")
+    ap.add_argument("--engines", default=",".join(ENGINES))
+    ap.add_argument("--llama-server", default=None, help="llama-server binary (default: the one the script built)")
+    ap.add_argument("--workdir", default="runs/edge", help="random checkpoints and GGUFs (shared with edge.py)")
+    ap.add_argument("--out", default="runs/bench-serve")
+    ap.add_argument("--contention", type=float, default=1.0,
+                    help="wait before each level until other processes use less than this share of the CPUs "
+                         "(1.0: do not wait; 0.1 on a shared machine)")
+    ap.add_argument("--max-wait", type=float, default=300, help="longest wait for a quiet machine per level (s)")
+    args = ap.parse_args()
+    bad = [e for e in args.engines.split(",") if e not in ENGINES]
+    if bad:
+        ap.error(f"unknown engine(s) {bad}; choose from {', '.join(ENGINES)}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for model in args.model or ["tiny"]:
+        res = bench_model(model, args)
+        (out / f"serve-{model}.json").write_text(json.dumps(res, indent=2))
+        md = markdown(res)
+        (out / f"serve-{model}.md").write_text(md)
+        plot(res, out / f"serve-{model}.png")
+        print(md)
+        log(f"wrote {out / f'serve-{model}.json'}, .md and .png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,296 @@
+"""The HTTP application (Starlette): OpenAI routes over a Scheduler.
+
+  GET  /health               {"status": "ok" | "draining", ...}; never needs the API key
+  GET  /v1/models            the served model
+  POST /v1/completions       prompt -> text, streamed (SSE) or not
+  POST /v1/chat/completions  messages (ChatML) -> assistant message, streamed or not
+  GET  /metrics              Prometheus text
+
+Every error is OpenAI's shape, {"error": {"message", "type", "param", "code"}}. A generation
+response watches its connection: a client that disconnects, mid-stream or while waiting for a
+whole reply, cancels its request, and the scheduler frees the slot at its next iteration.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import time
+from dataclasses import dataclass
+
+from starlette.applications import Starlette
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
+from starlette.requests import Request as HTTPRequest
+from starlette.responses import JSONResponse, PlainTextResponse
+from starlette.routing import Route
+
+from plm.infer.generate import GenerationConfig
+from plm.serve.metrics import Metrics
+from plm.serve.protocol import (APIError, Reply, Sampling, parse_json, parse_messages, parse_model,
+                                parse_prompt, parse_sampling, sse)
+from plm.serve.scheduler import Draining, Event, QueueFull, Request, Scheduler
+
+ROUTES = ("/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions")
+
+
+@dataclass
+class AppState:
+    scheduler: Scheduler
+    tokenizer: object  # plm.data.tokenizer.Tokenizer
+    model_names: list[str]  # the first is the id /v1/models lists
+    context: int  # prompt + max_tokens may not exceed this
+    api_key: str | None = None
+    runtime: str = ""
+    started: float = 0.0
+
+    @property
+    def metrics(self) -> Metrics:
+        return self.scheduler.metrics
+
+
+def error_response(e: APIError) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
+    return JSONResponse(e.body(), status_code=e.status, headers=headers)
+
+
+# ---- generation -----------------------------------------------------------------------------
+
+def _config(state: AppState, prompt_tokens: int, sp: Sampling) -> GenerationConfig:
+    """The request's generation settings, after the context check."""
+    ctx = state.context
+    if sp.max_tokens is None:  # as much as the window leaves
+        if prompt_tokens >= ctx:
+            raise APIError(400, f"the prompt has {prompt_tokens} tokens, {prompt_tokens - ctx + 1} more than this "
+                                f"model's context window of {ctx} tokens allows (it must leave room for one token)",
+                           param="messages", code="context_length_exceeded")
+        max_new = ctx - prompt_tokens
+    else:
+        max_new = sp.max_tokens
+        if prompt_tokens + max_new > ctx:
+            over = prompt_tokens + max_new - ctx
+            raise APIError(400, f"this model's context window is {ctx} tokens; the request needs {prompt_tokens + max_new} "
+                                f"({prompt_tokens} in the prompt + {max_new} max_tokens), {over} too many: lower "
+                                f"max_tokens or shorten the prompt",
+                           param="max_tokens", code="context_length_exceeded")
+    return GenerationConfig(max_new_tokens=max_new, temperature=sp.temperature, top_k=sp.top_k, top_p=sp.top_p,
+                            seed=sp.seed, stop_strings=list(sp.stop),
+                            stop_token_ids=list(state.tokenizer.stop_token_ids))
+
+
+async def _wait_disconnect(receive) -> None:
+    """Returns when the client has gone away (the request body was read before)."""
+    while True:
+        msg = await receive()
+        if msg["type"] == "http.disconnect":
+            return
+
+
+class GenerationResponse:
+    """ASGI response for one submitted request: SSE chunks or one JSON body; a disconnect
+    cancels the request."""
+
+    def __init__(self, state: AppState, req: Request, events: asyncio.Queue, reply: Reply, sp: Sampling) -> None:
+        self.state, self.req, self.events, self.reply, self.sp = state, req, events, reply, sp
+
+    async def __call__(self, scope, receive, send) -> None:
+        gone = asyncio.ensure_future(_wait_disconnect(receive))
+        try:
+            if self.sp.stream:
+                await self._stream(send, gone)
+            else:
+                await self._whole(scope, send, gone)
+        finally:
+            gone.cancel()
+            if self.req.state != "done":
+                self.state.scheduler.cancel(self.req)
+                self.state.metrics.inc("client_disconnects_total")
+
+    async def _next(self, gone: asyncio.Future) -> Event | None:
+        """The next event, or None once the client has disconnected."""
+        get = asyncio.ensure_future(self.events.get())
+        await asyncio.wait({get, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if get.done():
+            return get.result()
+        get.cancel()
+        return None
+
+    async def _whole(self, scope, send, gone) -> None:
+        pieces = []
+        while True:
+            ev = await self._next(gone)
+            if ev is None:
+                return  # nobody to answer
+            if ev.kind == "text":
+                pieces.append(ev.text)
+            elif ev.kind == "error":
+                resp = error_response(APIError(500, f"generation failed: {ev.text}", "server_error"))
+                break
+            else:
+                resp = JSONResponse(self.reply.full("".join(pieces), ev.finish_reason, self.req.usage))
+                break
+        await resp(scope, None, send)
+
+    async def _stream(self, send, gone) -> None:
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream; charset=utf-8"),
+                                (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]})
+        first = True
+        try:
+            if self.reply.chat:  # the role comes first, as OpenAI sends it
+                await send({"type": "http.response.body", "body": sse(self.reply.chunk(first=True)), "more_body": True})
+                first = False
+            while True:
+                ev = await self._next(gone)
+                if ev is None:
+                    return
+                if ev.kind == "text":
+                    data = sse(self.reply.chunk(ev.text, first=first))
+                elif ev.kind == "error":
+                    data = sse(APIError(500, f"generation failed: {ev.text}", "server_error").body())
+                else:
+                    data = sse(self.reply.chunk(finish_reason=ev.finish_reason))
+                    if self.sp.include_usage:
+                        data += sse(self.reply.usage_chunk(self.req.usage))
+                    data += sse("[DONE]")
+                first = False
+                await send({"type": "http.response.body", "body": data, "more_body": ev.kind == "text"})
+                if ev.kind != "text":
+                    return
+        except OSError:  # the connection broke while sending
+            return
+
+
+async def _submit(state: AppState, http: HTTPRequest, prompt: list[int], sp: Sampling, reply: Reply,
+                  route: str) -> GenerationResponse:
+    cfg = _config(state, len(prompt), sp)
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue = asyncio.Queue()
+    req = Request(prompt, cfg, emit=lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev), route=route)
+    try:
+        state.scheduler.submit(req)
+    except QueueFull as e:
+        raise APIError(429, f"the server is busy: {e}; retry later", "rate_limit_error",
+                       code="rate_limit_exceeded") from None
+    except Draining as e:
+        raise APIError(503, f"{e}; retry on another server", "server_error", code="shutting_down") from None
+    state.metrics.inc("requests_total", route=route)
+    return GenerationResponse(state, req, events, reply, sp)
+
+
+async def _body(http: HTTPRequest) -> dict:
+    return parse_json(await http.body())
+
+
+async def completions(http: HTTPRequest):
+    state: AppState = http.app.state.plm
+    body = await _body(http)
+    model = parse_model(body, state.model_names)
+    sp = parse_sampling(body)
+    prompt = parse_prompt(body)
+    tok = state.tokenizer
+    if isinstance(prompt, str):
+        ids = tok.encode(prompt)
+    else:
+        ids = prompt
+        bad = [t for t in ids if not 0 <= t < tok.vocab_size]
+        if bad:
+            raise APIError(400, f"'prompt' holds token ids outside the vocabulary (0..{tok.vocab_size - 1}): {bad[:5]}",
+                           param="prompt")
+    if not ids:
+        raise APIError(400, "'prompt' is empty: give at least one token", param="prompt")
+    return await _submit(state, http, ids, sp, Reply(model, chat=False), "completions")
+
+
+async def chat_completions(http: HTTPRequest):
+    state: AppState = http.app.state.plm
+    body = await _body(http)
+    model = parse_model(body, state.model_names)
+    sp = parse_sampling(body, "max_completion_tokens")
+    messages = parse_messages(body)
+    ids = state.tokenizer.encode(state.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+    return await _submit(state, http, ids, sp, Reply(model, chat=True), "chat")
+
+
+# ---- the rest ---------------------------------------------------------------------------------
+
+async def models(http: HTTPRequest):
+    state: AppState = http.app.state.plm
+    data = [{"id": state.model_names[0], "object": "model", "created": int(state.started), "owned_by": "plm"}]
+    return JSONResponse({"object": "list", "data": data})
+
+
+async def health(http: HTTPRequest):
+    state: AppState = http.app.state.plm
+    s = state.scheduler
+    return JSONResponse({"status": "draining" if s.draining else "ok", "model": state.model_names[0],
+                         "runtime": state.runtime, "running": s.running, "queued": s.queue_depth,
+                         "max_batch": s.max_batch})
+
+
+async def metrics(http: HTTPRequest):
+    state: AppState = http.app.state.plm
+    return PlainTextResponse(state.metrics.render(), media_type="text/plain; version=0.0.4")
+
+
+async def _api_error(http: HTTPRequest, e: APIError):
+    return error_response(e)
+
+
+async def _http_error(http: HTTPRequest, e: HTTPException):
+    if e.status_code == 404:
+        return error_response(APIError(404, f"no route {http.method} {http.url.path}; this server has "
+                                            f"{', '.join(ROUTES)}", code="not_found"))
+    if e.status_code == 405:
+        return error_response(APIError(405, f"{http.method} is not allowed on {http.url.path}",
+                                       code="method_not_allowed"))
+    return error_response(APIError(e.status_code, str(e.detail)))
+
+
+async def _server_error(http: HTTPRequest, e: Exception):
+    return error_response(APIError(500, f"internal error: {type(e).__name__}: {e}", "server_error"))
+
+
+class Gate:
+    """ASGI middleware: the API key (every route but /health) and per-route response counts."""
+
+    def __init__(self, app, state: AppState) -> None:
+        self.app, self.state = app, state
+        self.key = ("Bearer " + state.api_key).encode() if state.api_key else None
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        label = path if path in ROUTES else "other"
+
+        async def counted(msg):
+            if msg["type"] == "http.response.start":
+                self.state.metrics.inc("http_responses_total", path=label, status=str(msg["status"]))
+            await send(msg)
+
+        if self.key is not None and path != "/health":
+            got = Headers(scope=scope).get("authorization", "").encode()
+            if not hmac.compare_digest(got, self.key):
+                why = "no API key given" if not got else "the API key is wrong"
+                resp = error_response(APIError(401, f"{why}: send 'Authorization: Bearer <key>' "
+                                                    f"(the server was started with --api-key)",
+                                               code="invalid_api_key"))
+                return await resp(scope, receive, counted)
+        await self.app(scope, receive, counted)
+
+
+def create_app(state: AppState) -> Starlette:
+    state.started = state.started or time.time()
+    m = state.metrics
+    m.counter("requests_total", "Generation requests accepted, by route.")
+    m.counter("client_disconnects_total", "Requests whose client went away before the reply ended.")
+    m.counter("http_responses_total", "HTTP responses, by path and status.")
+    routes = [Route("/health", health), Route("/metrics", metrics), Route("/v1/models", models),
+              Route("/v1/completions", completions, methods=["POST"]),
+              Route("/v1/chat/completions", chat_completions, methods=["POST"])]
+    app = Starlette(routes=routes, exception_handlers={APIError: _api_error, HTTPException: _http_error,
+                                                       Exception: _server_error})
+    app.state.plm = state
+    app.add_middleware(Gate, state=state)
+    return app
+

@@ -1,0 +1,283 @@
+"""Per-sequence decoding for the scheduler: a small interface and its implementations.
+
+A backend holds any number of independent sequences, each with its own KV cache:
+
+    be.admit(seq, total_tokens)        # a new sequence that will hold at most total_tokens
+    logits = be.prefill(seq, ids)      # append prompt tokens (in chunks); fp32 [V] of the last
+    logits = be.step([s1, s2], [t1, t2])   # one token for each of several sequences: [B, V]
+    be.free(seq)
+
+`TorchBackend` runs on the edge runtime (plm.infer.runtime) or the reference model. Their
+forward takes one cache whose positions the batch shares, so the running set lives in one
+batched cache, left-padded with a mask: a sequence prefills alone into a private cache
+(exactly the computation of a request served alone), and when the set of decoding sequences
+changes the batched cache is rebuilt once: every row right-aligned to the longest, the
+columns nobody uses dropped. Positions come from the mask, so padding does not shift RoPE, and
+masked positions get exactly zero attention. Between changes a step is one forward over the
+batch.
+
+`NativeBackend` runs plm.infer.native_decoder's C++ decoder, whose sequences have true
+per-sequence latent caches and whose step is batched natively.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Protocol, Sequence
+
+import torch
+
+from plm.errors import PLMError
+from plm.model.config import PLMConfig
+
+
+class Backend(Protocol):
+    kind: str  # "edge" | "reference" | "native"
+    config: PLMConfig
+
+    def admit(self, seq: int, total_tokens: int) -> None: ...
+    def prefill(self, seq: int, ids: Sequence[int]) -> torch.Tensor: ...
+    def step(self, seqs: Sequence[int], ids: Sequence[int]) -> torch.Tensor: ...
+    def free(self, seq: int) -> None: ...
+    def cache_bytes(self) -> int: ...
+
+
+# ---------------------------------------------------------------------------------------
+# PyTorch runtimes: one batched cache, rebuilt when the running set changes
+
+
+ForwardFn = Callable[[torch.Tensor, "torch.Tensor | None", object], torch.Tensor]
+CacheFn = Callable[[int, int], object]
+
+
+@dataclass
+class _Seq:
+    total: int  # most tokens this sequence will ever hold (prompt + max new tokens)
+    length: int = 0  # tokens in its cache
+    cache: object | None = None  # the private cache while prefilling; None once in the batch
+
+
+class TorchBackend:
+    """Continuous batching over `forward(ids [B, T], mask [B, past+T] | None, cache) -> [B, V]`.
+
+    new_cache(batch, capacity) makes an empty cache of the runtime's layout (latent or full);
+    both follow plm.model.cache's protocol, with buffers [layers, batch, ..., capacity, width].
+    """
+
+    def __init__(self, kind: str, config: PLMConfig, forward: ForwardFn, new_cache: CacheFn) -> None:
+        self.kind, self.config = kind, config
+        self._forward, self._new_cache = forward, new_cache
+        self.seqs: dict[int, _Seq] = {}
+        self.rows: list[int | None] = []  # sequence of each row of the batched cache (None: freed)
+        self.cache = None  # the batched cache of `rows`
+        self.mask: torch.Tensor | None = None  # [B, length]: 1 where a row has a real token
+        self.rebuilds = 0  # how often the batched cache was re-laid (tests, metrics)
+
+    @classmethod
+    def edge(cls, runtime) -> "TorchBackend":
+        _contiguous_o_proj(runtime)
+        return cls("edge", runtime.config, runtime.forward, runtime.new_cache)
+
+    @classmethod
+    def reference(cls, model) -> "TorchBackend":
+        from plm.model.cache import FullCache
+        dev = model.device
+        dtype = next(model.parameters()).dtype
+
+        @torch.no_grad()
+        def forward(ids, mask, cache):
+            mask = None if mask is None else mask.to(dev)
+            return model(ids.to(dev), attention_mask=mask, cache=cache, logits_to_keep=1).logits[:, -1].float().cpu()
+
+        return cls("reference", model.config, forward,
+                   lambda b, cap: FullCache(model.config, b, cap, dtype, dev))
+
+    # ---- sequences ---------------------------------------------------------------------
+    def admit(self, seq: int, total_tokens: int) -> None:
+        if seq in self.seqs:
+            raise PLMError(f"sequence {seq} is already admitted")
+        self.seqs[seq] = _Seq(total=total_tokens)
+
+    def prefill(self, seq: int, ids: Sequence[int]) -> torch.Tensor:
+        s = self._get(seq)
+        if seq in self.rows:
+            raise PLMError(f"sequence {seq} is decoding; prefill comes first")
+        if not ids:
+            raise PLMError("prefill needs at least one token")
+        if s.cache is None:
+            s.cache = self._new_cache(1, max(s.total, len(ids)))
+        # alone and unpadded: exactly what this request costs and computes when served alone
+        logits = self._forward(torch.tensor([list(ids)], dtype=torch.long), None, s.cache)
+        s.length += len(ids)
+        return logits[0]
+
+    def step(self, seqs: Sequence[int], ids: Sequence[int]) -> torch.Tensor:
+        seqs = list(seqs)
+        if len(set(seqs)) != len(seqs) or not seqs:
+            raise PLMError("step needs distinct sequences")
+        if seqs != self.rows:
+            self._rebuild(seqs)
+        new = torch.tensor(list(ids), dtype=torch.long)[:, None]
+        self.mask = torch.cat([self.mask, torch.ones_like(new)], dim=1)
+        logits = self._forward(new, self.mask, self.cache)
+        for q in seqs:
+            self.seqs[q].length += 1
+        return logits
+
+    def free(self, seq: int) -> None:
+        s = self.seqs.pop(seq, None)
+        if s is not None:
+            s.cache = None
+        if seq in self.rows:  # a dead row until the next step re-lays the batch without it
+            self.rows = [q if q != seq else None for q in self.rows]
+            if not any(q is not None for q in self.rows):
+                self.cache, self.mask, self.rows = None, None, []
+
+    def cache_bytes(self) -> int:
+        """Bytes of KV cache allocated (batched + private prefill caches)."""
+        caches = [self.cache] + [s.cache for s in self.seqs.values()]
+        return sum(c.allocated_bytes() for c in caches if c is not None)
+
+    def _get(self, seq: int) -> _Seq:
+        try:
+            return self.seqs[seq]
+        except KeyError:
+            raise PLMError(f"no sequence {seq}") from None
+
+    # ---- the batched cache -------------------------------------------------------------
+    def _rebuild(self, seqs: list[int]) -> None:
+        """Lay out the batched cache for `seqs` (in that order): each row right-aligned to the
+        longest sequence, its real tokens copied from the old batched cache or its private one."""
+        old_row = {q: r for r, q in enumerate(self.rows) if q is not None}
+        states = [self._get(q) for q in seqs]
+        for q, s in zip(seqs, states):
+            if q not in old_row and s.cache is None:
+                raise PLMError(f"sequence {q} has no prompt yet; prefill it before stepping")
+        L = max(s.length for s in states)
+        room = max(s.total - s.length for s in states)  # every row advances with the longest
+        if len(seqs) == 1 and states[0].cache is not None:  # a request alone: adopt its own cache
+            new = states[0].cache
+        else:
+            new = self._new_cache(len(seqs), L + max(room, 1))  # allocated (untouched pages are free)
+            for j, (q, s) in enumerate(zip(seqs, states)):
+                for dst, (src, start) in zip(new.bufs, self._sources(q, old_row)):
+                    dst[:, j, ..., L - s.length:L, :] = src[..., start:start + s.length, :]
+                    # padding gets zero attention weight, but 0 * NaN is NaN: never leave garbage there
+                    dst[:, j, ..., :L - s.length, :] = 0
+            new.length = L
+        self.mask = torch.zeros(len(seqs), L, dtype=torch.long)
+        for j, s in enumerate(states):
+            self.mask[j, L - s.length:] = 1
+            s.cache = None  # its tokens now live in the batched cache
+        self.cache, self.rows = new, seqs
+        self.rebuilds += 1
+
+    def _sources(self, q: int, old_row: dict[int, int]) -> list[tuple[torch.Tensor, int]]:
+        """Per buffer: (the tensor [layers, ..., positions, width] holding q's tokens, first position)."""
+        s = self.seqs[q]
+        if s.cache is not None:
+            return [(b[:, 0], 0) for b in s.cache.bufs]
+        r = old_row[q]
+        return [(b[:, r], self.cache.length - s.length) for b in self.cache.bufs]
+
+
+class _ContiguousInput:
+    """A projection whose input is made contiguous first. The runtime hands o_proj a
+    transposed view when several rows attend at once (a batched decode step, an absorbed
+    prefill chunk); the int8/int4 CPU kernels refuse a non-contiguous input, so batching a
+    quantised model would fail without this. (plm.infer.quant's kernels should do it
+    themselves; until then the server wraps o_proj.)"""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x.contiguous())
+
+    def __getattr__(self, name: str):  # nbytes, rows, in/out_features, ... of the projection
+        return getattr(self.inner, name)
+
+
+def _contiguous_o_proj(runtime) -> None:
+    if runtime.opts.quant == "none":
+        return
+    for layer in runtime.layers.resident:  # streamed layers are dense bf16: no constraint
+        if not isinstance(layer.o, _ContiguousInput):
+            layer.o = _ContiguousInput(layer.o)
+
+
+# ---------------------------------------------------------------------------------------
+# the native decoder: true per-sequence latent caches
+
+
+class NativeBackend:
+    """plm.infer.native_decoder.NativeDecoder behind the Backend interface."""
+
+    kind = "native"
+
+    def __init__(self, decoder, prefill_chunk: int = 256) -> None:
+        self.dec, self.config = decoder, decoder.config
+        self.chunk = prefill_chunk
+        self.handles: dict[int, int] = {}
+
+    def admit(self, seq: int, total_tokens: int) -> None:
+        if seq in self.handles:
+            raise PLMError(f"sequence {seq} is already admitted")
+        h = self.dec.new_sequence()
+        self.handles[seq] = h
+        self.dec.reserve(h, total_tokens)  # one allocation instead of doublings
+
+    def prefill(self, seq: int, ids: Sequence[int]) -> torch.Tensor:
+        return self.dec.prefill(self.handles[seq], list(ids), self.chunk)
+
+    def step(self, seqs: Sequence[int], ids: Sequence[int]) -> torch.Tensor:
+        return self.dec.step([self.handles[q] for q in seqs], list(ids))
+
+    def free(self, seq: int) -> None:
+        h = self.handles.pop(seq, None)
+        if h is not None:
+            self.dec.free(h)
+
+    def cache_bytes(self) -> int:
+        return sum(self.dec.kv_bytes(h) for h in self.handles.values())
+
+
+def native_unavailable() -> str | None:
+    """Why the native decoder cannot run here (None when it can)."""
+    try:
+        from plm.infer import native as nv
+        import plm.infer.native_decoder  # noqa: F401
+    except ImportError as e:
+        return f"plm.infer.native_decoder does not import ({e})"
+    if not nv.load():
+        return f"native kernels unavailable ({nv._state.get('reason')})"
+    return None
+
+
+NATIVE_FORMATS = {"none": "bf16", "int8": "q8_0", "int4": "q4_0"}
+
+
+def load_native(path: str | Path, quant: str = "none", sparse: bool = False, prefill_chunk: int = 256):
+    """(NativeBackend, tokenizer) from a checkpoint folder (weights quantised at load: none ->
+    BF16, int8 -> Q8_0, int4 -> Q4_0) or a `plm` GGUF file (its own formats and tokenizer)."""
+    why = native_unavailable()
+    if why:
+        raise PLMError(f"--runtime native: {why}")
+    from plm.infer.native_decoder import NativeDecoder, open_gguf, tokenizer_from_gguf
+
+    path = Path(path)
+    if path.suffix == ".gguf":
+        dec = NativeDecoder.from_gguf(path, sparse=sparse)
+        tok = tokenizer_from_gguf(open_gguf(path))
+    else:
+        from plm.data.tokenizer import Tokenizer
+        from plm.infer.layerwise import MappedCheckpoint
+        from plm.model.checkpoint import load_config
+
+        if quant not in NATIVE_FORMATS:
+            raise PLMError(f"unknown quant {quant!r}; choose from {', '.join(NATIVE_FORMATS)}")
+        config = load_config(path)
+        ckpt = MappedCheckpoint(path)
+        dec = NativeDecoder.from_state_dict(config, ckpt.view, fmt=NATIVE_FORMATS[quant], sparse=sparse)
+        tok = Tokenizer.from_dir(path)
+    return NativeBackend(dec, prefill_chunk), tok

@@ -1,0 +1,256 @@
+"""The OpenAI API's request fields and response shapes, as far as `plm serve` implements them.
+
+Requests are checked field by field: a known field of the wrong type or out of range is a 400
+naming the field (`param`); unknown fields are ignored, as OpenAI-compatible servers do; fields
+of features we do not have (n > 1, logprobs, tools, penalties) are refused when set to
+anything but their neutral value, rather than silently ignored.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def bad(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+def parse_json(raw: bytes) -> dict:
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise bad(f"the request body is not valid JSON ({e})", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise bad(f"the request body must be a JSON object, got {type(body).__name__}", code="invalid_json")
+    return body
+
+
+# ---- typed field readers ---------------------------------------------------------------------
+
+def _type_name(v: Any) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "an array",
+            dict: "an object", type(None): "null"}.get(type(v), type(v).__name__)
+
+
+def _int(body: dict, name: str, default=None, lo: int | None = None, hi: int | None = None):
+    v = body.get(name, default)
+    if v is None:
+        return default
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise bad(f"'{name}' must be an integer, got {_type_name(v)}", name)
+    if lo is not None and v < lo or hi is not None and v > hi:
+        rng = f">= {lo}" if hi is None else f"between {lo} and {hi}"
+        raise bad(f"'{name}' must be {rng}, got {v}", name)
+    return v
+
+
+def _num(body: dict, name: str, default: float, lo: float, hi: float, lo_open: bool = False) -> float:
+    v = body.get(name)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise bad(f"'{name}' must be a number, got {_type_name(v) if not isinstance(v, float) else v}", name)
+    if v < lo or v > hi or (lo_open and v == lo):
+        raise bad(f"'{name}' must be in {'(' if lo_open else '['}{lo:g}, {hi:g}], got {v:g}", name)
+    return float(v)
+
+
+def _bool(body: dict, name: str, default: bool = False) -> bool:
+    v = body.get(name)
+    if v is None:
+        return default
+    if not isinstance(v, bool):
+        raise bad(f"'{name}' must be a boolean, got {_type_name(v)}", name)
+    return v
+
+
+def _stops(body: dict) -> list[str]:
+    v = body.get("stop")
+    if v is None:
+        return []
+    stops = [v] if isinstance(v, str) else v
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+        raise bad("'stop' must be a string or an array of strings", "stop")
+    if any(s == "" for s in stops):
+        raise bad("'stop' strings must not be empty", "stop")
+    if len(stops) > 16:
+        raise bad(f"'stop' takes at most 16 strings, got {len(stops)}", "stop")
+    return stops
+
+
+def _refuse(body: dict, name: str, neutral: tuple, what: str) -> None:
+    if name in body and body[name] not in neutral:
+        raise bad(f"'{name}' is not supported by this server ({what})", name, "unsupported_parameter")
+
+
+@dataclass
+class Sampling:
+    max_tokens: int | None  # None: up to the context window
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int | None
+    stop: list[str]
+    stream: bool
+    include_usage: bool
+
+
+def parse_sampling(body: dict, max_tokens_field: str = "max_tokens") -> Sampling:
+    for name in ("n", "best_of"):
+        _int(body, name, 1)
+        _refuse(body, name, (1, None), "one choice per request")
+    _refuse(body, "logprobs", (None, False, 0), "no log-probabilities")
+    _refuse(body, "top_logprobs", (None, 0), "no log-probabilities")
+    _refuse(body, "echo", (None, False), "the prompt is not echoed")
+    _refuse(body, "suffix", (None, ""), "no insertion")
+    _refuse(body, "logit_bias", (None, {}), "no logit bias")
+    _refuse(body, "tools", (None, []), "no tool calls")
+    _refuse(body, "response_format", (None, {"type": "text"}), "text only")
+    for name in ("frequency_penalty", "presence_penalty"):
+        _num(body, name, 0.0, -2.0, 2.0)
+        _refuse(body, name, (None, 0, 0.0), "no penalties")
+    max_tokens = _int(body, max_tokens_field, None, lo=1)
+    if max_tokens is None and max_tokens_field != "max_tokens":
+        max_tokens = _int(body, "max_tokens", None, lo=1)
+    opts = body.get("stream_options")
+    if opts is not None and not isinstance(opts, dict):
+        raise bad("'stream_options' must be an object", "stream_options")
+    stream = _bool(body, "stream")
+    return Sampling(
+        max_tokens=max_tokens,
+        temperature=_num(body, "temperature", 1.0, 0.0, 2.0),
+        top_p=_num(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
+        top_k=_int(body, "top_k", 0, lo=0),  # an extension (llama.cpp, vLLM); 0 = off
+        seed=_int(body, "seed", None, lo=-(2 ** 63), hi=2 ** 63 - 1),
+        stop=_stops(body),
+        stream=stream,
+        include_usage=bool(opts and _bool(opts, "include_usage")),
+    )
+
+
+def parse_model(body: dict, served: list[str]) -> str:
+    """The model the request names (None/missing: the one served); unknown: 404."""
+    name = body.get("model")
+    if name is None:
+        return served[0]
+    if not isinstance(name, str):
+        raise bad(f"'model' must be a string, got {_type_name(name)}", "model")
+    if name not in served:
+        raise APIError(404, f"the model '{name}' does not exist; this server serves "
+                            f"{', '.join(repr(s) for s in served)}", param="model", code="model_not_found")
+    return name
+
+
+def parse_prompt(body: dict) -> str | list[int]:
+    """A completion prompt: a string, an array holding one string, or an array of token ids."""
+    if "prompt" not in body:
+        raise bad("'prompt' is required", "prompt")
+    p = body["prompt"]
+    if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):
+        p = p[0]
+    if isinstance(p, str):
+        return p
+    if isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+        return p
+    if isinstance(p, list) and len(p) > 1 and all(isinstance(t, str) for t in p):
+        raise bad("one prompt per request (send several requests; they are batched)", "prompt")
+    raise bad("'prompt' must be a string or an array of token ids", "prompt")
+
+
+ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+def parse_messages(body: dict) -> list[dict]:
+    """Chat messages as {role, content: str}; text parts of a content array are joined."""
+    msgs = body.get("messages")
+    if msgs is None:
+        raise bad("'messages' is required", "messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise bad("'messages' must be a non-empty array", "messages")
+    out = []
+    for i, m in enumerate(msgs):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise bad(f"'{where}' must be an object, got {_type_name(m)}", where)
+        role = m.get("role")
+        if role not in ROLES:
+            raise bad(f"'{where}.role' must be one of {', '.join(ROLES)}, got {role!r}", f"{where}.role")
+        content = m.get("content")
+        if content is None and role == "assistant":
+            content = ""
+        if isinstance(content, list):
+            parts = []
+            for j, part in enumerate(content):
+                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise bad(f"'{where}.content[{j}]' must be a text part {{\"type\": \"text\", \"text\": ...}} "
+                              f"(this model reads text only)", f"{where}.content")
+                parts.append(part["text"])
+            content = "".join(parts)
+        if not isinstance(content, str):
+            raise bad(f"'{where}.content' must be a string or an array of text parts, got {_type_name(content)}",
+                      f"{where}.content")
+        out.append({"role": "system" if role == "developer" else role, "content": content})
+    return out
+
+
+# ---- responses ----------------------------------------------------------------------------
+
+@dataclass
+class Reply:
+    """Identity of one response, shared by its chunks."""
+    model: str
+    chat: bool
+    id: str = field(default="")
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def __post_init__(self) -> None:
+        self.id = self.id or ("chatcmpl-" if self.chat else "cmpl-") + uuid.uuid4().hex[:24]
+
+    def _head(self, obj: str) -> dict:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
+
+    def full(self, text: str, finish_reason: str, usage: dict) -> dict:
+        if self.chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                      "finish_reason": finish_reason}
+            return {**self._head("chat.completion"), "choices": [choice], "usage": usage}
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        return {**self._head("text_completion"), "choices": [choice], "usage": usage}
+
+    def chunk(self, text: str | None = None, finish_reason: str | None = None, first: bool = False) -> dict:
+        if self.chat:
+            delta: dict = {"role": "assistant", "content": ""} if first else {}
+            if text:
+                delta["content"] = text
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            return {**self._head("chat.completion.chunk"), "choices": [choice]}
+        choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+        return {**self._head("text_completion"), "choices": [choice]}
+
+    def usage_chunk(self, usage: dict) -> dict:
+        obj = "chat.completion.chunk" if self.chat else "text_completion"
+        return {**self._head(obj), "choices": [], "usage": usage}
+
+
+def sse(data: dict | str) -> bytes:
+    """One server-sent event: `data: <json>` and a blank line."""
+    payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    return f"data: {payload}\n\n".encode()

@@ -1,0 +1,313 @@
+"""The scheduler: one thread owns the model and runs continuous batching.
+
+Each iteration it
+  1. frees the slots of cancelled requests (a client that went away),
+  2. admits waiting requests while fewer than `max_batch` sequences are active,
+  3. prefills: prompts are cut into chunks of `prefill_chunk` tokens at fixed offsets (so a
+     prompt is computed the same way however busy the server is); while sequences are decoding,
+     at most one chunk-budget of prompt tokens runs per iteration, so a long prompt delays the
+     running streams by one chunk at a time instead of stalling them,
+  4. decodes one token for every decoding sequence in one batched step,
+  5. samples each row with its request's own settings and generator, streams text, and
+     retires finished requests, freeing their cache.
+
+Requests talk back through `emit(Event)`, called on this thread: the HTTP layer passes a
+callback that hands the event to its event loop. Text is streamed with any suffix that could
+begin a stop string and any incomplete UTF-8 character held back, so what was streamed is
+always a prefix of the final text.
+"""
+from __future__ import annotations
+
+import itertools
+import sys
+import threading
+import time
+import traceback
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from plm.errors import PLMError
+from plm.infer.generate import GenerationConfig, sample_next, truncate_at_stop
+from plm.serve.metrics import BATCH_BUCKETS, Metrics
+
+
+class QueueFull(PLMError):
+    """More requests are waiting than --max-queue allows."""
+
+
+class Draining(PLMError):
+    """The server is shutting down and takes no new requests."""
+
+
+@dataclass
+class Event:
+    kind: str  # "text" (a piece of the reply), "done" (finish_reason set), "error" (text = message)
+    text: str = ""
+    finish_reason: str | None = None
+
+
+@dataclass
+class Request:
+    prompt: list[int]
+    cfg: GenerationConfig  # max_new_tokens, temperature, top_k, top_p, seed, stop strings and ids
+    emit: Callable[[Event], None]
+    route: str = "completions"  # metrics label
+    # set by the scheduler
+    seq: int = -1
+    state: str = "new"  # new | waiting | prefill | decode | done
+    prefilled: int = 0  # prompt tokens in the cache
+    tokens: list[int] = field(default_factory=list)
+    last: int = -1  # the token to feed at the next step
+    text: str = ""  # the reply so far (cut at a stop string when one appears)
+    sent: str = ""  # the part of `text` already emitted
+    finish_reason: str | None = None
+    cancelled: bool = False
+    generator: torch.Generator | None = None
+    t_submit: float = 0.0
+    t_first: float | None = None
+    t_last: float | None = None
+
+    @property
+    def usage(self) -> dict:
+        n = len(self.tokens)
+        return {"prompt_tokens": len(self.prompt), "completion_tokens": n, "total_tokens": len(self.prompt) + n}
+
+
+def _held_suffix(text: str, stops: list[str]) -> int:
+    """Length of the longest suffix of text that is a proper prefix of a stop string."""
+    best = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:k]):
+                best = k
+                break
+    return best
+
+
+class Scheduler:
+    """See the module docstring. `backend` is a plm.serve.backend.Backend; `tokenizer` decodes
+    and masks ids past its vocabulary (padded embedding rows are never real tokens)."""
+
+    def __init__(self, backend, tokenizer, max_batch: int = 16, max_queue: int = 64,
+                 prefill_chunk: int = 128, metrics: Metrics | None = None, threads: int | None = None) -> None:
+        if max_batch < 1 or max_queue < 0 or prefill_chunk < 1:
+            raise PLMError(f"max_batch ({max_batch}) and prefill_chunk ({prefill_chunk}) must be >= 1, "
+                           f"max_queue ({max_queue}) >= 0")
+        self.backend, self.tok = backend, tokenizer
+        self.vocab = tokenizer.vocab_size
+        self.max_batch, self.max_queue, self.chunk = max_batch, max_queue, prefill_chunk
+        self.threads = threads
+        self.metrics = metrics or Metrics()
+        self._define_metrics()
+        self.cond = threading.Condition()
+        self.waiting: deque[Request] = deque()
+        self.active: list[Request] = []  # admitted: prefilling or decoding, oldest first
+        self.draining = False
+        self._stop = False
+        self._ids = itertools.count()
+        self.thread: threading.Thread | None = None
+        self.steps = 0
+
+    # ---- the public side (any thread) ---------------------------------------------------
+    def start(self) -> "Scheduler":
+        self.thread = threading.Thread(target=self._run, name="plm-scheduler", daemon=True)
+        self.thread.start()
+        return self
+
+    def submit(self, req: Request) -> None:
+        """Queue a request; QueueFull past max_queue waiting, Draining after drain()."""
+        req.cfg.validate()
+        with self.cond:
+            if self.draining:
+                raise Draining("the server is shutting down")
+            free = self.max_batch - len(self.active)
+            if len(self.waiting) - free >= self.max_queue:  # waiting beyond the free slots
+                raise QueueFull(f"{len(self.waiting)} requests are already waiting (--max-queue {self.max_queue})")
+            req.seq = next(self._ids)
+            req.state = "waiting"
+            req.t_submit = time.perf_counter()
+            seed = req.cfg.seed
+            req.generator = torch.Generator()
+            if seed is None:
+                req.generator.seed()
+            else:
+                req.generator.manual_seed(seed)
+            self.waiting.append(req)
+            self.cond.notify()
+
+    def cancel(self, req: Request) -> None:
+        """Drop a request (its client went away); its slot is freed at the next iteration."""
+        with self.cond:
+            if req.state != "done":
+                req.cancelled = True
+                self.cond.notify()
+
+    def drain(self) -> None:
+        """Take no new requests; those accepted are still served."""
+        with self.cond:
+            self.draining = True
+            self.cond.notify()
+
+    def idle(self) -> bool:
+        with self.cond:
+            return not self.waiting and not self.active
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Drain, wait for the accepted requests to finish, then end the thread."""
+        self.drain()
+        with self.cond:
+            self.cond.wait_for(lambda: not self.waiting and not self.active, timeout)
+            self._stop = True
+            self.cond.notify()
+        if self.thread is not None:
+            self.thread.join(timeout)
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def running(self) -> int:
+        return len(self.active)
+
+    # ---- the loop (scheduler thread) -------------------------------------------------------
+    def _run(self) -> None:
+        torch.set_grad_enabled(False)  # per thread
+        if self.threads:  # OpenMP's thread count is per calling thread: set it on this one
+            torch.set_num_threads(self.threads)
+        while True:
+            with self.cond:
+                self.cond.wait_for(lambda: self._stop or self.waiting or self.active)
+                if self._stop:
+                    return
+                gone = [r for r in self.waiting if r.cancelled]
+                for req in gone:
+                    self.waiting.remove(req)
+                new = []
+                while self.waiting and len(self.active) + len(new) < self.max_batch:
+                    new.append(self.waiting.popleft())
+            try:
+                for req in gone + [r for r in self.active if r.cancelled]:
+                    self._finish(req, "cancelled")  # frees the slot at once
+                for req in new:
+                    req.state = "prefill"
+                    self.active.append(req)
+                    self.backend.admit(req.seq, len(req.prompt) + req.cfg.max_new_tokens)
+                self._iteration()
+            except Exception as e:  # a bug or an out-of-memory: fail the requests, keep serving
+                traceback.print_exc(file=sys.stderr)
+                for req in list(self.active):
+                    self._finish(req, "error", error=f"{type(e).__name__}: {e}")
+            self.metrics.set("kv_cache_bytes", self.backend.cache_bytes())
+            with self.cond:
+                self.cond.notify_all()  # stop() waits for an empty server
+
+    def _iteration(self) -> None:
+        decoding = [r for r in self.active if r.state == "decode"]
+        # with streams running, one chunk-budget of prompt per iteration; alone, all of it
+        budget = self.chunk if decoding else sys.maxsize
+        for req in [r for r in self.active if r.state == "prefill"]:
+            while req.state == "prefill" and budget > 0:
+                s = req.prefilled
+                e = min(len(req.prompt), (s // self.chunk + 1) * self.chunk)  # fixed chunk boundaries
+                t0 = time.perf_counter()
+                logits = self.backend.prefill(req.seq, req.prompt[s:e])
+                self.metrics.observe("prefill_chunk_seconds", time.perf_counter() - t0)
+                self.metrics.inc("prompt_tokens_total", e - s)
+                req.prefilled, budget = e, budget - (e - s)
+                if e == len(req.prompt):
+                    req.state = "decode"
+                    self._accept(req, logits[None])
+            if budget <= 0:
+                break
+        decoding = [r for r in self.active if r.state == "decode"]
+        if not decoding:
+            return
+        t0 = time.perf_counter()
+        logits = self.backend.step([r.seq for r in decoding], [r.last for r in decoding])
+        self.steps += 1
+        self.metrics.observe("decode_step_seconds", time.perf_counter() - t0)
+        self.metrics.observe("batch_size", len(decoding))
+        for j, req in enumerate(decoding):
+            self._accept(req, logits[j:j + 1])
+
+    def _accept(self, req: Request, logits: torch.Tensor) -> None:
+        """Sample the next token of `req` from logits [1, V], stream it, maybe finish."""
+        logits = logits.float()
+        if logits.shape[-1] > self.vocab:
+            logits[:, self.vocab:] = float("-inf")
+        tok = int(sample_next(logits, req.cfg, req.generator)[0])
+        now = time.perf_counter()
+        if req.t_first is None:
+            req.t_first = now
+            self.metrics.observe("time_to_first_token_seconds", now - req.t_submit)
+        else:
+            self.metrics.observe("inter_token_latency_seconds", now - req.t_last)
+        req.t_last = now
+        if tok in req.cfg.stop_token_ids:
+            self._finish(req, "stop")
+            return
+        req.tokens.append(tok)
+        req.last = tok
+        self.metrics.inc("generation_tokens_total")
+        text = self.tok.decode(req.tokens)
+        stops = req.cfg.stop_strings
+        if stops:
+            text, hit = truncate_at_stop(text, stops)
+            if hit:
+                req.text = text
+                self._finish(req, "stop")
+                return
+        req.text = text
+        if len(req.tokens) >= req.cfg.max_new_tokens:
+            self._finish(req, "length")
+            return
+        safe = text.rstrip("\ufffd")  # an incomplete UTF-8 character decodes as U+FFFD
+        safe = safe[:len(safe) - _held_suffix(safe, stops)] if stops else safe
+        if len(safe) > len(req.sent) and safe.startswith(req.sent):
+            req.emit(Event("text", safe[len(req.sent):]))
+            req.sent = safe
+
+    def _finish(self, req: Request, reason: str, error: str | None = None) -> None:
+        if req in self.active:
+            self.active.remove(req)
+            try:
+                self.backend.free(req.seq)
+            except Exception:  # never let a failed free keep the request alive
+                traceback.print_exc(file=sys.stderr)
+        req.state, req.finish_reason = "done", reason
+        self.metrics.inc("requests_finished_total", route=req.route, finish_reason=reason)
+        if req.t_first is not None:
+            self.metrics.observe("request_duration_seconds", time.perf_counter() - req.t_submit)
+        if error is not None:
+            req.emit(Event("error", error))
+            return
+        if reason == "cancelled":
+            req.emit(Event("done", finish_reason=reason))
+            return
+        rest = req.text[len(req.sent):] if req.text.startswith(req.sent) else ""
+        if rest:
+            req.emit(Event("text", rest))
+            req.sent = req.text
+        req.emit(Event("done", finish_reason=reason))
+
+    # ---- metrics ------------------------------------------------------------------------------
+    def _define_metrics(self) -> None:
+        m = self.metrics
+        m.counter("prompt_tokens_total", "Prompt tokens prefilled.")
+        m.counter("generation_tokens_total", "Tokens generated (stop tokens excluded).")
+        m.counter("requests_finished_total", "Requests finished, by route and finish reason "
+                                             "(stop, length, cancelled: the client went away, error).")
+        m.gauge("queue_depth", "Requests waiting for a slot.", lambda: len(self.waiting))
+        m.gauge("running_sequences", "Sequences holding a slot (prefilling or decoding).", lambda: len(self.active))
+        m.gauge("max_batch", "Slots: sequences decoded together at most.", lambda: self.max_batch)
+        m.gauge("kv_cache_bytes", "KV cache bytes allocated (after the last iteration).")
+        m.histogram("batch_size", "Sequences per batched decode step.", BATCH_BUCKETS)
+        m.histogram("decode_step_seconds", "Time of one batched decode step.")
+        m.histogram("prefill_chunk_seconds", "Time of one prefill chunk.")
+        m.histogram("time_to_first_token_seconds", "From submission to the first token (queueing included).")
+        m.histogram("inter_token_latency_seconds", "Between consecutive tokens of one request.")
+        m.histogram("request_duration_seconds", "From submission to the last token.")

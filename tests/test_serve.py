@@ -1,0 +1,548 @@
+"""`plm serve`: live servers on loopback (the real `openai` client and httpx), and the batching
+core in-process.
+
+Truth is computed independently: greedy and seeded text from plm.infer.generate.generate on
+the reference model (float32), which the float32 server must reproduce exactly whether a
+request runs alone or among 8 others.
+"""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+openai = pytest.importorskip("openai", reason="the test extra: pip install -e '.[serve,test]'")
+httpx = pytest.importorskip("httpx", reason="the test extra: pip install -e '.[serve,test]'")
+pytest.importorskip("uvicorn", reason="the serve extra: pip install -e '.[serve]'")
+pytest.importorskip("starlette", reason="the serve extra: pip install -e '.[serve]'")
+
+from plm.infer.generate import GenerationConfig, generate  # noqa: E402
+from plm.serve.metrics import parse_prometheus  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPTS = ["The Peripheral Language Model", "def fib(n):", "Once upon a time, in a land far away, there lived",
+           "1 + 1 =", "Hello", "import torch\nimport numpy as np\n",
+           "The quick brown fox jumps over the lazy dog. The quick brown fox", "Q: What is 7 times 8?\nA:"]
+N = 24  # tokens per request in the equality checks
+
+
+# ---- live servers ------------------------------------------------------------------------------
+
+class Server:
+    """`plm serve` in a subprocess on a free loopback port."""
+
+    def __init__(self, model: Path, *args: str, env: dict | None = None) -> None:
+        cmd = [sys.executable, "-m", "plm", "serve", str(model), "--port", "0", "--threads", "1", *args]
+        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     env={**os.environ, **(env or {})})
+        self.lines: list[str] = []
+        self.url = None
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                break
+            self.lines.append(line)
+            m = re.search(r"on (http://127\.0\.0\.1:\d+)/v1", line)
+            if m:
+                self.url = m.group(1)
+                break
+        if self.url is None:
+            self.proc.kill()
+            raise RuntimeError("server did not start:\n" + "".join(self.lines) + (self.proc.stdout.read() or ""))
+        # keep draining its output so it never blocks on a full pipe
+        self.reader = threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True)
+        self.reader.start()
+
+    def client(self, **kw) -> "openai.OpenAI":
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=kw.pop("api_key", "none"), max_retries=0, **kw)
+
+    def metrics(self, **kw) -> dict[str, float]:
+        return parse_prometheus(httpx.get(self.url + "/metrics", **kw).text)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(30)
+
+
+@pytest.fixture(scope="module")
+def truth_model(qwen2_micro_dir):
+    from plm.data.tokenizer import Tokenizer
+    from plm.model.modeling import PLMForCausalLM
+    return PLMForCausalLM.from_pretrained(qwen2_micro_dir, dtype="float32"), Tokenizer.from_dir(qwen2_micro_dir)
+
+
+def truth(truth_model, prompt: str, n: int = N, **cfg) -> str:
+    model, tok = truth_model
+    return generate(model, tok, prompt, GenerationConfig(max_new_tokens=n, **cfg)).texts[0]
+
+
+def chat_text(truth_model, content: str) -> str:
+    return truth_model[1].apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+
+
+@pytest.fixture(scope="module")
+def server(qwen2_micro_dir):
+    """float32 (so the reference model is exact truth), 8 slots."""
+    s = Server(qwen2_micro_dir, "--dtype", "float32", "--max-batch", "8", "--model-name", "micro")
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def small_server(qwen2_micro_dir):
+    """One slot, one queue place, an API key: queueing, 429, 401 and disconnects."""
+    s = Server(qwen2_micro_dir, "--dtype", "float32", "--max-batch", "1", "--max-queue", "1",
+               "--api-key", "sekrit", "--context", "480", "--model-name", "micro")
+    yield s
+    s.stop()
+
+
+# ---- OpenAI client: completions and chat, streamed and not --------------------------------------
+
+def test_models_and_health(server):
+    client = server.client()
+    assert [m.id for m in client.models.list().data] == ["micro"]
+    h = httpx.get(server.url + "/health").json()
+    assert h["status"] == "ok" and h["runtime"] == "edge" and h["max_batch"] == 8
+
+
+def test_completion_and_chat_equal_the_reference(server, truth_model):
+    client = server.client()
+    want = truth(truth_model, PROMPTS[0])
+    r = client.completions.create(model="micro", prompt=PROMPTS[0], max_tokens=N, temperature=0)
+    assert r.choices[0].text == want and r.choices[0].finish_reason == "length"
+    assert r.usage.completion_tokens == N and r.usage.prompt_tokens == len(truth_model[1].encode(PROMPTS[0]))
+    pieces = [c.choices[0].text for c in client.completions.create(model="micro", prompt=PROMPTS[0], max_tokens=N,
+                                                                     temperature=0, stream=True)]
+    assert "".join(pieces) == want and len([p for p in pieces if p]) > 1
+
+    want = truth(truth_model, chat_text(truth_model, "Hi there"))
+    r = client.chat.completions.create(model="micro", messages=[{"role": "user", "content": "Hi there"}],
+                                       max_tokens=N, temperature=0)
+    assert r.choices[0].message.role == "assistant" and r.choices[0].message.content == want
+    chunks = list(client.chat.completions.create(model="micro", messages=[{"role": "user", "content": "Hi there"}],
+                                                 max_tokens=N, temperature=0, stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == N and not chunks[-1].choices
+
+
+def test_seeded_sampling_reproducible_alone_and_batched(server, truth_model):
+    client = server.client()
+    kw = dict(model="micro", max_tokens=N, temperature=0.9, top_p=0.95, seed=1234)
+    want = truth(truth_model, PROMPTS[2], temperature=0.9, top_p=0.95, seed=1234)
+    alone = client.completions.create(prompt=PROMPTS[2], **kw).choices[0].text
+    with ThreadPoolExecutor(6) as ex:
+        others = [ex.submit(client.completions.create, prompt=p, **{**kw, "seed": i}) for i, p in enumerate(PROMPTS[:5])]
+        mine = ex.submit(client.completions.create, prompt=PROMPTS[2], **kw)
+        batched = mine.result().choices[0].text
+        [f.result() for f in others]
+    assert alone == batched == want
+    other = client.completions.create(prompt=PROMPTS[2], **{**kw, "seed": 99}).choices[0].text
+    assert other != want  # the seed matters (a test that could not fail otherwise)
+
+
+def test_stop_strings_streamed_and_not(server, truth_model):
+    client = server.client()
+    model, tok = truth_model
+    toks = generate(model, tok, PROMPTS[1], GenerationConfig(max_new_tokens=40)).tokens[0]
+    full = tok.decode(toks)
+    # a stop string across a token boundary: its first half is streamable text until the
+    # second half arrives, so a server that does not hold it back leaks it
+    for k in range(4, 30):
+        head, nxt = tok.decode(toks[:k]), tok.decode(toks[:k + 1])
+        stop = head[-2:] + nxt[len(head):][:2]
+        if len(stop) == 4 and "\ufffd" not in stop and full.find(stop) == len(head) - 2:
+            break
+    else:
+        pytest.fail("no stop string across a token boundary in the reference output")
+    want = full[:full.index(stop)]
+    r = client.completions.create(model="micro", prompt=PROMPTS[1], max_tokens=40, temperature=0, stop=[stop, "zzzq"])
+    assert r.choices[0].text == want and r.choices[0].finish_reason == "stop"
+    assert r.usage.completion_tokens < 40
+    pieces = [c.choices[0].text for c in client.completions.create(model="micro", prompt=PROMPTS[1], max_tokens=40,
+                                                                     temperature=0, stop=stop, stream=True)]
+    assert "".join(pieces) == want  # nothing of the stop string was streamed before it completed
+
+
+def test_eight_concurrent_greedy_requests_equal_one_at_a_time(server, truth_model):
+    client = server.client()
+
+    def ask(i: int) -> str:
+        if i % 2:
+            return client.chat.completions.create(model="micro", messages=[{"role": "user", "content": PROMPTS[i]}],
+                                                  max_tokens=N, temperature=0).choices[0].message.content
+        return client.completions.create(model="micro", prompt=PROMPTS[i], max_tokens=N, temperature=0).choices[0].text
+
+    before = server.metrics()
+    one_at_a_time = [ask(i) for i in range(8)]
+    with ThreadPoolExecutor(8) as ex:
+        together = list(ex.map(ask, range(8)))
+    want = [truth(truth_model, chat_text(truth_model, p) if i % 2 else p) for i, p in enumerate(PROMPTS)]
+    assert one_at_a_time == want
+    assert together == want
+    after = server.metrics()
+    steps = after["plm_batch_size_count"] - before.get("plm_batch_size_count", 0)
+    single = after['plm_batch_size_bucket{le="1"}'] - before.get('plm_batch_size_bucket{le="1"}', 0)
+    assert steps - single >= N // 2, "the concurrent requests were not decoded in shared batches"
+    assert after['plm_batch_size_bucket{le="4"}'] < after['plm_batch_size_bucket{le="8"}'], "never more than 4 at once"
+
+
+# ---- errors ----------------------------------------------------------------------------------------
+
+def _err(r: httpx.Response, status: int, code: str | None = None, param: str | None = None) -> str:
+    assert r.status_code == status, r.text
+    e = r.json()["error"]
+    assert set(e) == {"message", "type", "param", "code"} and e["message"]
+    if code is not None:
+        assert e["code"] == code, e
+    if param is not None:
+        assert e["param"] == param, e
+    return e["message"]
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"prompt": "x", "max_tokens": "5"}, "max_tokens"),
+    ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
+    ({"prompt": "x", "temperature": "hot"}, "temperature"),
+    ({"prompt": "x", "temperature": -1}, "temperature"),
+    ({"prompt": "x", "top_p": 0}, "top_p"),
+    ({"prompt": "x", "stream": "yes"}, "stream"),
+    ({"prompt": "x", "seed": 1.5}, "seed"),
+    ({"prompt": "x", "stop": 5}, "stop"),
+    ({"prompt": "x", "stop": [""]}, "stop"),
+    ({"prompt": 5}, "prompt"),
+    ({"prompt": ["a", "b"]}, "prompt"),
+    ({"prompt": [1, 2, 10 ** 9]}, "prompt"),
+    ({"prompt": "x", "n": 2}, "n"),
+    ({"prompt": "x", "model": 7}, "model"),
+    ({"max_tokens": 3}, "prompt"),
+])
+def test_wrong_field_types_are_400(server, body, param):
+    _err(httpx.post(server.url + "/v1/completions", json=body), 400, param=param)
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"messages": "hi"}, "messages"),
+    ({"messages": []}, "messages"),
+    ({"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
+    ({"messages": [{"role": "user", "content": 3}]}, "messages[0].content"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, "messages[0].content"),
+    ({"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": "many"}, "max_completion_tokens"),
+])
+def test_bad_chat_requests_are_400(server, body, param):
+    _err(httpx.post(server.url + "/v1/chat/completions", json=body), 400, param=param)
+
+
+def test_malformed_json_unknown_model_and_routes(server):
+    for raw in (b"{not json", b"[1, 2]", b"\xff\xfe", b""):
+        _err(httpx.post(server.url + "/v1/chat/completions", content=raw), 400, code="invalid_json")
+    msg = _err(httpx.post(server.url + "/v1/completions", json={"model": "gpt-9", "prompt": "x"}), 404,
+               code="model_not_found", param="model")
+    assert "gpt-9" in msg and "micro" in msg
+    with pytest.raises(openai.NotFoundError):
+        server.client().chat.completions.create(model="gpt-9", messages=[{"role": "user", "content": "x"}])
+    _err(httpx.get(server.url + "/v1/nothing"), 404, code="not_found")
+    _err(httpx.get(server.url + "/v1/completions"), 405)
+    # content parts and unknown fields are fine
+    r = httpx.post(server.url + "/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}], "max_tokens": 2,
+        "temperature": 0, "user": "someone", "metadata": {"a": 1}})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 2
+
+
+def test_context_window_check_says_by_how_much(server, truth_model):
+    # the model's window: 512 tokens
+    n = len(truth_model[1].encode(PROMPTS[2]))
+    msg = _err(httpx.post(server.url + "/v1/completions", json={"prompt": PROMPTS[2], "max_tokens": 512}), 400,
+               code="context_length_exceeded", param="max_tokens")
+    assert "512" in msg and f"{n} too many" in msg
+    long = " ".join(["word"] * 600)
+    msg = _err(httpx.post(server.url + "/v1/completions", json={"prompt": long}), 400, code="context_length_exceeded")
+    over = len(truth_model[1].encode(long)) - 512 + 1
+    assert f"{over} more" in msg
+    with pytest.raises(openai.BadRequestError, match="too many"):
+        server.client().completions.create(model="micro", prompt=PROMPTS[2], max_tokens=600)
+    # without max_tokens a request may use what the window leaves
+    r = httpx.post(server.url + "/v1/completions", json={"prompt": "Hi", "temperature": 0, "stop": ["e"]})
+    assert r.status_code == 200
+
+
+def test_api_key(small_server):
+    url = small_server.url
+    assert httpx.get(url + "/health").status_code == 200  # no key needed
+    for path in ("/v1/models", "/metrics"):
+        _err(httpx.get(url + path), 401, code="invalid_api_key")
+        _err(httpx.get(url + path, headers={"Authorization": "Bearer wrong"}), 401, code="invalid_api_key")
+        assert httpx.get(url + path, headers={"Authorization": "Bearer sekrit"}).status_code == 200
+    _err(httpx.post(url + "/v1/completions", json={"prompt": "x"}), 401)
+    with pytest.raises(openai.AuthenticationError):
+        small_server.client(api_key="wrong").completions.create(model="x", prompt="x")
+    # the --context limit applies
+    _err(httpx.post(url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 480},
+                    headers={"Authorization": "Bearer sekrit"}), 400, code="context_length_exceeded")
+
+
+AUTH = {"Authorization": "Bearer sekrit"}
+
+
+def _wait(cond, timeout: float = 20.0) -> bool:
+    t = time.time() + timeout
+    while time.time() < t:
+        if cond():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+@pytest.mark.slow
+def test_queue_full_is_429_and_a_disconnect_frees_the_slot(small_server):
+    """One slot and one queue place: a third request is refused; a streaming client that goes
+    away mid-reply frees its slot at once (the metrics show it) and the queued one runs."""
+    url, client = small_server.url, small_server.client(api_key="sekrit")
+    m = lambda: small_server.metrics(headers=AUTH)  # noqa: E731
+    before = m()
+    first = httpx.Client(timeout=60)
+    long = {"prompt": "Once upon a time", "max_tokens": 400, "temperature": 0, "stream": True}
+    with first.stream("POST", url + "/v1/completions", json=long, headers=AUTH) as r:
+        lines = r.iter_lines()
+        assert next(line for line in lines if line.startswith("data:"))  # running: the slot is taken
+        with ThreadPoolExecutor(1) as ex:
+            queued = ex.submit(httpx.post, url + "/v1/completions", headers=AUTH, timeout=60,
+                               json={"prompt": "Hello", "max_tokens": 3, "temperature": 0})
+            assert _wait(lambda: m()["plm_queue_depth"] == 1)
+            msg = _err(httpx.post(url + "/v1/completions", json={"prompt": "x"}, headers=AUTH), 429,
+                       code="rate_limit_exceeded")
+            assert "--max-queue 1" in msg
+            with pytest.raises(openai.RateLimitError):
+                client.completions.create(model="micro", prompt="x")
+            t0 = time.time()
+            r.close()  # the client goes away mid-stream
+            first.close()
+            assert queued.result().status_code == 200  # the queued request got the slot
+            freed = time.time() - t0
+    after = m()
+    key = 'plm_requests_finished_total{finish_reason="cancelled",route="completions"}'
+    assert after.get(key, 0) - before.get(key, 0) == 1
+    assert after["plm_client_disconnects_total"] - before.get("plm_client_disconnects_total", 0) == 1
+    assert after["plm_running_sequences"] == 0 and after["plm_queue_depth"] == 0
+    generated = after["plm_generation_tokens_total"] - before.get("plm_generation_tokens_total", 0)
+    assert generated < 200, f"the abandoned request kept decoding ({generated} tokens)"
+    assert freed < 5, f"the slot took {freed:.1f}s to free"
+
+
+@pytest.mark.slow
+def test_disconnect_while_waiting_for_a_whole_reply(small_server):
+    """A non-streaming client that gives up is cancelled too."""
+    url = small_server.url
+    m = lambda: small_server.metrics(headers=AUTH)  # noqa: E731
+    before = m()
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(url + "/v1/completions", json={"prompt": "Once", "max_tokens": 400, "temperature": 0},
+                   headers=AUTH, timeout=0.5)
+    key = 'plm_requests_finished_total{finish_reason="cancelled",route="completions"}'
+    assert _wait(lambda: m().get(key, 0) - before.get(key, 0) == 1, 5)
+    assert m()["plm_running_sequences"] == 0
+
+
+@pytest.mark.slow
+def test_sigterm_drains_running_requests_then_exits(qwen2_micro_dir, truth_model):
+    s = Server(qwen2_micro_dir, "--dtype", "float32", "--max-batch", "2", "--model-name", "micro")
+    try:
+        client = s.client()
+        results: dict[int, tuple[str, str]] = {}
+        started = threading.Barrier(3)
+
+        def ask(i: int) -> None:
+            pieces, reason = [], None
+            stream = client.completions.create(model="micro", prompt=PROMPTS[i], max_tokens=120, temperature=0,
+                                               stream=True)
+            for j, c in enumerate(stream):
+                if j == 0:
+                    started.wait(30)
+                pieces.append(c.choices[0].text)
+                reason = c.choices[0].finish_reason or reason
+            results[i] = ("".join(pieces), reason)
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in (0, 1)]
+        for t in threads:
+            t.start()
+        started.wait(30)
+        s.proc.send_signal(signal.SIGTERM)
+        assert _wait(lambda: "draining" in "".join(s.lines), 10)
+        with pytest.raises((httpx.ConnectError, httpx.RemoteProtocolError)):  # no new connections
+            for _ in range(50):
+                r = httpx.get(s.url + "/health", timeout=2)
+                assert r.json()["status"] == "draining"  # only before the listener closed
+                time.sleep(0.05)
+        for t in threads:
+            t.join(120)
+        assert s.proc.wait(60) == 0
+        for i in (0, 1):
+            assert results[i] == (truth(truth_model, PROMPTS[i], 120), "length"), i
+        assert "stopped" in "".join(s.lines)
+    finally:
+        s.stop()
+
+
+# ---- the batching core, in-process: bf16 and int8, and the native decoder -------------------------
+
+def _run_scheduler(backend, tok, jobs, max_batch=8, chunk=7):
+    """Run jobs [(prompt ids, cfg)] through a Scheduler at once; their texts and finish reasons."""
+    from plm.serve.scheduler import Request, Scheduler
+    sched = Scheduler(backend, tok, max_batch=max_batch, prefill_chunk=chunk).start()
+    done = threading.Semaphore(0)
+    reqs, out = [], {}
+
+    def emit_for(i):
+        def emit(ev):
+            out.setdefault(i, []).append(ev)
+            if ev.kind != "text":
+                done.release()
+        return emit
+
+    for i, (ids, cfg) in enumerate(jobs):
+        reqs.append(Request(list(ids), cfg, emit_for(i)))
+        sched.submit(reqs[-1])
+    for _ in jobs:
+        assert done.acquire(timeout=300)
+    sched.stop(10)
+    res = []
+    for i, r in enumerate(reqs):
+        evs = out[i]
+        assert "".join(e.text for e in evs if e.kind == "text") == r.text  # streamed == final
+        res.append((r.tokens, evs[-1].finish_reason))
+    return res, sched
+
+
+@pytest.mark.parametrize("dtype,quant,kv", [("bfloat16", "none", "latent"), ("bfloat16", "int8", "latent"),
+                                            ("float32", "none", "full")])
+def test_batched_equals_alone_on_the_edge_runtime(qwen2_micro_dir, dtype, quant, kv):
+    """Eight requests of different lengths, joining and leaving at different steps, with a
+    prefill chunk that splits prompts: each gets exactly the tokens it gets alone."""
+    from plm.infer.engine import Engine
+    from plm.infer.runtime import EdgeOptions
+    from plm.serve.backend import TorchBackend
+    torch.set_num_threads(1)
+    eng = Engine(qwen2_micro_dir, "edge", dtype, EdgeOptions(kv=kv, quant=quant, sparse="off"))
+    tok = eng.tokenizer
+    jobs = [(tok.encode(p), GenerationConfig(max_new_tokens=12 + 3 * i, stop_token_ids=[-1]))
+            for i, p in enumerate(PROMPTS)]
+    alone = [_run_scheduler(TorchBackend.edge(eng.runtime), tok, [j])[0][0] for j in jobs]
+    backend = TorchBackend.edge(eng.runtime)
+    together, sched = _run_scheduler(backend, tok, jobs)
+    assert together == alone
+    assert backend.rebuilds >= 2 and sched.steps < sum(len(t) for t, _ in alone)  # it did batch
+    if dtype == "float32" and kv == "full":  # and alone is the reference model's greedy output
+        from plm.model.modeling import PLMForCausalLM
+        model = PLMForCausalLM.from_pretrained(qwen2_micro_dir, dtype="float32")
+        for (ids, cfg), (toks, _) in zip(jobs, alone):
+            assert generate(model, tok, tok.decode(ids), GenerationConfig(max_new_tokens=cfg.max_new_tokens,
+                                                                          stop_token_ids=[-1])).tokens[0] == toks
+
+
+def test_native_decoder_backend(qwen2_micro_dir):
+    from plm.serve.backend import native_unavailable
+    why = native_unavailable()
+    if why:
+        pytest.skip(f"native decoder: {why}")
+    from plm.serve.backend import load_native
+    backend, tok = load_native(qwen2_micro_dir, "none")
+    jobs = [(tok.encode(p), GenerationConfig(max_new_tokens=10 + 2 * i, stop_token_ids=[-1]))
+            for i, p in enumerate(PROMPTS)]
+    alone = [_run_scheduler(backend, tok, [j])[0][0] for j in jobs]
+    together, _ = _run_scheduler(backend, tok, jobs)
+    assert together == alone
+    assert backend.handles == {}  # every sequence freed
+
+
+def test_stream_holds_back_stop_prefixes_and_partial_utf8():
+    """The scheduler's text streaming against a scripted backend: what is streamed is always a
+    prefix of the final text, a stop string never leaks, and finish reasons are right."""
+    from plm.serve.scheduler import _held_suffix
+    assert _held_suffix("abc\n", ["\n\n"]) == 1 and _held_suffix("abc", ["\n\n"]) == 0
+    assert _held_suffix("xEN", ["END", "N!"]) == 2 and _held_suffix("xE", ["END"]) == 1
+
+    class Tok:
+        vocab_size = 300
+        stop_token_ids = [299]
+
+        def decode(self, ids):
+            return bytes(ids).decode("utf-8", errors="replace")
+
+    class Script:
+        """Emits a fixed byte sequence as tokens (one byte each)."""
+        kind = "script"
+
+        def __init__(self, data: bytes):
+            self.data, self.pos = data, {}
+
+        def admit(self, seq, total):
+            self.pos[seq] = 0
+
+        def _logits(self, seq):
+            lg = torch.zeros(300)
+            i = self.pos[seq]
+            lg[self.data[i] if i < len(self.data) else 299] = 1
+            self.pos[seq] += 1
+            return lg
+
+        def prefill(self, seq, ids):
+            return self._logits(seq)
+
+        def step(self, seqs, ids):
+            return torch.stack([self._logits(s) for s in seqs])
+
+        def free(self, seq):
+            del self.pos[seq]
+
+        def cache_bytes(self):
+            return 0
+
+    text = "héllo wörld\n\nEND and more"
+    data = text.encode()
+    cases = [(["\n\n"], "héllo wörld", "stop"), (["END"], "héllo wörld\n\n", "stop"), (["zz"], text, "stop"),
+             (["ö"], "héllo w", "stop")]
+    for stops, want, reason in cases:
+        res, _ = _run_scheduler(Script(data), Tok(), [([1], GenerationConfig(max_new_tokens=100, stop_strings=stops,
+                                                                             stop_token_ids=[299]))])
+        assert Tok().decode(res[0][0]).startswith(want) and res[0][1] == reason
+    res, _ = _run_scheduler(Script(data), Tok(), [([1], GenerationConfig(max_new_tokens=5, stop_token_ids=[299]))])
+    assert res[0] == (list(data[:5]), "length")
+
+
+def test_metrics_text_format():
+    from plm.serve.metrics import Metrics
+    m = Metrics()
+    m.counter("x_total", "X.")
+    m.histogram("lat_seconds", "Latency.", (0.1, 1.0))
+    m.gauge("depth", "Depth.", lambda: 3)
+    m.inc("x_total", route="chat")
+    m.inc("x_total", 2, route="chat")
+    for v in (0.05, 0.5, 5):
+        m.observe("lat_seconds", v)
+    p = parse_prometheus(m.render())
+    assert p['plm_x_total{route="chat"}'] == 3 and p["plm_depth"] == 3
+    assert p['plm_lat_seconds_bucket{le="0.1"}'] == 1 and p['plm_lat_seconds_bucket{le="1"}'] == 2
+    assert p['plm_lat_seconds_bucket{le="+Inf"}'] == 3 and p["plm_lat_seconds_count"] == 3
+    assert "# TYPE plm_lat_seconds histogram" in m.render()
+
+
+def test_cli_errors_are_one_line(tmp_path, qwen2_micro_dir):
+    from plm.cli import main
+    assert main(["serve", str(tmp_path / "missing"), "--port", "0"]) == 2
+    assert main(["serve", str(qwen2_micro_dir), "--max-batch", "0"]) == 2
+    assert main(["serve", str(qwen2_micro_dir), "--context", "100000"]) == 2
