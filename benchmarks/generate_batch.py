@@ -39,6 +39,7 @@ def main() -> int:
     import torch
 
     import plm.infer.generate as G
+    import plm.model.generation as core  # where sample_next reads NUCLEUS_CANDIDATES
     from plm.data.chat import chat_prompt, direct_messages
     from plm.eval.config import TaskSource
     from plm.eval.tasks import load_task_pool
@@ -56,8 +57,8 @@ def main() -> int:
     texts = [chat_prompt(direct_messages(t.prompt)) for t in tasks]
 
     def run(naive: bool, temperature: float) -> tuple[float, list[str], int]:
-        saved = G.NUCLEUS_CANDIDATES
-        G.NUCLEUS_CANDIDATES = tok.vocab_size if naive else saved  # naive: sort the whole vocabulary
+        saved = core.NUCLEUS_CANDIDATES
+        core.NUCLEUS_CANDIDATES = tok.vocab_size if naive else saved  # naive: sort the whole vocabulary
         texts_out, tokens = [], 0
         t = time.perf_counter()
         try:
@@ -71,7 +72,7 @@ def main() -> int:
                 texts_out += res.texts
                 tokens += sum(len(x) for x in res.tokens)
         finally:
-            G.NUCLEUS_CANDIDATES = saved
+            core.NUCLEUS_CANDIDATES = saved
         return time.perf_counter() - t, texts_out, tokens
 
     rows = []

@@ -34,9 +34,10 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when present, else cpu)")
     g = p.add_argument_group("runtime")
-    g.add_argument("--runtime", default="auto", choices=["auto", "edge", "reference"],
-                   help="edge: the CPU runtime of plm.infer.runtime; reference: the PyTorch model "
-                        "(auto: edge on CPU, reference when a GPU is present)")
+    g.add_argument("--runtime", default="auto", choices=["auto", "edge", "reference", "static"],
+                   help="edge: the CPU runtime (plm.infer.runtime); static: the CUDA decoder with a static "
+                        "latent cache and CUDA graphs (plm.infer.static_decode); reference: the PyTorch model "
+                        "(auto: edge on a CPU, static on a CUDA GPU)")
     g.add_argument("--kv", default="latent", choices=["latent", "full"],
                    help="edge KV cache: latent (576 values/token/layer for PLM-1.8B) or decompressed K/V")
     g.add_argument("--sparse", default="auto", choices=["auto", "on", "off"],

@@ -1,4 +1,5 @@
-"""Sampling and batched generation with a KV cache.
+"""Text generation: prompts in, text out (batched, streamed, cut at stop strings), on the
+sampling loop of plm.model.generation; and the context-window check of the CLI.
 
 `generate` is backend-agnostic: a `step` callable maps (new token ids, attention mask) to
 next-token logits and owns the cache, so the reference model and the edge runtime share
@@ -6,86 +7,14 @@ one sampling loop.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
-
-import torch
+from typing import Callable, Sequence
 
 from plm.errors import PLMError
-
-
-@dataclass
-class GenerationConfig:
-    max_new_tokens: int = 128
-    temperature: float = 0.0  # 0 = greedy
-    top_k: int = 0  # 0 = off
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
-    stop_token_ids: list[int] = field(default_factory=list)
-    stop_strings: list[str] = field(default_factory=list)
-    seed: int | None = None
-
-    def validate(self) -> None:
-        if self.max_new_tokens < 0:
-            raise PLMError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
-        for name in ("temperature", "top_p", "repetition_penalty"):
-            if not math.isfinite(getattr(self, name)):
-                raise PLMError(f"{name} must be a finite number, got {getattr(self, name)}")
-        if self.temperature < 0:
-            raise PLMError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise PLMError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise PLMError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.repetition_penalty <= 0:
-            raise PLMError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        if any(not s for s in self.stop_strings):
-            raise PLMError("a stop string must not be empty (it would stop before the first token)")
-
-
-def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """CTRL-style penalty: divide positive / multiply negative logits of tokens already seen.
-
-    logits [B, V]; seen [B, V] bool.
-    """
-    if penalty == 1.0:
-        return logits
-    pen = torch.where(logits > 0, logits / penalty, logits * penalty)
-    return torch.where(seen, pen, logits)
-
-
-NUCLEUS_CANDIDATES = 64  # top-p first looks among this many best tokens
-
-
-def sample_next(logits: torch.Tensor, cfg: GenerationConfig,
-                generator: torch.Generator | None = None) -> torch.Tensor:
-    """Pick the next token per row of logits [B, V] under temperature / top-k / top-p."""
-    logits = logits.float()
-    if cfg.temperature == 0:
-        return logits.argmax(-1)
-    logits = logits / cfg.temperature
-    if cfg.top_k:
-        kth = logits.topk(min(cfg.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if cfg.top_p < 1.0:
-        # the nucleus usually lies in the few best tokens: sort only those (a full-vocabulary
-        # sort dominates batched sampling); the same token set, so the same distribution
-        k = min(NUCLEUS_CANDIDATES, logits.shape[-1])
-        top, idx = logits.topk(k, dim=-1)
-        probs = (top - logits.logsumexp(-1, keepdim=True)).exp()
-        if k < logits.shape[-1] and not bool((probs.sum(-1) >= cfg.top_p).all()):
-            top, idx = logits.sort(dim=-1, descending=True)  # some row's nucleus is wider
-            probs = top.softmax(-1)
-        # drop tokens whose preceding cumulative mass already reaches top_p (keeps >= 1)
-        drop = probs.cumsum(-1) - probs >= cfg.top_p
-        pick = torch.multinomial(top.masked_fill(drop, float("-inf")).softmax(-1), 1, generator=generator)
-        return idx.gather(-1, pick).squeeze(-1)
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
-StepFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# the sampling core lives with the model (PLMForCausalLM.generate uses it); this module is the
+# generation API users import, so it names the core's pieces too
+from plm.model.generation import (NUCLEUS_CANDIDATES, GenerationConfig, StepFn, apply_repetition_penalty,  # noqa: F401
+                                  generate_tokens, left_pad, model_step_fn, recompute_step_fn, sample_next)
 
 
 @dataclass
@@ -93,80 +22,6 @@ class GenerationResult:
     tokens: list[list[int]]  # generated ids per sequence (stop token excluded)
     texts: list[str] | None = None
     finish_reasons: list[str] = field(default_factory=list)  # "stop" | "length"
-
-
-def left_pad(batch: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad prompts so every row's next token is at the same column."""
-    if not batch or any(len(s) == 0 for s in batch):
-        raise PLMError("every prompt must have at least one token")
-    n = max(len(s) for s in batch)
-    ids = torch.full((len(batch), n), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(batch), n), dtype=torch.long)
-    for i, s in enumerate(batch):
-        ids[i, n - len(s):] = torch.tensor(list(s), dtype=torch.long)
-        mask[i, n - len(s):] = 1
-    return ids, mask
-
-
-def generate_tokens(step: StepFn, prompts: Sequence[Sequence[int]], cfg: GenerationConfig,
-                    pad_id: int = 0, vocab_size: int | None = None,
-                    decode: Callable[[list[int]], str] | None = None) -> Iterator[tuple[int, int]]:
-    """Yield (row, token) as tokens are produced; `step` is called with the whole left-padded
-    prompt batch first, then with one new token per row.
-
-    Stop strings need `decode`; a row stops when its decoded continuation contains one.
-    """
-    cfg.validate()
-    ids, mask = left_pad(prompts, pad_id)
-    B = ids.shape[0]
-    gen = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
-    # rows[j] = the prompt that batch position j generates for; a step with `select(index)` drops
-    # finished rows from its cache, so a batch costs what its unfinished rows cost
-    rows = torch.arange(B)
-    shrink = callable(getattr(step, "select", None))
-    done = torch.zeros(B, dtype=torch.bool)
-    out: list[list[int]] = [[] for _ in range(B)]
-    seen = None
-    stop_ids = torch.tensor(sorted(set(cfg.stop_token_ids)), dtype=torch.long)
-    new, new_mask = ids, mask
-    for _ in range(cfg.max_new_tokens):
-        logits = step(new, new_mask)[:, -1].float().cpu()
-        if cfg.repetition_penalty != 1.0:
-            if seen is None:
-                seen = torch.zeros(B, logits.shape[-1], dtype=torch.bool)
-                seen.scatter_(1, ids, mask.bool())
-            logits = apply_repetition_penalty(logits, seen, cfg.repetition_penalty)
-        if vocab_size is not None:  # padded embedding rows are never real tokens
-            logits[:, vocab_size:] = float("-inf")
-        nxt = sample_next(logits, cfg, gen)
-        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
-        is_stop = torch.isin(nxt, stop_ids) & ~done
-        for j, r in enumerate(rows.tolist()):
-            if done[j]:
-                continue
-            if is_stop[j]:
-                done[j] = True
-                continue
-            t = int(nxt[j])
-            out[r].append(t)
-            yield r, t
-            if cfg.stop_strings and decode is not None:
-                text = decode(out[r])
-                if any(s in text for s in cfg.stop_strings):
-                    done[j] = True
-        if seen is not None:
-            seen[torch.arange(len(rows)), nxt] |= ~done
-        if bool(done.all()):
-            return
-        if shrink and bool(done.any()):
-            keep = (~done).nonzero().squeeze(1)
-            step.select(keep)
-            rows, nxt, mask, done = rows[keep], nxt[keep], mask[keep], done[keep]
-            seen = None if seen is None else seen[keep]
-        new = nxt[:, None]
-        # the step sees the mask over past + new; finished rows (without `select`) decode pads, ignored
-        mask = torch.cat([mask, torch.ones_like(new)], dim=1)
-        new_mask = mask
 
 
 def fit_to_context(cfg: GenerationConfig, prompt_tokens: int, context: int,
@@ -186,34 +41,6 @@ def fit_to_context(cfg: GenerationConfig, prompt_tokens: int, context: int,
 def truncate_at_stop(text: str, stop_strings: Sequence[str]) -> tuple[str, bool]:
     cut = min((text.find(s) for s in stop_strings if s in text), default=-1)
     return (text[:cut], True) if cut >= 0 else (text, False)
-
-
-def model_step_fn(model, cache_factory: Callable[[], object] | None = None) -> StepFn:
-    """A step function over a `PLMForCausalLM` with its decompressed KV cache."""
-    from plm.model.cache import FullCache
-
-    cache = cache_factory() if cache_factory else FullCache(model.config)
-
-    @torch.no_grad()
-    def step(new_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        dev = model.device
-        return model(new_ids.to(dev), attention_mask=mask.to(dev), cache=cache, logits_to_keep=1).logits
-
-    if callable(getattr(cache, "select", None)):
-        step.select = lambda index: cache.select(index.to(model.device))
-    return step
-
-
-def recompute_step_fn(model) -> StepFn:
-    """No cache: re-run the whole sequence every step (the reference for cache tests)."""
-    state: dict[str, torch.Tensor] = {}
-
-    @torch.no_grad()
-    def step(new_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        state["ids"] = new_ids if "ids" not in state else torch.cat([state["ids"], new_ids], 1)
-        return model(state["ids"].to(model.device), attention_mask=mask.to(model.device)).logits[:, -1:]
-
-    return step
 
 
 def generate(model, tokenizer, prompts: Sequence[str] | str, cfg: GenerationConfig | None = None,

@@ -331,7 +331,7 @@ class PLMForCausalLM(nn.Module):
         `attention_mask`) followed by their continuations, [B, prompt + new], finished rows
         padded with `pad_token_id`. Greedy unless `do_sample`; stops at `eos_token_id`
         (default: the config's)."""
-        from plm.infer.generate import GenerationConfig, generate_tokens, model_step_fn
+        from plm.model.generation import GenerationConfig, generate_tokens, model_step_fn
 
         eos = self.config.eos_ids if eos_token_id is None else (
             [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
