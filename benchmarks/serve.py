@@ -120,18 +120,21 @@ def unavailable(engine: str, args) -> str | None:
 def command(engine: str, ckpt: Path, gguf: Path, port: int, args, max_tokens: int) -> list[str]:
     t = str(args.threads)
     ctx = args.prompt_tokens * 2 + max_tokens + 64  # per sequence: prompt (words -> tokens) + reply
+    ours = ["--port", str(port), "--threads", t, "--max-batch", "16", "--max-queue", "256", "--model-name", "bench",
+            "--prefill-chunk", str(args.prefill_chunk)]
     if engine == "ours":
-        return [sys.executable, "-m", "plm", "serve", str(ckpt), "--port", str(port), "--threads", t,
-                "--quant", "int8", "--max-batch", "16", "--max-queue", "256", "--model-name", "bench"]
+        return [sys.executable, "-m", "plm", "serve", str(ckpt), "--quant", "int8", *ours]
     if engine == "ours-native":
-        return [sys.executable, "-m", "plm", "serve", str(gguf), "--runtime", "native", "--port", str(port),
-                "--threads", t, "--max-batch", "16", "--max-queue", "256", "--model-name", "bench"]
+        return [sys.executable, "-m", "plm", "serve", str(gguf), "--runtime", "native", *ours]
     if engine == "llama-cpp-python":
         return [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", "bench",
                 "--host", "127.0.0.1", "--port", str(port), "--n_threads", t, "--n_threads_batch", t,
                 "--n_ctx", str(ctx), "--interrupt_requests", "False"]
     return [str(llama_server_path(args)), "-m", str(gguf), "--alias", "bench", "--host", "127.0.0.1",
-            "--port", str(port), "-t", t, "-tb", t, "-np", "8", "-c", str(8 * ctx), "--no-warmup"]
+            "--port", str(port), "-t", t, "-tb", t, "-np", "8", "-c", str(8 * ctx), "--no-warmup",
+            # flash attention "auto" aborts on the plm architecture (GGML_ASSERT in ggml.c while
+            # sizing the context); off is also what llama-cpp-python runs
+            "-fa", "off"]
 
 
 class Running:
@@ -252,17 +255,17 @@ def targets(res: dict) -> list[dict]:
             continue
         r = a8["tok_s"] / a1["tok_s"] if a1["tok_s"] else 0
         rows.append({"target": f"{ours}: throughput at c=8 >= 3x c=1", "measured":
-                     f"{a8['tok_s']:.1f} vs {a1['tok_s']:.1f} tok/s = {r:.2f}x", "met": r >= 3})
+                     f"{a8['tok_s']:.1f} vs {a1['tok_s']:.1f} tok/s = {r:.3f}x", "met": r >= 3})
         if a1["itl_p95"] and a8["itl_p95"]:
             r = a8["itl_p95"] / a1["itl_p95"]
             rows.append({"target": f"{ours}: p95 inter-token latency at c=8 <= 3x c=1", "measured":
-                         f"{_ms(a8['itl_p95'])} vs {_ms(a1['itl_p95'])} ms = {r:.2f}x", "met": r <= 3})
+                         f"{_ms(a8['itl_p95'])} vs {_ms(a1['itl_p95'])} ms = {r:.3f}x", "met": r <= 3})
         for other, bar in (("llama-cpp-python", 1.5), ("llama-server", 1.0)):
             b8 = level(other, 8)
             if b8 and b8["tok_s"]:
                 r = a8["tok_s"] / b8["tok_s"]
                 rows.append({"target": f"{ours} vs {other} at c=8: >= {bar}x", "measured":
-                             f"{a8['tok_s']:.1f} vs {b8['tok_s']:.1f} tok/s = {r:.2f}x", "met": r >= bar})
+                             f"{a8['tok_s']:.1f} vs {b8['tok_s']:.1f} tok/s = {r:.3f}x", "met": r >= bar})
     return rows
 
 
@@ -312,6 +315,7 @@ def plot(res: dict, path: Path) -> None:
         ax.set_title(title)
         ax.set_xscale("log", base=2)
         ax.grid(alpha=0.3)
+    axes[2].set_yscale("log")  # a server that queues has TTFTs orders of magnitude longer
     axes[0].legend()
     fig.suptitle(f"plm serve vs llama.cpp servers: {res['model']}, {res['threads']} threads")
     fig.tight_layout()
@@ -357,14 +361,22 @@ def bench_model(model: str, args) -> dict:
             one_request(__import__("httpx").Client(timeout=600), srv.url, texts[0], 4)  # warm-up
             res["engines"][engine] = {"levels": []}
             for c in levels:
-                quiet.wait_idle()
-                load = os.getloadavg()[0]
-                s0, cpu0 = quiet.snapshot(), srv.cpu_seconds()
-                lv = run_level(srv.url, texts, c, args.rounds, max_tokens)
-                s1, cpu1 = quiet.snapshot(), srv.cpu_seconds()
-                wall = s1[0] - s0[0]
-                other = ((s1[1] - s0[1]) - (s1[2] - s0[2]) - (cpu1 - cpu0)) / (wall * quiet.ncpu) if wall else 0
-                lv.update(loadavg=load, other_cpu=max(0.0, other))
+                best = None
+                for attempt in range(1, args.retries + 1):  # keep the least contended attempt
+                    quiet.wait_idle()
+                    load = os.getloadavg()[0]
+                    s0, cpu0 = quiet.snapshot(), srv.cpu_seconds()
+                    lv = run_level(srv.url, texts, c, args.rounds, max_tokens)
+                    s1, cpu1 = quiet.snapshot(), srv.cpu_seconds()
+                    wall = s1[0] - s0[0]
+                    other = ((s1[1] - s0[1]) - (s1[2] - s0[2]) - (cpu1 - cpu0)) / (wall * quiet.ncpu) if wall else 0
+                    lv.update(loadavg=load, other_cpu=max(0.0, other), attempts=attempt)
+                    if best is None or lv["other_cpu"] < best["other_cpu"]:
+                        best = lv
+                    if lv["other_cpu"] <= args.contention:
+                        break
+                    log(f"{engine} c={c}: contended ({100 * lv['other_cpu']:.0f}% of the CPUs used by others); again")
+                lv = best
                 res["engines"][engine]["levels"].append(lv)
                 log(f"{engine} c={c}: {lv['tok_s']:.1f} tok/s, TTFT p50 {_ms(lv['ttft_p50'])} ms, "
                     f"ITL p50/p95 {_ms(lv['itl_p50'])}/{_ms(lv['itl_p95'])} ms, errors {lv['errors']}")
@@ -385,13 +397,17 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=None, help="new tokens per request (default 64 tiny, 32 else)")
     ap.add_argument("--prompt-tokens", type=int, default=32, help="prompt length in words")
     ap.add_argument("--engines", default=",".join(ENGINES))
+    ap.add_argument("--prefill-chunk", type=int, default=128,
+                    help="plm serve --prefill-chunk (smaller: shorter stalls of running streams when one joins)")
     ap.add_argument("--llama-server", default=None, help="llama-server binary (default: the one the script built)")
     ap.add_argument("--workdir", default="runs/edge", help="random checkpoints and GGUFs (shared with edge.py)")
     ap.add_argument("--out", default="runs/bench-serve")
     ap.add_argument("--contention", type=float, default=1.0,
-                    help="wait before each level until other processes use less than this share of the CPUs "
-                         "(1.0: do not wait; 0.1 on a shared machine)")
+                    help="wait before each level until other processes use less than this share of the CPUs, "
+                         "and run it again if they used more during it (1.0: neither; 0.1 on a shared machine)")
     ap.add_argument("--max-wait", type=float, default=300, help="longest wait for a quiet machine per level (s)")
+    ap.add_argument("--retries", type=int, default=3,
+                    help="runs of a level while others used more than --contention of the CPUs during it")
     args = ap.parse_args()
     bad = [e for e in args.engines.split(",") if e not in ENGINES]
     if bad:

@@ -165,7 +165,13 @@ async def _submit(state: AppState, http: HTTPRequest, prompt: list[int], sp: Sam
     cfg = _config(state, len(prompt), sp)
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
-    req = Request(prompt, cfg, emit=lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev), route=route)
+    def emit(ev: Event) -> None:  # called on the scheduler thread
+        try:
+            loop.call_soon_threadsafe(events.put_nowait, ev)
+        except RuntimeError:  # the event loop is gone (a forced shutdown): nobody to tell
+            pass
+
+    req = Request(prompt, cfg, emit=emit, route=route)
     try:
         state.scheduler.submit(req)
     except QueueFull as e:

@@ -151,10 +151,6 @@ class Scheduler:
             self.draining = True
             self.cond.notify()
 
-    def idle(self) -> bool:
-        with self.cond:
-            return not self.waiting and not self.active
-
     def stop(self, timeout: float | None = None) -> None:
         """Drain, wait for the accepted requests to finish, then end the thread."""
         self.drain()

@@ -72,7 +72,10 @@ def load_backend(opts: ServeOptions):
     from plm.infer.runtime import EdgeOptions
     edge = EdgeOptions(kv=opts.kv, sparse=opts.sparse, quant=opts.quant, memory_budget=opts.memory_budget,
                        threads=opts.threads)
-    eng = Engine(opts.model, opts.runtime if opts.runtime != "native" else "edge", opts.dtype, edge)
+    runtime = opts.runtime
+    if runtime == "auto" and torch.cuda.is_available():
+        runtime = "reference"  # batched decode on the GPU runs the reference model with its K/V cache
+    eng = Engine(opts.model, runtime, opts.dtype, edge)
     if eng.runtime is not None:
         return TorchBackend.edge(eng.runtime), eng.tokenizer, "edge"
     return TorchBackend.reference(eng.model), eng.tokenizer, "reference"
@@ -114,6 +117,8 @@ def serve(opts: ServeOptions) -> int:
                 st = app.state.plm
                 print(f"plm serve: {st.model_names[0]} ({st.runtime} runtime, max batch {scheduler.max_batch}, "
                       f"{st.context}-token window) on http://{host}:{port}/v1", flush=True)
+                if host not in ("127.0.0.1", "::1", "localhost") and not opts.api_key:
+                    print("plm serve: warning: reachable from other machines and no --api-key set", flush=True)
 
         def handle_exit(self, sig, frame) -> None:
             if not self.should_exit:
