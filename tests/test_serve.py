@@ -400,6 +400,14 @@ def test_sigterm_drains_running_requests_then_exits(qwen2_micro_dir, truth_model
 
 # ---- the batching core, in-process: bf16 and int8, and the native decoder -------------------------
 
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    """The in-process tests run on one thread; later test files get the count back."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
 def _run_scheduler(backend, tok, jobs, max_batch=8, chunk=7):
     """Run jobs [(prompt ids, cfg)] through a Scheduler at once; their texts and finish reasons."""
     from plm.serve.scheduler import Request, Scheduler

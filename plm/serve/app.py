@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from starlette.applications import Starlette
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request as HTTPRequest
 from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Route
@@ -183,8 +184,20 @@ async def _submit(state: AppState, http: HTTPRequest, prompt: list[int], sp: Sam
     return GenerationResponse(state, req, events, reply, sp)
 
 
+MAX_BODY = 16 << 20  # bytes; far beyond any context window's worth of text
+
+
 async def _body(http: HTTPRequest) -> dict:
+    size = http.headers.get("content-length", "")
+    if size.isdigit() and int(size) > MAX_BODY:
+        raise APIError(413, f"the request body is {int(size)} bytes; at most {MAX_BODY} are read",
+                       code="request_too_large")
     return parse_json(await http.body())
+
+
+async def _encode(state: AppState, text: str) -> list[int]:
+    # off the event loop: a long prompt would hold up every other connection
+    return await run_in_threadpool(state.tokenizer.encode, text)
 
 
 async def completions(http: HTTPRequest):
@@ -195,7 +208,7 @@ async def completions(http: HTTPRequest):
     prompt = parse_prompt(body)
     tok = state.tokenizer
     if isinstance(prompt, str):
-        ids = tok.encode(prompt)
+        ids = await _encode(state, prompt)
     else:
         ids = prompt
         bad = [t for t in ids if not 0 <= t < tok.vocab_size]
@@ -213,7 +226,7 @@ async def chat_completions(http: HTTPRequest):
     model = parse_model(body, state.model_names)
     sp = parse_sampling(body, "max_completion_tokens")
     messages = parse_messages(body)
-    ids = state.tokenizer.encode(state.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+    ids = await _encode(state, state.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
     return await _submit(state, http, ids, sp, Reply(model, chat=True), "chat")
 
 

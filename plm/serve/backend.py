@@ -225,7 +225,9 @@ class NativeBackend:
             raise PLMError(f"sequence {seq} is already admitted")
         h = self.dec.new_sequence()
         self.handles[seq] = h
-        self.dec.reserve(h, total_tokens)  # one allocation instead of doublings
+        # one allocation instead of doublings for the usual sizes; a request that may run to the
+        # end of the window grows when it gets there rather than holding it all from the start
+        self.dec.reserve(h, min(total_tokens, 1024))
 
     def prefill(self, seq: int, ids: Sequence[int]) -> torch.Tensor:
         return self.dec.prefill(self.handles[seq], list(ids), self.chunk)

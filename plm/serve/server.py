@@ -6,7 +6,6 @@ included, and exits with status 0. A second Ctrl-C quits at once.
 """
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 
 import torch
