@@ -123,7 +123,7 @@ def command(engine: str, ckpt: Path, gguf: Path, port: int, args, max_tokens: in
     ours = ["--port", str(port), "--threads", t, "--max-batch", "16", "--max-queue", "256", "--model-name", "bench",
             "--prefill-chunk", str(args.prefill_chunk)]
     if engine == "ours":
-        return [sys.executable, "-m", "plm", "serve", str(ckpt), "--quant", "int8", *ours]
+        return [sys.executable, "-m", "plm", "serve", str(ckpt), "--runtime", "edge", "--quant", "int8", *ours]
     if engine == "ours-native":
         return [sys.executable, "-m", "plm", "serve", str(gguf), "--runtime", "native", *ours]
     if engine == "llama-cpp-python":

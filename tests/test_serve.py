@@ -94,7 +94,7 @@ def chat_text(truth_model, content: str) -> str:
 @pytest.fixture(scope="module")
 def server(qwen2_micro_dir):
     """float32 (so the reference model is exact truth), 8 slots."""
-    s = Server(qwen2_micro_dir, "--dtype", "float32", "--max-batch", "8", "--model-name", "micro")
+    s = Server(qwen2_micro_dir, "--runtime", "edge", "--dtype", "float32", "--max-batch", "8", "--model-name", "micro")
     yield s
     s.stop()
 
@@ -102,7 +102,7 @@ def server(qwen2_micro_dir):
 @pytest.fixture(scope="module")
 def small_server(qwen2_micro_dir):
     """One slot, one queue place, an API key: queueing, 429, 401 and disconnects."""
-    s = Server(qwen2_micro_dir, "--dtype", "float32", "--max-batch", "1", "--max-queue", "1",
+    s = Server(qwen2_micro_dir, "--runtime", "edge", "--dtype", "float32", "--max-batch", "1", "--max-queue", "1",
                "--api-key", "sekrit", "--context", "480", "--model-name", "micro")
     yield s
     s.stop()
@@ -360,7 +360,7 @@ def test_disconnect_while_waiting_for_a_whole_reply(small_server):
 
 @pytest.mark.slow
 def test_sigterm_drains_running_requests_then_exits(qwen2_micro_dir, truth_model):
-    s = Server(qwen2_micro_dir, "--dtype", "float32", "--max-batch", "2", "--model-name", "micro")
+    s = Server(qwen2_micro_dir, "--runtime", "edge", "--dtype", "float32", "--max-batch", "2", "--model-name", "micro")
     try:
         client = s.client()
         results: dict[int, tuple[str, str]] = {}
@@ -394,6 +394,32 @@ def test_sigterm_drains_running_requests_then_exits(qwen2_micro_dir, truth_model
         for i in (0, 1):
             assert results[i] == (truth(truth_model, PROMPTS[i], 120), "length"), i
         assert "stopped" in "".join(s.lines)
+    finally:
+        s.stop()
+
+
+@pytest.mark.slow
+def test_native_runtime_server(qwen2_micro_dir):
+    """The same server on the native decoder: concurrent greedy requests equal one at a time."""
+    from plm.serve.backend import native_unavailable
+    why = native_unavailable()
+    if why:
+        pytest.skip(f"native decoder: {why}")
+    s = Server(qwen2_micro_dir, "--runtime", "native", "--max-batch", "8", "--model-name", "micro")
+    try:
+        assert httpx.get(s.url + "/health").json()["runtime"] == "native"
+        client = s.client()
+
+        def ask(i: int) -> str:
+            return client.completions.create(model="micro", prompt=PROMPTS[i], max_tokens=N,
+                                             temperature=0).choices[0].text
+
+        alone = [ask(i) for i in range(8)]
+        with ThreadPoolExecutor(8) as ex:
+            assert list(ex.map(ask, range(8))) == alone
+        assert len(set(alone)) == 8 and all(alone)
+        m = s.metrics()
+        assert m['plm_batch_size_bucket{le="4"}'] < m['plm_batch_size_bucket{le="8"}']
     finally:
         s.stop()
 
@@ -441,16 +467,16 @@ def _run_scheduler(backend, tok, jobs, max_batch=8, chunk=7):
 def test_batched_equals_alone_on_the_edge_runtime(qwen2_micro_dir, dtype, quant, kv):
     """Eight requests of different lengths, joining and leaving at different steps, with a
     prefill chunk that splits prompts: each gets exactly the tokens it gets alone."""
-    from plm.infer.engine import Engine
-    from plm.infer.runtime import EdgeOptions
+    from plm.data.tokenizer import Tokenizer
+    from plm.infer.runtime import EdgeOptions, EdgeRuntime
     from plm.serve.backend import TorchBackend
     torch.set_num_threads(1)
-    eng = Engine(qwen2_micro_dir, "edge", dtype, EdgeOptions(kv=kv, quant=quant, sparse="off"))
-    tok = eng.tokenizer
+    runtime = EdgeRuntime.from_checkpoint(qwen2_micro_dir, EdgeOptions(dtype=dtype, kv=kv, quant=quant, sparse="off"))
+    tok = Tokenizer.from_dir(qwen2_micro_dir)
     jobs = [(tok.encode(p), GenerationConfig(max_new_tokens=12 + 3 * i, stop_token_ids=[-1]))
             for i, p in enumerate(PROMPTS)]
-    alone = [_run_scheduler(TorchBackend.edge(eng.runtime), tok, [j])[0][0] for j in jobs]
-    backend = TorchBackend.edge(eng.runtime)
+    alone = [_run_scheduler(TorchBackend.edge(runtime), tok, [j])[0][0] for j in jobs]
+    backend = TorchBackend.edge(runtime)
     together, sched = _run_scheduler(backend, tok, jobs)
     assert together == alone
     assert backend.rebuilds >= 2 and sched.steps < sum(len(t) for t, _ in alone)  # it did batch

@@ -259,27 +259,35 @@ def native_unavailable() -> str | None:
 NATIVE_FORMATS = {"none": "bf16", "int8": "q8_0", "int4": "q4_0"}
 
 
-def load_native(path: str | Path, quant: str = "none", sparse: bool = False, prefill_chunk: int = 256):
-    """(NativeBackend, tokenizer) from a checkpoint folder (weights quantised at load: none ->
-    BF16, int8 -> Q8_0, int4 -> Q4_0) or a `plm` GGUF file (its own formats and tokenizer)."""
+def load_native(path: str | Path, quant: str = "none", dtype: str | None = None, sparse: bool = False,
+                prefill_chunk: int = 256):
+    """(NativeBackend, tokenizer) from a checkpoint folder or hub id (weights converted at load:
+    none -> BF16, or F32 with dtype float32; int8 -> Q8_0; int4 -> Q4_0) or a `plm` GGUF file
+    (its own formats and tokenizer)."""
     why = native_unavailable()
     if why:
-        raise PLMError(f"--runtime native: {why}")
+        raise PLMError(f"the native runtime: {why}")
     from plm.infer.native_decoder import NativeDecoder, open_gguf, tokenizer_from_gguf
 
-    path = Path(path)
-    if path.suffix == ".gguf":
-        dec = NativeDecoder.from_gguf(path, sparse=sparse)
-        tok = tokenizer_from_gguf(open_gguf(path))
-    else:
-        from plm.data.tokenizer import Tokenizer
-        from plm.infer.layerwise import MappedCheckpoint
-        from plm.model.checkpoint import load_config
+    f32 = dtype in ("float32", "fp32")
+    cache = "f32" if f32 else "bf16"
+    if str(path).endswith(".gguf"):
+        dec = NativeDecoder.from_gguf(Path(path), sparse=sparse, cache_dtype=cache)
+        return NativeBackend(dec, prefill_chunk), tokenizer_from_gguf(open_gguf(Path(path)))
+    from plm.data.tokenizer import Tokenizer
+    from plm.infer.layerwise import MappedCheckpoint
+    from plm.model.checkpoint import load_config, read_headers, validate_checkpoint
+    from plm.model.hub import resolve_model
 
-        if quant not in NATIVE_FORMATS:
-            raise PLMError(f"unknown quant {quant!r}; choose from {', '.join(NATIVE_FORMATS)}")
-        config = load_config(path)
-        ckpt = MappedCheckpoint(path)
-        dec = NativeDecoder.from_state_dict(config, ckpt.view, fmt=NATIVE_FORMATS[quant], sparse=sparse)
-        tok = Tokenizer.from_dir(path)
+    if quant not in NATIVE_FORMATS:
+        raise PLMError(f"unknown quant {quant!r}; choose from {', '.join(NATIVE_FORMATS)}")
+    path = resolve_model(path)
+    config = load_config(path)
+    tok = Tokenizer.from_dir(path)
+    if tok.vocab_size > config.vocab_size:
+        raise PLMError(f"{path}: the tokenizer has {tok.vocab_size} ids but the model's vocabulary has "
+                       f"{config.vocab_size} rows; they do not belong together")
+    validate_checkpoint(path, config, read_headers(path))
+    fmt = "f32" if f32 and quant == "none" else NATIVE_FORMATS[quant]
+    dec = NativeDecoder.from_state_dict(config, MappedCheckpoint(path).view, fmt=fmt, sparse=sparse, cache_dtype=cache)
     return NativeBackend(dec, prefill_chunk), tok

@@ -25,8 +25,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="prompt + max_tokens limit (None: the model's window; may only lower it)")
     g = p.add_argument_group("runtime")
     g.add_argument("--runtime", default="auto", choices=["auto", "edge", "reference", "native"],
-                   help="edge: the CPU runtime; reference: the PyTorch model; native: the C++ decoder "
-                        "(auto: edge on CPU, reference on a GPU, native for a .gguf)")
+                   help="edge: the PyTorch CPU runtime; reference: the PyTorch model; native: the C++ decoder "
+                        "(auto: native for a .gguf; reference on a GPU; on a CPU native when its kernels are "
+                        "built and the options allow, else edge)")
     g.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                    help="compute dtype (None: bfloat16 on the edge runtime, float32 on the reference)")
     g.add_argument("--kv", default="latent", choices=["latent", "full"], help="edge KV cache layout")

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from plm.errors import PLMError
-from plm.serve.backend import TorchBackend, load_native
+from plm.serve.backend import TorchBackend, load_native, native_unavailable
 from plm.serve.scheduler import Scheduler
 
 RUNTIMES = ("auto", "edge", "reference", "native")
@@ -55,14 +55,27 @@ class ServeOptions:
             raise PLMError("--api-key must not be empty")
 
 
+def resolve_runtime(opts: ServeOptions) -> str:
+    """auto: native for a GGUF; the reference model on a GPU; on a CPU the native decoder when its
+    kernels are built and the options need nothing only the PyTorch runtime does, else edge."""
+    if opts.runtime != "auto":
+        return opts.runtime
+    if str(opts.model).endswith(".gguf"):
+        return "native"
+    if torch.cuda.is_available():
+        return "reference"  # batched decode on the GPU: the reference model with its K/V cache
+    pytorch_only = opts.kv != "latent" or opts.memory_budget or opts.quant not in ("none", "int8", "int4")
+    return "native" if native_unavailable() is None and not pytorch_only else "edge"
+
+
 def load_backend(opts: ServeOptions):
     """(backend, tokenizer, runtime kind) for the options' model."""
-    native = opts.runtime == "native" or (opts.runtime == "auto" and str(opts.model).endswith(".gguf"))
-    if native:
+    runtime = resolve_runtime(opts)
+    if runtime == "native":
         if opts.memory_budget or opts.kv != "latent":
             raise PLMError("--memory-budget and --kv full are edge-runtime options; the native decoder "
                            "keeps every weight resident and a latent cache")
-        backend, tok = load_native(opts.model, opts.quant, sparse=opts.sparse == "on",
+        backend, tok = load_native(opts.model, opts.quant, opts.dtype, sparse=opts.sparse == "on",
                                    prefill_chunk=opts.prefill_chunk)
         return backend, tok, "native"
     if str(opts.model).endswith(".gguf"):
@@ -71,13 +84,14 @@ def load_backend(opts: ServeOptions):
     from plm.infer.runtime import EdgeOptions
     edge = EdgeOptions(kv=opts.kv, sparse=opts.sparse, quant=opts.quant, memory_budget=opts.memory_budget,
                        threads=opts.threads)
-    runtime = opts.runtime
-    if runtime == "auto" and torch.cuda.is_available():
-        runtime = "reference"  # batched decode on the GPU runs the reference model with its K/V cache
+    if hasattr(edge, "backend"):
+        edge.backend = "torch"  # --runtime edge is the PyTorch runtime; the native one is NativeBackend
     eng = Engine(opts.model, runtime, opts.dtype, edge)
-    if eng.runtime is not None:
+    if getattr(eng, "runtime", None) is not None:
         return TorchBackend.edge(eng.runtime), eng.tokenizer, "edge"
-    return TorchBackend.reference(eng.model), eng.tokenizer, "reference"
+    if getattr(eng, "model", None) is not None:
+        return TorchBackend.reference(eng.model), eng.tokenizer, "reference"
+    raise PLMError(f"the {runtime} runtime has no batched decoding the server can drive")
 
 
 def build(opts: ServeOptions):
