@@ -230,14 +230,20 @@ def test_cli_runtime_flags_and_sparsity(qwen2_micro_dir, tmp_path, capsys):
         assert main(base + flags) == 0
         outs[" ".join(flags)] = capsys.readouterr().out
     assert len(set(outs.values())) == 1, outs  # float32 edge paths give the reference's greedy text
-    # with no runtime flags, generate and chat run on the edge runtime (CPU), latent KV, sparse auto
+    # with no runtime flags, generate and chat run on the edge runtime (CPU): the native decoder
+    # where the kernels are built, else the PyTorch kernels with latent KV, sparse auto
     from plm.cli import build_parser
+    from plm.infer import native
     from plm.infer.commands import engine_from_args
     from plm.infer.runtime import EdgeRuntime
     for cmd in (base, ["chat", str(qwen2_micro_dir)]):
         eng = engine_from_args(build_parser().parse_args(cmd))
-        assert isinstance(eng.runtime, EdgeRuntime) and eng.model is None, cmd
-        assert (eng.runtime.opts.kv, eng.runtime.opts.sparse, eng.runtime.opts.quant) == ("latent", "auto", "none")
+        assert eng.kind == "edge" and eng.model is None, cmd
+        if native.load():
+            assert eng.backend == "native" and eng.native is not None
+        else:
+            assert isinstance(eng.runtime, EdgeRuntime)
+            assert (eng.runtime.opts.kv, eng.runtime.opts.sparse, eng.runtime.opts.quant) == ("latent", "auto", "none")
     assert main(base + ["--quant", "int8", "--memory-budget", "400MB"]) == 0
     capsys.readouterr()
     data = tmp_path / "d.txt"

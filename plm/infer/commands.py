@@ -17,7 +17,7 @@ def engine_from_args(args: argparse.Namespace):
     from plm.infer.engine import Engine
     from plm.infer.runtime import EdgeOptions
     edge = EdgeOptions(kv=args.kv, sparse=args.sparse, quant=args.quant, predictor=args.predictor,
-                       memory_budget=args.memory_budget, threads=args.threads)
+                       memory_budget=args.memory_budget, threads=args.threads, backend=args.backend)
     return Engine(args.dir, args.runtime, args.dtype, edge, device=args.device)
 
 
@@ -42,8 +42,13 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
                    help="edge KV cache: latent (576 values/token/layer for PLM-1.8B) or decompressed K/V")
     g.add_argument("--sparse", default="auto", choices=["auto", "on", "off"],
                    help="edge sparse relu² MLP decode (auto: dense when too many neurons are active)")
-    g.add_argument("--quant", default="none", choices=["none", "int8", "int4"],
-                   help="edge weight-only quantisation")
+    g.add_argument("--quant", default="none", choices=["none", "int8", "int4", "q8_0", "q4_0", "q4_k"],
+                   help="edge weights: int8/int4 (native: llama.cpp's Q8_0/Q4_0 blocks; PyTorch: its packed "
+                        "kernels) or q8_0/q4_0/q4_k (native only); quantised at load (`plm quantize` writes "
+                        "them once, as a GGUF)")
+    g.add_argument("--backend", default="auto", choices=["auto", "native", "torch"],
+                   help="edge kernels: the native C++ decoder (`plm kernels build`) or PyTorch's "
+                        "(auto: native when built and the options allow it)")
     g.add_argument("--predictor", default=None,
                    help="activation predictor file from `plm sparsity --fit-predictor` (skips up_proj rows; "
                         "approximate)")
@@ -190,7 +195,32 @@ def _enable_line_editing():
     return save
 
 
+def _cmd_kernels(args: argparse.Namespace) -> int:
+    import json
+
+    from plm.infer import native
+    if args.action == "build":
+        import time
+        t = time.perf_counter()
+        path = native.build(verbose=args.verbose)
+        print(f"built {path} in {time.perf_counter() - t:.0f} s")
+    native.load()
+    info = native.info()
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+    else:
+        for k, v in info.items():
+            print(f"{k:12s} {v}")
+    return 0 if info.get("available") or args.action == "info" else 2
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("kernels", help="the native CPU kernels: build them, or say which path runs")
+    p.add_argument("action", choices=["info", "build"], help="info: which kernels run here; build: compile them "
+                                                             "(about a minute on 2 cores; cached)")
+    p.add_argument("--verbose", action="store_true", help="show the compiler's output")
+    p.add_argument("--json", action="store_true", help="print the facts as JSON")
+    p.set_defaults(func=_cmd_kernels)
     p = sub.add_parser("generate", help="generate text from a checkpoint")
     p.add_argument("dir", help="checkpoint folder or Hugging Face hub id")
     p.add_argument("--prompt", action="append", default=[], help="repeat for a batch")

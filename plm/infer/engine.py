@@ -58,33 +58,90 @@ class Engine:
         self.kind = resolve_runtime(runtime, self.device)
         path = resolve_model(path)
         self.path = path
+        self.model = self.runtime = self.static = self.native = None
+        if Path(path).suffix == ".gguf":  # llama.cpp's format: the native decoder reads its blocks as they are
+            self._open_gguf(Path(path), edge)
+            return
         self.config = load_config(path)  # a clear error for a wrong path before anything else
         self.tokenizer = Tokenizer.from_dir(path)
         if self.tokenizer.vocab_size > self.config.vocab_size:
             raise PLMError(f"{path}: the tokenizer has {self.tokenizer.vocab_size} ids but the model's vocabulary "
                            f"has {self.config.vocab_size} rows; they do not belong together")
-        self.model = self.runtime = self.static = None
-        if self.kind == "static":  # the CUDA path: the reference model's weights, decoded statically
+        self.backend = self.kind
+        if self.kind == "edge":
+            from plm.infer.runtime import EdgeOptions
+            opts = edge or EdgeOptions()
+            if dtype:
+                opts.dtype = dtype
+            opts.validate()
+            self.native = native_decoder(path, self.config, opts)
+            self.backend = "native" if self.native is not None else "torch"
+            if self.native is None:
+                from plm.infer.runtime import EdgeRuntime
+                self.runtime = EdgeRuntime.from_checkpoint(path, opts)
+        elif self.kind == "static":  # the CUDA path: the reference model's weights, decoded statically
             from plm.infer.static_decode import StaticRuntime
             from plm.model.modeling import PLMForCausalLM
             dev = self.device
             default = "bfloat16" if torch.device(dev).type == "cuda" else "float32"
             self.model = PLMForCausalLM.from_pretrained(path, dtype=dtype or default, device=dev).eval()
             self.static = StaticRuntime(self.model)
-        elif self.kind == "reference":
+        else:
             from plm.model.modeling import PLMForCausalLM
             self.model = PLMForCausalLM.from_pretrained(path, dtype=dtype or "float32", device=self.device)
-        else:
-            from plm.infer.runtime import EdgeOptions, EdgeRuntime
-            opts = edge or EdgeOptions()
-            if dtype:
-                opts.dtype = dtype
-            self.runtime = EdgeRuntime.from_checkpoint(path, opts)
+
+    def _open_gguf(self, path: Path, edge) -> None:
+        from plm.infer import native as nv
+        from plm.infer.native_decoder import NativeDecoder, open_gguf, tokenizer_from_gguf
+        if self.device.type != "cpu":
+            raise PLMError(f"{path}: a GGUF runs on the CPU's native decoder, not on {self.device}")
+        if not nv.load():
+            raise PLMError(f"{path}: running a GGUF needs the native kernels ({nv.info().get('reason')}); "
+                           "build them with `plm kernels build`")
+        if edge is not None and edge.threads:
+            torch.set_num_threads(edge.threads)
+        self.native = NativeDecoder.from_gguf(path, sparse=edge is not None and edge.sparse == "on")
+        self.config = self.native.config
+        self.tokenizer = tokenizer_from_gguf(open_gguf(path))
+        self.kind, self.backend = "edge", "native"
 
     def new_step(self) -> StepFn:
         from plm.infer.runtime import edge_step_fn
+        if self.native is not None:
+            from plm.infer.native_decoder import native_step_fn
+            return native_step_fn(self.native)
         if self.static is not None:
             return self.static.new_step()
         if self.runtime is not None:
             return edge_step_fn(self.runtime)
         return model_step_fn(self.model)
+
+
+def native_decoder(path: Path, config, opts):
+    """The native C++ decoder for a checkpoint folder, or None where the PyTorch edge runtime
+    serves: the options need it (--backend torch, or something only it does), or the kernels
+    are not built (one line says so). Block formats (q8_0, q4_0, q4_k) and --backend native
+    need the kernels."""
+    from plm.infer import native as nv
+    blockers = opts.native_blockers(config)
+    needs = opts.backend == "native" or opts.quant in ("q8_0", "q4_0", "q4_k")
+    if opts.backend == "torch" or (blockers and not needs):
+        if needs:
+            raise PLMError(f"--quant {opts.quant} runs on the native kernels only (not with --backend torch)")
+        return None
+    if blockers:
+        raise PLMError(f"the native decoder does not do {', '.join(blockers)}; use --backend torch")
+    if not nv.load():
+        if needs:
+            raise PLMError(f"the native kernels are not available ({nv.info().get('reason')}); "
+                           "build them with `plm kernels build`, or use --backend torch")
+        return None
+    from plm.infer.layerwise import MappedCheckpoint
+    from plm.infer.native_decoder import NativeDecoder
+    from plm.model.checkpoint import read_headers, validate_checkpoint
+
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    validate_checkpoint(path, config, read_headers(path))
+    ckpt = MappedCheckpoint(path)
+    return NativeDecoder.from_state_dict(config, ckpt.view, fmt=opts.native_format, sparse=opts.sparse == "on")

@@ -36,6 +36,8 @@ from plm.model.config import PLMConfig
 from plm.model.modeling import build_attention_mask, rope_cos_sin
 
 KV_MODES = ("latent", "full")
+BACKENDS = ("auto", "native", "torch")
+NATIVE_QUANT = ("q8_0", "q4_0", "q4_k")  # llama.cpp block formats: the native kernels only
 SPARSE_MODES = ("auto", "on", "off")
 
 LAYER_TENSORS = ("input_layernorm.weight", "post_attention_layernorm.weight", "self_attn.q_proj.weight",
@@ -49,7 +51,12 @@ class EdgeOptions:
     dtype: str = "bfloat16"  # activations and unquantised weights
     kv: str = "latent"  # latent | full
     sparse: str = "auto"  # auto | on | off
-    quant: str = "none"  # none | int8 | int4
+    # none | int8 | int4 (PyTorch's packed kernels, or the native Q8_0 / Q4_0 blocks) | q8_0 | q4_0 |
+    # q4_k (llama.cpp's blocks: the native kernels only)
+    quant: str = "none"
+    # auto: the native C++ decoder (plm.infer.native) when it is built and the options need nothing
+    # only the PyTorch path has (kv full, a memory budget, a predictor, float16); torch | native
+    backend: str = "auto"
     # auto: gather the rows of active neurons while they are at most this share of the matrix
     # (summed over decode rows), else run the dense kernel. With the predictor: compute only
     # predicted up_proj rows while they are at most this share.
@@ -67,8 +74,10 @@ class EdgeOptions:
             raise PLMError(f"unknown --kv {self.kv!r}; choose from {', '.join(KV_MODES)}")
         if self.sparse not in SPARSE_MODES:
             raise PLMError(f"unknown --sparse {self.sparse!r}; choose from {', '.join(SPARSE_MODES)}")
-        if self.quant not in QUANT_MODES:
-            raise PLMError(f"unknown --quant {self.quant!r}; choose from {', '.join(QUANT_MODES)}")
+        if self.quant not in QUANT_MODES + NATIVE_QUANT:
+            raise PLMError(f"unknown --quant {self.quant!r}; choose from {', '.join(QUANT_MODES + NATIVE_QUANT)}")
+        if self.backend not in BACKENDS:
+            raise PLMError(f"unknown --backend {self.backend!r}; choose from {', '.join(BACKENDS)}")
         if not 0 < self.sparse_threshold <= 1:
             raise PLMError(f"sparse_threshold must be in (0, 1], got {self.sparse_threshold}")
         if self.prefill_chunk < 1:
@@ -77,6 +86,28 @@ class EdgeOptions:
     @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
+
+    def native_blockers(self, config: PLMConfig) -> list[str]:
+        """What only the PyTorch path does, among these options (empty: native can run them)."""
+        out = []
+        if self.kv != "latent":
+            out.append("--kv full")
+        if self.memory_budget:
+            out.append("--memory-budget (layer-wise loading)")
+        if self.predictor:
+            out.append("--predictor")
+        if self.dtype in ("float16", "fp16"):
+            out.append("float16 activations")
+        if config.rope_scaling:
+            out.append("rope_scaling")
+        return out
+
+    @property
+    def native_format(self) -> str:
+        """The native decoder's weight format for these options."""
+        if self.quant == "none":
+            return "f32" if self.dtype in ("float32", "fp32") else "bf16"
+        return {"int8": "q8_0", "int4": "q4_0"}.get(self.quant, self.quant)
 
 
 # ---------------------------------------------------------------------------------------
