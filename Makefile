@@ -17,6 +17,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q "$$(scripts/build_llama_wheel.sh $(PY))"
 	$(PY) -m pip install -q -e ".[dev,llama,eval,hf,serve,test]"
+	# native CPU kernels (about a minute on 2 cores; cached): without a compiler, PyTorch kernels run
+	$(PY) -m plm kernels build || echo "plm: native kernels not built; the PyTorch kernels will run"
 	touch $(STAMP)
 
 demo: setup

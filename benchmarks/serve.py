@@ -228,10 +228,19 @@ def run_level(url: str, texts: list[str], c: int, rounds: int, max_tokens: int) 
     ok = [r for r in results if not r.get("error") and r["times"]]
     tokens = sum(r["tokens"] for r in ok)
     ttft = [r["times"][0] - r["t0"] for r in ok]
+    # decode throughput: tokens after each request's first / the time some request was decoding
+    # (the union of [first token, last token] over requests): prefill-only stretches excluded
+    spans = sorted((r["times"][0], r["times"][-1]) for r in ok)
+    busy, end = 0.0, float("-inf")
+    for a, b in spans:
+        busy += max(0.0, b - max(a, end))
+        end = max(end, b)
+    decode_tokens = sum(r["tokens"] - 1 for r in ok)
     itl = [b - a for r in ok for a, b in zip(r["times"], r["times"][1:])]
     return {"concurrency": c, "requests": len(results), "errors": len(results) - len(ok),
             "error_sample": next((r["error"] for r in results if r.get("error")), None),
             "output_tokens": tokens, "wall_s": round(wall, 3), "tok_s": tokens / wall if wall else 0.0,
+            "decode_tok_s": decode_tokens / busy if busy else 0.0,
             "ttft_p50": pct(ttft, 0.5), "ttft_p95": pct(ttft, 0.95),
             "itl_p50": pct(itl, 0.5), "itl_p95": pct(itl, 0.95)}
 
@@ -253,19 +262,20 @@ def targets(res: dict) -> list[dict]:
         a1, a8 = level(ours, 1), level(ours, 8)
         if not (a1 and a8):
             continue
-        r = a8["tok_s"] / a1["tok_s"] if a1["tok_s"] else 0
-        rows.append({"target": f"{ours}: throughput at c=8 >= 3x c=1", "measured":
-                     f"{a8['tok_s']:.1f} vs {a1['tok_s']:.1f} tok/s = {r:.3f}x", "met": r >= 3})
+        r = a8["decode_tok_s"] / a1["decode_tok_s"] if a1["decode_tok_s"] else 0
+        rows.append({"target": f"{ours}: decode throughput at c=8 >= 3x c=1", "measured":
+                     f"{a8['decode_tok_s']:.1f} vs {a1['decode_tok_s']:.1f} tok/s = {r:.3f}x", "met": r >= 3})
         if a1["itl_p95"] and a8["itl_p95"]:
             r = a8["itl_p95"] / a1["itl_p95"]
             rows.append({"target": f"{ours}: p95 inter-token latency at c=8 <= 3x c=1", "measured":
                          f"{_ms(a8['itl_p95'])} vs {_ms(a1['itl_p95'])} ms = {r:.3f}x", "met": r <= 3})
         for other, bar in (("llama-cpp-python", 1.5), ("llama-server", 1.0)):
             b8 = level(other, 8)
-            if b8 and b8["tok_s"]:
-                r = a8["tok_s"] / b8["tok_s"]
-                rows.append({"target": f"{ours} vs {other} at c=8: >= {bar}x", "measured":
-                             f"{a8['tok_s']:.1f} vs {b8['tok_s']:.1f} tok/s = {r:.3f}x", "met": r >= bar})
+            if b8 and b8["decode_tok_s"]:
+                r = a8["decode_tok_s"] / b8["decode_tok_s"]
+                rows.append({"target": f"{ours} vs {other}, decode throughput at c=8: >= {bar}x", "measured":
+                             f"{a8['decode_tok_s']:.1f} vs {b8['decode_tok_s']:.1f} tok/s = {r:.3f}x",
+                             "met": r >= bar})
     return rows
 
 
@@ -276,19 +286,21 @@ def markdown(res: dict) -> str:
            f"Machine: {m['cpu']}, {m['cores']} cores; load average at start {m['loadavg'][0]:.2f}; "
            f"{res['rounds']} streamed greedy requests per client per level, prompts of about "
            f"{res['prompt_tokens']} words, {res['max_tokens']} new tokens each.", "",
-           "| engine | concurrency | output tok/s | TTFT p50 ms | TTFT p95 ms | ITL p50 ms | ITL p95 ms | "
-           "errors | load | other CPU |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+           "| engine | concurrency | decode tok/s | output tok/s | TTFT p50 ms | TTFT p95 ms | ITL p50 ms | "
+           "ITL p95 ms | errors | load | other CPU |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, e in res["engines"].items():
         if e.get("skipped"):
-            out.append(f"| {name} | {e['skipped']} | | | | | | | | |")
+            out.append(f"| {name} | {e['skipped']} | | | | | | | | | |")
             continue
         for lv in e["levels"]:
-            out.append(f"| {name} | {lv['concurrency']} | {lv['tok_s']:.1f} | {_ms(lv['ttft_p50'])} | "
+            out.append(f"| {name} | {lv['concurrency']} | {lv['decode_tok_s']:.1f} | {lv['tok_s']:.1f} | "
+                       f"{_ms(lv['ttft_p50'])} | "
                        f"{_ms(lv['ttft_p95'])} | {_ms(lv['itl_p50'])} | {_ms(lv['itl_p95'])} | {lv['errors']} | "
                        f"{lv['loadavg']:.2f} | {100 * lv['other_cpu']:.0f}% |")
-    out += ["", "Output tok/s: every streamed token of the level / its wall time (prefill included). "
-                "ITL: gaps between streamed chunks. Load: 1-minute load average before the level; other CPU: "
+    out += ["", "Decode tok/s: tokens after each request's first / the time at least one request was "
+                "decoding (stalls for others' prefill included, prefill-only stretches not). Output tok/s: "
+                "every streamed token of the level / its wall time. ITL: gaps between streamed chunks. Load: 1-minute load average before the level; other CPU: "
                 "share of the CPUs used by processes other than the server and this client during it.", ""]
     rows = targets(res)
     if rows:
@@ -307,10 +319,10 @@ def plot(res: dict, path: Path) -> None:
         if not lv:
             continue
         c = [x["concurrency"] for x in lv]
-        axes[0].plot(c, [x["tok_s"] for x in lv], "o-", label=name)
+        axes[0].plot(c, [x["decode_tok_s"] for x in lv], "o-", label=name)
         axes[1].plot(c, [1000 * (x["itl_p95"] or 0) for x in lv], "o-", label=name)
         axes[2].plot(c, [1000 * (x["ttft_p50"] or 0) for x in lv], "o-", label=name)
-    for ax, title in zip(axes, ("aggregate output tok/s", "inter-token latency p95 (ms)", "time to first token p50 (ms)")):
+    for ax, title in zip(axes, ("aggregate decode tok/s", "inter-token latency p95 (ms)", "time to first token p50 (ms)")):
         ax.set_xlabel("concurrent clients")
         ax.set_title(title)
         ax.set_xscale("log", base=2)
@@ -378,7 +390,7 @@ def bench_model(model: str, args) -> dict:
                     log(f"{engine} c={c}: contended ({100 * lv['other_cpu']:.0f}% of the CPUs used by others); again")
                 lv = best
                 res["engines"][engine]["levels"].append(lv)
-                log(f"{engine} c={c}: {lv['tok_s']:.1f} tok/s, TTFT p50 {_ms(lv['ttft_p50'])} ms, "
+                log(f"{engine} c={c}: decode {lv['decode_tok_s']:.1f} tok/s, output {lv['tok_s']:.1f} tok/s, TTFT p50 {_ms(lv['ttft_p50'])} ms, "
                     f"ITL p50/p95 {_ms(lv['itl_p50'])}/{_ms(lv['itl_p95'])} ms, errors {lv['errors']}")
         finally:
             srv.stop()
@@ -397,7 +409,7 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=None, help="new tokens per request (default 64 tiny, 32 else)")
     ap.add_argument("--prompt-tokens", type=int, default=32, help="prompt length in words")
     ap.add_argument("--engines", default=",".join(ENGINES))
-    ap.add_argument("--prefill-chunk", type=int, default=128,
+    ap.add_argument("--prefill-chunk", type=int, default=512,
                     help="plm serve --prefill-chunk (smaller: shorter stalls of running streams when one joins)")
     ap.add_argument("--llama-server", default=None, help="llama-server binary (default: the one the script built)")
     ap.add_argument("--workdir", default="runs/edge", help="random checkpoints and GGUFs (shared with edge.py)")

@@ -14,7 +14,7 @@ if [ ! -f /usr/include/simde/x86/avx512.h ]; then
   exit 2
 fi
 export PLM_KERNEL_EMULATE_AVX512=1
-"$PY" -m plm.infer.native build
+"$PY" -m plm kernels build
 # every test that runs per path, on the emulated AVX-512 one; the decoder tests with it forced
 "$PY" -m pytest tests/test_kernels.py -q -k "avx512 or bit_identical" "$@"
 PLM_NATIVE_ISA=avx512 "$PY" -m pytest tests/test_native_decoder.py -q -k "not llama" "$@"

@@ -16,11 +16,11 @@ pytestmark = pytest.mark.slow
 @pytest.mark.parametrize("point", ck.CRASH_POINTS)
 def test_a_kill_anywhere_in_a_save_loses_nothing(data, reference, tmp_path, point):  # noqa: F811
     run_dir = tmp_path / "run"
-    rec = recipe(data, run_dir, ckpt_every=2)
-    r = run(["pretrain", rec], env={"PLM_TEST_KILL_IN_SAVE": f"4:{point}"})
+    rec = recipe(data, run_dir, ckpt_every=2)  # keep_last=2: saving step 6 prunes step 2
+    r = run(["pretrain", rec], env={"PLM_TEST_KILL_IN_SAVE": f"6:{point}"})
     assert r.returncode == -9, r.stderr[-2000:]
     st = ck.load_latest(run_dir)  # repairs, then loads the newest whole checkpoint
-    assert st is not None and ck.step_of(st["path"]) == (2 if point in ("model", "state") else 4)
+    assert st is not None and ck.step_of(st["path"]) == (4 if point in ("model", "state") else 6)
     left = {p.name for p in (run_dir / "checkpoints").iterdir()}
     assert not any(n.startswith((".tmp-", ".old-")) for n in left), left
     r = run(["pretrain", rec])

@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from plm.infer import native as nv
 from plm.infer.engine import Engine

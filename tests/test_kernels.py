@@ -31,7 +31,7 @@ import torch
 
 from plm.infer import native as nv
 
-pytestmark = pytest.mark.skipif(not nv.load(), reason="native kernels not built (python -m plm.infer.native build)")
+pytestmark = pytest.mark.skipif(not nv.load(), reason="native kernels not built (plm kernels build)")
 
 REPO = Path(__file__).resolve().parents[1]
 ISAS = ("scalar", "avx2", "avx512")
@@ -304,7 +304,7 @@ def test_load_without_a_build_falls_back_with_one_line(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["False", "False"]
     assert proc.stderr.strip().splitlines() == [
-        "plm: native kernels unavailable (not built; run `python -m plm.infer.native build`); using PyTorch kernels"]
+        "plm: native kernels unavailable (not built; run `plm kernels build`); using PyTorch kernels"]
 
 
 def test_forcing_an_isa():

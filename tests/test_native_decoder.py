@@ -17,7 +17,7 @@ from plm import PLMConfig, PLMForCausalLM
 from plm.errors import CheckpointError, PLMError
 from plm.infer import native as nv
 
-pytestmark = pytest.mark.skipif(not nv.load(), reason="native kernels not built (python -m plm.infer.native build)")
+pytestmark = pytest.mark.skipif(not nv.load(), reason="native kernels not built (plm kernels build)")
 
 from plm.infer.native_decoder import NativeDecoder, native_step_fn, open_gguf, tokenizer_from_gguf  # noqa: E402
 
@@ -339,11 +339,26 @@ def test_gguf_errors(gguf_files, tmp_path, qwen2_micro_dir):
     bad.write_bytes(b"not a gguf file at all")
     with pytest.raises(CheckpointError, match="not a readable GGUF"):
         NativeDecoder.from_gguf(bad)
-    from plm.export.gguf import export_gguf
 
-    q5 = export_gguf(qwen2_micro_dir, tmp_path / "micro-q5_k_m.gguf", "q5_k_m")  # Q5_0/Q5_K/... blocks
-    with pytest.raises(CheckpointError, match=r"tensor '.*' has GGUF type Q5_\w+, which the native decoder does not read"):
-        NativeDecoder.from_gguf(q5)
+
+
+
+def test_gguf_types_without_a_kernel_are_held_as_q8_0(qwen2_micro_dir, tmp_path, capfd):
+    """llama.cpp's Q5_K_M of a model whose rows are not whole 256-value blocks: every tensor
+    falls back to Q5_0/Q5_1, which load as Q8_0 with one notice; logits stay near the float model's."""
+    from plm.export.gguf import export_gguf
+    from plm.model.checkpoint import load_model
+
+    q5 = export_gguf(qwen2_micro_dir, tmp_path / "micro-q5_k_m.gguf", "q5_k_m")
+    dec = NativeDecoder.from_gguf(q5)
+    assert dec.converted and set(dec.converted.values()) <= {"Q5_0", "Q5_1", "Q5_K"}, dec.converted
+    assert "held as Q8_0" in capfd.readouterr().err
+    prompt = list(range(100, 140))
+    with torch.no_grad():
+        ref = load_model(qwen2_micro_dir)(torch.tensor([prompt])).logits[0, -1].float()
+    s = dec.new_sequence()
+    got = dec.prefill(s, prompt)[:ref.shape[0]]
+    assert float((got - ref).norm() / ref.norm()) < 0.1
 
 
 @pytest.fixture(scope="module")

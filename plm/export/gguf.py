@@ -36,7 +36,7 @@ LAYER_TENSORS = {
 GLOBAL_TENSORS = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
 
 # llama.cpp's llama_ftype values for the quantiser
-from plm.export import DIRECT_TYPES, QUANT_FTYPES, TYPES  # noqa: E402  (light constants the CLI reads too)
+from plm.export import DIRECT_TYPES, LLAMA_FTYPES, TYPES  # noqa: E402  (light constants the CLI reads too)
 
 
 def gguf_tensor_name(hf_name: str) -> str:
@@ -185,14 +185,14 @@ def _tensor_order(name: str) -> tuple[int, str]:
 
 def quantize(src: str | Path, out: str | Path, qtype: str, threads: int = 0) -> Path:
     """Quantise a GGUF with llama.cpp's quantiser (needs the `llama` extra)."""
-    if qtype not in QUANT_FTYPES:
-        raise PLMError(f"unknown quantisation {qtype!r}; choose from {', '.join(QUANT_FTYPES)}")
+    if qtype not in LLAMA_FTYPES:
+        raise PLMError(f"unknown quantisation {qtype!r}; choose from {', '.join(LLAMA_FTYPES)}")
     try:
         import llama_cpp
     except ImportError:
         raise PLMError("quantised GGUF export needs llama-cpp-python: pip install 'plm[llama]'") from None
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = QUANT_FTYPES[qtype]
+    params.ftype = LLAMA_FTYPES[qtype]
     params.nthread = threads
     with atomic_path(out) as tmp, quiet_llama_log():
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)

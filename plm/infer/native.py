@@ -2,7 +2,7 @@
 
 The C++ library is a PyTorch extension whose operators are `torch.ops.plm.*`. One build holds
 every path (AVX-512 with VNNI/BF16, AVX2, portable scalar); the best one the CPU supports is
-chosen when the library loads. It is compiled once, by `python -m plm.infer.native build`
+chosen when the library loads. It is compiled once, by `plm kernels build`
 (`make setup` runs it), into a cache folder keyed by the sources, the torch version and the
 compiler flags (`~/.cache/plm/kernels/<key>/`, or `$PLM_KERNEL_CACHE/<key>/`). Normal use
 never compiles: `load()` imports the built library if it is there and otherwise returns False
@@ -145,7 +145,7 @@ def load() -> bool:
     else:
         path = library_path()
         if not path.exists():
-            _state["reason"] = "not built; run `python -m plm.infer.native build`"
+            _state["reason"] = "not built; run `plm kernels build`"
         else:
             try:
                 torch.ops.load_library(str(path))
@@ -249,7 +249,7 @@ def quantize(w: torch.Tensor, fmt: str | int) -> torch.Tensor:
     import gguf
 
     if fmt == Q4_K:
-        raise PLMError("Q4_K quantisation needs the native kernels (`python -m plm.infer.native build`)")
+        raise PLMError("Q4_K quantisation needs the native kernels (`plm kernels build`)")
     arr = gguf.quants.quantize(w.float().numpy(), gguf.GGMLQuantizationType(fmt))
     return torch.from_numpy(np.ascontiguousarray(arr).view(np.uint8).reshape(w.shape[0], -1))
 
@@ -363,36 +363,3 @@ def attention(q: torch.Tensor, cache: torch.Tensor, rank: int, scale: float) -> 
         return torch.ops.plm.attention(q, cache, rank, scale)
     p = ((q.float() @ cache.float().T) * scale).softmax(-1)
     return p @ cache.float()[:, :rank]
-
-
-# ---------------------------------------------------------------------------------------
-# command line
-
-
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    ap = argparse.ArgumentParser(prog="python -m plm.infer.native", description=__doc__.split("\n\n")[0])
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    b = sub.add_parser("build", help="compile the kernel library into the cache (no-op if built)")
-    b.add_argument("--verbose", action="store_true")
-    sub.add_parser("info", help="print which path runs and where the library is (JSON)")
-    args = ap.parse_args(argv)
-    if args.cmd == "build":
-        t0 = time.time()
-        try:
-            path = build(verbose=args.verbose)
-        except Exception as e:  # a failed build is not fatal for plm: say so, exit non-zero
-            print(f"plm: native kernel build failed ({_first_line(e)}); PyTorch kernels will be used",
-                  file=sys.stderr)
-            return 1
-        meta = path.parent / "meta.json"
-        secs = json.loads(meta.read_text())["build_seconds"] if meta.exists() else round(time.time() - t0, 1)
-        print(f"{path} (built in {secs} s)")
-        return 0
-    print(json.dumps(info(), indent=2))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

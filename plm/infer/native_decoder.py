@@ -20,9 +20,13 @@ How the model maps onto matrices (all in the file's / requested format unless no
   wuv   = kv_b_proj's value half, per head [v, rank] (rows of the file's tensor, not requantised)
   o, up = as stored; down = as stored, or the neuron-major sparse layout (`sparse=True`)
   embed = token_embd, also the tied lm_head
+GGUF tensors of types without a native kernel (the Q5_0/Q5_1/... that llama.cpp's K-quant
+mixes use where rows are not whole 256-value blocks) are dequantised once at load and held as
+Q8_0, with a one-line notice.
 """
 from __future__ import annotations
 
+import sys
 import warnings
 from pathlib import Path
 from typing import Callable, Sequence
@@ -64,6 +68,7 @@ class NativeDecoder:
             c.v_head_dim, c.kv_lora_rank, c.intermediate_size, c.vocab_size, float(c.rms_norm_eps),
             float(c.softmax_scale), inv_freq, cache_dtype == "bf16", int(capacity))
         self.formats: dict[str, str] = {}  # tensor -> format, for reports
+        self.converted: dict[str, str] = {}  # GGUF tensor -> its type, where held as Q8_0 / BF16 instead
         self.sparse = False
         self._seqs: set[int] = set()
 
@@ -91,7 +96,7 @@ class NativeDecoder:
         dec = cls(c, cache_dtype, capacity)
         dec.sparse = sparse
         quantised = want in (nv.Q8_0, nv.Q4_0, nv.Q4_K)
-        H, nope, rd, vd, R = c.num_attention_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim, c.kv_lora_rank
+        H, nope, vd, R = c.num_attention_heads, c.qk_nope_head_dim, c.v_head_dim, c.kv_lora_rank
 
         def add(layer: int, name: str, w: torch.Tensor, f: int, groups: int = 1, sp: bool = False, label: str = ""):
             w = w.float()
@@ -156,12 +161,17 @@ class NativeDecoder:
                 raise CheckpointError(f"{path}: tensor {name!r} missing")
             t = tensors[name]
             ttype = int(t.tensor_type)
-            if ttype not in GGUF_TYPES:
-                raise CheckpointError(f"{path}: tensor {name!r} has GGUF type {t.tensor_type.name}, which the native "
-                                      f"decoder does not read (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_K, Q6_K)")
             got = tuple(reversed([int(x) for x in t.shape]))
             if got != tuple(shape):
                 raise CheckpointError(f"{path}: tensor {name!r} has shape {got}, the metadata implies {tuple(shape)}")
+            if ttype not in GGUF_TYPES:
+                # llama.cpp's K-quant mixes fall back to Q5_0/Q5_1/... where rows are not whole
+                # 256-value blocks: dequantise those few (gguf's decoder) and hold them as Q8_0
+                w = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32))
+                w = w.reshape(shape[0], -1)
+                f = nv.Q8_0 if w.shape[1] % 32 == 0 else nv.BF16
+                dec.converted[name] = t.tensor_type.name
+                return nv.quantize(w, f).view(torch.uint8).reshape(shape[0], -1), f
             with warnings.catch_warnings():  # the memmap is read-only; we only read it
                 warnings.simplefilter("ignore")
                 raw = torch.from_numpy(np.ascontiguousarray(t.data).view(np.uint8).reshape(shape[0], -1))
@@ -204,6 +214,10 @@ class NativeDecoder:
             dec._add(i, "down", raw, t, d, c.intermediate_size, sparse=sparse, label=f"{i}.down")
         dec.impl.check()
         dec.gguf_path = path
+        if dec.converted:
+            kinds = ", ".join(sorted(set(dec.converted.values())))
+            print(f"plm: {len(dec.converted)} tensors of {path.name} are {kinds}, which no native kernel reads; "
+                  f"held as Q8_0 (dequantised once at load)", file=sys.stderr)
         return dec
 
     # ---- sequences ------------------------------------------------------------------------

@@ -115,13 +115,14 @@ def sparsity(ctx: Context, s: SparsityStage) -> dict:
 
 def bench(ctx: Context, s: BenchStage) -> dict:
     """The edge runtime against llama.cpp on the final checkpoint (plm.bench.edge)."""
-    from plm.bench.edge import EdgeBenchSettings, run
+    from plm.bench.edge import DEFAULT_ENGINES, SPARSE_ENGINES, EdgeBenchSettings, run
     ckpt = s.checkpoint or latest_checkpoint(ctx)
     out = ctx.path("bench")
     test = ctx.path("corpus", "math_test.jsonl")  # quantisation quality on held-out text of the run's domain
     held_out = {"data": [str(test)], "text_field": "answer"} if test.exists() else {}
-    settings = parse(EdgeBenchSettings, {"contexts": "64,256,1000", **held_out, **s.settings, "ckpt": ckpt,
-                                         "out": str(out), "workdir": str(out / "work"), "trained": True,
+    engines = ",".join(DEFAULT_ENGINES + SPARSE_ENGINES)  # a trained model: its real sparsity
+    settings = parse(EdgeBenchSettings, {"contexts": "64,256,1000", "engines": engines, **held_out, **s.settings,
+                                         "ckpt": ckpt, "out": str(out), "workdir": str(out / "work"),
                                          "command": "plm pipeline (bench stage)"}, "stages.bench")
     results, md = run(settings)
     return {"report_md": "## Edge runtime against llama.cpp\n\n" + md.replace("(edge.png)", "(bench/edge.png)"),

@@ -19,8 +19,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--max-batch", type=int, default=16, help="sequences decoded together at most (slots)")
     g.add_argument("--max-queue", type=int, default=64,
                    help="requests waiting for a slot at most; beyond it 429")
-    g.add_argument("--prefill-chunk", type=int, default=128,
-                   help="prompt tokens per chunk; while others decode, one chunk's worth per step")
+    g.add_argument("--prefill-chunk", type=int, default=512,
+                   help="prompt tokens per prefill chunk; while others decode, one chunk's worth runs between "
+                        "two decode steps (smaller: shorter stalls, but more of them)")
     g.add_argument("--context", type=int, default=None,
                    help="prompt + max_tokens limit (None: the model's window; may only lower it)")
     g = p.add_argument_group("runtime")

@@ -92,7 +92,7 @@ class Scheduler:
     and masks ids past its vocabulary (padded embedding rows are never real tokens)."""
 
     def __init__(self, backend, tokenizer, max_batch: int = 16, max_queue: int = 64,
-                 prefill_chunk: int = 128, metrics: Metrics | None = None, threads: int | None = None) -> None:
+                 prefill_chunk: int = 512, metrics: Metrics | None = None, threads: int | None = None) -> None:
         if max_batch < 1 or max_queue < 0 or prefill_chunk < 1:
             raise PLMError(f"max_batch ({max_batch}) and prefill_chunk ({prefill_chunk}) must be >= 1, "
                            f"max_queue ({max_queue}) >= 0")

@@ -33,7 +33,7 @@ class ServeOptions:
     threads: int | None = None
     max_batch: int = 16
     max_queue: int = 64
-    prefill_chunk: int = 128
+    prefill_chunk: int = 512
     context: int | None = None  # default: the model's window
     log_level: str = "warning"
 

@@ -4,6 +4,8 @@
 #pragma GCC target("avx2,fma,f16c")
 #include <immintrin.h>
 
+#include <vector>
+
 #include "plm_kernels.h"
 
 namespace plm {
@@ -331,19 +333,57 @@ void f_rows4(int fmt, const void* W, int64_t K, int64_t n, const float* x, float
   }
 }
 
+// BF16, one activation row: 16 weights per load widened by interleaving with zeros (one
+// shuffle per 8 values instead of zero-extend + shift), which yields the lanes in the order
+// [0-3, 8-11 | 4-7, 12-15]; xp is x permuted the same way (see permute16).
+void bf16_rows4(const uint16_t* W, int64_t K, int64_t n, const float* xp, const float* x, float* y) {
+  const __m256i z = _mm256_setzero_si256();
+  __m256 a[4][2];
+  for (int r = 0; r < 4; r++) a[r][0] = a[r][1] = _mm256_setzero_ps();
+  const int64_t K16 = K & ~(int64_t)15;
+  for (int64_t k = 0; k < K16; k += 16) {
+    const __m256 x0 = _mm256_loadu_ps(xp + k), x1 = _mm256_loadu_ps(xp + k + 8);
+    for (int r = 0; r < 4; r++) {
+      const __m256i w = _mm256_loadu_si256((const __m256i*)(W + (n + r) * K + k));
+      a[r][0] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpacklo_epi16(z, w)), x0, a[r][0]);
+      a[r][1] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpackhi_epi16(z, w)), x1, a[r][1]);
+    }
+  }
+  for (int r = 0; r < 4; r++) {
+    float s = hsum8(_mm256_add_ps(a[r][0], a[r][1]));
+    for (int64_t k = K16; k < K; k++) s += bf16_to_fp32(W[(n + r) * K + k]) * x[k];
+    y[n + r] = s;
+  }
+}
+
+// x -> per 16 values [0-3, 8-11, 4-7, 12-15] (the lane order of the unpacked weights)
+void permute16(const float* x, int64_t K16, float* xp) {
+  for (int64_t k = 0; k < K16; k += 16) {
+    const __m256 lo = _mm256_loadu_ps(x + k), hi = _mm256_loadu_ps(x + k + 8);
+    _mm256_storeu_ps(xp + k, _mm256_permute2f128_ps(lo, hi, 0x20));      // 0-3, 8-11
+    _mm256_storeu_ps(xp + k + 8, _mm256_permute2f128_ps(lo, hi, 0x31));  // 4-7, 12-15
+  }
+}
+
 void gemv_f(int fmt, const void* W, int64_t K, int64_t n0, int64_t n1, const float* x, const uint16_t*, int64_t M,
             float* y, int64_t ldy) {
-  if (M == 1) {  // decode
-    int64_t n = n0;
-    for (; n + 4 <= n1; n += 4) f_rows4(fmt, W, K, n, x, y);
-    for (; n < n1; n++) f_rows<1>(fmt, W, K, n, x, 0, y, ldy);
-    return;
-  }
-  for (int64_t n = n0; n < n1; n++) {
-    int64_t m = 0;
-    for (; m + 2 <= M; m += 2) f_rows<2>(fmt, W, K, n, x, m, y, ldy);
-    if (m < M) f_rows<1>(fmt, W, K, n, x, m, y, ldy);
-  }
+  // Every activation row runs the same 4-weight-row kernel whatever M is, so a batched step
+  // equals the rows run alone bit for bit; for M > 1 the 4 weight rows stay in cache across rows.
+  const int64_t K16 = K & ~(int64_t)15;
+  const bool perm = fmt == BF16;
+  std::vector<float> xp(perm ? M * K16 : 0);
+  if (perm)
+    for (int64_t m = 0; m < M; m++) permute16(x + m * K, K16, xp.data() + m * K16);
+  int64_t n = n0;
+  for (; n + 4 <= n1; n += 4)
+    for (int64_t m = 0; m < M; m++) {
+      if (perm)
+        bf16_rows4((const uint16_t*)W, K, n, xp.data() + m * K16, x + m * K, y + m * ldy);
+      else
+        f_rows4(fmt, W, K, n, x + m * K, y + m * ldy);
+    }
+  for (; n < n1; n++)
+    for (int64_t m = 0; m < M; m++) f_rows<1>(fmt, W, K, n, x, m, y, ldy);
 }
 
 // ---- sparse down --------------------------------------------------------------------------

@@ -1,0 +1,71 @@
+"""The benchmark's synthetic-sparsity model (plm.bench.synthetic): the relu² activations of the
+rewritten random model are the requested share exactly zero on text it was not calibrated on,
+the constant channel is never written, and the native decoder's exact sparse path decodes it
+with the same greedy tokens as dense while reading only the active rows."""
+import pytest
+import torch
+
+from plm.bench.synthetic import make_sparse, relu2_zero_share, sparse_checkpoint
+from plm.model.config import PLMConfig
+from plm.model.modeling import PLMForCausalLM
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    cfg = PLMConfig.from_preset("plm-micro", vocab_size=512, num_hidden_layers=4, intermediate_size=512,
+                                 bos_token_id=0, eos_token_id=1, pad_token_id=None)
+    return PLMForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("x", [0.5, 0.909])
+def test_requested_share_of_zeros_on_held_out_tokens(x):
+    g = torch.Generator().manual_seed(1)
+    model = _model()
+    before = relu2_zero_share(model, torch.randint(0, 512, (256,), generator=g))
+    make_sparse(model, x, torch.randint(0, 512, (512,), generator=g))
+    after = relu2_zero_share(model, torch.randint(0, 512, (256,), generator=g))  # other tokens
+    assert all(abs(s - 0.5) < 0.1 for s in before)  # random weights: about half
+    assert all(abs(s - x) < 0.04 for s in after), after
+    for layer in model.model.layers:
+        assert not layer.self_attn.o_proj.weight[0].any() and not layer.mlp.down_proj.weight[0].any()
+
+
+def test_constant_channel_reaches_every_layer_unchanged():
+    model = _model()
+    make_sparse(model, 0.8, torch.arange(64))
+    seen = []
+    hooks = [layer.register_forward_pre_hook(lambda m, i: seen.append(i[0][..., 0].clone()))
+             for layer in model.model.layers]
+    with torch.no_grad():
+        model(torch.arange(100, 140)[None])
+    for h in hooks:
+        h.remove()
+    c = model.model.embed_tokens.weight[0, 0]
+    for v in seen:
+        assert torch.equal(v, torch.full_like(v, float(c)))
+
+
+def test_bad_sparsity_is_refused(tmp_path):
+    from plm.errors import PLMError
+    with pytest.raises(PLMError, match=r"sparsity must be in \(0, 1\)"):
+        sparse_checkpoint("plm-micro", 1.0, list(range(64)), tmp_path / "m")
+    with pytest.raises(PLMError, match="at least 16 calibration tokens"):
+        sparse_checkpoint("plm-micro", 0.9, [1, 2, 3], tmp_path / "m")
+
+
+def test_native_sparse_decode_of_the_synthetic_checkpoint(tmp_path):
+    from plm.infer import native as nv
+    if not nv.available():
+        pytest.skip("native kernels not built")
+    from plm.infer.native_decoder import NativeDecoder
+    from plm.model.checkpoint import load_model
+
+    ids = torch.randint(0, 5000, (400,), generator=torch.Generator().manual_seed(2)).tolist()
+    path = sparse_checkpoint("plm-micro", 0.9, ids[:256], tmp_path / "m", dtype="float32")
+    model = load_model(path)
+    dense = NativeDecoder.from_model(model, fmt="q8_0")
+    sparse = NativeDecoder.from_model(model, fmt="q8_0", sparse=True)
+    prompt = ids[256:300]
+    assert sparse.greedy(prompt, 12) == dense.greedy(prompt, 12)
+    active = sparse.sparse_stats()["active_fraction"]
+    assert 0.05 < active < 0.16, active
