@@ -4,6 +4,7 @@
 #pragma GCC target("avx2,fma,f16c")
 #include <immintrin.h>
 
+#include <type_traits>
 #include <vector>
 
 #include "plm_kernels.h"
@@ -283,73 +284,50 @@ inline float load1(int fmt, const void* W, int64_t i) {
   return fmt == F16 ? fp16_to_fp32(h) : bf16_to_fp32(h);
 }
 
-template <int MB>
-void f_rows(int fmt, const void* W, int64_t K, int64_t n, const float* x, int64_t m0, float* y, int64_t ldy) {
-  __m256 a0[MB], a1[MB], a2[MB], a3[MB];
-  for (int i = 0; i < MB; i++) a0[i] = a1[i] = a2[i] = a3[i] = _mm256_setzero_ps();
-  int64_t k = 0;
-  for (; k + 32 <= K; k += 32) {
-    const __m256 w0 = load8(fmt, W, n * K + k), w1 = load8(fmt, W, n * K + k + 8);
-    const __m256 w2 = load8(fmt, W, n * K + k + 16), w3 = load8(fmt, W, n * K + k + 24);
-    for (int i = 0; i < MB; i++) {
-      const float* xr = x + (m0 + i) * K + k;
-      a0[i] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xr), a0[i]);
-      a1[i] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xr + 8), a1[i]);
-      a2[i] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xr + 16), a2[i]);
-      a3[i] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xr + 24), a3[i]);
-    }
-  }
-  for (; k + 8 <= K; k += 8) {
-    const __m256 w0 = load8(fmt, W, n * K + k);
-    for (int i = 0; i < MB; i++) a0[i] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + (m0 + i) * K + k), a0[i]);
-  }
-  for (int i = 0; i < MB; i++) {
-    float s = hsum8(_mm256_add_ps(_mm256_add_ps(a0[i], a1[i]), _mm256_add_ps(a2[i], a3[i])));
-    for (int64_t kk = k; kk < K; kk++) s += load1(fmt, W, n * K + kk) * x[(m0 + i) * K + kk];
-    y[(m0 + i) * ldy + n] = s;
-  }
-}
-
-// One activation row against 4 weight rows: x loads shared, 8 independent FMA chains.
+// One activation row against R <= 4 weight rows: x loads shared, 2R independent FMA chains.
+// Each weight row's arithmetic is the same whatever R is (tails run R < 4), so outputs never
+// depend on how the rows were split between threads or tiles.
+template <int R>
 void f_rows4(int fmt, const void* W, int64_t K, int64_t n, const float* x, float* y) {
-  __m256 a[4][2];
-  for (int r = 0; r < 4; r++) a[r][0] = a[r][1] = _mm256_setzero_ps();
+  __m256 a[R][2];
+  for (int r = 0; r < R; r++) a[r][0] = a[r][1] = _mm256_setzero_ps();
   int64_t k = 0;
   for (; k + 16 <= K; k += 16) {
     const __m256 x0 = _mm256_loadu_ps(x + k), x1 = _mm256_loadu_ps(x + k + 8);
-    for (int r = 0; r < 4; r++) {
+    for (int r = 0; r < R; r++) {
       a[r][0] = _mm256_fmadd_ps(load8(fmt, W, (n + r) * K + k), x0, a[r][0]);
       a[r][1] = _mm256_fmadd_ps(load8(fmt, W, (n + r) * K + k + 8), x1, a[r][1]);
     }
   }
   for (; k + 8 <= K; k += 8) {
     const __m256 x0 = _mm256_loadu_ps(x + k);
-    for (int r = 0; r < 4; r++) a[r][0] = _mm256_fmadd_ps(load8(fmt, W, (n + r) * K + k), x0, a[r][0]);
+    for (int r = 0; r < R; r++) a[r][0] = _mm256_fmadd_ps(load8(fmt, W, (n + r) * K + k), x0, a[r][0]);
   }
-  for (int r = 0; r < 4; r++) {
+  for (int r = 0; r < R; r++) {
     float s = hsum8(_mm256_add_ps(a[r][0], a[r][1]));
     for (int64_t kk = k; kk < K; kk++) s += load1(fmt, W, (n + r) * K + kk) * x[kk];
     y[n + r] = s;
   }
 }
 
-// BF16, one activation row: 16 weights per load widened by interleaving with zeros (one
-// shuffle per 8 values instead of zero-extend + shift), which yields the lanes in the order
-// [0-3, 8-11 | 4-7, 12-15]; xp is x permuted the same way (see permute16).
+// BF16, one activation row against R <= 4 weight rows: 16 weights per load widened by
+// interleaving with zeros (one shuffle per 8 values instead of zero-extend + shift), which
+// yields the lanes in the order [0-3, 8-11 | 4-7, 12-15]; xp is x permuted the same way.
+template <int R>
 void bf16_rows4(const uint16_t* W, int64_t K, int64_t n, const float* xp, const float* x, float* y) {
   const __m256i z = _mm256_setzero_si256();
-  __m256 a[4][2];
-  for (int r = 0; r < 4; r++) a[r][0] = a[r][1] = _mm256_setzero_ps();
+  __m256 a[R][2];
+  for (int r = 0; r < R; r++) a[r][0] = a[r][1] = _mm256_setzero_ps();
   const int64_t K16 = K & ~(int64_t)15;
   for (int64_t k = 0; k < K16; k += 16) {
     const __m256 x0 = _mm256_loadu_ps(xp + k), x1 = _mm256_loadu_ps(xp + k + 8);
-    for (int r = 0; r < 4; r++) {
+    for (int r = 0; r < R; r++) {
       const __m256i w = _mm256_loadu_si256((const __m256i*)(W + (n + r) * K + k));
       a[r][0] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpacklo_epi16(z, w)), x0, a[r][0]);
       a[r][1] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpackhi_epi16(z, w)), x1, a[r][1]);
     }
   }
-  for (int r = 0; r < 4; r++) {
+  for (int r = 0; r < R; r++) {
     float s = hsum8(_mm256_add_ps(a[r][0], a[r][1]));
     for (int64_t k = K16; k < K; k++) s += bf16_to_fp32(W[(n + r) * K + k]) * x[k];
     y[n + r] = s;
@@ -367,23 +345,24 @@ void permute16(const float* x, int64_t K16, float* xp) {
 
 void gemv_f(int fmt, const void* W, int64_t K, int64_t n0, int64_t n1, const float* x, const uint16_t*, int64_t M,
             float* y, int64_t ldy) {
-  // Every activation row runs the same 4-weight-row kernel whatever M is, so a batched step
+  // Every activation row runs the same per-weight-row arithmetic whatever M is, so a batched step
   // equals the rows run alone bit for bit; for M > 1 the 4 weight rows stay in cache across rows.
   const int64_t K16 = K & ~(int64_t)15;
   const bool perm = fmt == BF16;
   std::vector<float> xp(perm ? M * K16 : 0);
   if (perm)
     for (int64_t m = 0; m < M; m++) permute16(x + m * K, K16, xp.data() + m * K16);
-  int64_t n = n0;
-  for (; n + 4 <= n1; n += 4)
+  auto rows = [&](auto R, int64_t n) {
     for (int64_t m = 0; m < M; m++) {
       if (perm)
-        bf16_rows4((const uint16_t*)W, K, n, xp.data() + m * K16, x + m * K, y + m * ldy);
+        bf16_rows4<decltype(R)::value>((const uint16_t*)W, K, n, xp.data() + m * K16, x + m * K, y + m * ldy);
       else
-        f_rows4(fmt, W, K, n, x + m * K, y + m * ldy);
+        f_rows4<decltype(R)::value>(fmt, W, K, n, x + m * K, y + m * ldy);
     }
-  for (; n < n1; n++)
-    for (int64_t m = 0; m < M; m++) f_rows<1>(fmt, W, K, n, x, m, y, ldy);
+  };
+  int64_t n = n0;
+  for (; n + 4 <= n1; n += 4) rows(std::integral_constant<int, 4>{}, n);
+  for (; n < n1; n++) rows(std::integral_constant<int, 1>{}, n);
 }
 
 // ---- sparse down --------------------------------------------------------------------------
