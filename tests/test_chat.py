@@ -4,7 +4,6 @@ import json
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -50,9 +49,15 @@ def test_ctrl_c_stops_a_reply_and_keeps_the_session(qwen2_micro_dir):
     try:
         p.stdin.write("tell me everything\n")
         p.stdin.flush()
-        time.sleep(8)  # loading, then a reply that would go on for 100000 tokens
+        # interrupt while the reply streams (it would stop at the 512-token window within seconds)
+        seen = ""
+        while "you> " not in seen or len(seen.split("you> ", 1)[1]) < 8:
+            ch = p.stdout.read(1)
+            assert ch, "chat exited before replying"
+            seen += ch
         p.send_signal(signal.SIGINT)
         out, err = p.communicate("/exit\n", timeout=120)
+        out = seen + out
     finally:
         p.kill()
     assert p.returncode == 0, err

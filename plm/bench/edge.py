@@ -313,30 +313,37 @@ def layer_kernels(a: dict, dec) -> list:
     return mats, head
 
 
-def _median_time(fn, n: int = 15) -> float:
-    for _ in range(2):
-        fn()
-    ts = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return float(np.median(ts))
-
-
-def kernel_seconds(mats, head, dec, ctx: int) -> dict:
-    """Seconds per token in the matmuls and the attention kernel alone (each timed on its own
-    from Python, so their sum slightly over-counts, and the overhead is a lower bound)."""
+def kernel_seconds(mats, head, dec, ctx: int, threads: int) -> dict:
+    """Seconds per token in the matmuls and the attention kernel alone. Layer 0's matrices are
+    copied until the copies exceed the last-level cache and timed a layer pass at a time, cycling
+    through the copies, so every matrix is read from memory as in the decode step (the same
+    matrix timed twice in a row would come from cache); the attention kernel runs the heads one
+    thread gets in the decoder. Each call comes from Python, so the overhead is a lower bound."""
     import torch
     from plm.infer import native as nv
     c = dec.config
     g = torch.Generator().manual_seed(0)
-    layer = sum(_median_time(lambda m=m: m(torch.randn(m.groups, m.K, generator=g))) for m in mats)
+    per_layer = sum(m.nbytes() for m in mats)
+    copies = [mats] + [[nv.PackedLinear(m.raw.clone(), m.fmt, m.N, m.K, groups=m.groups) for m in mats]
+                       for _ in range(-(-(512 << 20) // per_layer) - 1)]
+    xs = [torch.randn(m.groups, m.K, generator=g) for m in mats]
+
+    def layer_pass(ms):
+        t0 = time.perf_counter()
+        for m, x in zip(ms, xs):
+            m(x)
+        return time.perf_counter() - t0
+
+    for ms in copies:
+        layer_pass(ms)
+    layer = float(np.median([layer_pass(ms) for _ in range(3) for ms in copies]))
+    hx = torch.randn(1, head.K, generator=g)
+    lm = float(np.median([_time_once(lambda: head(hx)) for _ in range(5)]))
     D = c.kv_lora_rank + c.qk_rope_head_dim
-    q = torch.randn(c.num_attention_heads, D, generator=g)
+    q = torch.randn(-(-c.num_attention_heads // threads), D, generator=g)
     cache = torch.randn(ctx, D, generator=g).to(torch.bfloat16 if dec.cache_dtype == "bf16" else torch.float32)
-    att = _median_time(lambda: nv.attention(q, cache, c.kv_lora_rank, float(c.softmax_scale)))
-    lm = _median_time(lambda: head(torch.randn(1, head.K, generator=g)))
+    att = float(np.median([_time_once(lambda: nv.attention(q, cache, c.kv_lora_rank, float(c.softmax_scale)))
+                           for _ in range(15)]))
     L = c.num_hidden_layers
     return {"matmul_s": L * layer + lm, "attention_s": L * att}
 
@@ -370,7 +377,7 @@ def worker_native(a: dict) -> dict:
     def extra(ctx, decode):
         st = {"sparse": dec.sparse_stats()} if not dense else {}
         if kern:
-            ks = kernel_seconds(*kern, dec, ctx)
+            ks = kernel_seconds(*kern, dec, ctx, a["threads"])
             warm = decode["times"][1:] if len(decode["times"]) > 2 else decode["times"]
             step = float(np.median(warm))
             st.update({k: round(v * 1e3, 3) for k, v in (("matmul_ms", ks["matmul_s"]),
@@ -859,10 +866,12 @@ def markdown(results: dict) -> str:
     over = [(n, s) for n, r in eng.items() for s in r.get("stages", []) if "overhead_ms" in s]
     if over:
         L += ["## Per-token overhead of the native decoder", "",
-              "The decode step against its kernels timed apart (layer 0's matrices in the same formats, times the "
-              "layers, plus the lm_head; the attention kernel over a cache of the context's length). Overhead = step "
-              "- matmuls - attention: norms, RoPE, activation quantisation, the residual stream, threading and the "
-              "one call from Python (each kernel is timed with its own call from Python, so this is a lower bound).",
+              "The decode step against its kernels timed apart: layer 0's matrices in the same formats, copied past "
+              "the last-level cache and timed a layer at a time cycling through the copies (weights come from memory, "
+              "as in the step), times the layers, plus the lm_head; the attention kernel over a cache of the "
+              "context's length for the heads one thread gets. Overhead = step - matmuls - attention: norms, RoPE, "
+              "the residual stream, thread hand-offs and the one call from Python (each kernel is timed with its own "
+              "call from Python, so this is a lower bound).",
               "", "| engine | context | step ms | matmuls ms | attention ms | overhead ms |", "|---|---|---|---|---|---|"]
         for n, st in over:
             L.append(f"| {n} | {st['context']} | {st['step_ms']:.2f} | {st['matmul_ms']:.2f} | {st['attention_ms']:.2f} "

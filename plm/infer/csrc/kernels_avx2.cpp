@@ -322,6 +322,7 @@ void bf16_rows4(const uint16_t* W, int64_t K, int64_t n, const float* xp, const 
   for (int64_t k = 0; k < K16; k += 16) {
     const __m256 x0 = _mm256_loadu_ps(xp + k), x1 = _mm256_loadu_ps(xp + k + 8);
     for (int r = 0; r < R; r++) {
+      _mm_prefetch((const char*)(W + (n + R + r) * K + k), _MM_HINT_T0);  // next rows (short streams)
       const __m256i w = _mm256_loadu_si256((const __m256i*)(W + (n + r) * K + k));
       a[r][0] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpacklo_epi16(z, w)), x0, a[r][0]);
       a[r][1] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpackhi_epi16(z, w)), x1, a[r][1]);
