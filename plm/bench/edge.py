@@ -190,12 +190,16 @@ def measure_stages(a: dict, sess: Session, res: dict, extra=None) -> None:
             return {"times": times, "greedy": gen}
 
         dec = quiet.measure(decode)
+        rss = rss_bytes()  # before the probes and kernel timings below allocate
+        bw = read_bandwidth(a["threads"], 1 << 30)  # right after: the bus a shared host gives varies by the minute
         length = ctx + a["decode_tokens"]
-        st = _stage_result(ctx, ctx - start, pre, dec, kv_bytes=kv, **(extra(ctx, dec) if extra else {}))
+        st = _stage_result(ctx, ctx - start, pre, dec, kv_bytes=kv, read_gb_s=bw, rss=rss, **(extra(ctx, dec) if extra else {}))
         res["stages"].append(st)
         log(f"{a['engine']} ctx {ctx}: prefill {st['prefill_tok_s']:.1f} tok/s, decode {st['decode_tok_s']:.2f} tok/s"
             + (" (contended)" if st["contended"] else ""))
-    res["peak_rss"] = peak_rss_bytes()
+    # the engine's memory: its RSS right after each decode, before the measurement's own buffers
+    res["peak_rss"] = max(st["rss"] for st in res["stages"])
+    res["peak_rss_process"] = peak_rss_bytes()
 
 
 def worker_torch(a: dict) -> dict:
@@ -359,7 +363,6 @@ def worker_native(a: dict) -> dict:
     seq = dec.new_sequence()
     dec.reserve(seq, max(a["contexts"]) + a["decode_tokens"] + 8)
     dense = not OURS[a["engine"]].get("sparse")
-    kern = layer_kernels(a, dec) if dense else None
 
     class S(Session):
         def prefill(self, ids):
@@ -375,18 +378,18 @@ def worker_native(a: dict) -> dict:
             return dec.kv_bytes(seq)
 
     def extra(ctx, decode):
-        st = {"sparse": dec.sparse_stats()} if not dense else {}
-        if kern:
-            ks = kernel_seconds(*kern, dec, ctx, a["threads"])
-            warm = decode["times"][1:] if len(decode["times"]) > 2 else decode["times"]
-            step = float(np.median(warm))
-            st.update({k: round(v * 1e3, 3) for k, v in (("matmul_ms", ks["matmul_s"]),
-                                                          ("attention_ms", ks["attention_s"]))},
-                      step_ms=round(step * 1e3, 3),
-                      overhead_ms=round((step - ks["matmul_s"] - ks["attention_s"]) * 1e3, 3))
-        return st
+        return {"sparse": dec.sparse_stats()} if not dense else {}
 
     measure_stages(a, S(), res, extra)
+    kern = layer_kernels(a, dec) if dense else None
+    if kern:  # after every stage, so that its copies of the weights never count in the RSS above
+        for st in res["stages"]:
+            ks = kernel_seconds(*kern, dec, st["context"], a["threads"])
+            warm = st["decode_ms"][1:] if len(st["decode_ms"]) > 2 else st["decode_ms"]
+            step = float(np.median(warm)) / 1e3
+            st.update(matmul_ms=round(ks["matmul_s"] * 1e3, 3), attention_ms=round(ks["attention_s"] * 1e3, 3),
+                      step_ms=round(step * 1e3, 3),
+                      overhead_ms=round((step - ks["matmul_s"] - ks["attention_s"]) * 1e3, 3))
     return res
 
 
@@ -443,6 +446,14 @@ def worker_bandwidth(a: dict) -> dict:
     gbs = n * 4 / r["seconds"] / 1e9
     log(f"read bandwidth {gbs:.1f} GB/s ({a['threads']} threads, {n * 4 / 2**30:.1f} GiB buffer)")
     return {"read_gb_s": gbs, "buffer_bytes": n * 4, "threads": a["threads"], **r}
+
+
+def read_bandwidth(threads: int, nbytes: int) -> float:
+    """GB/s of the best of 3 sums over an nbytes buffer, on `threads` (the buffer is freed)."""
+    import torch
+    torch.set_num_threads(threads)
+    x = torch.ones(nbytes // 4, dtype=torch.float32)
+    return nbytes / min(_time_once(x.sum) for _ in range(3)) / 1e9
 
 
 def _time_once(fn) -> float:
@@ -735,7 +746,7 @@ def _stage(res: dict, ctx: int) -> dict | None:
 def roofline(results: dict, r: dict, st: dict) -> tuple[float | None, float | None]:
     """(tok/s the measured read bandwidth allows for this engine's bytes per token at this
     context: weights + KV cache, the share of it reached)."""
-    bw = (results.get("bandwidth") or {}).get("read_gb_s")
+    bw = st.get("read_gb_s") or (results.get("bandwidth") or {}).get("read_gb_s")
     if not bw or not r.get("weight_bytes"):
         return None, None
     roof = bw * 1e9 / (r["weight_bytes"] + (st.get("kv_bytes") or 0))
@@ -819,7 +830,9 @@ def markdown(results: dict) -> str:
         again = " (at the start and end of the run: the best of both)" if bw.get("read_gb_s_at_end") else ""
         L.append(f"Read bandwidth (STREAM-style sum over {bw['buffer_bytes'] / 2**30:.0f} GiB, {bw['threads']} threads, "
                  f"same run{again}): **{bw['read_gb_s']:.1f} GB/s**. Roofline = that bandwidth / bytes read per token "
-                 "(weights + KV cache at the context); % = decode tok/s / roofline.")
+                 "(weights + KV cache at the context); % = decode tok/s / roofline, with the bandwidth probed again "
+                 "(1 GiB) right after each decode measurement, since a shared host's memory bandwidth varies by the "
+                 "minute (the `GB/s` columns).")
         L.append("")
     if results.get("sparsity") is not None:
         L.append(f"Weights: random, built with {results['sparsity']:g} relu² sparsity (plm.bench.synthetic: a constant "
@@ -828,7 +841,8 @@ def markdown(results: dict) -> str:
         L.append("")
     head = ("| engine | weights | " + " | ".join(f"prefill tok/s @{c}" for c in ctxs) + " | "
             + " | ".join(f"decode tok/s @{c}" for c in ctxs) + " | "
-            + " | ".join(f"% roofline @{c}" for c in ctxs) + f" | KV bytes @{ctxs[-1]} | peak RSS |")
+            + " | ".join(f"% roofline @{c}" for c in ctxs) + " | " + " | ".join(f"GB/s @{c}" for c in ctxs)
+            + f" | KV bytes @{ctxs[-1]} | RSS |")
     L += [head, "|" + "---|" * (head.count("|") - 1)]
     for name, r in eng.items():
         if "error" in r:
@@ -850,7 +864,9 @@ def markdown(results: dict) -> str:
         L.append(f"| {name} | {_fmt_bytes(r.get('weight_bytes'))} | "
                  + " | ".join(cell(c, "prefill_tok_s", ".1f", "prefill_other_cpu_share") for c in ctxs) + " | "
                  + " | ".join(cell(c, "decode_tok_s", ".2f", "decode_other_cpu_share") for c in ctxs) + " | "
-                 + " | ".join(roof(c) for c in ctxs) + f" | {_fmt_bytes(kv)} | {_fmt_bytes(r.get('peak_rss'))} |")
+                 + " | ".join(roof(c) for c in ctxs) + " | "
+                 + " | ".join(cell(c, "read_gb_s", ".0f", "decode_other_cpu_share") for c in ctxs)
+                 + f" | {_fmt_bytes(kv)} | {_fmt_bytes(r.get('peak_rss'))} |")
     L.append("")
     L.append("† = measured while other processes used more than "
              f"{100 * results.get('contention', 0.1):.0f}% of the CPUs (after {results.get('retries', 3)} attempts); "
@@ -861,7 +877,8 @@ def markdown(results: dict) -> str:
              "the `llama-*` row runs; `-sparse` = exact sparse down projection); `torch-*` = the PyTorch edge "
              "runtime (the naive path; `fullkv` = full K/V cache, `sparse` = `--sparse auto`); `llama-*` = "
              "llama.cpp via llama-cpp-python (GGUF from our converter, K-quants from llama.cpp's quantiser; KV "
-             "cache f16, its default). Weights = bytes of weights read per token.")
+             "cache f16, its default). Weights = bytes of weights read per token. RSS = the engine process's "
+             "resident memory right after its decodes (the largest over contexts).")
     L.append("")
     over = [(n, s) for n, r in eng.items() for s in r.get("stages", []) if "overhead_ms" in s]
     if over:
