@@ -23,6 +23,8 @@ def main() -> int:
         flag = "--" + f.name.replace("_", "-")
         if f.type in ("bool", bool):
             ap.add_argument(flag, action="store_true")
+        elif str(f.type).startswith("bool"):  # on/off, default decided by the run
+            ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
         elif f.name == "data":
             ap.add_argument(flag, action="append", default=None, help="text for the quality check (repeatable)")
         else:

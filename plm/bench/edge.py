@@ -1,16 +1,21 @@
-"""Edge benchmark: PLM's edge runtime against llama.cpp on the same machine, same threads.
+"""Edge benchmark: PLM's edge runtimes against llama.cpp on the same machine, same threads.
 
-For a checkpoint (or a preset with random weights) it measures, for every engine, prefill
-and decode tokens/s at each context (the cache is filled to the context, then
-`--decode-tokens` greedy tokens are decoded), peak RSS and KV-cache bytes; then decode speed
-under memory budgets (layer-wise loading), the sparse-MLP kernel against the dense one over
-activation sparsity, and logit agreement / perplexity of the quantised weights against bf16.
-Every engine runs in its own process, one after another, so peak RSS is per engine.
+For a checkpoint (or a preset with random weights, optionally with a chosen relu² sparsity) it
+measures, for every engine, prefill and decode tokens/s at each context (the cache is filled to
+the context, then `--decode-tokens` greedy tokens are decoded), the engine's RSS and KV-cache
+bytes, the memory read bandwidth right after each decode (roofline = bandwidth / bytes read per
+token) and, for the native decoder, the step against its kernels timed apart (per-token
+overhead); then decode under memory budgets (the PyTorch runtime's layer-wise loading), the
+PyTorch sparse-MLP kernel sweep, and, on a given checkpoint, perplexity and KL to the float
+model of each weight format, ours and llama.cpp's. Engines: `ours-*` (native decoder; the block
+formats read llama.cpp's own quantised GGUF files), `torch-*` (PyTorch runtime), `llama-*`.
+Every engine runs in its own process, one after another.
 
     python benchmarks/edge.py --preset plm-1.8b --threads 2            # the full run
+    python benchmarks/edge.py --preset plm-1.8b --sparsity 0.909 ...    # whole-model sparse decode
     python benchmarks/edge.py --quick                                   # a few minutes
-    python benchmarks/edge.py --ckpt runs/my-model --data some.txt      # a trained model
-    (or python -m plm.bench.edge ...; the pipeline's bench stage calls `run_from_args`)
+    python benchmarks/edge.py --ckpt runs/my-model --data some.txt      # a trained model (+ quality)
+    (the pipeline's bench stage calls `run`)
 
 Writes edge.json, edge.md and edge.png in --out. Numbers come from this machine at run
 time; the markdown says which machine, which load, and which command.
@@ -182,10 +187,13 @@ def measure_stages(a: dict, sess: Session, res: dict, extra=None) -> None:
         def decode():
             sess.truncate(ctx)
             nxt, gen, times = state["first"], [], []
-            for _ in range(a["decode_tokens"]):
+            for i in range(a["decode_tokens"]):
                 gen.append(nxt)
+                # teacher-forced: feed the text's next token (the argmax is still recorded), so the
+                # activations stay those of real text, not of a random model's degenerate output
+                feed = tokens[ctx + i] if a.get("teacher_force") else nxt
                 t0 = time.perf_counter()
-                nxt = sess.step(nxt)
+                nxt = sess.step(feed)
                 times.append(time.perf_counter() - t0)
             return {"times": times, "greedy": gen}
 
@@ -371,14 +379,20 @@ def worker_native(a: dict) -> dict:
         def step(self, tok):
             return int(dec.step([seq], [tok])[0].argmax())
 
-        def truncate(self, n):
+        def truncate(self, n):  # also where a decode measurement starts: snapshot the counters
             dec.truncate(seq, n)
+            mark[:] = [int(v) for v in dec.impl.sparse_stats()]
 
         def kv_bytes(self):
             return dec.kv_bytes(seq)
 
-    def extra(ctx, decode):
-        return {"sparse": dec.sparse_stats()} if not dense else {}
+    mark = [0, 0, 0]
+
+    def extra(ctx, decode):  # the decode steps' share of active neurons (prefill rows excluded)
+        if dense:
+            return {}
+        rows, active, neurons = (int(v) - m for v, m in zip(dec.impl.sparse_stats(), mark))
+        return {"sparse": {"rows": rows, "active_fraction": active / neurons if neurons else float("nan")}}
 
     measure_stages(a, S(), res, extra)
     kern = layer_kernels(a, dec) if dense else None
@@ -651,7 +665,7 @@ def ensure_checkpoint(args) -> Path:
             from plm.bench.synthetic import sparse_checkpoint
             from plm.data.tokenizer import build_qwen2
             log(f"creating a random-weight {args.preset} checkpoint with {args.sparsity:g} relu² sparsity in {out}")
-            ids = source_ids(build_qwen2(), 512)
+            ids = source_ids(build_qwen2(), 1024)[:1024]
             sparse_checkpoint(args.preset, args.sparsity, ids, out, seed=0)
     return out
 
@@ -791,8 +805,9 @@ def targets(results: dict, contexts: list[int]) -> list[dict]:
                 q1, q2 = ratio(sp, theirs, c), ratio(sp, ours, c)
                 add(f"{label} sparse decode @{c} ({100 * (1 - act):.1f}% zeros): >= 1.35x llama.cpp and >= 1.35x "
                     f"our dense, identical greedy output",
-                    f"{q1[0]:.2f}x llama.cpp, {q2[0]:.2f}x dense ({q1[1]:.2f} tok/s); greedy identical: "
-                    f"{'yes' if same else 'no'}", q1[0] >= 1.35 and q2[0] >= 1.35 and same)
+                    f"{q1[0]:.2f}x llama.cpp, {q2[0]:.2f}x dense ({q1[1]:.2f} tok/s); "
+                    f"{'argmax at every step' if results.get('teacher_forced') else 'greedy tokens'} identical "
+                    f"to dense: {'yes' if same else 'no'}", q1[0] >= 1.35 and q2[0] >= 1.35 and same)
     ours_kv = [(n, _stage(eng[n], contexts[-1])) for n in ("ours-bf16", "ours-q8_0") if n in eng]
     llama_kv = [(n, _stage(eng[n], contexts[-1])) for n in LLAMA if n in eng and _stage(eng[n], contexts[-1]).get("kv_bytes")]
     if ours_kv and llama_kv:
@@ -822,8 +837,10 @@ def markdown(results: dict) -> str:
     L.append(f"Command: `{results['command']}`  ")
     L.append(f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_bytes'] / 2**30:.0f} GiB; {m['threads']} threads; "
              f"torch {m['torch']}, llama-cpp-python {m['llama_cpp_python']}; load average at start "
-             f"{m['loadavg_at_start'][0]:.2f}. Decode: {results['decode_tokens']} greedy tokens per context "
-             f"(first one excluded as warm-up); batch 1.")
+             f"{m['loadavg_at_start'][0]:.2f}. Decode: {results['decode_tokens']} "
+             + ("teacher-forced steps (the text's next tokens fed, the argmax recorded) "
+                if results.get("teacher_forced") else "greedy tokens ")
+             + "per context (first one excluded as warm-up); batch 1.")
     L.append("")
     bw = results.get("bandwidth") or {}
     if bw.get("read_gb_s"):
@@ -989,6 +1006,7 @@ class EdgeBenchSettings:
     decode_tokens: int = 16
     engines: str | None = None  # comma list (default: DEFAULT_ENGINES, + SPARSE_ENGINES with --sparsity)
     sparsity: float | None = None  # random weights built with this share of relu² zeros (plm.bench.synthetic)
+    teacher_force: bool | None = None  # decode feeding the text's next tokens (default: with --sparsity)
     budgets: str = "0.75,0.5,0.3"  # torch-bf16 memory budgets, fractions of the bf16 weights ("" to skip)
     no_sweep: bool = False  # skip the PyTorch sparse-MLP kernel sweep
     no_quality: bool = False  # skip the quality check (it runs on a given --ckpt only)
@@ -1046,14 +1064,17 @@ def run(args: EdgeBenchSettings) -> tuple[dict, str]:
     name = ckpt.resolve().name
     out = Path(args.out or workdir / f"bench-{name}")
     out.mkdir(parents=True, exist_ok=True)
-    toks = prompt_tokens(ckpt, max(contexts), out / "prompt.npy")
+    toks = prompt_tokens(ckpt, max(contexts) + args.decode_tokens, out / "prompt.npy")
     results = {"model": name, "config": {k: getattr(cfg, k) for k in ("hidden_size", "num_hidden_layers",
                                                                          "intermediate_size", "vocab_size",
                                                                          "kv_lora_rank")},
                "command": command, "contexts": contexts, "decode_tokens": args.decode_tokens,
                "sparsity": args.sparsity, "machine": machine_info(args.threads), "engines": {},
                "contention": args.contention, "retries": args.retries}
+    teacher = args.teacher_force if args.teacher_force is not None else args.sparsity is not None
+    results["teacher_forced"] = teacher
     base = {"ckpt": str(ckpt), "tokens": str(toks), "contexts": contexts, "decode_tokens": args.decode_tokens,
+            "teacher_force": teacher,
             "threads": args.threads, "contention": args.contention, "retries": args.retries}
 
     def save():

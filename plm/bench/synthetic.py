@@ -14,8 +14,11 @@ rides on a constant residual channel:
    up_proj is set per neuron j to b_j = -quantile_X(z_tj / c_t), where z_tj is the neuron's
    pre-activation from the other channels: z_tj + b_j c_t > 0 on a share 1 - X of the tokens.
 
-Each neuron fires on about 1 - X of the tokens, on different tokens per neuron, as in a trained
-model. The tied lm_head gains C times the final norm's channel 0 on every logit alike, which
+Each neuron fires on 1 - X of the calibration tokens (exactly, over the calibration sequence),
+on different tokens per neuron, as in a trained model. Not at every position, though: a random
+model's residual stream drifts along the sequence (attention averages over a growing prefix), so
+on PLM-1.8B calibrated on 1,024 tokens the zero share is 0.6-0.7 over the first 64 positions and
+0.93-0.99 past 256 (layers 0, 16, 31); calibrating per position range would fix that. The tied lm_head gains C times the final norm's channel 0 on every logit alike, which
 changes no argmax. The achieved share on other text differs a little from X (the quantiles come
 from the calibration tokens); benchmarks report the share they measured.
 """
@@ -76,7 +79,7 @@ def make_sparse(model, sparsity: float, ids: torch.Tensor) -> None:
 
     hooks = [layer.mlp.register_forward_pre_hook(calibrate) for layer in inner.layers]
     try:
-        model(ids[None])
+        inner(ids[None])  # the decoder stack only: no logits needed
     finally:
         for h in hooks:
             h.remove()
