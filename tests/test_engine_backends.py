@@ -36,6 +36,7 @@ def test_auto_picks_native_and_float32_equals_the_pytorch_kernels(qwen2_micro_di
     assert Engine(qwen2_micro_dir, edge=EdgeOptions(kv="full")).backend == "torch"
 
 
+@pytest.mark.slow  # llama.cpp parity / subprocess: make test runs it, make test-fast skips it
 @native
 def test_quantize_writes_a_gguf_that_runs_as_the_runtime_would_quantise(qwen2_micro_dir, tmp_path):
     out = tmp_path / "m-int8.gguf"
@@ -58,6 +59,7 @@ def test_quantize_writes_a_gguf_that_runs_as_the_runtime_would_quantise(qwen2_mi
     assert r.returncode == 0 and r.stdout.strip(), r.stderr
 
 
+@pytest.mark.slow  # llama.cpp parity / subprocess: make test runs it, make test-fast skips it
 def test_without_the_kernels_the_pytorch_path_serves(qwen2_micro_dir, tmp_path):
     env = {"PLM_NATIVE": "0"}
     r = plm("generate", qwen2_micro_dir, "--prompt", "Hello", "--max-new-tokens", "4", "--dtype", "float32", env=env)

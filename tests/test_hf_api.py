@@ -73,6 +73,7 @@ def _fake_hub_cache(root, repo: str, src) -> None:
     shutil.copytree(src, base / "snapshots" / commit)
 
 
+@pytest.mark.slow  # llama.cpp parity / subprocess: make test runs it, make test-fast skips it
 def test_hub_ids_resolve_from_the_cache_offline(qwen2_micro_dir, tmp_path):
     from plm.model.hub import is_hub_id, resolve_model
     _fake_hub_cache(tmp_path / "hub", "PLM-Team/tiny-test", qwen2_micro_dir)

@@ -257,6 +257,7 @@ def prompt64(qwen2_micro_dir):
     return ids
 
 
+@pytest.mark.slow  # llama.cpp parity / subprocess: make test runs it, make test-fast skips it
 @pytest.mark.parametrize("gtype,bound", [("f32", 1e-4), ("f16", 0.02), ("q8_0", 0.05), ("q4_0", 0.05)])
 def test_gguf_matches_reference_on_its_weights(gguf_files, prompt64, gtype, bound):
     dec = NativeDecoder.from_gguf(gguf_files[gtype], cache_dtype="f32")
@@ -300,6 +301,7 @@ def confident_ggufs(qwen2_micro_dir, prompt64, tmp_path_factory):
     return {t: export_gguf(out / "ckpt", out / f"micro-{t}.gguf", t) for t in ("q8_0", "q4_0")}
 
 
+@pytest.mark.slow  # llama.cpp parity / subprocess: make test runs it, make test-fast skips it
 @pytest.mark.parametrize("gtype", ["q8_0", "q4_0"])
 def test_logits_agree_with_llama_cpp(confident_ggufs, prompt64, gtype):
     """Our decoder and llama.cpp on the same llama.cpp-quantised file: argmax agreement over
@@ -319,6 +321,7 @@ def test_logits_agree_with_llama_cpp(confident_ggufs, prompt64, gtype):
     assert err < 0.01
 
 
+@pytest.mark.slow  # llama.cpp parity / subprocess: make test runs it, make test-fast skips it
 def test_gguf_tokenizer(gguf_files, qwen2_micro_dir):
     from plm.data.tokenizer import Tokenizer
 
@@ -343,6 +346,7 @@ def test_gguf_errors(gguf_files, tmp_path, qwen2_micro_dir):
 
 
 
+@pytest.mark.slow  # llama.cpp parity / subprocess: make test runs it, make test-fast skips it
 def test_gguf_types_without_a_kernel_are_held_as_q8_0(qwen2_micro_dir, tmp_path, capfd):
     """llama.cpp's Q5_K_M of a model whose rows are not whole 256-value blocks: every tensor
     falls back to Q5_0/Q5_1, which load as Q8_0 with one notice; logits stay near the float model's."""
@@ -377,6 +381,7 @@ def q4_k_m_gguf(qwen2_tokenizer, tmp_path_factory):
     return export_gguf(out / "ckpt", out / "m-q4_k_m.gguf", "q4_k_m")
 
 
+@pytest.mark.slow  # llama.cpp parity / subprocess: make test runs it, make test-fast skips it
 def test_llama_cpp_q4_k_m_file(q4_k_m_gguf):
     dense = NativeDecoder.from_gguf(q4_k_m_gguf, cache_dtype="f32")
     sparse = NativeDecoder.from_gguf(q4_k_m_gguf, cache_dtype="f32", sparse=True)
