@@ -258,10 +258,10 @@ def open_native(a: dict):
     from safetensors import safe_open
 
     from plm.model.checkpoint import load_config, weight_map
-    files = {}
+    files, wm = {}, weight_map(a["ckpt"])
 
     def get(name):
-        f = weight_map(a["ckpt"])[name]
+        f = wm[name]
         if f not in files:
             files[f] = safe_open(str(f), "pt")
         return files[f].get_tensor(name)
@@ -325,7 +325,15 @@ def layer_kernels(a: dict, dec) -> list:
     return mats, head
 
 
-def kernel_seconds(mats, head, dec, ctx: int, threads: int) -> dict:
+def cold_copies(mats: list) -> list[list]:
+    """Copies of a layer's matrices until they exceed the last-level cache (512 MiB in all)."""
+    from plm.infer import native as nv
+    n = -(-(512 << 20) // sum(m.nbytes() for m in mats))
+    return [mats] + [[nv.PackedLinear(m.raw.clone(), m.fmt, m.N, m.K, groups=m.groups) for m in mats]
+                     for _ in range(n - 1)]
+
+
+def kernel_seconds(copies, head, dec, ctx: int, threads: int) -> dict:
     """Seconds per token in the matmuls and the attention kernel alone. Layer 0's matrices are
     copied until the copies exceed the last-level cache and timed a layer pass at a time, cycling
     through the copies, so every matrix is read from memory as in the decode step (the same
@@ -335,10 +343,7 @@ def kernel_seconds(mats, head, dec, ctx: int, threads: int) -> dict:
     from plm.infer import native as nv
     c = dec.config
     g = torch.Generator().manual_seed(0)
-    per_layer = sum(m.nbytes() for m in mats)
-    copies = [mats] + [[nv.PackedLinear(m.raw.clone(), m.fmt, m.N, m.K, groups=m.groups) for m in mats]
-                       for _ in range(-(-(512 << 20) // per_layer) - 1)]
-    xs = [torch.randn(m.groups, m.K, generator=g) for m in mats]
+    xs = [torch.randn(m.groups, m.K, generator=g) for m in copies[0]]
 
     def layer_pass(ms):
         t0 = time.perf_counter()
@@ -395,10 +400,11 @@ def worker_native(a: dict) -> dict:
         return {"sparse": {"rows": rows, "active_fraction": active / neurons if neurons else float("nan")}}
 
     measure_stages(a, S(), res, extra)
-    kern = layer_kernels(a, dec) if dense else None
-    if kern:  # after every stage, so that its copies of the weights never count in the RSS above
+    if dense:  # after every stage, so that these copies of the weights never count in the RSS above
+        mats, head = layer_kernels(a, dec)
+        copies = cold_copies(mats)
         for st in res["stages"]:
-            ks = kernel_seconds(*kern, dec, st["context"], a["threads"])
+            ks = kernel_seconds(copies, head, dec, st["context"], a["threads"])
             warm = st["decode_ms"][1:] if len(st["decode_ms"]) > 2 else st["decode_ms"]
             step = float(np.median(warm)) / 1e3
             st.update(matmul_ms=round(ks["matmul_s"] * 1e3, 3), attention_ms=round(ks["attention_s"] * 1e3, 3),
@@ -444,22 +450,13 @@ def worker_llama(a: dict) -> dict:
 
 
 def worker_bandwidth(a: dict) -> dict:
-    """STREAM-style read bandwidth: the best of several sums over a buffer far larger than the
-    caches, on the benchmark's thread count (the memory roofline for batch-1 decode)."""
-    import torch
-    torch.set_num_threads(a["threads"])
-    n = int(a.get("bytes", 2 << 30)) // 4
-    x = torch.ones(n, dtype=torch.float32)  # written once: every page resident
-    quiet = Quiet(a.get("contention", 0.1), a.get("retries", 3))
-
-    def probe():
-        best = min(_time_once(x.sum) for _ in range(7))
-        return {"seconds": best}
-
-    r = quiet.measure(probe)
-    gbs = n * 4 / r["seconds"] / 1e9
-    log(f"read bandwidth {gbs:.1f} GB/s ({a['threads']} threads, {n * 4 / 2**30:.1f} GiB buffer)")
-    return {"read_gb_s": gbs, "buffer_bytes": n * 4, "threads": a["threads"], **r}
+    """STREAM-style read bandwidth over a buffer far larger than the caches, on the benchmark's
+    thread count (the memory roofline for batch-1 decode), measured on a quiet machine."""
+    nbytes = int(a.get("bytes", 2 << 30))
+    r = Quiet(a.get("contention", 0.1), a.get("retries", 3)).measure(
+        lambda: {"read_gb_s": read_bandwidth(a["threads"], nbytes)})
+    log(f"read bandwidth {r['read_gb_s']:.1f} GB/s ({a['threads']} threads, {nbytes / 2**30:.1f} GiB buffer)")
+    return {"buffer_bytes": nbytes, "threads": a["threads"], **r}
 
 
 def read_bandwidth(threads: int, nbytes: int) -> float:

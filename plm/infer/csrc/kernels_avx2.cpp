@@ -4,9 +4,6 @@
 #pragma GCC target("avx2,fma,f16c")
 #include <immintrin.h>
 
-#include <type_traits>
-#include <vector>
-
 #include "plm_kernels.h"
 
 namespace plm {
@@ -346,24 +343,27 @@ void permute16(const float* x, int64_t K16, float* xp) {
 
 void gemv_f(int fmt, const void* W, int64_t K, int64_t n0, int64_t n1, const float* x, const uint16_t*, int64_t M,
             float* y, int64_t ldy) {
-  // Every activation row runs the same per-weight-row arithmetic whatever M is, so a batched step
-  // equals the rows run alone bit for bit; for M > 1 the 4 weight rows stay in cache across rows.
+  // Row by row, and each weight row's arithmetic is the same whatever M and the thread split
+  // are, so a batched step equals the rows run alone bit for bit. (No std::vector here: this
+  // file is compiled for AVX2, and an inline template instantiated in it could be linked into
+  // the scalar path; see plm_kernels.h.)
   const int64_t K16 = K & ~(int64_t)15;
-  const bool perm = fmt == BF16;
-  std::vector<float> xp(perm ? M * K16 : 0);
-  if (perm)
-    for (int64_t m = 0; m < M; m++) permute16(x + m * K, K16, xp.data() + m * K16);
-  auto rows = [&](auto R, int64_t n) {
+  if (fmt == BF16 && K16 <= 8192) {
+    float xp[8192];
     for (int64_t m = 0; m < M; m++) {
-      if (perm)
-        bf16_rows4<decltype(R)::value>((const uint16_t*)W, K, n, xp.data() + m * K16, x + m * K, y + m * ldy);
-      else
-        f_rows4<decltype(R)::value>(fmt, W, K, n, x + m * K, y + m * ldy);
+      const float* xm = x + m * K;
+      permute16(xm, K16, xp);
+      int64_t n = n0;
+      for (; n + 4 <= n1; n += 4) bf16_rows4<4>((const uint16_t*)W, K, n, xp, xm, y + m * ldy);
+      for (; n < n1; n++) bf16_rows4<1>((const uint16_t*)W, K, n, xp, xm, y + m * ldy);
     }
-  };
-  int64_t n = n0;
-  for (; n + 4 <= n1; n += 4) rows(std::integral_constant<int, 4>{}, n);
-  for (; n < n1; n++) rows(std::integral_constant<int, 1>{}, n);
+    return;
+  }
+  for (int64_t m = 0; m < M; m++) {
+    int64_t n = n0;
+    for (; n + 4 <= n1; n += 4) f_rows4<4>(fmt, W, K, n, x + m * K, y + m * ldy);
+    for (; n < n1; n++) f_rows4<1>(fmt, W, K, n, x + m * K, y + m * ldy);
+  }
 }
 
 // ---- sparse down --------------------------------------------------------------------------
