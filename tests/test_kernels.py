@@ -236,21 +236,32 @@ def test_q4_k_quantiser_error():
     assert errs[nv.Q4_K] < 0.1
 
 
-@pytest.mark.parametrize("D,rank", [(40, 32), (576, 512)])
+@pytest.mark.parametrize("H,D,rank", [(3, 40, 32), (3, 576, 512), (20, 42, 34), (2, 41, 33)])
 @pytest.mark.parametrize("S", (1, 5, 64, 65, 200))
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=("f32", "bf16"))
-def test_attention_kernel(isa, D, rank, S, dtype):
+def test_attention_kernel(isa, H, D, rank, S, dtype):
+    """Against float64 softmax attention. Shapes: heads beyond one 16-lane group, pairs with a
+    partial last vector (42/34), odd sizes (41/33: the bf16 path needs pairs, so the fp32
+    kernel runs), cache lengths across the 64-row blocks."""
     rng = np.random.default_rng(S + D)
-    H = 3
     q = torch.from_numpy(rng.standard_normal((H, D)).astype(np.float32))
     cache = torch.from_numpy(rng.standard_normal((S, D)).astype(np.float32)).to(dtype)
     scale = D ** -0.5
     out = nv.attention(q, cache, rank, scale).double()
     c = cache.double()
-    p = ((q.double() @ c.T) * scale).softmax(-1)
+    vmax = float(c[:, :rank].abs().max())
+    bf16_dots = dtype == torch.bfloat16 and torch.ops.plm.isa() == "avx512+bf16" and D % 2 == 0 and rank % 2 == 0
+    # vdpbf16ps path: the query is rounded to bf16 (so is the reference's), and so is each
+    # probability (relative error <= 2^-9): the weights of the convex combination move by at
+    # most 2 * 2^-9 of themselves, the output by at most 2^-8 of the largest value
+    qd = q.to(torch.bfloat16).double() if bf16_dots else q.double()
+    p = ((qd @ c.T) * scale).softmax(-1)
     ref = p @ c[:, :rank]
-    # fp32 scores (D products) and exp (~1e-7): well under 1e-5 of the values' scale
-    assert (out - ref).abs().max() <= 1e-5 * c[:, :rank].abs().max() * max(1.0, float(p.max() * S) ** 0.5)
+    err = float((out - ref).abs().max())
+    if bf16_dots:
+        assert err <= 2 ** -8 * vmax + 1e-5 * vmax, err
+    else:  # fp32 scores (D products) and exp (~1e-7): well under 1e-5 of the values' scale
+        assert err <= 1e-5 * vmax * max(1.0, float(p.max() * S) ** 0.5), err
 
 
 def _run(code: str, **env) -> subprocess.CompletedProcess:

@@ -18,6 +18,8 @@
 namespace plm {
 namespace {
 
+constexpr int64_t ATTN_PART = 256;  // cached rows per attention part
+
 template <typename T>
 T* grow(std::vector<T>& v, size_t n) {
   if (v.size() < n) v.resize(n);
@@ -265,13 +267,19 @@ class Decoder : public torch::CustomClassHolder {
         cs[r * rd + 2 * i + 1] = std::sin(a);
       }
     }
-    // attention work items: (row, chunk of heads), one per thread when rows are few (each
-    // item converts its row's whole cache once, so more items per row cost more)
+    // Attention runs over fixed parts of ATTN_PART cached rows, merged by their log-sum-exp:
+    // fixed so a row's arithmetic never depends on the batch or the thread count (a batched
+    // step equals the rows alone, a prefill equals decode steps). Work items are (row, run of
+    // parts) when rows are fewer than threads (a decode step: its parts spread over the
+    // threads), else whole rows (a prefill chunk); each cached row is read once for all heads.
     const int64_t nt = at::get_num_threads();
-    const int64_t per_row = std::min<int64_t>(H, std::max<int64_t>(1, ceil_div(nt, M)));
-    const int64_t hc = ceil_div(H, per_row), nchunk = ceil_div(H, hc);
-    const int64_t scr = attn_scratch_floats(hc, D) + hc * R;  // + the chunk's attended latents
+    int64_t maxparts = 1;
+    for (int64_t r = 0; r < M; r++) maxparts = std::max(maxparts, ceil_div(pos[r] + 1, ATTN_PART));
+    const int64_t runs = M < nt ? std::min(maxparts, ceil_div(nt, M)) : 1;  // items per row
+    const int64_t res = H * (R + 1);  // one part's result: out [H][R] | lse [H]
+    const int64_t scr = attention_scratch_floats(H, D, R) + (runs > 1 ? 0 : maxparts * res);
     float* scratch = grow(attn_scratch_, nt * scr);
+    float* part_out = runs > 1 ? grow(part_out_, M * maxparts * res) : nullptr;
 
     for (int64_t li = 0; li < L_; li++) {
       const Layer& l = layers_[li];
@@ -297,17 +305,34 @@ class Decoder : public torch::CustomClassHolder {
       l.wuk.forward(qn, M, qlat, H * R, work_);  // latent queries: q_nope @ W_UK per head
       for (int64_t r = 0; r < M; r++)
         for (int64_t hh = 0; hh < H; hh++) memcpy(qcat + (r * H + hh) * D, qlat + (r * H + hh) * R, R * sizeof(float));
-      parallel_run(M * nchunk, 1, [&](int64_t a, int64_t b, int tid) {
-        float* sc = scratch + tid * scr;
-        for (int64_t it = a; it < b; it++) {
-          const int64_t r = it / nchunk, h0 = (it % nchunk) * hc, nh = std::min(hc, H - h0);
-          const Seq& s = *rows[r];
-          const uint8_t* cache = (const uint8_t*)s.cache.data_ptr() + li * s.cap * D * (cache_bf16_ ? 2 : 4);
-          float* out = sc + attn_scratch_floats(hc, D);
-          dispatch().k.attention(qcat + (r * H + h0) * D, nh, D, R, cache, cache_bf16_, pos[r] + 1, scale_, out, sc);
-          for (int64_t hh = 0; hh < nh; hh++) memcpy(olat + ((h0 + hh) * M + r) * R, out + hh * R, R * sizeof(float));
-        }
-      });
+      // parts [p0, p1) of row r's cache into a row buffer of `cap` parts: out [cap][H][R] | lse [cap][H]
+      auto parts = [&](int64_t r, int64_t p0, int64_t p1, float* buf, int64_t cap, float* sc) {
+        const int64_t t0 = p0 * ATTN_PART, t1 = std::min(pos[r] + 1, p1 * ATTN_PART);
+        if (t1 <= t0) return;
+        const Seq& s = *rows[r];
+        const uint8_t* cache = (const uint8_t*)s.cache.data_ptr() + (li * s.cap + t0) * D * (cache_bf16_ ? 2 : 4);
+        attention(qcat + r * H * D, H, D, R, cache, cache_bf16_, t1 - t0, ATTN_PART, scale_, buf + p0 * H * R,
+                  buf + cap * H * R + p0 * H, sc);
+      };
+      if (runs > 1) {  // row r's buffer: part_out + r * maxparts * res
+        parallel_run(M * runs, 1, [&](int64_t a, int64_t b, int tid) {
+          for (int64_t it = a; it < b; it++) {
+            const int64_t r = it / runs, k = it % runs, np = ceil_div(pos[r] + 1, ATTN_PART);
+            parts(r, np * k / runs, np * (k + 1) / runs, part_out + r * maxparts * res, maxparts, scratch + tid * scr);
+          }
+        });
+        for (int64_t r = 0; r < M; r++) merge_parts(part_out + r * maxparts * res, maxparts, ceil_div(pos[r] + 1, ATTN_PART), M, r, olat);
+      } else {
+        parallel_run(M, 1, [&](int64_t a, int64_t b, int tid) {
+          float* sc = scratch + tid * scr;
+          float* mine = sc + attention_scratch_floats(H, D, R);
+          for (int64_t r = a; r < b; r++) {
+            const int64_t np = ceil_div(pos[r] + 1, ATTN_PART);
+            parts(r, 0, np, mine, np, sc);
+            merge_parts(mine, np, np, M, r, olat);
+          }
+        });
+      }
       l.wuv.forward(olat, M, ov, H * vd_, work_);  // attended latents @ W_UV per head
       l.o.forward(ov, M, h, d, work_);
       for (int64_t i = 0; i < M * d; i++) x[i] += h[i];
@@ -317,6 +342,32 @@ class Decoder : public torch::CustomClassHolder {
       if (l.down.sparse) l.down.forward_sparse(u, M, h, d, work_, &stats_);
       else l.down.forward(u, M, h, d, work_);
       for (int64_t i = 0; i < M * d; i++) x[i] += h[i];
+    }
+  }
+
+  // olat[h][M rows][R] row r = the attention parts' latents, each weighted by its share of
+  // the softmax denominator (buf: out [cap][H][R] | lse [cap][H], np parts); one part: a copy
+  void merge_parts(const float* buf, int64_t cap, int64_t np, int64_t M, int64_t r, float* olat) const {
+    const int64_t H = H_, R = R_;
+    const float* lse = buf + cap * H * R;
+    for (int64_t hh = 0; hh < H; hh++) {
+      float* o = olat + (hh * M + r) * R;
+      if (np == 1) {
+        memcpy(o, buf + hh * R, R * sizeof(float));
+        continue;
+      }
+      float mx = -INFINITY;
+      for (int64_t p = 0; p < np; p++) mx = std::max(mx, lse[p * H + hh]);
+      std::fill(o, o + R, 0.f);
+      float wsum = 0.f;
+      for (int64_t p = 0; p < np; p++) {
+        const float w = std::exp(lse[p * H + hh] - mx);
+        wsum += w;
+        const float* po = buf + (p * H + hh) * R;
+        for (int64_t i = 0; i < R; i++) o[i] += w * po[i];
+      }
+      const float inv = 1.f / wsum;
+      for (int64_t i = 0; i < R; i++) o[i] *= inv;
     }
   }
 
@@ -341,7 +392,7 @@ class Decoder : public torch::CustomClassHolder {
   int64_t next_id_ = 0;
   SparseStats stats_;
   Work work_;
-  std::vector<float> x_, h_, qa_, qn_, qlat_, qcat_, olat_, ov_, u_, cs_, attn_scratch_;
+  std::vector<float> x_, h_, qa_, qn_, qlat_, qcat_, olat_, ov_, u_, cs_, attn_scratch_, part_out_;
 };
 
 }  // namespace plm

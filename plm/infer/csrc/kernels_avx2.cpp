@@ -319,7 +319,6 @@ void bf16_rows4(const uint16_t* W, int64_t K, int64_t n, const float* xp, const 
   for (int64_t k = 0; k < K16; k += 16) {
     const __m256 x0 = _mm256_loadu_ps(xp + k), x1 = _mm256_loadu_ps(xp + k + 8);
     for (int r = 0; r < R; r++) {
-      _mm_prefetch((const char*)(W + (n + R + r) * K + k), _MM_HINT_T0);  // next rows (short streams)
       const __m256i w = _mm256_loadu_si256((const __m256i*)(W + (n + r) * K + k));
       a[r][0] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpacklo_epi16(z, w)), x0, a[r][0]);
       a[r][1] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpackhi_epi16(z, w)), x1, a[r][1]);
@@ -584,7 +583,7 @@ inline __m256 exp8(__m256 x) {
 }
 
 void attention(const float* q, int64_t nh, int64_t D, int64_t rank, const void* cache, int cache_bf16, int64_t S,
-               float scale, float* out, float* scratch) {
+               float scale, float* out, float* lse, float* scratch) {
   float* R = scratch;
   float* s = R + ATTN_TB * D;
   float* mx = s + nh * ATTN_TB;
@@ -679,6 +678,7 @@ void attention(const float* q, int64_t nh, int64_t D, int64_t rank, const void* 
   for (int64_t h = 0; h < nh; h++) {
     const float inv = l[h] > 0.f ? 1.f / l[h] : 0.f;
     for (int64_t r = 0; r < rank; r++) out[h * rank + r] *= inv;
+    if (lse) lse[h] = l[h] > 0.f ? mx[h] + __builtin_logf(l[h]) : -__builtin_inff();
   }
 }
 

@@ -1,7 +1,7 @@
-// bf16 GEMV with AVX512-BF16 `vdpbf16ps`: 32 weight/activation pairs per instruction, fp32
-// accumulation (activations already rounded to bf16 by the caller, as on every path).
-// Separate from kernels_avx512.cpp because AVX512-VNNI hosts without BF16 exist (Cascade
-// Lake, Ice Lake): only this function needs the extension.
+// AVX512-BF16 kernels (`vdpbf16ps`: 32 bf16 pairs per instruction, fp32 accumulation): the
+// bf16 GEMV (activations already rounded to bf16 by the caller, as on every path) and the
+// absorbed-MLA attention over a bf16 latent cache. Separate from kernels_avx512.cpp because
+// AVX512-VNNI hosts without BF16 exist (Cascade Lake, Ice Lake): only these need the extension.
 #ifdef PLM_SIMDE
 #define SIMDE_ENABLE_NATIVE_ALIASES
 #include <simde/x86/avx512.h>
@@ -51,10 +51,6 @@ void bf16_rows4(const uint16_t* W, int64_t K, int64_t n, const uint16_t* xb, flo
   for (; k + 64 <= K; k += 64) {
     const __m512bh x0 = ldbh(xb + k, all), x1 = ldbh(xb + k + 32, all);
     for (int r = 0; r < 4; r++) {
-      // the next 4 rows at the same offset: a row is only a few pages, too short for the
-      // hardware prefetcher to ramp up on; this keeps 8 row streams in flight per thread
-      _mm_prefetch((const char*)(W + (n + 4 + r) * K + k), _MM_HINT_T0);
-      _mm_prefetch((const char*)(W + (n + 4 + r) * K + k + 32), _MM_HINT_T0);
       a[r][0] = _mm512_dpbf16_ps(a[r][0], ldbh(W + (n + r) * K + k, all), x0);
       a[r][1] = _mm512_dpbf16_ps(a[r][1], ldbh(W + (n + r) * K + k + 32, all), x1);
     }
@@ -67,7 +63,189 @@ void bf16_rows4(const uint16_t* W, int64_t K, int64_t n, const uint16_t* xb, flo
   for (int r = 0; r < 4; r++) y[n + r] = _mm512_reduce_add_ps(_mm512_add_ps(a[r][0], a[r][1]));
 }
 
+// ---- attention ----------------------------------------------------------------------------
+// Heads in lanes: one zmm holds a value for each of 16 heads, so the scores of a cached row for
+// all heads are 288 `vdpbf16ps` against broadcast (k, k+1) pairs of the row (D = 576), the
+// softmax is elementwise across 16 heads, and the values are `vdpbf16ps` of the (t, t+1)
+// probability pairs against broadcast (V[t][r], V[t+1][r]) pairs. Every cached row is read
+// once for all heads, with no horizontal sums. The query and the probabilities are rounded to
+// bf16 (as llama.cpp rounds them to f16 against its f16 cache); the running sum l adds the
+// rounded probabilities, so the output stays a convex combination of the cached values.
+
+inline __m512 exp16(__m512 x) {  // Cephes exp, x <= 0 (relative error ~1e-7)
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
+  const __m512 fx = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
+                                         _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  x = _mm512_sub_ps(x, _mm512_mul_ps(fx, _mm512_set1_ps(0.693359375f)));
+  x = _mm512_sub_ps(x, _mm512_mul_ps(fx, _mm512_set1_ps(-2.12194440e-4f)));
+  const __m512 z = _mm512_mul_ps(x, x);
+  __m512 p = _mm512_set1_ps(1.9875691500E-4f);
+  p = _mm512_fmadd_ps(p, x, _mm512_set1_ps(1.3981999507E-3f));
+  p = _mm512_fmadd_ps(p, x, _mm512_set1_ps(8.3334519073E-3f));
+  p = _mm512_fmadd_ps(p, x, _mm512_set1_ps(4.1665795894E-2f));
+  p = _mm512_fmadd_ps(p, x, _mm512_set1_ps(1.6666665459E-1f));
+  p = _mm512_fmadd_ps(p, x, _mm512_set1_ps(5.0000001201E-1f));
+  p = _mm512_add_ps(_mm512_fmadd_ps(p, z, x), _mm512_set1_ps(1.f));
+  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvttps_epi32(fx), _mm512_set1_epi32(127)), 23);
+  return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+}
+
+// fp32 -> bf16 bits in the low half of each lane, round to nearest even (finite inputs)
+inline __m512i bf16_rne(__m512 v) {
+  const __m512i x = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(x, 16), _mm512_set1_epi32(1));
+  return _mm512_srli_epi32(_mm512_add_epi32(x, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+}
+
+inline __m512bh bcast_pair(const uint16_t* p) {  // (p[0], p[1]) in every lane
+  int32_t v;
+  memcpy(&v, p, 4);
+  return (__m512bh)_mm512_set1_epi32(v);
+}
+
+constexpr int64_t BTB = 64;  // cached rows per block (even)
+
+// scores sT[t][16] = scale * q . row t for the rows of the block, rows in groups of 8 (8
+// independent accumulation chains cover the instruction's latency)
+inline void scores(const __m512bh* qT, int64_t D2, const uint16_t* c, int64_t D, int64_t tb, float scale, float* sT) {
+  const __m512 vs = _mm512_set1_ps(scale);
+  int64_t t = 0;
+  for (; t + 8 <= tb; t += 8) {
+    __m512 a[8];
+    for (int i = 0; i < 8; i++) a[i] = _mm512_setzero_ps();
+    const uint16_t* r = c + t * D;
+    for (int64_t k = 0; k < D2; k++) {
+      const __m512bh qk = qT[k];
+      for (int i = 0; i < 8; i++) a[i] = _mm512_dpbf16_ps(a[i], qk, bcast_pair(r + i * D + 2 * k));
+    }
+    for (int i = 0; i < 8; i++) _mm512_storeu_ps(sT + (t + i) * 16, _mm512_mul_ps(a[i], vs));
+  }
+  for (; t < tb; t++) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0;
+    const uint16_t* r = c + t * D;
+    int64_t k = 0;
+    for (; k + 2 <= D2; k += 2) {
+      a0 = _mm512_dpbf16_ps(a0, qT[k], bcast_pair(r + 2 * k));
+      a1 = _mm512_dpbf16_ps(a1, qT[k + 1], bcast_pair(r + 2 * k + 2));
+    }
+    if (k < D2) a0 = _mm512_dpbf16_ps(a0, qT[k], bcast_pair(r + 2 * k));
+    _mm512_storeu_ps(sT + t * 16, _mm512_mul_ps(_mm512_add_ps(a0, a1), vs));
+  }
+}
+
+// vP[tp][r] = (V[2tp][r], V[2tp+1][r]) for r < rank (rank even), a zero row past tb
+inline void pack_values(const uint16_t* c, int64_t D, int64_t rank, int64_t tb, uint32_t* vP) {
+  // word i of the result takes word idx[i] of (a | b): a's r-th value then b's r-th value
+  alignas(64) uint16_t lo[32], hi[32];
+  for (int i = 0; i < 16; i++) {
+    lo[2 * i] = (uint16_t)i, lo[2 * i + 1] = (uint16_t)(32 + i);
+    hi[2 * i] = (uint16_t)(16 + i), hi[2 * i + 1] = (uint16_t)(48 + i);
+  }
+  const __m512i ilo = _mm512_load_si512(lo), ihi = _mm512_load_si512(hi);
+  for (int64_t t = 0; t < tb; t += 2) {
+    const uint16_t* a = c + t * D;
+    const uint16_t* b = t + 1 < tb ? a + D : nullptr;
+    uint32_t* o = vP + (t / 2) * rank;
+    for (int64_t r = 0; r < rank; r += 32) {
+      const __mmask32 m = rank - r >= 32 ? 0xffffffffu : (__mmask32)((1ull << (rank - r)) - 1);
+      const __m512i va = _mm512_maskz_loadu_epi16(m, a + r);
+      const __m512i vb = b ? _mm512_maskz_loadu_epi16(m, b + r) : _mm512_setzero_si512();
+      const int64_t n = rank - r >= 32 ? 32 : rank - r;  // pairs to store
+      const __m512i p0 = _mm512_permutex2var_epi16(va, ilo, vb), p1 = _mm512_permutex2var_epi16(va, ihi, vb);
+      _mm512_mask_storeu_epi32(o + r, (__mmask16)(n >= 16 ? 0xffff : (1u << n) - 1), p0);
+      if (n > 16) _mm512_mask_storeu_epi32(o + r + 16, (__mmask16)(n >= 32 ? 0xffff : (1u << (n - 16)) - 1), p1);
+    }
+  }
+}
+
 }  // namespace
+
+int64_t attention_bf16_scratch_floats(int64_t D, int64_t rank) {
+  return 8 * D + 16 * rank + 16 * BTB + 8 * BTB + BTB * rank / 2 + 64 + 16;
+}
+
+void attention_avx512bf16(const float* q, int64_t nh, int64_t D, int64_t rank, const uint16_t* cache, int64_t S,
+                          int64_t part, float scale, float* out, float* lse, float* scratch) {
+  const int64_t D2 = D / 2, R2 = rank / 2;
+  // 64-byte aligned regions of the scratch
+  float* base = (float*)(((uintptr_t)scratch + 63) & ~(uintptr_t)63);
+  __m512bh* qT = (__m512bh*)base;            // [D/2] pairs x 16 heads
+  float* OT = base + 8 * D;                  // [rank][16]
+  float* sT = OT + 16 * rank;                // [BTB][16]
+  uint32_t* pP = (uint32_t*)(sT + 16 * BTB); // [BTB/2][16]
+  uint32_t* vP = pP + 8 * BTB;               // [BTB/2][rank]
+  for (int64_t h0 = 0; h0 < nh; h0 += 16) {
+    const int64_t g = nh - h0 < 16 ? nh - h0 : 16;
+    {  // qT[k][j] = (q[j][2k], q[j][2k+1]) as bf16, zero for lanes past g
+      uint32_t* qt = (uint32_t*)qT;
+      memset(qt, 0, sizeof(uint32_t) * 16 * D2);
+      alignas(64) uint16_t qb[32];
+      for (int64_t j = 0; j < g; j++) {
+        const float* qj = q + (h0 + j) * D;
+        for (int64_t k = 0; k < D; k += 16) {
+          const __mmask16 m = D - k >= 16 ? 0xffff : (__mmask16)((1u << (D - k)) - 1);
+          _mm256_store_si256((__m256i*)qb, _mm512_cvtepi32_epi16(bf16_rne(_mm512_maskz_loadu_ps(m, qj + k))));
+          const int64_t n = D - k >= 16 ? 16 : D - k;
+          for (int64_t i = 0; i < n; i += 2) qt[((k + i) / 2) * 16 + j] = qb[i] | ((uint32_t)qb[i + 1] << 16);
+        }
+      }
+    }
+    // each part of `part` cached rows: its own softmax, normalised, with its log-sum-exp
+    for (int64_t p0 = 0, pi = 0; p0 < S; p0 += part, pi++) {
+      const int64_t n = S - p0 < part ? S - p0 : part;
+      memset(OT, 0, sizeof(float) * 16 * rank);
+      __m512 m = _mm512_set1_ps(-__builtin_inff()), l = _mm512_setzero_ps();
+      for (int64_t t0 = 0; t0 < n; t0 += BTB) {
+        const int64_t tb = n - t0 < BTB ? n - t0 : BTB, tp = (tb + 1) / 2;
+        const uint16_t* c = cache + (p0 + t0) * D;
+        scores(qT, D2, c, D, tb, scale, sT);
+        __m512 bm = _mm512_loadu_ps(sT);
+        for (int64_t t = 1; t < tb; t++) bm = _mm512_max_ps(bm, _mm512_loadu_ps(sT + t * 16));
+        const __m512 mnew = _mm512_max_ps(m, bm);
+        const __m512 alpha = exp16(_mm512_sub_ps(m, mnew));  // m = -inf: exp16 clamps, alpha ~ 0
+        m = mnew;
+        __m512 sum = _mm512_setzero_ps();
+        for (int64_t t = 0; t < tb; t += 2) {
+          const __m512i e0 = bf16_rne(exp16(_mm512_sub_ps(_mm512_loadu_ps(sT + t * 16), mnew)));
+          const __m512i e1 = t + 1 < tb ? bf16_rne(exp16(_mm512_sub_ps(_mm512_loadu_ps(sT + (t + 1) * 16), mnew)))
+                                        : _mm512_setzero_si512();
+          sum = _mm512_add_ps(sum, _mm512_add_ps(_mm512_castsi512_ps(_mm512_slli_epi32(e0, 16)),
+                                                 _mm512_castsi512_ps(_mm512_slli_epi32(e1, 16))));
+          _mm512_storeu_si512(pP + (t / 2) * 16, _mm512_or_si512(e0, _mm512_slli_epi32(e1, 16)));
+        }
+        l = _mm512_fmadd_ps(l, alpha, sum);
+        pack_values(c, D, rank, tb, vP);
+        // OT[r] = alpha * OT[r] + sum over pairs of (p_t, p_t+1) . (V[t][r], V[t+1][r]), r in 16s
+        int64_t r = 0;
+        for (; r + 16 <= R2 * 2; r += 16) {
+          __m512 a[16];
+          for (int i = 0; i < 16; i++) a[i] = _mm512_mul_ps(_mm512_load_ps(OT + (r + i) * 16), alpha);
+          for (int64_t p = 0; p < tp; p++) {
+            const __m512bh pv = (__m512bh)_mm512_load_si512(pP + p * 16);
+            const uint16_t* v = (const uint16_t*)(vP + p * rank + r);
+            for (int i = 0; i < 16; i++) a[i] = _mm512_dpbf16_ps(a[i], pv, bcast_pair(v + 2 * i));
+          }
+          for (int i = 0; i < 16; i++) _mm512_store_ps(OT + (r + i) * 16, a[i]);
+        }
+        for (; r < rank; r++) {
+          __m512 a = _mm512_mul_ps(_mm512_load_ps(OT + r * 16), alpha);
+          for (int64_t p = 0; p < tp; p++)
+            a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_load_si512(pP + p * 16), bcast_pair((const uint16_t*)(vP + p * rank + r)));
+          _mm512_store_ps(OT + r * 16, a);
+        }
+      }
+      alignas(64) float lv[16], mv[16];
+      _mm512_store_ps(lv, l);
+      _mm512_store_ps(mv, m);
+      for (int64_t j = 0; j < g; j++) {
+        const float inv = lv[j] > 0.f ? 1.f / lv[j] : 0.f;
+        float* o = out + (pi * nh + h0 + j) * rank;
+        for (int64_t r = 0; r < rank; r++) o[r] = OT[r * 16 + j] * inv;
+        if (lse) lse[pi * nh + h0 + j] = lv[j] > 0.f ? mv[j] + __builtin_logf(lv[j]) : -__builtin_inff();
+      }
+    }
+  }
+}
 
 void gemv_bf16_avx512bf16(const void* W, int64_t K, int64_t n0, int64_t n1, const uint16_t* xb, int64_t M, float* y,
                           int64_t ldy) {

@@ -262,7 +262,7 @@ void sparse_f(const SparseW& W, const float* a, const int32_t* idx, int64_t n_id
 }
 
 void attention(const float* q, int64_t nh, int64_t D, int64_t rank, const void* cache, int cache_bf16, int64_t S,
-               float scale, float* out, float* scratch) {
+               float scale, float* out, float* lse, float* scratch) {
   float* R = scratch;                  // [TB][D] fp32 rows
   float* s = R + ATTN_TB * D;          // [nh][TB] scores
   float* mx = s + nh * ATTN_TB;        // [nh] running max
@@ -305,6 +305,7 @@ void attention(const float* q, int64_t nh, int64_t D, int64_t rank, const void* 
   for (int64_t h = 0; h < nh; h++) {
     const float inv = l[h] > 0.f ? 1.f / l[h] : 0.f;
     for (int64_t r = 0; r < rank; r++) out[h * rank + r] *= inv;
+    if (lse) lse[h] = l[h] > 0.f ? mx[h] + __builtin_logf(l[h]) : -__builtin_inff();
   }
 }
 

@@ -313,6 +313,27 @@ void Mat::row(int64_t r, float* out) const {
   }
 }
 
+// ---- attention ----------------------------------------------------------------------------
+// vdpbf16ps attention needs (k, k+1) and (r, r+1) pairs
+static bool bf16_attention(const Dispatch& dp, bool cache_bf16, int64_t D, int64_t rank) {
+  return dp.bf16_dp && cache_bf16 && D % 2 == 0 && rank % 2 == 0;
+}
+
+int64_t attention_scratch_floats(int64_t nh, int64_t D, int64_t rank) {
+  return std::max(attn_scratch_floats(nh, D), attention_bf16_scratch_floats(D, rank));
+}
+
+void attention(const float* q, int64_t nh, int64_t D, int64_t rank, const void* cache, bool cache_bf16, int64_t S,
+               int64_t part, float scale, float* out, float* lse, float* scratch) {
+  const Dispatch& dp = dispatch();
+  if (bf16_attention(dp, cache_bf16, D, rank))
+    return attention_avx512bf16(q, nh, D, rank, (const uint16_t*)cache, S, part, scale, out, lse, scratch);
+  const int64_t elt = cache_bf16 ? 2 : 4;
+  for (int64_t p0 = 0, pi = 0; p0 < S; p0 += part, pi++)
+    dp.k.attention(q, nh, D, rank, (const uint8_t*)cache + p0 * D * elt, cache_bf16, std::min(part, S - p0), scale,
+                   out + pi * nh * rank, lse ? lse + pi * nh : nullptr, scratch);
+}
+
 // ---- operators -----------------------------------------------------------------------------
 namespace {
 
@@ -373,9 +394,9 @@ at::Tensor op_attention(const at::Tensor& q, const at::Tensor& cache, int64_t ra
   const int64_t H = q.size(0), D = q.size(1), S = cache.size(0);
   TORCH_CHECK(rank > 0 && rank <= D, "plm: attention rank ", rank, " outside [1, ", D, "]");
   at::Tensor out = at::empty({H, rank}, at::kFloat);
-  std::vector<float> scratch(attn_scratch_floats(H, D));
-  dispatch().k.attention(qf.data_ptr<float>(), H, D, rank, c.data_ptr(), c.scalar_type() == at::kBFloat16, S,
-                         (float)scale, out.data_ptr<float>(), scratch.data());
+  std::vector<float> scratch(attention_scratch_floats(H, D, rank));
+  attention(qf.data_ptr<float>(), H, D, rank, c.data_ptr(), c.scalar_type() == at::kBFloat16, S, std::max<int64_t>(S, 1),
+            (float)scale, out.data_ptr<float>(), nullptr, scratch.data());
   return out;
 }
 

@@ -100,10 +100,11 @@ struct Kernels {
   void (*sparse_f)(const SparseW& W, const float* a, const int32_t* idx, int64_t n_idx,
                    int64_t j0, int64_t j1, float* y);
   // absorbed-MLA attention for a group of heads over one sequence's latent cache:
-  // q [nh][D] (D = rank + rope), cache [S][D] (fp32 or bf16), out [nh][rank];
-  // scratch: at least attn_scratch_floats(nh, D) floats
+  // q [nh][D] (D = rank + rope), cache [S][D] (fp32 or bf16), out [nh][rank]; lse (when not
+  // null) [nh] the log of each head's softmax denominator (max + log sum), so attention over
+  // parts of the cache can be merged; scratch: at least attn_scratch_floats(nh, D) floats
   void (*attention)(const float* q, int64_t nh, int64_t D, int64_t rank, const void* cache,
-                    int cache_bf16, int64_t S, float scale, float* out, float* scratch);
+                    int cache_bf16, int64_t S, float scale, float* out, float* lse, float* scratch);
 };
 
 enum : int { ATTN_TB = 64 };  // cache rows per attention block

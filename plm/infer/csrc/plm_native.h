@@ -21,6 +21,17 @@ void set_isa(const std::string& name);  // throws if the CPU lacks it
 std::string cpu_features();
 void gemv_bf16_avx512bf16(const void* W, int64_t K, int64_t n0, int64_t n1, const uint16_t* xb, int64_t M, float* y,
                           int64_t ldy);
+void attention_avx512bf16(const float* q, int64_t nh, int64_t D, int64_t rank, const uint16_t* cache, int64_t S,
+                          int64_t part, float scale, float* out, float* lse, float* scratch);
+int64_t attention_bf16_scratch_floats(int64_t D, int64_t rank);
+
+// Absorbed-MLA attention on the selected path (the kernel table's entry, or the AVX512-BF16
+// kernel for a bf16 cache when the CPU has it), over the cached rows cut into parts of `part`
+// rows: out [parts][nh][rank] and lse [parts][nh], each part normalised on its own (see
+// Kernels::attention for the other arguments).
+void attention(const float* q, int64_t nh, int64_t D, int64_t rank, const void* cache, bool cache_bf16, int64_t S,
+               int64_t part, float scale, float* out, float* lse, float* scratch);
+int64_t attention_scratch_floats(int64_t nh, int64_t D, int64_t rank);
 
 // ---- threads ------------------------------------------------------------------------
 // fn(begin, end, thread index) over [0, total) in chunks of `grain`, on the caller and the
