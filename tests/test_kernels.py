@@ -149,6 +149,8 @@ def test_float_gemv(isa, fmt, N, K, M):
     assert (y - xr @ w.T).abs().le(K * 2.0 ** -24 * mag + 1e-30).all()
     if fmt == nv.BF16:  # and against unrounded activations, within bf16 rounding of x
         assert (y - x.double() @ w.T).abs().le((2.0 ** -9 + K * 2.0 ** -24) * (x.double().abs() @ w.abs().T)).all()
+    for i in range(M):  # each row's arithmetic is independent of the batch (tiles, tails, alone)
+        assert torch.equal(lin(x[i:i + 1]), y[i:i + 1].float()), i
 
 
 @pytest.mark.parametrize("fmt", (nv.Q8_0, nv.Q4_K, nv.BF16), ids=lambda f: nv.FORMAT_NAMES[f])

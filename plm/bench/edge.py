@@ -270,66 +270,16 @@ def open_native(a: dict):
                                          sparse=spec.get("sparse", False), capacity=cap)
 
 
-def layer_kernels(a: dict, dec) -> list:
-    """Layer 0's matrices and the lm_head as PackedLinear in the formats the decoder runs (read
-    again from the same source), for timing the matmuls apart from the decode step."""
-    import torch
-    from plm.infer import native as nv
-    spec, c = OURS[a["engine"]], dec.config
-    H, nope, vd, R = c.num_attention_heads, c.qk_nope_head_dim, c.v_head_dim, c.kv_lora_rank
-    mats = []
-    if "gguf" in spec:
-        from plm.infer.native_decoder import GGUF_TYPES, open_gguf
-        t = {x.name: x for x in open_gguf(a["gguf"]).tensors}
-
-        def raw(name):
-            x = t[name]
-            shape = [int(v) for v in reversed(list(x.shape))]
-            if int(x.tensor_type) not in GGUF_TYPES:  # as the decoder holds them: Q8_0
-                import gguf
-                w = torch.from_numpy(gguf.quants.dequantize(x.data, x.tensor_type).astype(np.float32))
-                return nv.quantize(w.reshape(shape), nv.Q8_0).view(torch.uint8).reshape(shape[0], -1), nv.Q8_0, shape
-            return torch.from_numpy(np.array(x.data).view(np.uint8).reshape(shape[0], -1)), int(x.tensor_type), shape
-
-        for name in ("attn_q", "attn_kv_a_mqa", "attn_output", "ffn_up", "ffn_down"):
-            r, f, (N, K) = raw(f"blk.0.{name}.weight")
-            mats.append(nv.PackedLinear(r, f, N, K, name=name))
-        r, f, (N, K) = raw("blk.0.attn_kv_b.weight")
-        rows = r.view(H, nope + vd, -1)
-        mats.append(nv.PackedLinear(rows[:, nope:].reshape(H * vd, -1), f, H * vd, R, groups=H, name="wuv"))
-        wuk = nv.dequantize_blocks(rows[:, :nope].reshape(H * nope, -1), f, H * nope, R)
-        wuk = wuk.view(H, nope, R).transpose(1, 2).reshape(H * R, nope)
-        mats.append(nv.PackedLinear.from_float(wuk, f if f in (nv.F32, nv.BF16) else nv.F16, groups=H, name="wuk"))
-        r, f, (N, K) = raw("token_embd.weight")
-        head = nv.PackedLinear(r, f, N, K, name="lm_head")
-    else:
-        from safetensors import safe_open
-
-        from plm.model.checkpoint import weight_map
-        wm = weight_map(a["ckpt"])
-
-        def w(name):
-            with safe_open(str(wm[name]), "pt") as f:
-                return f.get_tensor(name).float()
-
-        p = "model.layers.0."
-        fmt = spec["fmt"]
-        mats.append(nv.PackedLinear.from_float(torch.cat([w(p + "self_attn.q_proj.weight"),
-                                                          w(p + "self_attn.kv_a_proj_with_mqa.weight")]), fmt))
-        kvb = w(p + "self_attn.kv_b_proj.weight").view(H, nope + vd, R)
-        mats.append(nv.PackedLinear.from_float(kvb[:, :nope].transpose(1, 2).reshape(H * R, nope), fmt, groups=H))
-        mats.append(nv.PackedLinear.from_float(kvb[:, nope:].reshape(H * vd, R), fmt, groups=H))
-        for name in ("self_attn.o_proj", "mlp.up_proj", "mlp.down_proj"):
-            mats.append(nv.PackedLinear.from_float(w(p + name + ".weight"), fmt))
-        head = nv.PackedLinear.from_float(w("model.embed_tokens.weight"), fmt)
-    return mats, head
+def layer_kernels(dec) -> tuple[list, object]:
+    """Layer 0's matrices and the lm_head, the very packed matrices the decode step reads."""
+    return dec.matrices(0), dec.matrices(-1)[0]
 
 
 def cold_copies(mats: list) -> list[list]:
     """Copies of a layer's matrices until they exceed the last-level cache (512 MiB in all)."""
     from plm.infer import native as nv
     n = -(-(512 << 20) // sum(m.nbytes() for m in mats))
-    return [mats] + [[nv.PackedLinear(m.raw.clone(), m.fmt, m.N, m.K, groups=m.groups) for m in mats]
+    return [mats] + [[nv.PackedLinear.from_packed(m.data.clone(), m.fmt, m.N, m.K, m.groups, m.sparse) for m in mats]
                      for _ in range(n - 1)]
 
 
@@ -357,8 +307,10 @@ def kernel_seconds(copies, head, dec, ctx: int, threads: int) -> dict:
     hx = torch.randn(1, head.K, generator=g)
     lm = float(np.median([_time_once(lambda: head(hx)) for _ in range(5)]))
     D = c.kv_lora_rank + c.qk_rope_head_dim
-    q = torch.randn(-(-c.num_attention_heads // threads), D, generator=g)
-    cache = torch.randn(ctx, D, generator=g).to(torch.bfloat16 if dec.cache_dtype == "bf16" else torch.float32)
+    q = torch.randn(c.num_attention_heads, D, generator=g)
+    parts = -(-ctx // 256)
+    rows = min(ctx, -(-parts // threads) * 256)
+    cache = torch.randn(rows, D, generator=g).to(torch.bfloat16 if dec.cache_dtype == "bf16" else torch.float32)
     att = float(np.median([_time_once(lambda: nv.attention(q, cache, c.kv_lora_rank, float(c.softmax_scale)))
                            for _ in range(15)]))
     L = c.num_hidden_layers
@@ -401,7 +353,7 @@ def worker_native(a: dict) -> dict:
 
     measure_stages(a, S(), res, extra)
     if dense:  # after every stage, so that these copies of the weights never count in the RSS above
-        mats, head = layer_kernels(a, dec)
+        mats, head = layer_kernels(dec)
         copies = cold_copies(mats)
         for st in res["stages"]:
             ks = kernel_seconds(copies, head, dec, st["context"], a["threads"])

@@ -328,6 +328,17 @@ class PackedLinear:
             self.data = ops.pack_sparse(self.raw, self.fmt, N, K) if sparse else ops.pack(self.raw, self.fmt, N, K, groups)
 
     @classmethod
+    def from_packed(cls, data: torch.Tensor, fmt: int, N: int, K: int, groups: int = 1, sparse: bool = False,
+                    name: str = "matrix") -> "PackedLinear":
+        """A matrix already in the kernels' packed layout (as `NativeDecoder.matrices` returns
+        them); needs the native kernels."""
+        require()
+        self = cls.__new__(cls)
+        self.fmt, self.N, self.K, self.groups, self.sparse, self.name = format_id(fmt), N, K, groups, sparse, name
+        self.raw, self.native, self.data, self._cache = None, True, data, {}
+        return self
+
+    @classmethod
     def from_float(cls, w: torch.Tensor, fmt: str | int, **kw) -> "PackedLinear":
         fmt = format_id(fmt)
         return cls(quantize(w, fmt), fmt, w.shape[0], w.shape[1], **kw)

@@ -80,6 +80,12 @@ class NativeDecoder:
         self.impl.add_matrix(layer, name, packed, fmt, N, K, groups, sparse)
         self.formats[label or f"{layer}.{name}"] = nv.FORMAT_NAMES[fmt] + (" sparse" if sparse else "")
 
+    def matrices(self, layer: int) -> list[nv.PackedLinear]:
+        """The packed matrices of `layer` (-1: the embedding / lm_head) as the step reads them
+        (qa parts, wuk, wuv, o, up, down), callable on their own (benchmarks time them apart)."""
+        return [nv.PackedLinear.from_packed(data, int(f), int(N), int(K), int(g), bool(sp), name=name)
+                for name, data, (f, N, K, g, sp) in self.impl.matrices(layer)]
+
     @classmethod
     def from_state_dict(cls, config: PLMConfig, get_tensor: Callable[[str], torch.Tensor], fmt: str = "bf16",
                         sparse: bool = False, embed_fmt: str | None = None, cache_dtype: str = "bf16",

@@ -115,6 +115,28 @@ class Decoder : public torch::CustomClassHolder {
     else TORCH_CHECK(false, "plm.Decoder: unknown matrix ", name);
   }
 
+  // The packed matrices of a layer (-1: the embedding / lm_head) in the order the step runs
+  // them, each as (name, data, [fmt, N, K, groups, sparse]): the benchmark times the very
+  // matrices the step reads.
+  std::vector<std::tuple<std::string, at::Tensor, std::vector<int64_t>>> matrices(int64_t layer) {
+    std::vector<std::tuple<std::string, at::Tensor, std::vector<int64_t>>> out;
+    auto add = [&](const std::string& n, const Mat& m) {
+      out.emplace_back(n, m.data, std::vector<int64_t>{m.fmt, m.N, m.K, m.groups, m.sparse});
+    };
+    if (layer < 0) {
+      add("embed", embed_);
+      return out;
+    }
+    const Layer& l = at_layer(layer);
+    for (const Mat& m : l.qa) add("qa", m);
+    add("wuk", l.wuk);
+    add("wuv", l.wuv);
+    add("o", l.o);
+    add("up", l.up);
+    add("down", l.down);
+    return out;
+  }
+
   // Everything present with consistent shapes; call once after loading.
   void check() {
     TORCH_CHECK(embed_.defined() && norm_.defined(), "plm.Decoder: embedding or final norm missing");
@@ -404,6 +426,7 @@ TORCH_LIBRARY_FRAGMENT(plm, m) {
       .def("set_vector", &plm::Decoder::set_vector)
       .def("add_matrix", &plm::Decoder::add_matrix)
       .def("check", &plm::Decoder::check)
+      .def("matrices", &plm::Decoder::matrices)
       .def("new_sequence", &plm::Decoder::new_sequence)
       .def("free_sequence", &plm::Decoder::free_sequence)
       .def("length", &plm::Decoder::length)

@@ -63,6 +63,58 @@ void bf16_rows4(const uint16_t* W, int64_t K, int64_t n, const uint16_t* xb, flo
   for (int r = 0; r < 4; r++) y[n + r] = _mm512_reduce_add_ps(_mm512_add_ps(a[r][0], a[r][1]));
 }
 
+// M > 1 (prefill): 4 weight rows x 4 activation rows per call, 16 accumulators, so each loaded
+// vector feeds 4 instructions. The same arithmetic per (row, activation row) as bf16_rows and
+// bf16_rows4 (two chains over alternating 32-wide blocks, the tail on the first, summed at the
+// end), run as two passes over K so only one chain's 16 accumulators are live at a time.
+// (16 named accumulators: with an array GCC stores all of them to the stack after every block,
+// which halves the speed)
+void bf16_tile44(const uint16_t* W, int64_t K, int64_t n, const uint16_t* xb, int64_t m, float* y, int64_t ldy) {
+  const __mmask32 all = 0xffffffffu;
+  const int64_t K64 = K & ~(int64_t)63;
+  const uint16_t *w0 = W + n * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
+  const uint16_t *x0 = xb + m * K, *x1 = x0 + K, *x2 = x1 + K, *x3 = x2 + K;
+#define PLM_ACC(j) __m512 c0##j = _mm512_setzero_ps(), c1##j = c0##j, c2##j = c0##j, c3##j = c0##j
+#define PLM_ROW(j, k, msk)                                       \
+  {                                                              \
+    const __m512bh xv = ldbh(x##j + (k), (msk));                 \
+    c0##j = _mm512_dpbf16_ps(c0##j, v0, xv);                     \
+    c1##j = _mm512_dpbf16_ps(c1##j, v1, xv);                     \
+    c2##j = _mm512_dpbf16_ps(c2##j, v2, xv);                     \
+    c3##j = _mm512_dpbf16_ps(c3##j, v3, xv);                     \
+  }
+#define PLM_BLOCK(k, msk)                                                                  \
+  {                                                                                        \
+    const __m512bh v0 = ldbh(w0 + (k), (msk)), v1 = ldbh(w1 + (k), (msk)), v2 = ldbh(w2 + (k), (msk)), \
+                   v3 = ldbh(w3 + (k), (msk));                                             \
+    PLM_ROW(0, k, msk) PLM_ROW(1, k, msk) PLM_ROW(2, k, msk) PLM_ROW(3, k, msk)            \
+  }
+  alignas(64) float first[4][4][16];
+  {  // chain 1: even 32-blocks, then the tail
+    PLM_ACC(0); PLM_ACC(1); PLM_ACC(2); PLM_ACC(3);
+    for (int64_t k = 0; k < K64; k += 64) PLM_BLOCK(k, all)
+    for (int64_t k = K64; k < K; k += 32) PLM_BLOCK(k, K - k >= 32 ? all : (__mmask32)((1ull << (K - k)) - 1))
+#define PLM_KEEP(j) _mm512_store_ps(first[0][j], c0##j), _mm512_store_ps(first[1][j], c1##j), \
+                    _mm512_store_ps(first[2][j], c2##j), _mm512_store_ps(first[3][j], c3##j)
+    PLM_KEEP(0); PLM_KEEP(1); PLM_KEEP(2); PLM_KEEP(3);
+  }
+  {  // chain 2: odd 32-blocks; y = sum of both
+    PLM_ACC(0); PLM_ACC(1); PLM_ACC(2); PLM_ACC(3);
+    for (int64_t k = 32; k < K64; k += 64) PLM_BLOCK(k, all)
+#define PLM_OUT(j)                                                                                        \
+  y[(m + j) * ldy + n] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_load_ps(first[0][j]), c0##j));         \
+  y[(m + j) * ldy + n + 1] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_load_ps(first[1][j]), c1##j));     \
+  y[(m + j) * ldy + n + 2] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_load_ps(first[2][j]), c2##j));     \
+  y[(m + j) * ldy + n + 3] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_load_ps(first[3][j]), c3##j));
+    PLM_OUT(0) PLM_OUT(1) PLM_OUT(2) PLM_OUT(3)
+  }
+#undef PLM_ACC
+#undef PLM_ROW
+#undef PLM_BLOCK
+#undef PLM_KEEP
+#undef PLM_OUT
+}
+
 // ---- attention ----------------------------------------------------------------------------
 // Heads in lanes: one zmm holds a value for each of 16 heads, so the scores of a cached row for
 // all heads are 288 `vdpbf16ps` against broadcast (k, k+1) pairs of the row (D = 576), the
@@ -255,10 +307,20 @@ void gemv_bf16_avx512bf16(const void* W, int64_t K, int64_t n0, int64_t n1, cons
     for (; n < n1; n++) bf16_rows<1>((const uint16_t*)W, K, n, xb, 0, y, ldy);
     return;
   }
-  for (int64_t n = n0; n < n1; n++) {
-    int64_t m = 0;
-    for (; m + 4 <= M; m += 4) bf16_rows<4>((const uint16_t*)W, K, n, xb, m, y, ldy);
-    for (; m < M; m++) bf16_rows<1>((const uint16_t*)W, K, n, xb, m, y, ldy);
+  // activation rows in blocks that stay in L2 while the rows [n0, n1) stream past them
+  const uint16_t* w = (const uint16_t*)W;
+  int64_t MB = ((256 << 10) / (2 * K)) & ~(int64_t)3;  // no std:: templates in ISA units
+  if (MB < 4) MB = 4;
+  for (int64_t m0 = 0; m0 < M; m0 += MB) {
+    const int64_t m1 = M < m0 + MB ? M : m0 + MB;
+    const int64_t m4 = m0 + ((m1 - m0) & ~(int64_t)3);
+    int64_t n = n0;
+    for (; n + 4 <= n1; n += 4)
+      for (int64_t m = m0; m < m4; m += 4) bf16_tile44(w, K, n, xb, m, y, ldy);
+    for (; n < n1; n++)  // rows past the last 4 and activation rows past the last 4: one pair at a time
+      for (int64_t m = m0; m < m4; m++) bf16_rows<1>(w, K, n, xb, m, y, ldy);
+    for (n = n0; n < n1; n++)
+      for (int64_t m = m4; m < m1; m++) bf16_rows<1>(w, K, n, xb, m, y, ldy);
   }
 }
 
