@@ -335,6 +335,40 @@ def plot(res: dict, path: Path) -> None:
     plt.close(fig)
 
 
+# ---- the native decoder alone --------------------------------------------------------------------
+
+def decoder_alone(gguf: Path, levels: list[int], prompt_tokens: int, threads: int) -> str:
+    """The native decoder's batched step and prefill without the server (what the server's
+    throughput is made of): B sequences, each prefilled with `prompt_tokens` random ids, then
+    timed batched steps. Returns a markdown table."""
+    import torch
+
+    from plm.infer.native_decoder import NativeDecoder
+    torch.set_num_threads(threads)
+    dec = NativeDecoder.from_gguf(gguf, capacity=prompt_tokens + 64)
+    g = torch.Generator().manual_seed(0)
+    rows = ["| sequences B | prefill tok/s | batched step ms | decode tok/s | vs B=1 |", "|---|---|---|---|---|"]
+    one = None
+    for B in levels:
+        seqs = [dec.new_sequence() for _ in range(B)]
+        t0 = time.perf_counter()
+        for sq in seqs:
+            dec.prefill(sq, torch.randint(0, 1000, (prompt_tokens,), generator=g).tolist(), chunk=512)
+        pre = B * prompt_tokens / (time.perf_counter() - t0)
+        dec.step(seqs, [5] * B)
+        times = []
+        for _ in range(8):
+            t0 = time.perf_counter()
+            dec.step(seqs, [5] * B)
+            times.append(time.perf_counter() - t0)
+        step = sorted(times)[len(times) // 2]
+        one = one or B / step
+        rows.append(f"| {B} | {pre:.0f} | {step * 1e3:.0f} | {B / step:.1f} | {B / step / one:.2f}x |")
+        for sq in seqs:
+            dec.free(sq)
+    return "\n".join(rows) + "\n"
+
+
 # ---- main -------------------------------------------------------------------------------------------
 
 def bench_model(model: str, args) -> dict:
@@ -371,7 +405,7 @@ def bench_model(model: str, args) -> dict:
             continue
         try:
             one_request(__import__("httpx").Client(timeout=600), srv.url, texts[0], 4)  # warm-up
-            res["engines"][engine] = {"levels": []}
+            res["engines"][engine] = {"levels": [], "started": time.strftime("%Y-%m-%d %H:%M:%S")}
             for c in levels:
                 best = None
                 for attempt in range(1, args.retries + 1):  # keep the least contended attempt
@@ -420,6 +454,12 @@ def main() -> int:
     ap.add_argument("--max-wait", type=float, default=300, help="longest wait for a quiet machine per level (s)")
     ap.add_argument("--retries", type=int, default=3,
                     help="runs of a level while others used more than --contention of the CPUs during it")
+    ap.add_argument("--decoder-alone", type=int, default=None, metavar="PROMPT_TOKENS",
+                    help="instead of the servers: the native decoder's prefill and batched step at each "
+                         "concurrency, prompts of this many tokens (writes OUT/decoder-MODEL.md)")
+    ap.add_argument("--keep", action="store_true",
+                    help="keep the engines of OUT/serve-MODEL.json that this run does not measure (rerun one "
+                         "engine into an earlier run's table; each engine's own time stays in the JSON)")
     args = ap.parse_args()
     bad = [e for e in args.engines.split(",") if e not in ENGINES]
     if bad:
@@ -427,7 +467,22 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for model in args.model or ["tiny"]:
+        if args.decoder_alone:
+            gguf = gguf_q8(checkpoint(model, args), Path(args.workdir))
+            md = decoder_alone(gguf, [int(c) for c in args.concurrency.split(",")], args.decoder_alone, args.threads)
+            (out / f"decoder-{model}.md").write_text(md)
+            print(md)
+            continue
         res = bench_model(model, args)
+        old = out / f"serve-{model}.json"
+        if args.keep and old.exists():
+            earlier = json.loads(old.read_text())
+            for name, r in earlier["engines"].items():
+                if "levels" in r and "levels" not in res["engines"].get(name, {}):
+                    res["engines"][name] = r
+            res["engines"] = {e: res["engines"][e] for e in ENGINES if e in res["engines"]}
+            res["command"] = f"{earlier['command']}; then {res['command']}"
+            res["targets"] = targets(res)
         (out / f"serve-{model}.json").write_text(json.dumps(res, indent=2))
         md = markdown(res)
         (out / f"serve-{model}.md").write_text(md)

@@ -69,3 +69,46 @@ def test_native_sparse_decode_of_the_synthetic_checkpoint(tmp_path):
     assert sparse.greedy(prompt, 12) == dense.greedy(prompt, 12)
     active = sparse.sparse_stats()["active_fraction"]
     assert 0.05 < active < 0.16, active
+
+
+@pytest.mark.slow
+def test_edge_benchmark_end_to_end(tmp_path):
+    """benchmarks/edge.py on plm-micro with --sparsity, in one run: our native decoder dense and
+    sparse, llama.cpp and the PyTorch runtime on the same weights; every engine measured at every
+    context, the roofline and bandwidth columns, the per-token overhead of the native decoder,
+    the sparse engine's measured share of active neurons, teacher-forced decode, the targets."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from plm.infer import native as nv
+    if not nv.available():
+        pytest.skip("native kernels not built")
+    pytest.importorskip("llama_cpp")
+    repo = Path(__file__).resolve().parents[1]
+    engines = ["ours-q8_0", "ours-q8_0-sparse", "llama-q8_0", "torch-int8"]
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(repo / "benchmarks/edge.py"), "--preset", "plm-micro", "--sparsity", "0.9",
+                           "--contexts", "16,40", "--decode-tokens", "4", "--engines", ",".join(engines),
+                           "--budgets", "", "--no-sweep", "--contention", "1.0", "--workdir", str(tmp_path / "w"),
+                           "--out", str(out)], capture_output=True, text=True, timeout=1200, cwd=repo)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((out / "edge.json").read_text())
+    assert res["teacher_forced"] and res["sparsity"] == 0.9 and res["bandwidth"]["read_gb_s"] > 0
+    for e in engines:
+        r = res["engines"][e]
+        assert [s["context"] for s in r["stages"]] == [16, 40], (e, r.get("error"))
+        for s in r["stages"]:
+            assert s["decode_tok_s"] > 0 and s["prefill_tok_s"] > 0 and s["read_gb_s"] > 0, (e, s)
+            assert len(s["greedy"]) == 4
+    dense, sparse = res["engines"]["ours-q8_0"], res["engines"]["ours-q8_0-sparse"]
+    for s in dense["stages"]:  # the step against its kernels timed apart
+        assert s["matmul_ms"] > 0 and s["attention_ms"] > 0
+        assert s["overhead_ms"] == pytest.approx(s["step_ms"] - s["matmul_ms"] - s["attention_ms"], abs=2e-3)
+    for s, d in zip(sparse["stages"], dense["stages"]):
+        assert 0 < s["sparse"]["active_fraction"] < 0.5 and s["sparse"]["rows"] > 0
+        assert s["greedy"] == d["greedy"]  # exact sparse: block formats give the dense argmax
+    md = (out / "edge.md").read_text()
+    assert "| ours-q8_0-sparse |" in md and "% roofline @40" in md and (out / "edge.png").stat().st_size > 0
+    assert any(t["target"].startswith("Q8_0 decode @16") for t in res["targets"])

@@ -20,6 +20,7 @@ Error bounds, and why they hold:
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -334,3 +335,15 @@ def test_info_names_the_path():
     i = nv.info()
     assert i["available"] and i["isa"].split("+")[0] in ISAS and Path(i["library"]).exists()
     assert isinstance(i.get("build_seconds"), (int, float))
+
+
+def test_kernels_benchmark_runs(tmp_path):
+    """benchmarks/kernels.py at toy sizes: every case of both tables, rates from real timings."""
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks/kernels.py"), "--threads", "1", "--lengths", "64",
+                           "--rows", "1,5", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads((tmp_path / "kernels.json").read_text())
+    cases = {(r["kernel"], r["case"], r["shape"]) for r in res["rows"]}
+    assert len(cases) == 3 + 2 * 5 and all(r["ms"] > 0 and r["gmac_s"] > 0 for r in res["rows"])
+    assert res["machine"]["isa"] == torch.ops.plm.isa()
+    assert "| attention | ours, bf16 cache |" in (tmp_path / "kernels.md").read_text()

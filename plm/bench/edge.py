@@ -851,8 +851,8 @@ def markdown(results: dict) -> str:
         L += ["## Per-token overhead of the native decoder", "",
               "The decode step against its kernels timed apart: layer 0's matrices in the same formats, copied past "
               "the last-level cache and timed a layer at a time cycling through the copies (weights come from memory, "
-              "as in the step), times the layers, plus the lm_head; the attention kernel over a cache of the "
-              "context's length for the heads one thread gets. Overhead = step - matmuls - attention: norms, RoPE, "
+              "as in the step), times the layers, plus the lm_head; the attention kernel, every head over the cached "
+              "rows one thread gets (its share of the 256-row parts), times the layers. Overhead = step - matmuls - attention: norms, RoPE, "
               "the residual stream, thread hand-offs and the one call from Python (each kernel is timed with its own "
               "call from Python, so this is a lower bound).",
               "", "| engine | context | step ms | matmuls ms | attention ms | overhead ms |", "|---|---|---|---|---|---|"]

@@ -582,103 +582,126 @@ inline __m256 exp8(__m256 x) {
   return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 
+// Heads in lanes (16 heads as two 8-lane halves), fp32: the cached rows of a block are widened
+// to fp32 once, then each row's scores for all heads are FMAs of the transposed query against a
+// broadcast of the row's value at k, the softmax is elementwise across heads, and the values
+// are FMAs of the probabilities against broadcast V[t][r]; every cached row is read once per
+// block for all heads, with no horizontal sums.
 void attention(const float* q, int64_t nh, int64_t D, int64_t rank, const void* cache, int cache_bf16, int64_t S,
                float scale, float* out, float* lse, float* scratch) {
-  float* R = scratch;
-  float* s = R + ATTN_TB * D;
-  float* mx = s + nh * ATTN_TB;
-  float* l = mx + nh;
-  const int64_t D8 = D & ~7;
-  for (int64_t h = 0; h < nh; h++) {
-    mx[h] = -__builtin_inff();
-    l[h] = 0.f;
-    for (int64_t r = 0; r < rank; r++) out[h * rank + r] = 0.f;
-  }
-  for (int64_t t0 = 0; t0 < S; t0 += ATTN_TB) {
-    const int64_t tb = S - t0 < ATTN_TB ? S - t0 : ATTN_TB;
-    if (cache_bf16) {
-      const uint16_t* c = (const uint16_t*)cache + t0 * D;
-      int64_t k = 0;
-      for (; k + 8 <= tb * D; k += 8)
-        _mm256_storeu_ps(R + k, _mm256_castsi256_ps(_mm256_slli_epi32(
-                                    _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)(c + k))), 16)));
-      for (; k < tb * D; k++) R[k] = bf16_to_fp32(c[k]);
-    } else {
-      memcpy(R, (const float*)cache + t0 * D, sizeof(float) * tb * D);
-    }
-    for (int64_t h = 0; h < nh; h++) {
-      const float* qh = q + h * D;
-      float* sh = s + h * ATTN_TB;
+  float* R = scratch;                     // [ATTN_TB][D] fp32 rows (bf16 cache)
+  float* qT = R + ATTN_TB * D;            // [D][16]
+  float* OT = qT + 16 * D;                // [rank][16]
+  float* sT = OT + 16 * rank;             // [ATTN_TB][16] scores, then probabilities
+  const __m256 vs = _mm256_set1_ps(scale);
+  for (int64_t h0 = 0; h0 < nh; h0 += 16) {
+    const int64_t g = nh - h0 < 16 ? nh - h0 : 16;
+    for (int64_t k = 0; k < D; k++)
+      for (int64_t j = 0; j < 16; j++) qT[k * 16 + j] = j < g ? q[(h0 + j) * D + k] : 0.f;
+    for (int64_t i = 0; i < 16 * rank; i++) OT[i] = 0.f;
+    __m256 m0 = _mm256_set1_ps(-__builtin_inff()), m1 = m0, l0 = _mm256_setzero_ps(), l1 = l0;
+    for (int64_t t0 = 0; t0 < S; t0 += ATTN_TB) {
+      const int64_t tb = S - t0 < ATTN_TB ? S - t0 : ATTN_TB;
+      const float* Rb;
+      if (cache_bf16) {
+        const uint16_t* c = (const uint16_t*)cache + t0 * D;
+        int64_t k = 0;
+        for (; k + 8 <= tb * D; k += 8)
+          _mm256_storeu_ps(R + k, _mm256_castsi256_ps(_mm256_slli_epi32(
+                                      _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)(c + k))), 16)));
+        for (; k < tb * D; k++) R[k] = bf16_to_fp32(c[k]);
+        Rb = R;
+      } else {
+        Rb = (const float*)cache + t0 * D;
+      }
+      // scores, rows in fours: 8 accumulators, 2 query loads + 4 broadcasts per 8 FMAs
       int64_t t = 0;
       for (; t + 4 <= tb; t += 4) {
-        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-        const float* r0 = R + t * D;
-        for (int64_t k = 0; k < D8; k += 8) {
-          const __m256 qv = _mm256_loadu_ps(qh + k);
-          a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(r0 + k), a0);
-          a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(r0 + D + k), a1);
-          a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(r0 + 2 * D + k), a2);
-          a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(r0 + 3 * D + k), a3);
+        __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00, a31 = a00;
+        const float* r0 = Rb + t * D;
+        for (int64_t k = 0; k < D; k++) {
+          const __m256 qa = _mm256_loadu_ps(qT + k * 16), qb = _mm256_loadu_ps(qT + k * 16 + 8);
+          __m256 v = _mm256_broadcast_ss(r0 + k);
+          a00 = _mm256_fmadd_ps(qa, v, a00), a01 = _mm256_fmadd_ps(qb, v, a01);
+          v = _mm256_broadcast_ss(r0 + D + k);
+          a10 = _mm256_fmadd_ps(qa, v, a10), a11 = _mm256_fmadd_ps(qb, v, a11);
+          v = _mm256_broadcast_ss(r0 + 2 * D + k);
+          a20 = _mm256_fmadd_ps(qa, v, a20), a21 = _mm256_fmadd_ps(qb, v, a21);
+          v = _mm256_broadcast_ss(r0 + 3 * D + k);
+          a30 = _mm256_fmadd_ps(qa, v, a30), a31 = _mm256_fmadd_ps(qb, v, a31);
         }
-        float v[4] = {hsum8(a0), hsum8(a1), hsum8(a2), hsum8(a3)};
-        for (int64_t k = D8; k < D; k++)
-          for (int i = 0; i < 4; i++) v[i] += qh[k] * r0[i * D + k];
-        for (int i = 0; i < 4; i++) sh[t + i] = v[i] * scale;
+        float* st = sT + t * 16;
+        _mm256_storeu_ps(st, _mm256_mul_ps(a00, vs)), _mm256_storeu_ps(st + 8, _mm256_mul_ps(a01, vs));
+        _mm256_storeu_ps(st + 16, _mm256_mul_ps(a10, vs)), _mm256_storeu_ps(st + 24, _mm256_mul_ps(a11, vs));
+        _mm256_storeu_ps(st + 32, _mm256_mul_ps(a20, vs)), _mm256_storeu_ps(st + 40, _mm256_mul_ps(a21, vs));
+        _mm256_storeu_ps(st + 48, _mm256_mul_ps(a30, vs)), _mm256_storeu_ps(st + 56, _mm256_mul_ps(a31, vs));
       }
       for (; t < tb; t++) {
-        __m256 a0 = _mm256_setzero_ps();
-        for (int64_t k = 0; k < D8; k += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qh + k), _mm256_loadu_ps(R + t * D + k), a0);
-        float v = hsum8(a0);
-        for (int64_t k = D8; k < D; k++) v += qh[k] * R[t * D + k];
-        sh[t] = v * scale;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0;
+        for (int64_t k = 0; k < D; k++) {
+          const __m256 v = _mm256_broadcast_ss(Rb + t * D + k);
+          a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qT + k * 16), v, a0);
+          a1 = _mm256_fmadd_ps(_mm256_loadu_ps(qT + k * 16 + 8), v, a1);
+        }
+        _mm256_storeu_ps(sT + t * 16, _mm256_mul_ps(a0, vs)), _mm256_storeu_ps(sT + t * 16 + 8, _mm256_mul_ps(a1, vs));
       }
-      float bm = -__builtin_inff();
-      for (t = 0; t < tb; t++) bm = bm > sh[t] ? bm : sh[t];
-      const float mnew = mx[h] > bm ? mx[h] : bm;
-      const float alpha = __builtin_expf(mx[h] - mnew);
-      __m256 sum = _mm256_setzero_ps();
-      const __m256 vm = _mm256_set1_ps(mnew);
-      for (t = 0; t + 8 <= tb; t += 8) {
-        const __m256 p = exp8(_mm256_sub_ps(_mm256_loadu_ps(sh + t), vm));
-        _mm256_storeu_ps(sh + t, p);
-        sum = _mm256_add_ps(sum, p);
+      // online softmax, elementwise across heads
+      __m256 b0 = _mm256_loadu_ps(sT), b1 = _mm256_loadu_ps(sT + 8);
+      for (t = 1; t < tb; t++)
+        b0 = _mm256_max_ps(b0, _mm256_loadu_ps(sT + t * 16)), b1 = _mm256_max_ps(b1, _mm256_loadu_ps(sT + t * 16 + 8));
+      const __m256 n0 = _mm256_max_ps(m0, b0), n1 = _mm256_max_ps(m1, b1);
+      const __m256 al0 = exp8(_mm256_sub_ps(m0, n0)), al1 = exp8(_mm256_sub_ps(m1, n1));  // m = -inf: ~0
+      m0 = n0, m1 = n1;
+      __m256 s0 = _mm256_setzero_ps(), s1 = s0;
+      for (t = 0; t < tb; t++) {
+        const __m256 p0 = exp8(_mm256_sub_ps(_mm256_loadu_ps(sT + t * 16), n0));
+        const __m256 p1 = exp8(_mm256_sub_ps(_mm256_loadu_ps(sT + t * 16 + 8), n1));
+        _mm256_storeu_ps(sT + t * 16, p0), _mm256_storeu_ps(sT + t * 16 + 8, p1);
+        s0 = _mm256_add_ps(s0, p0), s1 = _mm256_add_ps(s1, p1);
       }
-      float ssum = hsum8(sum);
-      for (; t < tb; t++) {
-        sh[t] = __builtin_expf(sh[t] - mnew);
-        ssum += sh[t];
-      }
-      l[h] = l[h] * alpha + ssum;
-      mx[h] = mnew;
-      float* o = out + h * rank;
-      const __m256 va = _mm256_set1_ps(alpha);
+      l0 = _mm256_fmadd_ps(l0, al0, s0), l1 = _mm256_fmadd_ps(l1, al1, s1);
+      // values, r in fours: OT[r] = alpha * OT[r] + sum_t p[t] * V[t][r]
       int64_t r = 0;
-      for (; r + 64 <= rank; r += 64) {
-        __m256 acc[8];
-        for (int i = 0; i < 8; i++) acc[i] = _mm256_mul_ps(_mm256_loadu_ps(o + r + 8 * i), va);
+      for (; r + 4 <= rank; r += 4) {
+        float* o = OT + r * 16;
+        __m256 c00 = _mm256_mul_ps(_mm256_loadu_ps(o), al0), c01 = _mm256_mul_ps(_mm256_loadu_ps(o + 8), al1);
+        __m256 c10 = _mm256_mul_ps(_mm256_loadu_ps(o + 16), al0), c11 = _mm256_mul_ps(_mm256_loadu_ps(o + 24), al1);
+        __m256 c20 = _mm256_mul_ps(_mm256_loadu_ps(o + 32), al0), c21 = _mm256_mul_ps(_mm256_loadu_ps(o + 40), al1);
+        __m256 c30 = _mm256_mul_ps(_mm256_loadu_ps(o + 48), al0), c31 = _mm256_mul_ps(_mm256_loadu_ps(o + 56), al1);
         for (t = 0; t < tb; t++) {
-          const __m256 p = _mm256_set1_ps(sh[t]);
-          const float* row = R + t * D + r;
-          for (int i = 0; i < 8; i++) acc[i] = _mm256_fmadd_ps(p, _mm256_loadu_ps(row + 8 * i), acc[i]);
+          const __m256 pa = _mm256_loadu_ps(sT + t * 16), pb = _mm256_loadu_ps(sT + t * 16 + 8);
+          const float* v = Rb + t * D + r;
+          __m256 x = _mm256_broadcast_ss(v);
+          c00 = _mm256_fmadd_ps(pa, x, c00), c01 = _mm256_fmadd_ps(pb, x, c01);
+          x = _mm256_broadcast_ss(v + 1);
+          c10 = _mm256_fmadd_ps(pa, x, c10), c11 = _mm256_fmadd_ps(pb, x, c11);
+          x = _mm256_broadcast_ss(v + 2);
+          c20 = _mm256_fmadd_ps(pa, x, c20), c21 = _mm256_fmadd_ps(pb, x, c21);
+          x = _mm256_broadcast_ss(v + 3);
+          c30 = _mm256_fmadd_ps(pa, x, c30), c31 = _mm256_fmadd_ps(pb, x, c31);
         }
-        for (int i = 0; i < 8; i++) _mm256_storeu_ps(o + r + 8 * i, acc[i]);
-      }
-      for (; r + 8 <= rank; r += 8) {
-        __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(o + r), va);
-        for (t = 0; t < tb; t++) acc = _mm256_fmadd_ps(_mm256_set1_ps(sh[t]), _mm256_loadu_ps(R + t * D + r), acc);
-        _mm256_storeu_ps(o + r, acc);
+        _mm256_storeu_ps(o, c00), _mm256_storeu_ps(o + 8, c01), _mm256_storeu_ps(o + 16, c10);
+        _mm256_storeu_ps(o + 24, c11), _mm256_storeu_ps(o + 32, c20), _mm256_storeu_ps(o + 40, c21);
+        _mm256_storeu_ps(o + 48, c30), _mm256_storeu_ps(o + 56, c31);
       }
       for (; r < rank; r++) {
-        float acc = o[r] * alpha;
-        for (t = 0; t < tb; t++) acc += sh[t] * R[t * D + r];
-        o[r] = acc;
+        float* o = OT + r * 16;
+        __m256 c0 = _mm256_mul_ps(_mm256_loadu_ps(o), al0), c1 = _mm256_mul_ps(_mm256_loadu_ps(o + 8), al1);
+        for (t = 0; t < tb; t++) {
+          const __m256 x = _mm256_broadcast_ss(Rb + t * D + r);
+          c0 = _mm256_fmadd_ps(_mm256_loadu_ps(sT + t * 16), x, c0);
+          c1 = _mm256_fmadd_ps(_mm256_loadu_ps(sT + t * 16 + 8), x, c1);
+        }
+        _mm256_storeu_ps(o, c0), _mm256_storeu_ps(o + 8, c1);
       }
     }
-  }
-  for (int64_t h = 0; h < nh; h++) {
-    const float inv = l[h] > 0.f ? 1.f / l[h] : 0.f;
-    for (int64_t r = 0; r < rank; r++) out[h * rank + r] *= inv;
-    if (lse) lse[h] = l[h] > 0.f ? mx[h] + __builtin_logf(l[h]) : -__builtin_inff();
+    float lv[16], mv[16];
+    _mm256_storeu_ps(lv, l0), _mm256_storeu_ps(lv + 8, l1), _mm256_storeu_ps(mv, m0), _mm256_storeu_ps(mv + 8, m1);
+    for (int64_t j = 0; j < g; j++) {
+      const float inv = lv[j] > 0.f ? 1.f / lv[j] : 0.f;
+      for (int64_t r = 0; r < rank; r++) out[(h0 + j) * rank + r] = OT[r * 16 + j] * inv;
+      if (lse) lse[h0 + j] = lv[j] > 0.f ? mv[j] + __builtin_logf(lv[j]) : -__builtin_inff();
+    }
   }
 }
 

@@ -108,8 +108,10 @@ struct Kernels {
 };
 
 enum : int { ATTN_TB = 64 };  // cache rows per attention block
+// enough for every path: fp32 rows of a block, a 16-head query, output and score block
+// (rank <= D), and the scalar kernel's per-head state
 static inline int64_t attn_scratch_floats(int64_t nh, int64_t D) {
-  return ATTN_TB * D + nh * ATTN_TB + 4 * nh + 64;
+  return ATTN_TB * D + 32 * D + 16 * ATTN_TB + nh * ATTN_TB + 4 * nh + 64;
 }
 
 extern const Kernels kernels_scalar;
