@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     info = {**machine_info(args.threads), "isa": torch.ops.plm.isa()}
     rows = attention_rows([int(s) for s in args.lengths.split(",")])
     rows += matrix_rows(args.threads, [int(m) for m in args.rows.split(",")])
-    md = [f"# Native kernels\n", f"CPU: {info['cpu']}, {info['cores']} cores; kernel path `{info['isa']}`; "
+    md = ["# Native kernels\n", f"CPU: {info['cpu']}, {info['cores']} cores; kernel path `{info['isa']}`; "
           f"torch {info['torch']}; attention on 1 thread, matrices on {args.threads}.\n",
           "| kernel | case | shape | ms | G MAC/s |", "|---|---|---|---|---|"]
     md += [f"| {r['kernel']} | {r['case']} | {r['shape']} | {r['ms']:.3f} | {r['gmac_s']:.1f} |" for r in rows]

@@ -60,14 +60,9 @@ class ChatSession:
         return turns, dropped, min(self.cfg.max_new_tokens, self.context - n)
 
     def reply(self, user: str, stream: Callable[[str], None] | None = None) -> Reply:
-        """Answer `user`; Ctrl-C (KeyboardInterrupt) stops the reply and keeps what was said."""
+        """Answer `user`; Ctrl-C (KeyboardInterrupt) stops the reply and keeps what was said,
+        also when it comes before the first token (the reply is then empty)."""
         self.messages.append({"role": "user", "content": user})
-        try:
-            turns, dropped, budget = self.fit()
-        except PLMError:
-            self.messages.pop()
-            raise
-        self.messages[:] = self.messages[len(self.messages) - len(turns):]
         tok = self.engine.tokenizer
         pieces: list[str] = []
 
@@ -76,8 +71,14 @@ class ChatSession:
             if stream:
                 stream(piece)
 
-        t0, interrupted, text, n = time.perf_counter(), False, "", 0
+        t0, interrupted, text, n, dropped = time.perf_counter(), False, "", 0, 0
         try:
+            try:
+                turns, dropped, budget = self.fit()
+            except PLMError:
+                self.messages.pop()
+                raise
+            self.messages[:] = self.messages[len(self.messages) - len(turns):]
             cfg = dataclasses.replace(self.cfg, max_new_tokens=budget)
             res = generate(None, tok, self._text(turns), cfg, step=self.engine.new_step(), stream=emit)
             text, n = res.texts[0], len(res.tokens[0])
