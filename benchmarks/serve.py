@@ -335,6 +335,19 @@ def plot(res: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def keep_earlier(earlier: dict, res: dict) -> dict:
+    """`res` plus the engines `earlier` measured and `res` did not (skipped or not asked for),
+    in the usual engine order, with both commands and the targets recomputed."""
+    engines = dict(res["engines"])
+    for name, r in earlier["engines"].items():
+        if "levels" in r and "levels" not in engines.get(name, {}):
+            engines[name] = r
+    out = {**res, "engines": {e: engines[e] for e in ENGINES if e in engines},
+           "command": f"{earlier['command']}; then {res['command']}"}
+    out["targets"] = targets(out)
+    return out
+
+
 # ---- the native decoder alone --------------------------------------------------------------------
 
 def decoder_alone(gguf: Path, levels: list[int], prompt_tokens: int, threads: int) -> str:
@@ -347,7 +360,7 @@ def decoder_alone(gguf: Path, levels: list[int], prompt_tokens: int, threads: in
     torch.set_num_threads(threads)
     dec = NativeDecoder.from_gguf(gguf, capacity=prompt_tokens + 64)
     g = torch.Generator().manual_seed(0)
-    rows = ["| sequences B | prefill tok/s | batched step ms | decode tok/s | vs B=1 |", "|---|---|---|---|---|"]
+    rows = [f"| sequences B | prefill tok/s | batched step ms | decode tok/s | vs B={levels[0]} |", "|---|---|---|---|---|"]
     one = None
     for B in levels:
         seqs = [dec.new_sequence() for _ in range(B)]
@@ -476,13 +489,7 @@ def main() -> int:
         res = bench_model(model, args)
         old = out / f"serve-{model}.json"
         if args.keep and old.exists():
-            earlier = json.loads(old.read_text())
-            for name, r in earlier["engines"].items():
-                if "levels" in r and "levels" not in res["engines"].get(name, {}):
-                    res["engines"][name] = r
-            res["engines"] = {e: res["engines"][e] for e in ENGINES if e in res["engines"]}
-            res["command"] = f"{earlier['command']}; then {res['command']}"
-            res["targets"] = targets(res)
+            res = keep_earlier(json.loads(old.read_text()), res)
         (out / f"serve-{model}.json").write_text(json.dumps(res, indent=2))
         md = markdown(res)
         (out / f"serve-{model}.md").write_text(md)

@@ -74,3 +74,19 @@ def test_ctrl_c_stops_a_reply_and_keeps_the_session(qwen2_micro_dir):
         p.kill()
     assert p.returncode == 0, err
     assert "(interrupted)" in err and out.count("you> ") == 2  # back at the prompt after Ctrl-C
+
+
+def test_ctrl_c_before_the_first_token_keeps_the_session(engine, monkeypatch):
+    """Ctrl-C that lands before generation starts (while the prompt is built) interrupts the
+    reply like one during it: an empty, interrupted reply, the turn kept, the session usable."""
+    s = ChatSession(engine, GenerationConfig(max_new_tokens=4))
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(s, "fit", interrupted)
+    r = s.reply("hello")
+    assert r.interrupted and r.text == "" and r.tokens == 0
+    assert s.messages == [{"role": "user", "content": "hello"}, {"role": "assistant", "content": ""}]
+    monkeypatch.undo()
+    assert not s.reply("again").interrupted and len(s.messages) == 4

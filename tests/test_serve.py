@@ -591,3 +591,50 @@ def test_cli_errors_are_one_line(tmp_path, qwen2_micro_dir):
     assert main(["serve", str(tmp_path / "missing"), "--port", "0"]) == 2
     assert main(["serve", str(qwen2_micro_dir), "--max-batch", "0"]) == 2
     assert main(["serve", str(qwen2_micro_dir), "--context", "100000"]) == 2
+
+
+# ---- benchmarks/serve.py helpers ------------------------------------------------------------
+
+def _serve_bench():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("serve_bench", Path(__file__).resolve().parents[1] / "benchmarks/serve.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _level(c: int, tok_s: float, itl: float) -> dict:
+    return {"concurrency": c, "decode_tok_s": tok_s, "itl_p95": itl}
+
+
+def test_serve_bench_keep_merges_an_earlier_run():
+    """--keep: engines measured only in the earlier run join the new one (skipped ones do not
+    replace a measurement), in the usual order, and the targets are recomputed over both."""
+    sb = _serve_bench()
+    earlier = {"command": "first", "engines": {"ours-native": {"skipped": "not built"},
+                                               "llama-server": {"levels": [_level(1, 10, 0.1), _level(8, 40, 0.2)]}}}
+    new = {"command": "second", "engines": {"ours-native": {"levels": [_level(1, 15, 0.07), _level(8, 48, 0.2)]}}}
+    res = sb.keep_earlier(earlier, new)
+    assert list(res["engines"]) == ["ours-native", "llama-server"] and res["command"] == "first; then second"
+    got = {t["target"]: t["met"] for t in res["targets"]}
+    assert got == {"ours-native: decode throughput at c=8 >= 3x c=1": True,  # 48 / 15 = 3.2
+                   "ours-native: p95 inter-token latency at c=8 <= 3x c=1": True,  # 0.2 / 0.07 = 2.86
+                   "ours-native vs llama-server, decode throughput at c=8: >= 1.0x": True}  # 48 / 40
+    assert "levels" in sb.keep_earlier({"command": "a", "engines": {"ours-native": new["engines"]["ours-native"]}},
+                                       {"command": "b", "engines": {"ours-native": {"skipped": "x"}}})["engines"]["ours-native"]
+
+
+@pytest.mark.slow
+def test_serve_bench_decoder_alone(qwen2_micro_dir, tmp_path):
+    """--decoder-alone: the native decoder's prefill and batched step per concurrency level."""
+    from plm.infer import native as nv
+    if not nv.available():
+        pytest.skip("native kernels not built")
+    from plm.export.gguf import export_gguf
+    gguf = tmp_path / "m.gguf"
+    export_gguf(qwen2_micro_dir, gguf, "q8_0")
+    md = _serve_bench().decoder_alone(gguf, [1, 3], 12, 1).splitlines()
+    assert md[0].endswith("| vs B=1 |") and len(md) == 4
+    b1, b3 = (row.split("|")[1:-1] for row in md[2:])
+    assert b1[0].strip() == "1" and b3[0].strip() == "3" and b1[-1].strip() == "1.00x"
+    assert all(float(v) > 0 for v in (b1[1], b1[3], b3[1], b3[3]))  # prefill and decode tok/s

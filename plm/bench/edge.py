@@ -308,8 +308,9 @@ def kernel_seconds(copies, head, dec, ctx: int, threads: int) -> dict:
     lm = float(np.median([_time_once(lambda: head(hx)) for _ in range(5)]))
     D = c.kv_lora_rank + c.qk_rope_head_dim
     q = torch.randn(c.num_attention_heads, D, generator=g)
-    parts = -(-ctx // 256)
-    rows = min(ctx, -(-parts // threads) * 256)
+    from plm.infer.native_decoder import ATTN_PART
+    parts = -(-ctx // ATTN_PART)
+    rows = min(ctx, -(-parts // threads) * ATTN_PART)
     cache = torch.randn(rows, D, generator=g).to(torch.bfloat16 if dec.cache_dtype == "bf16" else torch.float32)
     att = float(np.median([_time_once(lambda: nv.attention(q, cache, c.kv_lora_rank, float(c.softmax_scale)))
                            for _ in range(15)]))

@@ -51,6 +51,11 @@ def _fmt_for(requested: int, K: int) -> int:
     return nv.Q8_0 if K % 32 == 0 else nv.BF16
 
 
+# Cached rows per attention part in the C++ step (decoder.cpp's ATTN_PART): a decode step
+# spreads one sequence's parts over the threads.
+ATTN_PART = 256
+
+
 class NativeDecoder:
     """PLM decode and prefill in native code. See the module docstring."""
 

@@ -18,7 +18,7 @@
 namespace plm {
 namespace {
 
-constexpr int64_t ATTN_PART = 256;  // cached rows per attention part
+constexpr int64_t ATTN_PART = 256;  // cached rows per attention part (native_decoder.py: ATTN_PART)
 
 template <typename T>
 T* grow(std::vector<T>& v, size_t n) {

@@ -588,7 +588,7 @@ inline __m256 exp8(__m256 x) {
 // are FMAs of the probabilities against broadcast V[t][r]; every cached row is read once per
 // block for all heads, with no horizontal sums.
 void attention(const float* q, int64_t nh, int64_t D, int64_t rank, const void* cache, int cache_bf16, int64_t S,
-               float scale, float* out, float* lse, float* scratch) {
+               int64_t part, float scale, float* out, float* lse, float* scratch) {
   float* R = scratch;                     // [ATTN_TB][D] fp32 rows (bf16 cache)
   float* qT = R + ATTN_TB * D;            // [D][16]
   float* OT = qT + 16 * D;                // [rank][16]
@@ -598,109 +598,114 @@ void attention(const float* q, int64_t nh, int64_t D, int64_t rank, const void* 
     const int64_t g = nh - h0 < 16 ? nh - h0 : 16;
     for (int64_t k = 0; k < D; k++)
       for (int64_t j = 0; j < 16; j++) qT[k * 16 + j] = j < g ? q[(h0 + j) * D + k] : 0.f;
-    for (int64_t i = 0; i < 16 * rank; i++) OT[i] = 0.f;
-    __m256 m0 = _mm256_set1_ps(-__builtin_inff()), m1 = m0, l0 = _mm256_setzero_ps(), l1 = l0;
-    for (int64_t t0 = 0; t0 < S; t0 += ATTN_TB) {
-      const int64_t tb = S - t0 < ATTN_TB ? S - t0 : ATTN_TB;
-      const float* Rb;
-      if (cache_bf16) {
-        const uint16_t* c = (const uint16_t*)cache + t0 * D;
-        int64_t k = 0;
-        for (; k + 8 <= tb * D; k += 8)
-          _mm256_storeu_ps(R + k, _mm256_castsi256_ps(_mm256_slli_epi32(
-                                      _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)(c + k))), 16)));
-        for (; k < tb * D; k++) R[k] = bf16_to_fp32(c[k]);
-        Rb = R;
-      } else {
-        Rb = (const float*)cache + t0 * D;
-      }
-      // scores, rows in fours: 8 accumulators, 2 query loads + 4 broadcasts per 8 FMAs
-      int64_t t = 0;
-      for (; t + 4 <= tb; t += 4) {
-        __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00, a31 = a00;
-        const float* r0 = Rb + t * D;
-        for (int64_t k = 0; k < D; k++) {
-          const __m256 qa = _mm256_loadu_ps(qT + k * 16), qb = _mm256_loadu_ps(qT + k * 16 + 8);
-          __m256 v = _mm256_broadcast_ss(r0 + k);
-          a00 = _mm256_fmadd_ps(qa, v, a00), a01 = _mm256_fmadd_ps(qb, v, a01);
-          v = _mm256_broadcast_ss(r0 + D + k);
-          a10 = _mm256_fmadd_ps(qa, v, a10), a11 = _mm256_fmadd_ps(qb, v, a11);
-          v = _mm256_broadcast_ss(r0 + 2 * D + k);
-          a20 = _mm256_fmadd_ps(qa, v, a20), a21 = _mm256_fmadd_ps(qb, v, a21);
-          v = _mm256_broadcast_ss(r0 + 3 * D + k);
-          a30 = _mm256_fmadd_ps(qa, v, a30), a31 = _mm256_fmadd_ps(qb, v, a31);
+    // each part of `part` cached rows: its own softmax, normalised, with its log-sum-exp
+    for (int64_t p0 = 0, pi = 0; p0 < S; p0 += part, pi++) {
+      const int64_t n = S - p0 < part ? S - p0 : part;
+      const void* pc = (const uint8_t*)cache + p0 * D * (cache_bf16 ? 2 : 4);
+      for (int64_t i = 0; i < 16 * rank; i++) OT[i] = 0.f;
+      __m256 m0 = _mm256_set1_ps(-__builtin_inff()), m1 = m0, l0 = _mm256_setzero_ps(), l1 = l0;
+      for (int64_t t0 = 0; t0 < n; t0 += ATTN_TB) {
+        const int64_t tb = n - t0 < ATTN_TB ? n - t0 : ATTN_TB;
+        const float* Rb;
+        if (cache_bf16) {
+          const uint16_t* c = (const uint16_t*)pc + t0 * D;
+          int64_t k = 0;
+          for (; k + 8 <= tb * D; k += 8)
+            _mm256_storeu_ps(R + k, _mm256_castsi256_ps(_mm256_slli_epi32(
+                                        _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)(c + k))), 16)));
+          for (; k < tb * D; k++) R[k] = bf16_to_fp32(c[k]);
+          Rb = R;
+        } else {
+          Rb = (const float*)pc + t0 * D;
         }
-        float* st = sT + t * 16;
-        _mm256_storeu_ps(st, _mm256_mul_ps(a00, vs)), _mm256_storeu_ps(st + 8, _mm256_mul_ps(a01, vs));
-        _mm256_storeu_ps(st + 16, _mm256_mul_ps(a10, vs)), _mm256_storeu_ps(st + 24, _mm256_mul_ps(a11, vs));
-        _mm256_storeu_ps(st + 32, _mm256_mul_ps(a20, vs)), _mm256_storeu_ps(st + 40, _mm256_mul_ps(a21, vs));
-        _mm256_storeu_ps(st + 48, _mm256_mul_ps(a30, vs)), _mm256_storeu_ps(st + 56, _mm256_mul_ps(a31, vs));
-      }
-      for (; t < tb; t++) {
-        __m256 a0 = _mm256_setzero_ps(), a1 = a0;
-        for (int64_t k = 0; k < D; k++) {
-          const __m256 v = _mm256_broadcast_ss(Rb + t * D + k);
-          a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qT + k * 16), v, a0);
-          a1 = _mm256_fmadd_ps(_mm256_loadu_ps(qT + k * 16 + 8), v, a1);
+        // scores, rows in fours: 8 accumulators, 2 query loads + 4 broadcasts per 8 FMAs
+        int64_t t = 0;
+        for (; t + 4 <= tb; t += 4) {
+          __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00, a31 = a00;
+          const float* r0 = Rb + t * D;
+          for (int64_t k = 0; k < D; k++) {
+            const __m256 qa = _mm256_loadu_ps(qT + k * 16), qb = _mm256_loadu_ps(qT + k * 16 + 8);
+            __m256 v = _mm256_broadcast_ss(r0 + k);
+            a00 = _mm256_fmadd_ps(qa, v, a00), a01 = _mm256_fmadd_ps(qb, v, a01);
+            v = _mm256_broadcast_ss(r0 + D + k);
+            a10 = _mm256_fmadd_ps(qa, v, a10), a11 = _mm256_fmadd_ps(qb, v, a11);
+            v = _mm256_broadcast_ss(r0 + 2 * D + k);
+            a20 = _mm256_fmadd_ps(qa, v, a20), a21 = _mm256_fmadd_ps(qb, v, a21);
+            v = _mm256_broadcast_ss(r0 + 3 * D + k);
+            a30 = _mm256_fmadd_ps(qa, v, a30), a31 = _mm256_fmadd_ps(qb, v, a31);
+          }
+          float* st = sT + t * 16;
+          _mm256_storeu_ps(st, _mm256_mul_ps(a00, vs)), _mm256_storeu_ps(st + 8, _mm256_mul_ps(a01, vs));
+          _mm256_storeu_ps(st + 16, _mm256_mul_ps(a10, vs)), _mm256_storeu_ps(st + 24, _mm256_mul_ps(a11, vs));
+          _mm256_storeu_ps(st + 32, _mm256_mul_ps(a20, vs)), _mm256_storeu_ps(st + 40, _mm256_mul_ps(a21, vs));
+          _mm256_storeu_ps(st + 48, _mm256_mul_ps(a30, vs)), _mm256_storeu_ps(st + 56, _mm256_mul_ps(a31, vs));
         }
-        _mm256_storeu_ps(sT + t * 16, _mm256_mul_ps(a0, vs)), _mm256_storeu_ps(sT + t * 16 + 8, _mm256_mul_ps(a1, vs));
-      }
-      // online softmax, elementwise across heads
-      __m256 b0 = _mm256_loadu_ps(sT), b1 = _mm256_loadu_ps(sT + 8);
-      for (t = 1; t < tb; t++)
-        b0 = _mm256_max_ps(b0, _mm256_loadu_ps(sT + t * 16)), b1 = _mm256_max_ps(b1, _mm256_loadu_ps(sT + t * 16 + 8));
-      const __m256 n0 = _mm256_max_ps(m0, b0), n1 = _mm256_max_ps(m1, b1);
-      const __m256 al0 = exp8(_mm256_sub_ps(m0, n0)), al1 = exp8(_mm256_sub_ps(m1, n1));  // m = -inf: ~0
-      m0 = n0, m1 = n1;
-      __m256 s0 = _mm256_setzero_ps(), s1 = s0;
-      for (t = 0; t < tb; t++) {
-        const __m256 p0 = exp8(_mm256_sub_ps(_mm256_loadu_ps(sT + t * 16), n0));
-        const __m256 p1 = exp8(_mm256_sub_ps(_mm256_loadu_ps(sT + t * 16 + 8), n1));
-        _mm256_storeu_ps(sT + t * 16, p0), _mm256_storeu_ps(sT + t * 16 + 8, p1);
-        s0 = _mm256_add_ps(s0, p0), s1 = _mm256_add_ps(s1, p1);
-      }
-      l0 = _mm256_fmadd_ps(l0, al0, s0), l1 = _mm256_fmadd_ps(l1, al1, s1);
-      // values, r in fours: OT[r] = alpha * OT[r] + sum_t p[t] * V[t][r]
-      int64_t r = 0;
-      for (; r + 4 <= rank; r += 4) {
-        float* o = OT + r * 16;
-        __m256 c00 = _mm256_mul_ps(_mm256_loadu_ps(o), al0), c01 = _mm256_mul_ps(_mm256_loadu_ps(o + 8), al1);
-        __m256 c10 = _mm256_mul_ps(_mm256_loadu_ps(o + 16), al0), c11 = _mm256_mul_ps(_mm256_loadu_ps(o + 24), al1);
-        __m256 c20 = _mm256_mul_ps(_mm256_loadu_ps(o + 32), al0), c21 = _mm256_mul_ps(_mm256_loadu_ps(o + 40), al1);
-        __m256 c30 = _mm256_mul_ps(_mm256_loadu_ps(o + 48), al0), c31 = _mm256_mul_ps(_mm256_loadu_ps(o + 56), al1);
+        for (; t < tb; t++) {
+          __m256 a0 = _mm256_setzero_ps(), a1 = a0;
+          for (int64_t k = 0; k < D; k++) {
+            const __m256 v = _mm256_broadcast_ss(Rb + t * D + k);
+            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qT + k * 16), v, a0);
+            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(qT + k * 16 + 8), v, a1);
+          }
+          _mm256_storeu_ps(sT + t * 16, _mm256_mul_ps(a0, vs)), _mm256_storeu_ps(sT + t * 16 + 8, _mm256_mul_ps(a1, vs));
+        }
+        // online softmax, elementwise across heads
+        __m256 b0 = _mm256_loadu_ps(sT), b1 = _mm256_loadu_ps(sT + 8);
+        for (t = 1; t < tb; t++)
+          b0 = _mm256_max_ps(b0, _mm256_loadu_ps(sT + t * 16)), b1 = _mm256_max_ps(b1, _mm256_loadu_ps(sT + t * 16 + 8));
+        const __m256 n0 = _mm256_max_ps(m0, b0), n1 = _mm256_max_ps(m1, b1);
+        const __m256 al0 = exp8(_mm256_sub_ps(m0, n0)), al1 = exp8(_mm256_sub_ps(m1, n1));  // m = -inf: ~0
+        m0 = n0, m1 = n1;
+        __m256 s0 = _mm256_setzero_ps(), s1 = s0;
         for (t = 0; t < tb; t++) {
-          const __m256 pa = _mm256_loadu_ps(sT + t * 16), pb = _mm256_loadu_ps(sT + t * 16 + 8);
-          const float* v = Rb + t * D + r;
-          __m256 x = _mm256_broadcast_ss(v);
-          c00 = _mm256_fmadd_ps(pa, x, c00), c01 = _mm256_fmadd_ps(pb, x, c01);
-          x = _mm256_broadcast_ss(v + 1);
-          c10 = _mm256_fmadd_ps(pa, x, c10), c11 = _mm256_fmadd_ps(pb, x, c11);
-          x = _mm256_broadcast_ss(v + 2);
-          c20 = _mm256_fmadd_ps(pa, x, c20), c21 = _mm256_fmadd_ps(pb, x, c21);
-          x = _mm256_broadcast_ss(v + 3);
-          c30 = _mm256_fmadd_ps(pa, x, c30), c31 = _mm256_fmadd_ps(pb, x, c31);
+          const __m256 p0 = exp8(_mm256_sub_ps(_mm256_loadu_ps(sT + t * 16), n0));
+          const __m256 p1 = exp8(_mm256_sub_ps(_mm256_loadu_ps(sT + t * 16 + 8), n1));
+          _mm256_storeu_ps(sT + t * 16, p0), _mm256_storeu_ps(sT + t * 16 + 8, p1);
+          s0 = _mm256_add_ps(s0, p0), s1 = _mm256_add_ps(s1, p1);
         }
-        _mm256_storeu_ps(o, c00), _mm256_storeu_ps(o + 8, c01), _mm256_storeu_ps(o + 16, c10);
-        _mm256_storeu_ps(o + 24, c11), _mm256_storeu_ps(o + 32, c20), _mm256_storeu_ps(o + 40, c21);
-        _mm256_storeu_ps(o + 48, c30), _mm256_storeu_ps(o + 56, c31);
-      }
-      for (; r < rank; r++) {
-        float* o = OT + r * 16;
-        __m256 c0 = _mm256_mul_ps(_mm256_loadu_ps(o), al0), c1 = _mm256_mul_ps(_mm256_loadu_ps(o + 8), al1);
-        for (t = 0; t < tb; t++) {
-          const __m256 x = _mm256_broadcast_ss(Rb + t * D + r);
-          c0 = _mm256_fmadd_ps(_mm256_loadu_ps(sT + t * 16), x, c0);
-          c1 = _mm256_fmadd_ps(_mm256_loadu_ps(sT + t * 16 + 8), x, c1);
+        l0 = _mm256_fmadd_ps(l0, al0, s0), l1 = _mm256_fmadd_ps(l1, al1, s1);
+        // values, r in fours: OT[r] = alpha * OT[r] + sum_t p[t] * V[t][r]
+        int64_t r = 0;
+        for (; r + 4 <= rank; r += 4) {
+          float* o = OT + r * 16;
+          __m256 c00 = _mm256_mul_ps(_mm256_loadu_ps(o), al0), c01 = _mm256_mul_ps(_mm256_loadu_ps(o + 8), al1);
+          __m256 c10 = _mm256_mul_ps(_mm256_loadu_ps(o + 16), al0), c11 = _mm256_mul_ps(_mm256_loadu_ps(o + 24), al1);
+          __m256 c20 = _mm256_mul_ps(_mm256_loadu_ps(o + 32), al0), c21 = _mm256_mul_ps(_mm256_loadu_ps(o + 40), al1);
+          __m256 c30 = _mm256_mul_ps(_mm256_loadu_ps(o + 48), al0), c31 = _mm256_mul_ps(_mm256_loadu_ps(o + 56), al1);
+          for (t = 0; t < tb; t++) {
+            const __m256 pa = _mm256_loadu_ps(sT + t * 16), pb = _mm256_loadu_ps(sT + t * 16 + 8);
+            const float* v = Rb + t * D + r;
+            __m256 x = _mm256_broadcast_ss(v);
+            c00 = _mm256_fmadd_ps(pa, x, c00), c01 = _mm256_fmadd_ps(pb, x, c01);
+            x = _mm256_broadcast_ss(v + 1);
+            c10 = _mm256_fmadd_ps(pa, x, c10), c11 = _mm256_fmadd_ps(pb, x, c11);
+            x = _mm256_broadcast_ss(v + 2);
+            c20 = _mm256_fmadd_ps(pa, x, c20), c21 = _mm256_fmadd_ps(pb, x, c21);
+            x = _mm256_broadcast_ss(v + 3);
+            c30 = _mm256_fmadd_ps(pa, x, c30), c31 = _mm256_fmadd_ps(pb, x, c31);
+          }
+          _mm256_storeu_ps(o, c00), _mm256_storeu_ps(o + 8, c01), _mm256_storeu_ps(o + 16, c10);
+          _mm256_storeu_ps(o + 24, c11), _mm256_storeu_ps(o + 32, c20), _mm256_storeu_ps(o + 40, c21);
+          _mm256_storeu_ps(o + 48, c30), _mm256_storeu_ps(o + 56, c31);
         }
-        _mm256_storeu_ps(o, c0), _mm256_storeu_ps(o + 8, c1);
+        for (; r < rank; r++) {
+          float* o = OT + r * 16;
+          __m256 c0 = _mm256_mul_ps(_mm256_loadu_ps(o), al0), c1 = _mm256_mul_ps(_mm256_loadu_ps(o + 8), al1);
+          for (t = 0; t < tb; t++) {
+            const __m256 x = _mm256_broadcast_ss(Rb + t * D + r);
+            c0 = _mm256_fmadd_ps(_mm256_loadu_ps(sT + t * 16), x, c0);
+            c1 = _mm256_fmadd_ps(_mm256_loadu_ps(sT + t * 16 + 8), x, c1);
+          }
+          _mm256_storeu_ps(o, c0), _mm256_storeu_ps(o + 8, c1);
+        }
       }
-    }
-    float lv[16], mv[16];
-    _mm256_storeu_ps(lv, l0), _mm256_storeu_ps(lv + 8, l1), _mm256_storeu_ps(mv, m0), _mm256_storeu_ps(mv + 8, m1);
-    for (int64_t j = 0; j < g; j++) {
-      const float inv = lv[j] > 0.f ? 1.f / lv[j] : 0.f;
-      for (int64_t r = 0; r < rank; r++) out[(h0 + j) * rank + r] = OT[r * 16 + j] * inv;
-      if (lse) lse[h0 + j] = lv[j] > 0.f ? mv[j] + __builtin_logf(lv[j]) : -__builtin_inff();
+      float lv[16], mv[16];
+      _mm256_storeu_ps(lv, l0), _mm256_storeu_ps(lv + 8, l1), _mm256_storeu_ps(mv, m0), _mm256_storeu_ps(mv + 8, m1);
+      for (int64_t j = 0; j < g; j++) {
+        const float inv = lv[j] > 0.f ? 1.f / lv[j] : 0.f;
+        for (int64_t r = 0; r < rank; r++) out[(pi * nh + h0 + j) * rank + r] = OT[r * 16 + j] * inv;
+        if (lse) lse[pi * nh + h0 + j] = lv[j] > 0.f ? mv[j] + __builtin_logf(lv[j]) : -__builtin_inff();
+      }
     }
   }
 }

@@ -20,26 +20,22 @@ inline __m512bh ldbh(const uint16_t* p, __mmask32 m) {
   return (__m512bh)_mm512_maskz_loadu_epi16(m, p);
 }
 
-template <int MB>
-void bf16_rows(const uint16_t* W, int64_t K, int64_t n, const uint16_t* xb, int64_t m0, float* y, int64_t ldy) {
-  __m512 a0[MB], a1[MB];
-  for (int i = 0; i < MB; i++) a0[i] = a1[i] = _mm512_setzero_ps();
+// One weight row n against activation row m: two chains over alternating 32-wide blocks, the
+// tail on the first, summed at the end (the arithmetic every BF16 kernel here shares).
+void bf16_pair(const uint16_t* W, int64_t K, int64_t n, const uint16_t* xb, int64_t m, float* y, int64_t ldy) {
+  __m512 a0 = _mm512_setzero_ps(), a1 = a0;
   const __mmask32 all = 0xffffffffu;
-  const uint16_t* w = W + n * K;
+  const uint16_t *w = W + n * K, *x = xb + m * K;
   int64_t k = 0;
   for (; k + 64 <= K; k += 64) {
-    const __m512bh w0 = ldbh(w + k, all), w1 = ldbh(w + k + 32, all);
-    for (int i = 0; i < MB; i++) {
-      a0[i] = _mm512_dpbf16_ps(a0[i], w0, ldbh(xb + (m0 + i) * K + k, all));
-      a1[i] = _mm512_dpbf16_ps(a1[i], w1, ldbh(xb + (m0 + i) * K + k + 32, all));
-    }
+    a0 = _mm512_dpbf16_ps(a0, ldbh(w + k, all), ldbh(x + k, all));
+    a1 = _mm512_dpbf16_ps(a1, ldbh(w + k + 32, all), ldbh(x + k + 32, all));
   }
   for (; k < K; k += 32) {  // zero-masked tail: missing pairs contribute 0 * 0
     const __mmask32 msk = K - k >= 32 ? all : (__mmask32)((1ull << (K - k)) - 1);
-    const __m512bh w0 = ldbh(w + k, msk);
-    for (int i = 0; i < MB; i++) a0[i] = _mm512_dpbf16_ps(a0[i], w0, ldbh(xb + (m0 + i) * K + k, msk));
+    a0 = _mm512_dpbf16_ps(a0, ldbh(w + k, msk), ldbh(x + k, msk));
   }
-  for (int i = 0; i < MB; i++) y[(m0 + i) * ldy + n] = _mm512_reduce_add_ps(_mm512_add_ps(a0[i], a1[i]));
+  y[m * ldy + n] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
 }
 
 // M = 1: 4 weight rows share each activation load; 8 independent accumulation chains.
@@ -64,7 +60,7 @@ void bf16_rows4(const uint16_t* W, int64_t K, int64_t n, const uint16_t* xb, flo
 }
 
 // M > 1 (prefill): 4 weight rows x 4 activation rows per call, 16 accumulators, so each loaded
-// vector feeds 4 instructions. The same arithmetic per (row, activation row) as bf16_rows and
+// vector feeds 4 instructions. The same arithmetic per (row, activation row) as bf16_pair and
 // bf16_rows4 (two chains over alternating 32-wide blocks, the tail on the first, summed at the
 // end), run as two passes over K so only one chain's 16 accumulators are live at a time.
 // (16 named accumulators: with an array GCC stores all of them to the stack after every block,
@@ -218,7 +214,7 @@ int64_t attention_bf16_scratch_floats(int64_t D, int64_t rank) {
 
 void attention_avx512bf16(const float* q, int64_t nh, int64_t D, int64_t rank, const uint16_t* cache, int64_t S,
                           int64_t part, float scale, float* out, float* lse, float* scratch) {
-  const int64_t D2 = D / 2, R2 = rank / 2;
+  const int64_t D2 = D / 2;
   // 64-byte aligned regions of the scratch
   float* base = (float*)(((uintptr_t)scratch + 63) & ~(uintptr_t)63);
   __m512bh* qT = (__m512bh*)base;            // [D/2] pairs x 16 heads
@@ -269,7 +265,7 @@ void attention_avx512bf16(const float* q, int64_t nh, int64_t D, int64_t rank, c
         pack_values(c, D, rank, tb, vP);
         // OT[r] = alpha * OT[r] + sum over pairs of (p_t, p_t+1) . (V[t][r], V[t+1][r]), r in 16s
         int64_t r = 0;
-        for (; r + 16 <= R2 * 2; r += 16) {
+        for (; r + 16 <= rank; r += 16) {
           __m512 a[16];
           for (int i = 0; i < 16; i++) a[i] = _mm512_mul_ps(_mm512_load_ps(OT + (r + i) * 16), alpha);
           for (int64_t p = 0; p < tp; p++) {
@@ -304,7 +300,7 @@ void gemv_bf16_avx512bf16(const void* W, int64_t K, int64_t n0, int64_t n1, cons
   if (M == 1) {
     int64_t n = n0;
     for (; n + 4 <= n1; n += 4) bf16_rows4((const uint16_t*)W, K, n, xb, y);
-    for (; n < n1; n++) bf16_rows<1>((const uint16_t*)W, K, n, xb, 0, y, ldy);
+    for (; n < n1; n++) bf16_pair((const uint16_t*)W, K, n, xb, 0, y, ldy);
     return;
   }
   // activation rows in blocks that stay in L2 while the rows [n0, n1) stream past them
@@ -318,9 +314,9 @@ void gemv_bf16_avx512bf16(const void* W, int64_t K, int64_t n0, int64_t n1, cons
     for (; n + 4 <= n1; n += 4)
       for (int64_t m = m0; m < m4; m += 4) bf16_tile44(w, K, n, xb, m, y, ldy);
     for (; n < n1; n++)  // rows past the last 4 and activation rows past the last 4: one pair at a time
-      for (int64_t m = m0; m < m4; m++) bf16_rows<1>(w, K, n, xb, m, y, ldy);
+      for (int64_t m = m0; m < m4; m++) bf16_pair(w, K, n, xb, m, y, ldy);
     for (n = n0; n < n1; n++)
-      for (int64_t m = m4; m < m1; m++) bf16_rows<1>(w, K, n, xb, m, y, ldy);
+      for (int64_t m = m4; m < m1; m++) bf16_pair(w, K, n, xb, m, y, ldy);
   }
 }
 

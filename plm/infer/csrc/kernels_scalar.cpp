@@ -261,8 +261,8 @@ void sparse_f(const SparseW& W, const float* a, const int32_t* idx, int64_t n_id
   }
 }
 
-void attention(const float* q, int64_t nh, int64_t D, int64_t rank, const void* cache, int cache_bf16, int64_t S,
-               float scale, float* out, float* lse, float* scratch) {
+void attention_part(const float* q, int64_t nh, int64_t D, int64_t rank, const void* cache, int cache_bf16, int64_t S,
+                    float scale, float* out, float* lse, float* scratch) {
   float* R = scratch;                  // [TB][D] fp32 rows
   float* s = R + ATTN_TB * D;          // [nh][TB] scores
   float* mx = s + nh * ATTN_TB;        // [nh] running max
@@ -307,6 +307,13 @@ void attention(const float* q, int64_t nh, int64_t D, int64_t rank, const void* 
     for (int64_t r = 0; r < rank; r++) out[h * rank + r] *= inv;
     if (lse) lse[h] = l[h] > 0.f ? mx[h] + __builtin_logf(l[h]) : -__builtin_inff();
   }
+}
+
+void attention(const float* q, int64_t nh, int64_t D, int64_t rank, const void* cache, int cache_bf16, int64_t S,
+               int64_t part, float scale, float* out, float* lse, float* scratch) {
+  for (int64_t p0 = 0, pi = 0; p0 < S; p0 += part, pi++)
+    attention_part(q, nh, D, rank, (const uint8_t*)cache + p0 * D * (cache_bf16 ? 2 : 4), cache_bf16,
+                   S - p0 < part ? S - p0 : part, scale, out + pi * nh * rank, lse ? lse + pi * nh : nullptr, scratch);
 }
 
 }  // namespace

@@ -328,10 +328,7 @@ void attention(const float* q, int64_t nh, int64_t D, int64_t rank, const void* 
   const Dispatch& dp = dispatch();
   if (bf16_attention(dp, cache_bf16, D, rank))
     return attention_avx512bf16(q, nh, D, rank, (const uint16_t*)cache, S, part, scale, out, lse, scratch);
-  const int64_t elt = cache_bf16 ? 2 : 4;
-  for (int64_t p0 = 0, pi = 0; p0 < S; p0 += part, pi++)
-    dp.k.attention(q, nh, D, rank, (const uint8_t*)cache + p0 * D * elt, cache_bf16, std::min(part, S - p0), scale,
-                   out + pi * nh * rank, lse ? lse + pi * nh : nullptr, scratch);
+  dp.k.attention(q, nh, D, rank, cache, cache_bf16, S, part, scale, out, lse, scratch);
 }
 
 // ---- operators -----------------------------------------------------------------------------

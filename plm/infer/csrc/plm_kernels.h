@@ -99,12 +99,14 @@ struct Kernels {
   // sparse down, float weights: y[j] = sum over active i of a[i] * W[i][j]
   void (*sparse_f)(const SparseW& W, const float* a, const int32_t* idx, int64_t n_idx,
                    int64_t j0, int64_t j1, float* y);
-  // absorbed-MLA attention for a group of heads over one sequence's latent cache:
-  // q [nh][D] (D = rank + rope), cache [S][D] (fp32 or bf16), out [nh][rank]; lse (when not
-  // null) [nh] the log of each head's softmax denominator (max + log sum), so attention over
-  // parts of the cache can be merged; scratch: at least attn_scratch_floats(nh, D) floats
+  // absorbed-MLA attention for a group of heads over one sequence's latent cache, cut into
+  // parts of `part` rows, each with its own softmax: q [nh][D] (D = rank + rope), cache [S][D]
+  // (fp32 or bf16), out [parts][nh][rank]; lse (when not null) [parts][nh] the log of each
+  // head's softmax denominator (max + log sum), so the parts can be merged; scratch: at least
+  // attn_scratch_floats(nh, D) floats
   void (*attention)(const float* q, int64_t nh, int64_t D, int64_t rank, const void* cache,
-                    int cache_bf16, int64_t S, float scale, float* out, float* lse, float* scratch);
+                    int cache_bf16, int64_t S, int64_t part, float scale, float* out, float* lse,
+                    float* scratch);
 };
 
 enum : int { ATTN_TB = 64 };  // cache rows per attention block

@@ -26,9 +26,7 @@ void attention_avx512bf16(const float* q, int64_t nh, int64_t D, int64_t rank, c
 int64_t attention_bf16_scratch_floats(int64_t D, int64_t rank);
 
 // Absorbed-MLA attention on the selected path (the kernel table's entry, or the AVX512-BF16
-// kernel for a bf16 cache when the CPU has it), over the cached rows cut into parts of `part`
-// rows: out [parts][nh][rank] and lse [parts][nh], each part normalised on its own (see
-// Kernels::attention for the other arguments).
+// kernel for a bf16 cache when the CPU has it); the arguments as Kernels::attention's.
 void attention(const float* q, int64_t nh, int64_t D, int64_t rank, const void* cache, bool cache_bf16, int64_t S,
                int64_t part, float scale, float* out, float* lse, float* scratch);
 int64_t attention_scratch_floats(int64_t nh, int64_t D, int64_t rank);
