@@ -2,7 +2,9 @@
 """Serving benchmark: `plm serve` against llama.cpp's servers under the same load on loopback.
 
 For each model and engine, one server process; for each concurrency level, that many clients
-each send `--rounds` streamed greedy completions one after another (a bounded load), and we
+each send `--rounds` streamed greedy completions one after another (at least `--min-requests`
+per level: more rounds at low concurrency), the levels run `--passes` times in turn and pooled
+per level (a bounded load), and we
 measure aggregate output tokens/s (all tokens / wall time of the level), time to first token
 and inter-token latency (gaps between streamed chunks) at p50 and p95.
 
@@ -120,8 +122,9 @@ def unavailable(engine: str, args) -> str | None:
 def command(engine: str, ckpt: Path, gguf: Path, port: int, args, max_tokens: int) -> list[str]:
     t = str(args.threads)
     ctx = args.prompt_tokens * 2 + max_tokens + 64  # per sequence: prompt (words -> tokens) + reply
-    ours = ["--port", str(port), "--threads", t, "--max-batch", "16", "--max-queue", "256", "--model-name", "bench",
-            "--prefill-chunk", str(args.prefill_chunk)]
+    ours = ["--port", str(port), "--threads", t, "--max-batch", "16", "--max-queue", "256", "--model-name", "bench"]
+    if args.prefill_chunk:
+        ours += ["--prefill-chunk", str(args.prefill_chunk)]
     if engine == "ours":
         return [sys.executable, "-m", "plm", "serve", str(ckpt), "--runtime", "edge", "--quant", "int8", *ours]
     if engine == "ours-native":
@@ -205,6 +208,7 @@ def one_request(client, url: str, prompt: str, max_tokens: int) -> dict:
 
 
 def run_level(url: str, texts: list[str], c: int, rounds: int, max_tokens: int) -> dict:
+    """c clients, each sending `rounds` requests one after another: the requests' raw timings."""
     import httpx
     results: list[dict] = []
     lock = threading.Lock()
@@ -224,7 +228,14 @@ def run_level(url: str, texts: list[str], c: int, rounds: int, max_tokens: int) 
         t.start()
     for t in threads:
         t.join()
-    wall = time.perf_counter() - t0
+    return {"results": results, "wall": time.perf_counter() - t0}
+
+
+def level_stats(c: int, runs: list[dict]) -> dict:
+    """One level's figures from its runs (one per pass), pooled: the passes alternate between
+    the levels, so a drift in the host's speed reaches every level alike."""
+    results = [r for run in runs for r in run["results"]]
+    wall = sum(run["wall"] for run in runs)
     ok = [r for r in results if not r.get("error") and r["times"]]
     tokens = sum(r["tokens"] for r in ok)
     ttft = [r["times"][0] - r["t0"] for r in ok]
@@ -242,7 +253,7 @@ def run_level(url: str, texts: list[str], c: int, rounds: int, max_tokens: int) 
             "output_tokens": tokens, "wall_s": round(wall, 3), "tok_s": tokens / wall if wall else 0.0,
             "decode_tok_s": decode_tokens / busy if busy else 0.0,
             "ttft_p50": pct(ttft, 0.5), "ttft_p95": pct(ttft, 0.95),
-            "itl_p50": pct(itl, 0.5), "itl_p95": pct(itl, 0.95)}
+            "itl_p50": pct(itl, 0.5), "itl_p95": pct(itl, 0.95), "passes": len(runs)}
 
 
 # ---- report -----------------------------------------------------------------------------------------
@@ -279,13 +290,21 @@ def targets(res: dict) -> list[dict]:
     return rows
 
 
+def _load_words(res: dict) -> str:
+    """The load in words (runs before --passes and --min-requests: rounds per client only)."""
+    if "passes" not in res:
+        return f"{res['rounds']} streamed greedy requests per client per level"
+    return (f"streamed greedy requests, {res['rounds']} per client per level and at least {res['min_requests']} "
+            f"per level, in {res['passes']} passes over the levels (pooled per level)")
+
+
 def markdown(res: dict) -> str:
     m = res["machine"]
     out = [f"### {res['model']} ({res['checkpoint']}), {res['threads']} threads", "",
            f"Command: `{res['command']}`  ",
            f"Machine: {m['cpu']}, {m['cores']} cores; load average at start {m['loadavg'][0]:.2f}; "
-           f"{res['rounds']} streamed greedy requests per client per level, prompts of about "
-           f"{res['prompt_tokens']} words, {res['max_tokens']} new tokens each.", "",
+           f"{_load_words(res)}, prompts of about {res['prompt_tokens']} words, {res['max_tokens']} new tokens "
+           f"each.", "",
            "| engine | concurrency | decode tok/s | output tok/s | TTFT p50 ms | TTFT p95 ms | ITL p50 ms | "
            "ITL p95 ms | errors | load | other CPU |",
            "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -392,10 +411,11 @@ def bench_model(model: str, args) -> dict:
     gguf = gguf_q8(ckpt, workdir)
     max_tokens = args.max_tokens or DEFAULT_MAX_TOKENS.get(model, 32)
     levels = [int(c) for c in args.concurrency.split(",")]
-    texts = prompts(max(levels) * args.rounds, args.prompt_tokens)
+    texts = prompts(max(c * max(args.rounds, -(-args.min_requests // c)) for c in levels), args.prompt_tokens)
     info = machine_info(args.threads)
     res = {"model": model, "checkpoint": str(ckpt), "gguf": str(gguf), "threads": args.threads,
-           "rounds": args.rounds, "prompt_tokens": args.prompt_tokens, "max_tokens": max_tokens,
+           "rounds": args.rounds, "min_requests": args.min_requests, "passes": args.passes,
+           "prompt_tokens": args.prompt_tokens, "max_tokens": max_tokens,
            "command": "python benchmarks/serve.py " + " ".join(sys.argv[1:]),
            "machine": {"cpu": info["cpu"], "cores": info["cores"], "loadavg": list(os.getloadavg()),
                        "torch": info["torch"], "llama_cpp_python": info["llama_cpp_python"]},
@@ -419,26 +439,35 @@ def bench_model(model: str, args) -> dict:
         try:
             one_request(__import__("httpx").Client(timeout=600), srv.url, texts[0], 4)  # warm-up
             res["engines"][engine] = {"levels": [], "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+            runs: dict[int, list[dict]] = {c: [] for c in levels}
+            for p in range(args.passes):
+                for c in levels:
+                    rounds = max(args.rounds, -(-args.min_requests // c))
+                    best = None
+                    for attempt in range(1, args.retries + 1):  # keep the least contended attempt
+                        quiet.wait_idle()
+                        load = os.getloadavg()[0]
+                        s0, cpu0 = quiet.snapshot(), srv.cpu_seconds()
+                        run = run_level(srv.url, texts, c, rounds, max_tokens)
+                        s1, cpu1 = quiet.snapshot(), srv.cpu_seconds()
+                        wall = s1[0] - s0[0]
+                        other = ((s1[1] - s0[1]) - (s1[2] - s0[2]) - (cpu1 - cpu0)) / (wall * quiet.ncpu) if wall else 0
+                        run.update(loadavg=load, other_cpu=max(0.0, other), attempts=attempt)
+                        if best is None or run["other_cpu"] < best["other_cpu"]:
+                            best = run
+                        if run["other_cpu"] <= args.contention:
+                            break
+                        log(f"{engine} c={c}: contended ({100 * run['other_cpu']:.0f}% of the CPUs used by others); again")
+                    runs[c].append(best)
+                    lv = level_stats(c, [best])
+                    log(f"{engine} c={c} pass {p + 1}/{args.passes}: decode {lv['decode_tok_s']:.1f} tok/s, output "
+                        f"{lv['tok_s']:.1f} tok/s, TTFT p50 {_ms(lv['ttft_p50'])} ms, ITL p50/p95 "
+                        f"{_ms(lv['itl_p50'])}/{_ms(lv['itl_p95'])} ms, errors {lv['errors']}")
             for c in levels:
-                best = None
-                for attempt in range(1, args.retries + 1):  # keep the least contended attempt
-                    quiet.wait_idle()
-                    load = os.getloadavg()[0]
-                    s0, cpu0 = quiet.snapshot(), srv.cpu_seconds()
-                    lv = run_level(srv.url, texts, c, args.rounds, max_tokens)
-                    s1, cpu1 = quiet.snapshot(), srv.cpu_seconds()
-                    wall = s1[0] - s0[0]
-                    other = ((s1[1] - s0[1]) - (s1[2] - s0[2]) - (cpu1 - cpu0)) / (wall * quiet.ncpu) if wall else 0
-                    lv.update(loadavg=load, other_cpu=max(0.0, other), attempts=attempt)
-                    if best is None or lv["other_cpu"] < best["other_cpu"]:
-                        best = lv
-                    if lv["other_cpu"] <= args.contention:
-                        break
-                    log(f"{engine} c={c}: contended ({100 * lv['other_cpu']:.0f}% of the CPUs used by others); again")
-                lv = best
+                lv = level_stats(c, runs[c])
+                lv.update(loadavg=max(r["loadavg"] for r in runs[c]), other_cpu=max(r["other_cpu"] for r in runs[c]),
+                          attempts=sum(r["attempts"] for r in runs[c]))
                 res["engines"][engine]["levels"].append(lv)
-                log(f"{engine} c={c}: decode {lv['decode_tok_s']:.1f} tok/s, output {lv['tok_s']:.1f} tok/s, TTFT p50 {_ms(lv['ttft_p50'])} ms, "
-                    f"ITL p50/p95 {_ms(lv['itl_p50'])}/{_ms(lv['itl_p95'])} ms, errors {lv['errors']}")
         finally:
             srv.stop()
     res["targets"] = targets(res)
@@ -452,12 +481,18 @@ def main() -> int:
     ap.add_argument("--ckpt", default=None, help="checkpoint folder instead of the default for --model")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--concurrency", default="1,4,8,16")
-    ap.add_argument("--rounds", type=int, default=2, help="requests per client per level")
+    ap.add_argument("--rounds", type=int, default=2, help="requests per client per level (at least)")
+    ap.add_argument("--min-requests", type=int, default=8,
+                    help="requests per level and pass at least (more rounds at low concurrency)")
+    ap.add_argument("--passes", type=int, default=2,
+                    help="passes over the levels, pooled per level (the host's speed drifts over minutes; "
+                         "alternating spreads the drift over every level)")
     ap.add_argument("--max-tokens", type=int, default=None, help="new tokens per request (default 64 tiny, 32 else)")
     ap.add_argument("--prompt-tokens", type=int, default=32, help="prompt length in words")
     ap.add_argument("--engines", default=",".join(ENGINES))
-    ap.add_argument("--prefill-chunk", type=int, default=512,
-                    help="plm serve --prefill-chunk (smaller: shorter stalls of running streams when one joins)")
+    ap.add_argument("--prefill-chunk", type=int, default=None,
+                    help="plm serve --prefill-chunk (default: the server's; smaller: shorter stalls of running "
+                         "streams when one joins)")
     ap.add_argument("--llama-server", default=None, help="llama-server binary (default: the one the script built)")
     ap.add_argument("--workdir", default="runs/edge", help="random checkpoints and GGUFs (shared with edge.py)")
     ap.add_argument("--out", default="runs/bench-serve")

@@ -184,6 +184,41 @@ def test_batched_step_and_prefill_equal_one_at_a_time(small_model, fmt):
         dec.step([seqs[0], seqs[0]], [1, 2])
 
 
+@pytest.mark.parametrize("fmt", ["f32", "bf16", "q8_0", "q4_k"])
+def test_mixed_segments_equal_separate_calls(small_model, fmt):
+    """run() puts decode rows of some sequences and prompt chunks of others in one forward (a
+    server iteration): every segment's logits and every cache equal the same work done by
+    separate prefill and step calls, bit for bit."""
+    dec = NativeDecoder.from_model(small_model, fmt=fmt)
+    torch.manual_seed(1)
+    a, b, c = (torch.randint(0, 512, (n,)).tolist() for n in (9, 14, 6))
+    # apart: a and b decode one token each; c prefills in two chunks (4 + 2), d starts afresh
+    apart = [dec.new_sequence() for _ in range(3)]
+    la, lb = dec.prefill(apart[0], a), dec.prefill(apart[1], b)
+    ta, tb = int(la.argmax()), int(lb.argmax())
+    want_a, want_b = dec.step([apart[0]], [ta])[0], dec.step([apart[1]], [tb])[0]
+    dec.prefill(apart[2], c[:4])
+    want_c = dec.prefill(apart[2], c[4:])
+    # together: one forward with a 1-row, b 1-row and c's first 4 rows, then c's last 2 with a and b
+    mixed = [dec.new_sequence() for _ in range(3)]
+    assert torch.equal(dec.run([(mixed[0], a), (mixed[1], b)]), torch.stack([la, lb]))
+    out = dec.run([(mixed[0], [ta]), (mixed[2], c[:4]), (mixed[1], [tb])])
+    assert torch.equal(out[0], want_a) and torch.equal(out[2], want_b)
+    nxt = dec.run([(mixed[2], c[4:]), (mixed[0], [int(want_a.argmax())])])
+    assert torch.equal(nxt[0], want_c)
+    assert [dec.length(s) for s in mixed] == [len(a) + 2, len(b) + 1, len(c)]
+    # the caches agree: the next token of every sequence is the same either way
+    follow = dec.step(apart, [int(want_a.argmax()), int(want_b.argmax()), int(want_c.argmax())])
+    again = dec.step([mixed[1], mixed[2]], [int(want_b.argmax()), int(want_c.argmax())])
+    assert torch.equal(again[0], follow[1]) and torch.equal(again[1], follow[2])
+    with pytest.raises(RuntimeError, match="appears twice"):
+        dec.run([(mixed[0], [1]), (mixed[0], [2, 3])])
+    with pytest.raises(PLMError, match="at least one segment"):
+        dec.run([])
+    with pytest.raises(RuntimeError, match="has 0 tokens"):
+        dec.run([(mixed[0], [])])
+
+
 @pytest.mark.parametrize("fmt", ["bf16", "q8_0", "q4_0", "q4_k"])
 def test_sparse_down_equals_dense(fmt):
     """The neuron-major down projection reads only active neurons' rows and gives the dense

@@ -509,8 +509,21 @@ def test_native_decoder_backend(qwen2_micro_dir):
     jobs = [(tok.encode(p), GenerationConfig(max_new_tokens=10 + 2 * i, stop_token_ids=[-1]))
             for i, p in enumerate(PROMPTS)]
     alone = [_run_scheduler(backend, tok, [j])[0][0] for j in jobs]
-    together, _ = _run_scheduler(backend, tok, jobs)
+    # alone is the decoder's own greedy decoding (no scheduler)
+    assert [toks for toks, _ in alone] == [backend.dec.greedy(ids, cfg.max_new_tokens) for ids, cfg in jobs]
+    forwards = []  # (prompt rows, decode rows) of each forward; request i is sequence i
+    run = backend.run
+
+    def spy(segs):
+        past = [backend.dec.length(backend.handles[q]) >= len(jobs[q][0]) for q, _ in segs]
+        forwards.append((sum(len(t) for (_, t), p in zip(segs, past) if not p), sum(past)))
+        return run(segs)
+
+    backend.run = spy
+    together, _ = _run_scheduler(backend, tok, jobs, max_batch=3)  # the rest join running streams
     assert together == alone
+    assert any(p and d for p, d in forwards)  # prompt chunks rode along with decode rows
+    assert max(p for p, d in forwards if d) <= 7  # at most one chunk's worth beside running streams
     assert backend.handles == {}  # every sequence freed
 
 
@@ -625,6 +638,23 @@ def test_serve_bench_keep_merges_an_earlier_run():
 
 
 @pytest.mark.slow
+def test_serve_bench_level_stats_pool_the_passes():
+    """A level's figures pool its passes: decode tok/s = tokens after each request's first over
+    the union of the requests' decoding spans (hand-computed here), output tok/s over the summed
+    wall time, failed requests counted apart."""
+    sb = _serve_bench()
+    first = {"wall": 5.0, "results": [{"t0": 0.0, "times": [1.0, 2.0, 3.0], "tokens": 3, "error": None},
+                                      {"t0": 0.5, "times": [2.0, 4.0], "tokens": 2, "error": None},
+                                      {"t0": 0.0, "times": [], "tokens": 0, "error": "ReadTimeout"}]}
+    second = {"wall": 4.0, "results": [{"t0": 10.0, "times": [11.0, 13.0], "tokens": 2, "error": None}]}
+    lv = sb.level_stats(2, [first, second])
+    # spans [1, 3], [2, 4], [11, 13]: busy 3 + 2 = 5 s; decode tokens 2 + 1 + 1 = 4
+    assert lv["decode_tok_s"] == pytest.approx(4 / 5) and lv["tok_s"] == pytest.approx(7 / 9)
+    assert (lv["requests"], lv["errors"], lv["passes"], lv["error_sample"]) == (4, 1, 2, "ReadTimeout")
+    assert (lv["ttft_p50"], lv["ttft_p95"]) == (1.0, 1.5)  # first tokens after 1, 1.5, 1 s
+    assert (lv["itl_p50"], lv["itl_p95"]) == (2.0, 2.0)  # gaps 1, 1, 2, 2
+
+
 def test_serve_bench_decoder_alone(qwen2_micro_dir, tmp_path):
     """--decoder-alone: the native decoder's prefill and batched step per concurrency level."""
     from plm.infer import native as nv

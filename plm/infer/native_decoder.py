@@ -274,6 +274,18 @@ class NativeDecoder:
         return self.impl.step(torch.as_tensor(list(seqs), dtype=torch.long),
                               torch.as_tensor(ids, dtype=torch.long).reshape(-1))
 
+    def run(self, segments: Sequence[tuple[int, Sequence[int]]]) -> torch.Tensor:
+        """One forward over (sequence, tokens) segments of distinct sequences, each appending its
+        tokens: decode rows and prompt chunks together, the weights read once. Rows are
+        independent, so the result equals running the segments apart. fp32 logits [S, V] of
+        each segment's last token."""
+        if not segments:
+            raise PLMError("run needs at least one segment")
+        seqs = torch.tensor([s for s, _ in segments], dtype=torch.long)
+        counts = torch.tensor([len(ids) for _, ids in segments], dtype=torch.long)
+        ids = torch.tensor([t for _, seg in segments for t in seg], dtype=torch.long)
+        return self.impl.segments(seqs, counts, ids)
+
     def greedy(self, prompt: Sequence[int], n: int) -> list[int]:
         """n greedy tokens after `prompt` in a fresh sequence (tests, benchmarks)."""
         s = self.new_sequence()

@@ -6,6 +6,7 @@ A backend holds any number of independent sequences, each with its own KV cache:
     logits = be.prefill(seq, ids)      # append prompt tokens (in chunks); fp32 [V] of the last
     logits = be.step([s1, s2], [t1, t2])   # one token for each of several sequences: [B, V]
     be.free(seq)
+    logits = be.run([(s1, [t1]), (s3, ids)])   # optional (NativeBackend): mixed segments, [S, V]
 
 `TorchBackend` runs on the edge runtime (plm.infer.runtime) or the reference model. Their
 forward takes one cache whose positions the batch shares, so the running set lives in one
@@ -17,7 +18,8 @@ masked positions get exactly zero attention. Between changes a step is one forwa
 batch.
 
 `NativeBackend` runs plm.infer.native_decoder's C++ decoder, whose sequences have true
-per-sequence latent caches and whose step is batched natively.
+per-sequence latent caches and whose step is batched natively; its `run` puts decode rows and
+prompt chunks of different sequences in one forward.
 """
 from __future__ import annotations
 
@@ -234,6 +236,10 @@ class NativeBackend:
 
     def step(self, seqs: Sequence[int], ids: Sequence[int]) -> torch.Tensor:
         return self.dec.step([self.handles[q] for q in seqs], list(ids))
+
+    def run(self, segments: Sequence[tuple[int, Sequence[int]]]) -> torch.Tensor:
+        """Prompt chunks and decode tokens of distinct sequences in one forward: [S, V]."""
+        return self.dec.run([(self.handles[q], list(ids)) for q, ids in segments])
 
     def free(self, seq: int) -> None:
         h = self.handles.pop(seq, None)

@@ -19,9 +19,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--max-batch", type=int, default=16, help="sequences decoded together at most (slots)")
     g.add_argument("--max-queue", type=int, default=64,
                    help="requests waiting for a slot at most; beyond it 429")
-    g.add_argument("--prefill-chunk", type=int, default=512,
-                   help="prompt tokens per prefill chunk; while others decode, one chunk's worth runs between "
-                        "two decode steps (smaller: shorter stalls, but more of them)")
+    g.add_argument("--prefill-chunk", type=int, default=None,
+                   help="prompt tokens per iteration while others decode (smaller: shorter stalls of the "
+                        "running streams, but more of them). Native runtime: the chunk runs inside the decode "
+                        "step (default 16); PyTorch runtimes: between two decode steps (default 512)")
     g.add_argument("--context", type=int, default=None,
                    help="prompt + max_tokens limit (None: the model's window; may only lower it)")
     g = p.add_argument_group("runtime")

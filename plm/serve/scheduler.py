@@ -3,13 +3,21 @@
 Each iteration it
   1. frees the slots of cancelled requests (a client that went away),
   2. admits waiting requests while fewer than `max_batch` sequences are active,
-  3. prefills: prompts are cut into chunks of `prefill_chunk` tokens at fixed offsets (so a
-     prompt is computed the same way however busy the server is); while sequences are decoding,
-     at most one chunk-budget of prompt tokens runs per iteration, so a long prompt delays the
-     running streams by one chunk at a time instead of stalling them,
+  3. prefills: while sequences are decoding, at most `prefill_chunk` prompt tokens run per
+     iteration, so a long prompt delays the running streams by one chunk at a time instead of
+     stalling them,
   4. decodes one token for every decoding sequence in one batched step,
   5. samples each row with its request's own settings and generator, streams text, and
      retires finished requests, freeing their cache.
+
+Two ways to run an iteration, by what the backend offers:
+  - mixed (a backend with `run`, the native decoder): the prompt chunks and the decode rows
+    go into one forward, so the weights are read once for both. The decoder's rows are
+    independent of each other, so where a prompt is cut does not change any result; with
+    nothing decoding, prompts run `max(prefill_chunk, IDLE_CHUNK)` tokens at a time.
+  - separate (the PyTorch runtimes): prompt chunks run alone, cut at fixed offsets (multiples
+    of `prefill_chunk`, so a prompt is computed the same way however busy the server is),
+    then one batched decode step; with nothing decoding, whole prompts run at once.
 
 Requests talk back through `emit(Event)`, called on this thread: the HTTP layer passes a
 callback that hands the event to its event loop. Text is streamed with any suffix that could
@@ -32,6 +40,18 @@ import torch
 from plm.errors import PLMError
 from plm.infer.generate import GenerationConfig, sample_next, truncate_at_stop
 from plm.serve.metrics import BATCH_BUCKETS, Metrics
+
+
+IDLE_CHUNK = 256  # mixed iterations with no stream waiting: prompt tokens per forward
+
+
+def default_chunk(backend) -> int:
+    """--prefill-chunk by backend. Mixed (native): a prompt chunk rides along with every decode
+    step, so it sets the inter-token latency of the running streams while a request joins (each
+    prompt row costs about what a decode row does); 16 kept it within 3x of a lone stream's at
+    8 streams (benchmarks/serve.py, docs/serve.md). Separate (PyTorch): larger chunks, since
+    each chunk also pays a pass over the weights of its own."""
+    return 16 if hasattr(backend, "run") else 512
 
 
 class QueueFull(PLMError):
@@ -92,7 +112,8 @@ class Scheduler:
     and masks ids past its vocabulary (padded embedding rows are never real tokens)."""
 
     def __init__(self, backend, tokenizer, max_batch: int = 16, max_queue: int = 64,
-                 prefill_chunk: int = 512, metrics: Metrics | None = None, threads: int | None = None) -> None:
+                 prefill_chunk: int | None = None, metrics: Metrics | None = None, threads: int | None = None) -> None:
+        prefill_chunk = default_chunk(backend) if prefill_chunk is None else prefill_chunk
         if max_batch < 1 or max_queue < 0 or prefill_chunk < 1:
             raise PLMError(f"max_batch ({max_batch}) and prefill_chunk ({prefill_chunk}) must be >= 1, "
                            f"max_queue ({max_queue}) >= 0")
@@ -202,6 +223,9 @@ class Scheduler:
                 self.cond.notify_all()  # stop() waits for an empty server
 
     def _iteration(self) -> None:
+        if hasattr(self.backend, "run"):
+            self._mixed_iteration()
+            return
         decoding = [r for r in self.active if r.state == "decode"]
         # with streams running, one chunk-budget of prompt per iteration; alone, all of it
         budget = self.chunk if decoding else sys.maxsize
@@ -228,6 +252,38 @@ class Scheduler:
         self.metrics.observe("decode_step_seconds", time.perf_counter() - t0)
         self.metrics.observe("batch_size", len(decoding))
         for j, req in enumerate(decoding):
+            self._accept(req, logits[j:j + 1])
+
+    def _mixed_iteration(self) -> None:
+        """Prompt chunks and decode rows in one forward (see the module docstring)."""
+        decoding = [r for r in self.active if r.state == "decode"]
+        budget = self.chunk if decoding else max(self.chunk, IDLE_CHUNK)
+        fed: list[tuple[Request, int]] = []
+        for req in self.active:
+            if budget <= 0:
+                break
+            if req.state == "prefill":
+                n = min(len(req.prompt) - req.prefilled, budget)
+                fed.append((req, n))
+                budget -= n
+        segments = [(r.seq, r.prompt[r.prefilled:r.prefilled + n]) for r, n in fed]
+        segments += [(r.seq, [r.last]) for r in decoding]
+        t0 = time.perf_counter()
+        logits = self.backend.run(segments)
+        dt = time.perf_counter() - t0
+        if decoding:
+            self.steps += 1
+            self.metrics.observe("decode_step_seconds", dt)
+            self.metrics.observe("batch_size", len(decoding))
+        else:
+            self.metrics.observe("prefill_chunk_seconds", dt)
+        for j, (req, n) in enumerate(fed):
+            req.prefilled += n
+            self.metrics.inc("prompt_tokens_total", n)
+            if req.prefilled == len(req.prompt):
+                req.state = "decode"
+                self._accept(req, logits[j:j + 1])
+        for j, req in enumerate(decoding, start=len(fed)):
             self._accept(req, logits[j:j + 1])
 
     def _accept(self, req: Request, logits: torch.Tensor) -> None:
@@ -302,8 +358,9 @@ class Scheduler:
         m.gauge("max_batch", "Slots: sequences decoded together at most.", lambda: self.max_batch)
         m.gauge("kv_cache_bytes", "KV cache bytes allocated (after the last iteration).")
         m.histogram("batch_size", "Sequences per batched decode step.", BATCH_BUCKETS)
-        m.histogram("decode_step_seconds", "Time of one batched decode step.")
-        m.histogram("prefill_chunk_seconds", "Time of one prefill chunk.")
+        m.histogram("decode_step_seconds", "Time of one batched decode step (with the prompt chunk run "
+                                           "in it, on the native runtime).")
+        m.histogram("prefill_chunk_seconds", "Time of one prefill chunk run without decode rows.")
         m.histogram("time_to_first_token_seconds", "From submission to the first token (queueing included).")
         m.histogram("inter_token_latency_seconds", "Between consecutive tokens of one request.")
         m.histogram("request_duration_seconds", "From submission to the last token.")

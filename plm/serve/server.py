@@ -33,7 +33,7 @@ class ServeOptions:
     threads: int | None = None
     max_batch: int = 16
     max_queue: int = 64
-    prefill_chunk: int = 512
+    prefill_chunk: int | None = None  # default: by runtime (scheduler.default_chunk)
     context: int | None = None  # default: the model's window
     log_level: str = "warning"
 
@@ -41,7 +41,7 @@ class ServeOptions:
         if self.runtime not in RUNTIMES:
             raise PLMError(f"unknown runtime {self.runtime!r}; choose from {', '.join(RUNTIMES)}")
         for name in ("max_batch", "prefill_chunk"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise PLMError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.max_queue < 0:
             raise PLMError(f"--max-queue must be >= 0, got {self.max_queue}")
@@ -75,8 +75,7 @@ def load_backend(opts: ServeOptions):
         if opts.memory_budget or opts.kv != "latent":
             raise PLMError("--memory-budget and --kv full are edge-runtime options; the native decoder "
                            "keeps every weight resident and a latent cache")
-        backend, tok = load_native(opts.model, opts.quant, opts.dtype, sparse=opts.sparse == "on",
-                                   prefill_chunk=opts.prefill_chunk)
+        backend, tok = load_native(opts.model, opts.quant, opts.dtype, sparse=opts.sparse == "on")
         return backend, tok, "native"
     if str(opts.model).endswith(".gguf"):
         raise PLMError(f"{opts.model}: GGUF files run on the native runtime (--runtime native)")
@@ -106,7 +105,8 @@ def build(opts: ServeOptions):
     if opts.context is not None and opts.context > window:
         raise PLMError(f"--context {opts.context} is beyond the model's window of {window} tokens")
     scheduler = Scheduler(backend, tok, max_batch=opts.max_batch, max_queue=opts.max_queue,
-                          prefill_chunk=opts.prefill_chunk, threads=torch.get_num_threads()).start()
+                          prefill_chunk=opts.prefill_chunk,
+                          threads=torch.get_num_threads()).start()
     names = [opts.model_name or str(opts.model)]
     if opts.model_name and str(opts.model) not in names:
         names.append(str(opts.model))  # the path keeps working as an alias

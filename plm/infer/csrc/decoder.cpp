@@ -33,6 +33,19 @@ void rmsnorm(const float* x, const float* w, int64_t n, float eps, float* out) {
   for (int64_t i = 0; i < n; i++) out[i] = x[i] * r * w[i];
 }
 
+// u = relu(u)^2 with the sign bit as a mask: the signs are random, so the branch GCC makes
+// of a comparison mispredicts half the time; this form vectorises.
+void relu2(float* u, int64_t n) {
+  for (int64_t i = 0; i < n; i++) {
+    uint32_t b;
+    memcpy(&b, u + i, 4);
+    b &= ~(uint32_t)((int32_t)b >> 31);
+    float v;
+    memcpy(&v, &b, 4);
+    u[i] = v * v;
+  }
+}
+
 // Interleaved pairs (x[2i], x[2i+1]) rotated by pos * inv_freq[i] (llama.cpp's NORM rope).
 void rope(float* x, int64_t dim, const float* cs /*[dim/2][2]: cos, sin*/) {
   for (int64_t i = 0; i < dim / 2; i++) {
@@ -180,23 +193,50 @@ class Decoder : public torch::CustomClassHolder {
 
   // One decode step: tokens [B] appended to sequences seqs [B] (distinct); logits [B, V].
   at::Tensor step(const at::Tensor& seq_ids, const at::Tensor& tokens) {
-    TORCH_CHECK(ready_, "plm.Decoder: call check() after loading the weights");
-    const at::Tensor s = seq_ids.to(at::kLong).contiguous(), t = tokens.to(at::kLong).contiguous();
-    TORCH_CHECK(s.dim() == 1 && t.dim() == 1 && s.numel() == t.numel() && s.numel() > 0,
+    const at::Tensor t = tokens.to(at::kLong).contiguous();
+    TORCH_CHECK(seq_ids.dim() == 1 && t.dim() == 1 && seq_ids.numel() == t.numel(),
                 "plm.Decoder.step: expected equal-length 1-D sequence ids and tokens");
-    const int64_t B = s.numel();
-    std::vector<Seq*> rows(B);
-    std::vector<int64_t> pos(B);
-    for (int64_t b = 0; b < B; b++) {
-      rows[b] = &seq(s.data_ptr<int64_t>()[b]);
-      for (int64_t c = 0; c < b; c++)
-        TORCH_CHECK(rows[c] != rows[b], "plm.Decoder.step: sequence ", s.data_ptr<int64_t>()[b], " appears twice");
-      pos[b] = rows[b]->len;
-      grow_cache(*rows[b], pos[b] + 1);
+    return segments(seq_ids, at::ones({t.numel()}, at::kLong), t);
+  }
+
+  // One forward over segments: counts[i] tokens appended to sequence seq_ids[i] (distinct), so a
+  // continuous-batching iteration runs its decode rows and a prompt chunk together and reads
+  // the weights once. Rows are independent (see the top of the file): the result equals the
+  // segments run apart. Logits [S, V] of each segment's last token.
+  at::Tensor segments(const at::Tensor& seq_ids, const at::Tensor& counts, const at::Tensor& tokens) {
+    TORCH_CHECK(ready_, "plm.Decoder: call check() after loading the weights");
+    const at::Tensor s = seq_ids.to(at::kLong).contiguous(), n = counts.to(at::kLong).contiguous(),
+                     t = tokens.to(at::kLong).contiguous();
+    TORCH_CHECK(s.dim() == 1 && n.dim() == 1 && t.dim() == 1 && s.numel() == n.numel() && s.numel() > 0,
+                "plm.Decoder.segments: expected equal-length 1-D sequence ids and counts, and 1-D tokens");
+    const int64_t S = s.numel();
+    const int64_t *sid = s.data_ptr<int64_t>(), *cnt = n.data_ptr<int64_t>();
+    std::vector<Seq*> seqs(S);
+    std::vector<int64_t> last(S);
+    int64_t M = 0;
+    for (int64_t i = 0; i < S; i++) {
+      TORCH_CHECK(cnt[i] > 0, "plm.Decoder.segments: segment ", i, " (sequence ", sid[i], ") has ", cnt[i], " tokens");
+      seqs[i] = &seq(sid[i]);
+      for (int64_t c = 0; c < i; c++)
+        TORCH_CHECK(seqs[c] != seqs[i], "plm.Decoder.segments: sequence ", sid[i], " appears twice");
+      M += cnt[i];
+      last[i] = M - 1;
+    }
+    TORCH_CHECK(t.numel() == M, "plm.Decoder.segments: counts add up to ", M, " tokens, got ", t.numel());
+    std::vector<Seq*> rows;
+    std::vector<int64_t> pos;
+    rows.reserve(M);
+    pos.reserve(M);
+    for (int64_t i = 0; i < S; i++) {
+      grow_cache(*seqs[i], seqs[i]->len + cnt[i]);
+      for (int64_t j = 0; j < cnt[i]; j++) {
+        rows.push_back(seqs[i]);
+        pos.push_back(seqs[i]->len + j);
+      }
     }
     forward(rows, pos, t.data_ptr<int64_t>());
-    for (int64_t b = 0; b < B; b++) rows[b]->len++;
-    return logits(B, 0);
+    for (int64_t i = 0; i < S; i++) seqs[i]->len += cnt[i];
+    return logits(last);
   }
 
   // Prefill: tokens [T] appended to one sequence, in chunks; logits of the last token [V].
@@ -218,7 +258,7 @@ class Decoder : public torch::CustomClassHolder {
       s.len += n;
       last = n - 1;
     }
-    return logits(1, last)[0];
+    return logits({last})[0];
   }
 
   // sparse down projection counters: [rows, active neurons, neurons considered]
@@ -360,7 +400,7 @@ class Decoder : public torch::CustomClassHolder {
       for (int64_t i = 0; i < M * d; i++) x[i] += h[i];
       for (int64_t r = 0; r < M; r++) rmsnorm(x + r * d, l.ln2.data_ptr<float>(), d, eps_, h + r * d);
       l.up.forward(h, M, u, I_, work_);
-      for (int64_t i = 0; i < M * I_; i++) u[i] = u[i] > 0.f ? u[i] * u[i] : 0.f;
+      relu2(u, M * I_);
       if (l.down.sparse) l.down.forward_sparse(u, M, h, d, work_, &stats_);
       else l.down.forward(u, M, h, d, work_);
       for (int64_t i = 0; i < M * d; i++) x[i] += h[i];
@@ -393,10 +433,11 @@ class Decoder : public torch::CustomClassHolder {
     }
   }
 
-  // final norm + lm_head for rows [first, first + n) of the last forward
-  at::Tensor logits(int64_t n, int64_t first) {
+  // final norm + lm_head for the given rows of the last forward
+  at::Tensor logits(const std::vector<int64_t>& which) {
+    const int64_t n = (int64_t)which.size();
     float* h = grow(h_, n * d_);
-    for (int64_t r = 0; r < n; r++) rmsnorm(x_.data() + (first + r) * d_, norm_.data_ptr<float>(), d_, eps_, h + r * d_);
+    for (int64_t r = 0; r < n; r++) rmsnorm(x_.data() + which[r] * d_, norm_.data_ptr<float>(), d_, eps_, h + r * d_);
     at::Tensor out = at::empty({n, V_}, at::kFloat);
     embed_.forward(h, n, out.data_ptr<float>(), V_, work_);
     return out;
@@ -436,6 +477,7 @@ TORCH_LIBRARY_FRAGMENT(plm, m) {
       .def("weight_bytes", &plm::Decoder::weight_bytes)
       .def("step", &plm::Decoder::step)
       .def("prefill", &plm::Decoder::prefill)
+      .def("segments", &plm::Decoder::segments)
       .def("sparse_stats", &plm::Decoder::sparse_stats)
       .def("reset_stats", &plm::Decoder::reset_stats);
 }

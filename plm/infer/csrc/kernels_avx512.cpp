@@ -16,6 +16,7 @@
 
 #include "plm_kernels.h"
 #include "simde_shim.h"
+#include "avx512_sum.h"
 
 namespace plm {
 namespace {
@@ -162,7 +163,7 @@ void f_rows(int fmt, const void* W, int64_t K, int64_t n, const float* x, int64_
     const __m512 w0 = load16(fmt, W, n * K + k, msk);
     for (int i = 0; i < MB; i++) a0[i] = _mm512_fmadd_ps(w0, _mm512_maskz_loadu_ps(msk, x + (m0 + i) * K + k), a0[i]);
   }
-  for (int i = 0; i < MB; i++) y[(m0 + i) * ldy + n] = _mm512_reduce_add_ps(_mm512_add_ps(a0[i], a1[i]));
+  for (int i = 0; i < MB; i++) y[(m0 + i) * ldy + n] = hsum16(_mm512_add_ps(a0[i], a1[i]));
 }
 
 // One activation row against 4 weight rows: x loads shared, 8 independent FMA chains.
@@ -183,7 +184,53 @@ void f_rows4(int fmt, const void* W, int64_t K, int64_t n, const float* x, float
     const __m512 x0 = _mm512_maskz_loadu_ps(msk, x + k);
     for (int r = 0; r < 4; r++) a[r][0] = _mm512_fmadd_ps(load16(fmt, W, (n + r) * K + k, msk), x0, a[r][0]);
   }
-  for (int r = 0; r < 4; r++) y[n + r] = _mm512_reduce_add_ps(_mm512_add_ps(a[r][0], a[r][1]));
+  for (int r = 0; r < 4; r++) y[n + r] = hsum16(_mm512_add_ps(a[r][0], a[r][1]));
+}
+
+// M > 1: 4 weight rows x 4 activation rows, so each loaded vector feeds 4 FMAs and the 16 sums
+// reduce together (sum16x16). The same two chains per (row, activation row) as f_rows (the
+// first 16 of every 32 plus the tail, the second 16), run as two passes so only 16
+// accumulators are live; named, since GCC spills an array of them to the stack every block.
+void f_tile44(int fmt, const void* W, int64_t K, int64_t n, const float* x, int64_t m, float* y, int64_t ldy) {
+  const __mmask16 all = 0xffff;
+  const int64_t K32 = K & ~(int64_t)31;
+  const int64_t o0 = n * K, o1 = o0 + K, o2 = o1 + K, o3 = o2 + K;
+  const float *x0 = x + m * K, *x1 = x0 + K, *x2 = x1 + K, *x3 = x2 + K;
+#define PLM_ACC(j) __m512 c0##j = _mm512_setzero_ps(), c1##j = c0##j, c2##j = c0##j, c3##j = c0##j
+#define PLM_ROW(j, k, msk)                                     \
+  {                                                            \
+    const __m512 xv = _mm512_maskz_loadu_ps(msk, x##j + (k));  \
+    c0##j = _mm512_fmadd_ps(v0, xv, c0##j);                    \
+    c1##j = _mm512_fmadd_ps(v1, xv, c1##j);                    \
+    c2##j = _mm512_fmadd_ps(v2, xv, c2##j);                    \
+    c3##j = _mm512_fmadd_ps(v3, xv, c3##j);                    \
+  }
+#define PLM_BLOCK(k, msk)                                                                          \
+  {                                                                                                \
+    const __m512 v0 = load16(fmt, W, o0 + (k), msk), v1 = load16(fmt, W, o1 + (k), msk),           \
+                 v2 = load16(fmt, W, o2 + (k), msk), v3 = load16(fmt, W, o3 + (k), msk);           \
+    PLM_ROW(0, k, msk) PLM_ROW(1, k, msk) PLM_ROW(2, k, msk) PLM_ROW(3, k, msk)                    \
+  }
+#define PLM_SET(arr, j) arr[j] = c0##j, arr[4 + j] = c1##j, arr[8 + j] = c2##j, arr[12 + j] = c3##j
+  __m512 first[16];
+  {  // chain 1: the first 16 of every 32, then the tail
+    PLM_ACC(0); PLM_ACC(1); PLM_ACC(2); PLM_ACC(3);
+    for (int64_t k = 0; k < K32; k += 32) PLM_BLOCK(k, all)
+    for (int64_t k = K32; k < K; k += 16) PLM_BLOCK(k, K - k >= 16 ? all : (__mmask16)((1u << (K - k)) - 1))
+    PLM_SET(first, 0); PLM_SET(first, 1); PLM_SET(first, 2); PLM_SET(first, 3);
+  }
+  {  // chain 2: the second 16 of every 32; y = sum of both
+    PLM_ACC(0); PLM_ACC(1); PLM_ACC(2); PLM_ACC(3);
+    for (int64_t k = 16; k < K32; k += 32) PLM_BLOCK(k, all)
+    __m512 second[16];
+    PLM_SET(second, 0); PLM_SET(second, 1); PLM_SET(second, 2); PLM_SET(second, 3);
+    for (int i = 0; i < 16; i++) first[i] = _mm512_add_ps(first[i], second[i]);
+  }
+  sum16x16(first, y, ldy, m, n);
+#undef PLM_ACC
+#undef PLM_ROW
+#undef PLM_BLOCK
+#undef PLM_SET
 }
 
 void gemv_f(int fmt, const void* W, int64_t K, int64_t n0, int64_t n1, const float* x, const uint16_t*, int64_t M,
@@ -194,7 +241,14 @@ void gemv_f(int fmt, const void* W, int64_t K, int64_t n0, int64_t n1, const flo
     for (; n < n1; n++) f_rows<1>(fmt, W, K, n, x, 0, y, ldy);
     return;
   }
-  for (int64_t n = n0; n < n1; n++) {
+  const int64_t M4 = M & ~(int64_t)3;
+  int64_t n = n0;
+  for (; n + 4 <= n1; n += 4) {
+    for (int64_t m = 0; m < M4; m += 4) f_tile44(fmt, W, K, n, x, m, y, ldy);
+    for (int64_t r = 0; r < 4; r++)
+      for (int64_t m = M4; m < M; m++) f_rows<1>(fmt, W, K, n + r, x, m, y, ldy);
+  }
+  for (; n < n1; n++) {
     int64_t m = 0;
     for (; m + 4 <= M; m += 4) f_rows<4>(fmt, W, K, n, x, m, y, ldy);
     for (; m < M; m++) f_rows<1>(fmt, W, K, n, x, m, y, ldy);

@@ -12,6 +12,7 @@
 
 #include "plm_kernels.h"
 #include "simde_shim.h"
+#include "avx512_sum.h"
 
 namespace plm {
 namespace {
@@ -35,7 +36,7 @@ void bf16_pair(const uint16_t* W, int64_t K, int64_t n, const uint16_t* xb, int6
     const __mmask32 msk = K - k >= 32 ? all : (__mmask32)((1ull << (K - k)) - 1);
     a0 = _mm512_dpbf16_ps(a0, ldbh(w + k, msk), ldbh(x + k, msk));
   }
-  y[m * ldy + n] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+  y[m * ldy + n] = hsum16(_mm512_add_ps(a0, a1));
 }
 
 // M = 1: 4 weight rows share each activation load; 8 independent accumulation chains.
@@ -56,7 +57,7 @@ void bf16_rows4(const uint16_t* W, int64_t K, int64_t n, const uint16_t* xb, flo
     const __m512bh x0 = ldbh(xb + k, msk);
     for (int r = 0; r < 4; r++) a[r][0] = _mm512_dpbf16_ps(a[r][0], ldbh(W + (n + r) * K + k, msk), x0);
   }
-  for (int r = 0; r < 4; r++) y[n + r] = _mm512_reduce_add_ps(_mm512_add_ps(a[r][0], a[r][1]));
+  for (int r = 0; r < 4; r++) y[n + r] = hsum16(_mm512_add_ps(a[r][0], a[r][1]));
 }
 
 // M > 1 (prefill): 4 weight rows x 4 activation rows per call, 16 accumulators, so each loaded
@@ -97,12 +98,14 @@ void bf16_tile44(const uint16_t* W, int64_t K, int64_t n, const uint16_t* xb, in
   {  // chain 2: odd 32-blocks; y = sum of both
     PLM_ACC(0); PLM_ACC(1); PLM_ACC(2); PLM_ACC(3);
     for (int64_t k = 32; k < K64; k += 64) PLM_BLOCK(k, all)
-#define PLM_OUT(j)                                                                                        \
-  y[(m + j) * ldy + n] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_load_ps(first[0][j]), c0##j));         \
-  y[(m + j) * ldy + n + 1] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_load_ps(first[1][j]), c1##j));     \
-  y[(m + j) * ldy + n + 2] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_load_ps(first[2][j]), c2##j));     \
-  y[(m + j) * ldy + n + 3] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_load_ps(first[3][j]), c3##j));
+#define PLM_OUT(j)                                                        \
+  s[j] = _mm512_add_ps(_mm512_load_ps(first[0][j]), c0##j);                \
+  s[4 + j] = _mm512_add_ps(_mm512_load_ps(first[1][j]), c1##j);            \
+  s[8 + j] = _mm512_add_ps(_mm512_load_ps(first[2][j]), c2##j);            \
+  s[12 + j] = _mm512_add_ps(_mm512_load_ps(first[3][j]), c3##j);
+    __m512 s[16];
     PLM_OUT(0) PLM_OUT(1) PLM_OUT(2) PLM_OUT(3)
+    sum16x16(s, y, ldy, m, n);
   }
 #undef PLM_ACC
 #undef PLM_ROW

@@ -68,6 +68,26 @@ static inline __m512 fmadd_ps(__m512 a, __m512 b, __m512 c) {
   for (int i = 0; i < 16; i++) z[i] = __builtin_fmaf(x[i], y[i], z[i]);
   return _mm512_loadu_ps(z);
 }
+static inline __m512i cvttps_epi32(__m512 v) {
+  float a[16];
+  int32_t o[16];
+  _mm512_storeu_ps(a, v);
+  for (int i = 0; i < 16; i++) o[i] = (int32_t)a[i];  // truncates toward zero, as the instruction
+  return _mm512_loadu_si512(o);
+}
+static inline __m256i cvtepi32_epi16(__m512i v) {
+  int32_t a[16];
+  int16_t o[16];
+  _mm512_storeu_si512(a, v);
+  for (int i = 0; i < 16; i++) o[i] = (int16_t)a[i];  // keeps the low 16 bits
+  return _mm256_loadu_si256((const __m256i*)o);
+}
+static inline void mask_storeu_epi32(void* p, __mmask16 m, __m512i v) {
+  int32_t a[16];
+  _mm512_storeu_si512(a, v);
+  for (int i = 0; i < 16; i++)
+    if ((m >> i) & 1) ((int32_t*)p)[i] = a[i];
+}
 static inline float reduce_add_ps(__m512 v) {
   float a[16];
   _mm512_storeu_ps(a, v);
@@ -88,7 +108,21 @@ static inline float reduce_add_ps(__m512 v) {
 #define _mm512_maskz_loadu_epi16 plm::shim::maskz_loadu_epi16_512
 #define _mm512_mask_storeu_ps plm::shim::mask_storeu_ps
 #define _mm512_reduce_add_ps plm::shim::reduce_add_ps
+#define _mm512_cvttps_epi32 plm::shim::cvttps_epi32
+#define _mm512_cvtepi32_epi16 plm::shim::cvtepi32_epi16
+#define _mm512_mask_storeu_epi32 plm::shim::mask_storeu_epi32
+#ifndef _MM_FROUND_NO_EXC
+#define _MM_FROUND_NO_EXC SIMDE_MM_FROUND_NO_EXC
+#define _MM_FROUND_TO_NEG_INF SIMDE_MM_FROUND_TO_NEG_INF
+#endif
 #undef _mm512_fmadd_ps
 #define _mm512_fmadd_ps plm::shim::fmadd_ps
+// SIMDe 0.7's macro writes `imm8 >> 4` unparenthesised: an immediate `A | B` (rounding mode |
+// _MM_FROUND_NO_EXC) becomes a scale of 2^1. Pass it parenthesised, without the exception bit.
+#undef _mm512_roundscale_ps
+#define _mm512_roundscale_ps(a, imm) simde_mm512_roundscale_ps(a, ((imm) & ~0x08))
+// the same 128-bit lane selection as the integer form
+#define _mm512_shuffle_f32x4(a, b, imm) \
+  _mm512_castsi512_ps(_mm512_shuffle_i32x4(_mm512_castps_si512(a), _mm512_castps_si512(b), imm))
 
 #endif  // PLM_SIMDE
