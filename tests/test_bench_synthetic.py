@@ -76,7 +76,8 @@ def test_edge_benchmark_end_to_end(tmp_path):
     """benchmarks/edge.py on plm-micro with --sparsity, in one run: our native decoder dense and
     sparse, llama.cpp and the PyTorch runtime on the same weights; every engine measured at every
     context, the roofline and bandwidth columns, the per-token overhead of the native decoder,
-    the sparse engine's measured share of active neurons, teacher-forced decode, the targets."""
+    the sparse engine's measured share of active neurons, teacher-forced decode, the targets; two
+    interleaved rounds pooled."""
     import json
     import subprocess
     import sys
@@ -91,7 +92,8 @@ def test_edge_benchmark_end_to_end(tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, str(repo / "benchmarks/edge.py"), "--preset", "plm-micro", "--sparsity", "0.9",
                            "--contexts", "16,40", "--decode-tokens", "4", "--engines", ",".join(engines),
-                           "--budgets", "", "--no-sweep", "--contention", "1.0", "--workdir", str(tmp_path / "w"),
+                           "--budgets", "", "--no-sweep", "--contention", "1.0", "--rounds", "2",
+                           "--workdir", str(tmp_path / "w"),
                            "--out", str(out)], capture_output=True, text=True, timeout=1200, cwd=repo)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((out / "edge.json").read_text())
@@ -101,7 +103,7 @@ def test_edge_benchmark_end_to_end(tmp_path):
         assert [s["context"] for s in r["stages"]] == [16, 40], (e, r.get("error"))
         for s in r["stages"]:
             assert s["decode_tok_s"] > 0 and s["prefill_tok_s"] > 0 and s["read_gb_s"] > 0, (e, s)
-            assert len(s["greedy"]) == 4
+            assert len(s["greedy"]) == 4 and len(s["decode_ms"]) == 8 and len(s["rounds"]) == 2
     dense, sparse = res["engines"]["ours-q8_0"], res["engines"]["ours-q8_0-sparse"]
     for s in dense["stages"]:  # the step against its kernels timed apart
         assert s["matmul_ms"] > 0 and s["attention_ms"] > 0
@@ -110,5 +112,31 @@ def test_edge_benchmark_end_to_end(tmp_path):
         assert 0 < s["sparse"]["active_fraction"] < 0.5 and s["sparse"]["rows"] > 0
         assert s["greedy"] == d["greedy"]  # exact sparse: block formats give the dense argmax
     md = (out / "edge.md").read_text()
-    assert "| ours-q8_0-sparse |" in md and "% roofline @40" in md and (out / "edge.png").stat().st_size > 0
+    assert "| ours-q8_0-sparse |" in md and "% roofline @40" in md and "2 interleaved rounds" in md and (out / "edge.png").stat().st_size > 0
     assert any(t["target"].startswith("Q8_0 decode @16") for t in res["targets"])
+
+
+def _round(ctx_rates: dict[int, tuple[float, list[float], float]], rss: int) -> dict:
+    """An engine result with stages {context: (prefill seconds, decode ms, read GB/s)}."""
+    stages = [{"context": c, "prefill_tokens": 64, "prefill_s": p, "prefill_tok_s": 64 / p, "decode_ms": d,
+               "decode_tok_s": 1e3 * (len(d) - 1) / sum(d[1:]), "contended": False, "rss": rss, "read_gb_s": bw,
+               "greedy": [1, 2, 3]} for c, (p, d, bw) in ctx_rates.items()]
+    return {"engine": "ours-q8_0", "weight_bytes": 100, "stages": stages, "peak_rss": rss}
+
+
+def test_edge_benchmark_merges_interleaved_rounds():
+    """--rounds: per context the decode steps pool (each round's warm-up step still dropped),
+    prefill time sums, the best bandwidth of the rounds is kept; hand-computed values."""
+    from plm.bench.edge import merge_rounds
+    a = _round({64: (0.5, [99.0, 50.0, 50.0, 50.0], 30.0)}, rss=10)
+    b = _round({64: (1.5, [99.0, 100.0, 100.0, 100.0], 40.0)}, rss=12)
+    m = merge_rounds([a, b])
+    st = m["stages"][0]
+    assert st["decode_tok_s"] == pytest.approx(6 / 0.45)  # 6 warm steps in 450 ms
+    assert st["decode_tok_s_median"] == pytest.approx(1e3 / 75)  # median of 50 x3, 100 x3
+    assert st["prefill_tok_s"] == pytest.approx(128 / 2.0) and st["prefill_s"] == pytest.approx(2.0)
+    assert (st["read_gb_s"], m["peak_rss"], m["rounds"], len(st["decode_ms"])) == (40.0, 12, 2, 8)
+    assert [r["decode_tok_s"] for r in st["rounds"]] == [20.0, 10.0]
+    assert merge_rounds([a]) is a  # one round: unchanged
+    failed = {"engine": "ours-q8_0", "error": "worker died"}
+    assert merge_rounds([a, failed]) is a and merge_rounds([failed]) is failed

@@ -703,6 +703,35 @@ def _fmt_bytes(n: float | None) -> str:
     return f"{n:.0f} B"
 
 
+def merge_rounds(rounds: list[dict]) -> dict:
+    """One engine's result from its interleaved rounds (every engine ran once per round, in
+    turn, so a drift of the host's bandwidth over minutes reaches all engines alike): per
+    context the decode steps pooled (each round's first step still a warm-up), prefill time
+    summed, the best read bandwidth of the rounds for the roofline, each round's rates kept."""
+    ok = [r for r in rounds if "stages" in r]
+    if len(ok) < 2:
+        return ok[0] if ok else rounds[-1]
+    out = dict(ok[0])
+    out["stages"] = []
+    for st in ok[0]["stages"]:
+        same = [st] + [s for s in (_stage(r, st["context"]) for r in ok[1:]) if s]
+        warm = [t for s in same for t in (s["decode_ms"][1:] if len(s["decode_ms"]) > 2 else s["decode_ms"])]
+        pre_s = sum(s["prefill_s"] for s in same)
+        merged = dict(st)
+        merged.update(
+            prefill_s=pre_s, prefill_tok_s=sum(s["prefill_tokens"] for s in same) / pre_s,
+            decode_ms=[t for s in same for t in s["decode_ms"]],
+            decode_tok_s=1e3 * len(warm) / sum(warm), decode_tok_s_median=1e3 / float(np.median(warm)),
+            contended=any(s["contended"] for s in same), rss=max(s["rss"] for s in same),
+            read_gb_s=max((s.get("read_gb_s") or 0) for s in same) or None,
+            rounds=[{"prefill_tok_s": round(s["prefill_tok_s"], 2), "decode_tok_s": round(s["decode_tok_s"], 3)}
+                    for s in same])
+        out["stages"].append(merged)
+    out["peak_rss"] = max(r["peak_rss"] for r in ok)
+    out["rounds"] = len(ok)
+    return out
+
+
 def _stage(res: dict, ctx: int) -> dict | None:
     return next((s for s in res.get("stages", []) if s["context"] == ctx), None)
 
@@ -790,7 +819,10 @@ def markdown(results: dict) -> str:
              f"{m['loadavg_at_start'][0]:.2f}. Decode: {results['decode_tokens']} "
              + ("teacher-forced steps (the text's next tokens fed, the argmax recorded) "
                 if results.get("teacher_forced") else "greedy tokens ")
-             + "per context (first one excluded as warm-up); batch 1.")
+             + "per context (first one excluded as warm-up); batch 1."
+             + (f" Engines ran in {results['rounds']} interleaved rounds (each engine once per round, in turn), "
+                "pooled per context: decode steps together, prefill times summed."
+                if results.get("rounds", 1) > 1 else ""))
     L.append("")
     bw = results.get("bandwidth") or {}
     if bw.get("read_gb_s"):
@@ -969,6 +1001,7 @@ class EdgeBenchSettings:
     timeout: float = 3600  # seconds per engine
     contention: float = 0.1  # redo a timed section when other processes took more of the CPUs than this
     retries: int = 3  # attempts per timed section
+    rounds: int = 1  # interleaved passes over the engines, pooled per engine and context
     command: str = ""  # how this run was asked for, for the report
 
 
@@ -1020,7 +1053,9 @@ def run(args: EdgeBenchSettings) -> tuple[dict, str]:
                                                                          "kv_lora_rank")},
                "command": command, "contexts": contexts, "decode_tokens": args.decode_tokens,
                "sparsity": args.sparsity, "machine": machine_info(args.threads), "engines": {},
-               "contention": args.contention, "retries": args.retries}
+               "contention": args.contention, "retries": args.retries, "rounds": args.rounds}
+    if args.rounds < 1:
+        raise PLMError(f"--rounds must be at least 1, got {args.rounds}")
     teacher = args.teacher_force if args.teacher_force is not None else args.sparsity is not None
     results["teacher_forced"] = teacher
     base = {"ckpt": str(ckpt), "tokens": str(toks), "contexts": contexts, "decode_tokens": args.decode_tokens,
@@ -1040,21 +1075,24 @@ def run(args: EdgeBenchSettings) -> tuple[dict, str]:
     log("read bandwidth probe")
     results["bandwidth"] = run_worker("bandwidth", {"threads": args.threads, "contention": args.contention,
                                                     "retries": args.retries}, args.timeout)
-    for e in engines:
-        log(f"engine {e}")
-        if e in TORCH:
-            r = run_worker("torch", {**base, "engine": e, "predictor": args.predictor}, args.timeout)
-        else:
-            kind = ALL_ENGINES[e].get("gguf")
-            try:
-                g = ensure_gguf(ckpt, kind, workdir) if kind else None
-            except Exception as ex:  # no llama-cpp-python, or its quantiser failed
-                results["engines"][e] = {"engine": e, "error": f"GGUF: {ex}"}
-                continue
-            r = run_worker("llama" if e in LLAMA else "ours", {**base, "engine": e, "gguf": str(g) if g else None},
-                           args.timeout)
-        results["engines"][e] = r
-        save()
+    measured: dict[str, list[dict]] = {e: [] for e in engines}
+    for rnd in range(args.rounds):  # rounds interleave: every engine once per round
+        for e in engines:
+            log(f"engine {e}" + (f", round {rnd + 1}/{args.rounds}" if args.rounds > 1 else ""))
+            if e in TORCH:
+                r = run_worker("torch", {**base, "engine": e, "predictor": args.predictor}, args.timeout)
+            else:
+                kind = ALL_ENGINES[e].get("gguf")
+                try:
+                    g = ensure_gguf(ckpt, kind, workdir) if kind else None
+                except Exception as ex:  # no llama-cpp-python, or its quantiser failed
+                    results["engines"][e] = {"engine": e, "error": f"GGUF: {ex}"}
+                    continue
+                r = run_worker("llama" if e in LLAMA else "ours",
+                               {**base, "engine": e, "gguf": str(g) if g else None}, args.timeout)
+            measured[e].append(r)
+            results["engines"][e] = merge_rounds(measured[e])
+            save()
     if args.budgets:
         full = next((r for n, r in results["engines"].items() if n == "torch-bf16" and "weight_bytes" in r), None)
         wbytes = full["weight_bytes"] if full else None
