@@ -207,6 +207,12 @@ def one_request(client, url: str, prompt: str, max_tokens: int) -> dict:
     return {"t0": t0, "times": times, "tokens": tokens, "error": err}
 
 
+def rounds_at(c: int, args) -> int:
+    """Requests per client at concurrency c: --rounds, more where c clients would send fewer
+    than --min-requests."""
+    return max(args.rounds, -(-args.min_requests // c))
+
+
 def run_level(url: str, texts: list[str], c: int, rounds: int, max_tokens: int) -> dict:
     """c clients, each sending `rounds` requests one after another: the requests' raw timings."""
     import httpx
@@ -411,7 +417,7 @@ def bench_model(model: str, args) -> dict:
     gguf = gguf_q8(ckpt, workdir)
     max_tokens = args.max_tokens or DEFAULT_MAX_TOKENS.get(model, 32)
     levels = [int(c) for c in args.concurrency.split(",")]
-    texts = prompts(max(c * max(args.rounds, -(-args.min_requests // c)) for c in levels), args.prompt_tokens)
+    texts = prompts(max(c * rounds_at(c, args) for c in levels), args.prompt_tokens)
     info = machine_info(args.threads)
     res = {"model": model, "checkpoint": str(ckpt), "gguf": str(gguf), "threads": args.threads,
            "rounds": args.rounds, "min_requests": args.min_requests, "passes": args.passes,
@@ -442,13 +448,12 @@ def bench_model(model: str, args) -> dict:
             runs: dict[int, list[dict]] = {c: [] for c in levels}
             for p in range(args.passes):
                 for c in levels:
-                    rounds = max(args.rounds, -(-args.min_requests // c))
                     best = None
                     for attempt in range(1, args.retries + 1):  # keep the least contended attempt
                         quiet.wait_idle()
                         load = os.getloadavg()[0]
                         s0, cpu0 = quiet.snapshot(), srv.cpu_seconds()
-                        run = run_level(srv.url, texts, c, rounds, max_tokens)
+                        run = run_level(srv.url, texts, c, rounds_at(c, args), max_tokens)
                         s1, cpu1 = quiet.snapshot(), srv.cpu_seconds()
                         wall = s1[0] - s0[0]
                         other = ((s1[1] - s0[1]) - (s1[2] - s0[2]) - (cpu1 - cpu0)) / (wall * quiet.ncpu) if wall else 0

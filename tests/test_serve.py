@@ -524,6 +524,8 @@ def test_native_decoder_backend(qwen2_micro_dir):
     assert together == alone
     assert any(p and d for p, d in forwards)  # prompt chunks rode along with decode rows
     assert max(p for p, d in forwards if d) <= 7  # at most one chunk's worth beside running streams
+    from plm.serve.scheduler import Scheduler
+    assert Scheduler(backend, tok).chunk == 16  # the native default: mixed chunks stay small
     assert backend.handles == {}  # every sequence freed
 
 
@@ -653,6 +655,9 @@ def test_serve_bench_level_stats_pool_the_passes():
     assert (lv["requests"], lv["errors"], lv["passes"], lv["error_sample"]) == (4, 1, 2, "ReadTimeout")
     assert (lv["ttft_p50"], lv["ttft_p95"]) == (1.0, 1.5)  # first tokens after 1, 1.5, 1 s
     assert (lv["itl_p50"], lv["itl_p95"]) == (2.0, 2.0)  # gaps 1, 1, 2, 2
+    from types import SimpleNamespace
+    args = SimpleNamespace(rounds=2, min_requests=8)
+    assert [sb.rounds_at(c, args) for c in (1, 4, 8, 16)] == [8, 2, 2, 2]  # >= 8 requests, >= 2 each
 
 
 def test_serve_bench_decoder_alone(qwen2_micro_dir, tmp_path):

@@ -146,9 +146,14 @@ class Quiet:
         return best
 
 
+def warm_steps(times: list) -> list:
+    """The timed decode steps that count: the first step after a prefill is a warm-up."""
+    return times[1:] if len(times) > 2 else times
+
+
 def _stage_result(ctx: int, n_new: int, pre: dict, dec: dict, **extra) -> dict:
     times = dec["times"]
-    warm = times[1:] if len(times) > 2 else times  # the first step after a prefill is a warm-up
+    warm = warm_steps(times)
     return {"context": ctx, "prefill_tokens": n_new, "prefill_s": pre["s"], "prefill_tok_s": n_new / pre["s"],
             "decode_tok_s": len(warm) / sum(warm), "decode_tok_s_median": 1 / float(np.median(warm)),
             "decode_ms": [round(t * 1e3, 2) for t in times], "greedy": dec["greedy"],
@@ -358,7 +363,7 @@ def worker_native(a: dict) -> dict:
         copies = cold_copies(mats)
         for st in res["stages"]:
             ks = kernel_seconds(copies, head, dec, st["context"], a["threads"])
-            warm = st["decode_ms"][1:] if len(st["decode_ms"]) > 2 else st["decode_ms"]
+            warm = warm_steps(st["decode_ms"])
             step = float(np.median(warm)) / 1e3
             st.update(matmul_ms=round(ks["matmul_s"] * 1e3, 3), attention_ms=round(ks["attention_s"] * 1e3, 3),
                       step_ms=round(step * 1e3, 3),
@@ -715,7 +720,7 @@ def merge_rounds(rounds: list[dict]) -> dict:
     out["stages"] = []
     for st in ok[0]["stages"]:
         same = [st] + [s for s in (_stage(r, st["context"]) for r in ok[1:]) if s]
-        warm = [t for s in same for t in (s["decode_ms"][1:] if len(s["decode_ms"]) > 2 else s["decode_ms"])]
+        warm = [t for s in same for t in warm_steps(s["decode_ms"])]
         pre_s = sum(s["prefill_s"] for s in same)
         merged = dict(st)
         merged.update(

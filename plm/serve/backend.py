@@ -265,8 +265,7 @@ def native_unavailable() -> str | None:
 NATIVE_FORMATS = {"none": "bf16", "int8": "q8_0", "int4": "q4_0"}
 
 
-def load_native(path: str | Path, quant: str = "none", dtype: str | None = None, sparse: bool = False,
-                prefill_chunk: int = 256):
+def load_native(path: str | Path, quant: str = "none", dtype: str | None = None, sparse: bool = False):
     """(NativeBackend, tokenizer) from a checkpoint folder or hub id (weights converted at load:
     none -> BF16, or F32 with dtype float32; int8 -> Q8_0; int4 -> Q4_0) or a `plm` GGUF file
     (its own formats and tokenizer)."""
@@ -279,7 +278,7 @@ def load_native(path: str | Path, quant: str = "none", dtype: str | None = None,
     cache = "f32" if f32 else "bf16"
     if str(path).endswith(".gguf"):
         dec = NativeDecoder.from_gguf(Path(path), sparse=sparse, cache_dtype=cache)
-        return NativeBackend(dec, prefill_chunk), tokenizer_from_gguf(open_gguf(Path(path)))
+        return NativeBackend(dec), tokenizer_from_gguf(open_gguf(Path(path)))
     from plm.data.tokenizer import Tokenizer
     from plm.infer.layerwise import MappedCheckpoint
     from plm.model.checkpoint import load_config, read_headers, validate_checkpoint
@@ -296,4 +295,4 @@ def load_native(path: str | Path, quant: str = "none", dtype: str | None = None,
     validate_checkpoint(path, config, read_headers(path))
     fmt = "f32" if f32 and quant == "none" else NATIVE_FORMATS[quant]
     dec = NativeDecoder.from_state_dict(config, MappedCheckpoint(path).view, fmt=fmt, sparse=sparse, cache_dtype=cache)
-    return NativeBackend(dec, prefill_chunk), tok
+    return NativeBackend(dec), tok

@@ -45,13 +45,18 @@ from plm.serve.metrics import BATCH_BUCKETS, Metrics
 IDLE_CHUNK = 256  # mixed iterations with no stream waiting: prompt tokens per forward
 
 
+def mixes(backend) -> bool:
+    """Whether the backend runs prompt chunks and decode rows in one forward (`run`)."""
+    return hasattr(backend, "run")
+
+
 def default_chunk(backend) -> int:
     """--prefill-chunk by backend. Mixed (native): a prompt chunk rides along with every decode
     step, so it sets the inter-token latency of the running streams while a request joins (each
     prompt row costs about what a decode row does); 16 kept it within 3x of a lone stream's at
     8 streams (benchmarks/serve.py, docs/serve.md). Separate (PyTorch): larger chunks, since
     each chunk also pays a pass over the weights of its own."""
-    return 16 if hasattr(backend, "run") else 512
+    return 16 if mixes(backend) else 512
 
 
 class QueueFull(PLMError):
@@ -223,7 +228,7 @@ class Scheduler:
                 self.cond.notify_all()  # stop() waits for an empty server
 
     def _iteration(self) -> None:
-        if hasattr(self.backend, "run"):
+        if mixes(self.backend):
             self._mixed_iteration()
             return
         decoding = [r for r in self.active if r.state == "decode"]
@@ -248,10 +253,14 @@ class Scheduler:
             return
         t0 = time.perf_counter()
         logits = self.backend.step([r.seq for r in decoding], [r.last for r in decoding])
+        self._decoded(decoding, logits, time.perf_counter() - t0)
+
+    def _decoded(self, decoding: list[Request], logits: torch.Tensor, seconds: float, first: int = 0) -> None:
+        """A decode step ran: metrics, then each decoding request's row (logits[first + j])."""
         self.steps += 1
-        self.metrics.observe("decode_step_seconds", time.perf_counter() - t0)
+        self.metrics.observe("decode_step_seconds", seconds)
         self.metrics.observe("batch_size", len(decoding))
-        for j, req in enumerate(decoding):
+        for j, req in enumerate(decoding, start=first):
             self._accept(req, logits[j:j + 1])
 
     def _mixed_iteration(self) -> None:
@@ -271,11 +280,7 @@ class Scheduler:
         t0 = time.perf_counter()
         logits = self.backend.run(segments)
         dt = time.perf_counter() - t0
-        if decoding:
-            self.steps += 1
-            self.metrics.observe("decode_step_seconds", dt)
-            self.metrics.observe("batch_size", len(decoding))
-        else:
+        if not decoding:
             self.metrics.observe("prefill_chunk_seconds", dt)
         for j, (req, n) in enumerate(fed):
             req.prefilled += n
@@ -283,8 +288,8 @@ class Scheduler:
             if req.prefilled == len(req.prompt):
                 req.state = "decode"
                 self._accept(req, logits[j:j + 1])
-        for j, req in enumerate(decoding, start=len(fed)):
-            self._accept(req, logits[j:j + 1])
+        if decoding:
+            self._decoded(decoding, logits, dt, first=len(fed))
 
     def _accept(self, req: Request, logits: torch.Tensor) -> None:
         """Sample the next token of `req` from logits [1, V], stream it, maybe finish."""

@@ -88,13 +88,6 @@ static inline void mask_storeu_epi32(void* p, __mmask16 m, __m512i v) {
   for (int i = 0; i < 16; i++)
     if ((m >> i) & 1) ((int32_t*)p)[i] = a[i];
 }
-static inline float reduce_add_ps(__m512 v) {
-  float a[16];
-  _mm512_storeu_ps(a, v);
-  float s = 0.f;
-  for (int i = 0; i < 16; i++) s += a[i];
-  return s;
-}
 
 }  // namespace shim
 }  // namespace plm
@@ -107,7 +100,6 @@ static inline float reduce_add_ps(__m512 v) {
 #define _mm256_maskz_loadu_epi16 plm::shim::maskz_loadu_epi16_256
 #define _mm512_maskz_loadu_epi16 plm::shim::maskz_loadu_epi16_512
 #define _mm512_mask_storeu_ps plm::shim::mask_storeu_ps
-#define _mm512_reduce_add_ps plm::shim::reduce_add_ps
 #define _mm512_cvttps_epi32 plm::shim::cvttps_epi32
 #define _mm512_cvtepi32_epi16 plm::shim::cvtepi32_epi16
 #define _mm512_mask_storeu_epi32 plm::shim::mask_storeu_epi32
