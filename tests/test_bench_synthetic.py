@@ -30,6 +30,23 @@ def test_requested_share_of_zeros_on_held_out_tokens(x):
         assert not layer.self_attn.o_proj.weight[0].any() and not layer.mlp.down_proj.weight[0].any()
 
 
+def test_share_of_zeros_holds_at_every_position():
+    # the attention's drift along the sequence would move the share with the position (fewer
+    # zeros early on); scaled down (attn_scale), the first positions see the requested share too
+    g = torch.Generator().manual_seed(2)
+    calib, text = torch.randint(0, 512, (512,), generator=g), torch.randint(0, 512, (256,), generator=g)
+    spread = {}
+    for scale in (1.0, 0.02):
+        torch.manual_seed(0)  # plm-tiny's width: plm-micro's stream hardly drifts at all
+        model = PLMForCausalLM(PLMConfig.from_preset("plm-tiny", vocab_size=512, num_hidden_layers=4, bos_token_id=0,
+                                                     eos_token_id=1, pad_token_id=None)).eval()
+        make_sparse(model, 0.909, calib, attn_scale=scale)
+        spread[scale] = max(abs(s - 0.909) for a, b in ((0, 16), (16, 64), (64, 256))
+                            for s in relu2_zero_share(model, text, a, b))
+    assert spread[0.02] < 0.03, spread
+    assert spread[1.0] > 0.08, spread  # without the scale the early positions fall short
+
+
 def test_constant_channel_reaches_every_layer_unchanged():
     model = _model()
     make_sparse(model, 0.8, torch.arange(64))

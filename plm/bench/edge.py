@@ -609,7 +609,8 @@ def ensure_checkpoint(args) -> Path:
         return Path(args.ckpt)
     from plm.model.checkpoint import init_checkpoint
     if args.sparsity is not None:
-        out = Path(args.workdir) / f"{args.preset}-sparse{args.sparsity:g}"
+        from plm.bench.synthetic import ATTN_SCALE  # in the name: a new construction is a new model
+        out = Path(args.workdir) / f"{args.preset}-sparse{args.sparsity:g}-attn{ATTN_SCALE:g}"
     else:
         out = Path(args.workdir) / f"{args.preset}-random"
     if not (out / "model.safetensors").exists() and not (out / "model.safetensors.index.json").exists():

@@ -9,6 +9,9 @@
 namespace plm {
 namespace {
 
+// the sparse helpers take register arrays by pointer: inlined, they stay in registers
+#define PLM_ALWAYS_INLINE inline __attribute__((always_inline))
+
 inline __m256 f16x8(const uint8_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
 inline __m256i ld256(const uint8_t* p) { return _mm256_loadu_si256((const __m256i*)p); }
 inline int32_t ld32(const int8_t* p) { int32_t v; memcpy(&v, p, 4); return v; }
@@ -371,7 +374,7 @@ void gemv_f(int fmt, const void* W, int64_t K, int64_t n0, int64_t n1, const flo
 
 // Q8_0 rows: int8 widened to int16, (w1, w2) pairs against (x1, x2): 8 int32 per madd.
 // Accumulators hold outputs in the order [0-3, 8-11 | 4-7, 12-15] per 16; fixed at the flush.
-inline void q8_pair(const int8_t* r1, const int8_t* r2, int x1, int x2, __m256i* acc /*[8]*/) {
+PLM_ALWAYS_INLINE void q8_pair(const int8_t* r1, const int8_t* r2, int x1, int x2, __m256i* acc /*[8]*/) {
   const __m256i xp = _mm256_set1_epi32((int)(((uint32_t)x1 & 0xffff) | ((uint32_t)x2 << 16)));
   for (int c = 0; c < 4; c++) {
     const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(r1 + 16 * c)));
@@ -381,7 +384,7 @@ inline void q8_pair(const int8_t* r1, const int8_t* r2, int x1, int x2, __m256i*
   }
 }
 // Q6_K rows (u8 0..63): as q8_pair with zero extension.
-inline void u8_pair(const uint8_t* r1, const uint8_t* r2, int x1, int x2, __m256i* acc /*[8]*/) {
+PLM_ALWAYS_INLINE void u8_pair(const uint8_t* r1, const uint8_t* r2, int x1, int x2, __m256i* acc /*[8]*/) {
   const __m256i xp = _mm256_set1_epi32((int)(((uint32_t)x1 & 0xffff) | ((uint32_t)x2 << 16)));
   for (int c = 0; c < 4; c++) {
     const __m256i w1 = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)(r1 + 16 * c)));
@@ -390,7 +393,7 @@ inline void u8_pair(const uint8_t* r1, const uint8_t* r2, int x1, int x2, __m256
     acc[2 * c + 1] = _mm256_add_epi32(acc[2 * c + 1], _mm256_madd_epi16(_mm256_unpackhi_epi16(w1, w2), xp));
   }
 }
-inline void q8_unscramble(const __m256i* acc, __m256i* out /*[8] in output order*/) {
+PLM_ALWAYS_INLINE void q8_unscramble(const __m256i* acc, __m256i* out /*[8] in output order*/) {
   for (int c = 0; c < 4; c++) {
     out[2 * c] = _mm256_permute2x128_si256(acc[2 * c], acc[2 * c + 1], 0x20);
     out[2 * c + 1] = _mm256_permute2x128_si256(acc[2 * c], acc[2 * c + 1], 0x31);
@@ -399,7 +402,7 @@ inline void q8_unscramble(const __m256i* acc, __m256i* out /*[8] in output order
 
 // Q4 nibble rows (32 bytes = 64 outputs): (w1, w2) u8 pairs against (x1, x2) s8 with
 // maddubs; int16 sums of up to 8 pairs (<= 8 * 3810) then widened into acc (output order).
-inline void q4_pair(const uint8_t* r1, const uint8_t* r2, int x1, int x2, __m256i* s /*[4] int16*/) {
+PLM_ALWAYS_INLINE void q4_pair(const uint8_t* r1, const uint8_t* r2, int x1, int x2, __m256i* s /*[4] int16*/) {
   const __m256i m4 = _mm256_set1_epi8(15);
   const __m256i xp = _mm256_set1_epi16((short)((x1 & 0xff) | ((x2 & 0xff) << 8)));
   const __m256i v1 = ld256(r1), v2 = ld256(r2);
@@ -410,7 +413,7 @@ inline void q4_pair(const uint8_t* r1, const uint8_t* r2, int x1, int x2, __m256
   s[2] = _mm256_add_epi16(s[2], _mm256_maddubs_epi16(_mm256_unpacklo_epi8(a_hi, b_hi), xp));  // 32-39 | 48-55
   s[3] = _mm256_add_epi16(s[3], _mm256_maddubs_epi16(_mm256_unpackhi_epi8(a_hi, b_hi), xp));  // 40-47 | 56-63
 }
-inline void q4_widen(__m256i* s, __m256i* acc) {
+PLM_ALWAYS_INLINE void q4_widen(__m256i* s, __m256i* acc) {
   for (int h = 0; h < 2; h++) {  // low / high nibble halves
     acc[4 * h + 0] = _mm256_add_epi32(acc[4 * h + 0], _mm256_cvtepi16_epi32(_mm256_castsi256_si128(s[2 * h])));
     acc[4 * h + 1] = _mm256_add_epi32(acc[4 * h + 1], _mm256_cvtepi16_epi32(_mm256_castsi256_si128(s[2 * h + 1])));
@@ -421,7 +424,7 @@ inline void q4_widen(__m256i* s, __m256i* acc) {
 }
 
 // Integer sums over the active neurons of block b for outputs [c0, c0+64), in output order.
-inline void block_isum(const SparseW& W, const int8_t* q, const ActiveList& act, int64_t b, int64_t c0, __m256i* out) {
+PLM_ALWAYS_INLINE void block_isum(const SparseW& W, const int8_t* q, const ActiveList& act, int64_t b, int64_t c0, __m256i* out) {
   const int32_t a0 = act.start[b], a1 = act.start[b + 1];
   __m256i acc[8];
   for (int i = 0; i < 8; i++) acc[i] = _mm256_setzero_si256();
@@ -450,111 +453,147 @@ inline void block_isum(const SparseW& W, const int8_t* q, const ActiveList& act,
   }
 }
 
-void sparse_q(const SparseW& W, const int8_t* q, const float* d, const int32_t* s16, const ActiveList& act,
-              int64_t j0, int64_t j1, float* y) {
+// Software prefetch of the lines unit u (a block of 32 neurons, or a super-block of 256 for the
+// K-quants) will read for outputs [s0, s1): each active neuron's row segment. The active rows
+// are scattered, so the hardware prefetchers cannot guess them; we know them from the active
+// list. (The scale planes are read in order, unit after unit, which the prefetchers follow.)
+inline void prefetch_unit(const SparseW& W, const ActiveList& act, int64_t u, int64_t s0, int64_t s1) {
+  const bool kq = W.fmt == Q4_K || W.fmt == Q6_K;
+  const int64_t b0 = kq ? 8 * u : u, b1 = kq ? 8 * u + 8 : u + 1;
+  const int64_t ld = W.fmt == Q8_0 || W.fmt == Q6_K ? W.Np : W.Np / 2;
+  const int64_t lo = ld == W.Np ? s0 : s0 / 2, hi = ld == W.Np ? s1 : (s1 + 1) / 2;
+  for (int32_t a = act.start[b0]; a < act.start[b1]; a++) {
+    const char* row = (const char*)W.base + (int64_t)act.idx[a] * ld;
+    for (int64_t o = lo; o < hi; o += 64) _mm_prefetch(row + o, _MM_HINT_T0);
+  }
+}
+
+// The integer sums of one unit for 64 outputs at c0, flushed into the fp32 accumulators acc[8]
+// (in memory: the loop over units is outside the loop over output chunks, so that each active
+// row is read along its length rather than 64 bytes from every chunk in turn). Per output the
+// fp32 sequence is the dense kernel's, unit by unit in order.
+PLM_ALWAYS_INLINE void sparse_unit(const SparseW& W, const int8_t* q, const float* d, const int32_t* s16, const ActiveList& act,
+                        int64_t u, int64_t c0, float* accp) {
   const int64_t K = W.K, Np = W.Np, nb = K / 32;
   const __m256 neg = _mm256_castsi256_ps(_mm256_set1_epi32((int)0x80000000));
-  for (int64_t c0 = j0; c0 < j1; c0 += 64) {
-    __m256 acc[8];
-    for (int i = 0; i < 8; i++) acc[i] = _mm256_setzero_ps();
-    __m256i is[8];
-    if (W.fmt == Q8_0 || W.fmt == Q4_0) {
-      const uint8_t* dplane = W.base + K * (W.fmt == Q8_0 ? Np : Np / 2);
-      for (int64_t b = 0; b < nb; b++) {
-        if (act.start[b] == act.start[b + 1]) continue;
-        block_isum(W, q, act, b, c0, is);
-        const __m256i off = _mm256_set1_epi32(W.fmt == Q4_0 ? 8 * (s16[2 * b] + s16[2 * b + 1]) : 0);
-        const __m256 dx = _mm256_set1_ps(d[b]);
-        for (int i = 0; i < 8; i++)
-          acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(is[i], off)),
-                                   _mm256_mul_ps(f16x8(dplane + 2 * (b * Np + c0 + 8 * i)), dx), acc[i]);
-      }
-    } else if (W.fmt == Q6_K) {
-      const int64_t ns = K / 256;
-      const uint8_t* dpl = W.base + K * Np;
-      const int8_t* scpl = (const int8_t*)(dpl + 2 * ns * Np);
-      const uint8_t* base = W.base + c0;
-      for (int64_t s = 0; s < ns; s++) {
-        if (act.start[8 * s] == act.start[8 * s + 8]) continue;
-        __m256i isum[8];
-        for (int i = 0; i < 8; i++) isum[i] = _mm256_setzero_si256();
-        for (int64_t b = 8 * s; b < 8 * s + 8; b++) {
-          int32_t a = act.start[b];
-          for (int h = 0; h < 2; h++) {  // the two sub-blocks of 16 neurons in this block of 32
-            const int64_t g = 2 * b + h;
-            int32_t e = a;
-            while (e < act.start[b + 1] && act.idx[e] < 16 * (g + 1)) e++;
-            if (e == a) continue;
-            __m256i isub[8];
-            for (int i = 0; i < 8; i++) isub[i] = _mm256_setzero_si256();
-            for (; a + 2 <= e; a += 2)
-              u8_pair(base + act.idx[a] * Np, base + act.idx[a + 1] * Np, q[act.idx[a]], q[act.idx[a + 1]], isub);
-            if (a < e) u8_pair(base + act.idx[a] * Np, base + act.idx[a] * Np, q[act.idx[a]], 0, isub);
-            a = e;
-            q8_unscramble(isub, is);
-            const __m256i off = _mm256_set1_epi32(32 * s16[g]);
-            for (int i = 0; i < 8; i++) {
-              const __m256i sc = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(scpl + g * Np + c0 + 8 * i)));
-              isum[i] = _mm256_add_epi32(isum[i], _mm256_mullo_epi32(sc, _mm256_sub_epi32(is[i], off)));
-            }
-          }
-        }
-        const __m256 dx = _mm256_set1_ps(d[s]);
-        for (int i = 0; i < 8; i++)
-          acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[i]), _mm256_mul_ps(f16x8(dpl + 2 * (s * Np + c0 + 8 * i)), dx),
-                                   acc[i]);
-      }
-    } else {  // Q4_K
-      const int64_t ns = K / 256;
-      const uint8_t* dpl = W.base + K * (Np / 2);
-      const uint8_t* mpl = dpl + 2 * ns * Np;
-      const uint8_t* scpl = mpl + 2 * ns * Np;
-      const uint8_t* mnpl = scpl + nb * Np;
-      for (int64_t s = 0; s < ns; s++) {
-        if (act.start[8 * s] == act.start[8 * s + 8]) continue;
-        __m256i isc[8], imin[8];
-        for (int i = 0; i < 8; i++) isc[i] = imin[i] = _mm256_setzero_si256();
-        for (int64_t b = 8 * s; b < 8 * s + 8; b++) {
-          if (act.start[b] == act.start[b + 1]) continue;
-          block_isum(W, q, act, b, c0, is);
-          const __m256i s32 = _mm256_set1_epi32(s16[2 * b] + s16[2 * b + 1]);
-          for (int i = 0; i < 8; i++) {
-            const __m256i sc = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(scpl + b * Np + c0 + 8 * i)));
-            const __m256i mn = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(mnpl + b * Np + c0 + 8 * i)));
-            isc[i] = _mm256_add_epi32(isc[i], _mm256_mullo_epi32(sc, is[i]));
-            imin[i] = _mm256_add_epi32(imin[i], _mm256_mullo_epi32(mn, s32));
-          }
-        }
-        const __m256 dx = _mm256_set1_ps(d[s]);
+  __m256 acc[8];
+  for (int i = 0; i < 8; i++) acc[i] = _mm256_loadu_ps(accp + 8 * i);
+  __m256i is[8];
+  if (W.fmt == Q8_0 || W.fmt == Q4_0) {
+    const int64_t b = u;
+    const uint8_t* dplane = W.base + K * (W.fmt == Q8_0 ? Np : Np / 2);
+    block_isum(W, q, act, b, c0, is);
+    const __m256i off = _mm256_set1_epi32(W.fmt == Q4_0 ? 8 * (s16[2 * b] + s16[2 * b + 1]) : 0);
+    const __m256 dx = _mm256_set1_ps(d[b]);
+    for (int i = 0; i < 8; i++)
+      acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(is[i], off)),
+                               _mm256_mul_ps(f16x8(dplane + 2 * (b * Np + c0 + 8 * i)), dx), acc[i]);
+  } else if (W.fmt == Q6_K) {
+    const int64_t s = u, ns = K / 256;
+    const uint8_t* dpl = W.base + K * Np;
+    const int8_t* scpl = (const int8_t*)(dpl + 2 * ns * Np);
+    const uint8_t* base = W.base + c0;
+    __m256i isum[8];
+    for (int i = 0; i < 8; i++) isum[i] = _mm256_setzero_si256();
+    for (int64_t b = 8 * s; b < 8 * s + 8; b++) {
+      int32_t a = act.start[b];
+      for (int h = 0; h < 2; h++) {  // the two sub-blocks of 16 neurons in this block of 32
+        const int64_t g = 2 * b + h;
+        int32_t e = a;
+        while (e < act.start[b + 1] && act.idx[e] < 16 * (g + 1)) e++;
+        if (e == a) continue;
+        __m256i isub[8];
+        for (int i = 0; i < 8; i++) isub[i] = _mm256_setzero_si256();
+        for (; a + 2 <= e; a += 2)
+          u8_pair(base + act.idx[a] * Np, base + act.idx[a + 1] * Np, q[act.idx[a]], q[act.idx[a + 1]], isub);
+        if (a < e) u8_pair(base + act.idx[a] * Np, base + act.idx[a] * Np, q[act.idx[a]], 0, isub);
+        a = e;
+        q8_unscramble(isub, is);
+        const __m256i off = _mm256_set1_epi32(32 * s16[g]);
         for (int i = 0; i < 8; i++) {
-          const __m256 dd = _mm256_mul_ps(f16x8(dpl + 2 * (s * Np + c0 + 8 * i)), dx);
-          const __m256 dm = _mm256_xor_ps(_mm256_mul_ps(f16x8(mpl + 2 * (s * Np + c0 + 8 * i)), dx), neg);
-          acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isc[i]), dd, acc[i]);
-          acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(imin[i]), dm, acc[i]);
+          const __m256i sc = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(scpl + g * Np + c0 + 8 * i)));
+          isum[i] = _mm256_add_epi32(isum[i], _mm256_mullo_epi32(sc, _mm256_sub_epi32(is[i], off)));
         }
       }
     }
-    if (c0 + 64 <= j1) {
-      for (int i = 0; i < 8; i++) _mm256_storeu_ps(y + c0 + 8 * i, acc[i]);
-    } else {
-      float tmp[64];
-      for (int i = 0; i < 8; i++) _mm256_storeu_ps(tmp + 8 * i, acc[i]);
-      for (int64_t j = c0; j < j1; j++) y[j] = tmp[j - c0];
+    const __m256 dx = _mm256_set1_ps(d[s]);
+    for (int i = 0; i < 8; i++)
+      acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[i]), _mm256_mul_ps(f16x8(dpl + 2 * (s * Np + c0 + 8 * i)), dx),
+                               acc[i]);
+  } else {  // Q4_K
+    const int64_t s = u, ns = K / 256;
+    const uint8_t* dpl = W.base + K * (Np / 2);
+    const uint8_t* mpl = dpl + 2 * ns * Np;
+    const uint8_t* scpl = mpl + 2 * ns * Np;
+    const uint8_t* mnpl = scpl + nb * Np;
+    __m256i isc[8], imin[8];
+    for (int i = 0; i < 8; i++) isc[i] = imin[i] = _mm256_setzero_si256();
+    for (int64_t b = 8 * s; b < 8 * s + 8; b++) {
+      if (act.start[b] == act.start[b + 1]) continue;
+      block_isum(W, q, act, b, c0, is);
+      const __m256i s32 = _mm256_set1_epi32(s16[2 * b] + s16[2 * b + 1]);
+      for (int i = 0; i < 8; i++) {
+        const __m256i sc = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(scpl + b * Np + c0 + 8 * i)));
+        const __m256i mn = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(mnpl + b * Np + c0 + 8 * i)));
+        isc[i] = _mm256_add_epi32(isc[i], _mm256_mullo_epi32(sc, is[i]));
+        imin[i] = _mm256_add_epi32(imin[i], _mm256_mullo_epi32(mn, s32));
+      }
     }
+    const __m256 dx = _mm256_set1_ps(d[s]);
+    for (int i = 0; i < 8; i++) {
+      const __m256 dd = _mm256_mul_ps(f16x8(dpl + 2 * (s * Np + c0 + 8 * i)), dx);
+      const __m256 dm = _mm256_xor_ps(_mm256_mul_ps(f16x8(mpl + 2 * (s * Np + c0 + 8 * i)), dx), neg);
+      acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isc[i]), dd, acc[i]);
+      acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(imin[i]), dm, acc[i]);
+    }
+  }
+  for (int i = 0; i < 8; i++) _mm256_storeu_ps(accp + 8 * i, acc[i]);
+}
+
+void sparse_q(const SparseW& W, const int8_t* q, const float* d, const int32_t* s16, const ActiveList& act,
+              int64_t j0, int64_t j1, float* y) {
+  const bool kq = W.fmt == Q4_K || W.fmt == Q6_K;
+  const int64_t nu = kq ? W.K / 256 : W.K / 32;  // units: blocks, or super-blocks of 8 blocks
+  enum : int { SPAN = 1024 };  // outputs per pass (accumulators in L1)
+  const int64_t AHEAD = kq ? 1 : 8;  // units prefetched ahead (~16-24 active neurons at 91% zeros)
+  alignas(32) float acc[SPAN];
+  for (int64_t s0 = j0; s0 < j1; s0 += SPAN) {
+    const int64_t s1 = j1 < s0 + SPAN ? j1 : s0 + SPAN, s1p = s0 + ceil_div(s1 - s0, 64) * 64;
+    for (int64_t j = 0; j < s1p - s0; j++) acc[j] = 0.f;
+    for (int64_t u = 0; u < AHEAD && u < nu; u++) prefetch_unit(W, act, u, s0, s1p);
+    for (int64_t u = 0; u < nu; u++) {
+      if (u + AHEAD < nu) prefetch_unit(W, act, u + AHEAD, s0, s1p);
+      if (act.start[kq ? 8 * u : u] == act.start[kq ? 8 * u + 8 : u + 1]) continue;
+      for (int64_t c0 = s0; c0 < s1p; c0 += 64) sparse_unit(W, q, d, s16, act, u, c0, acc + (c0 - s0));
+    }
+    for (int64_t j = s0; j < s1; j++) y[j] = acc[j - s0];
   }
 }
 
 void sparse_f(const SparseW& W, const float* a, const int32_t* idx, int64_t n_idx, int64_t j0, int64_t j1, float* y) {
+  // as sparse_q: the active rows outside, output chunks inside, accumulators in L1, the rows
+  // AHEAD places on prefetched; per output the sum runs over the active neurons in order
+  enum : int { SPAN = 1024, AHEAD = 8 };
+  const int64_t elt = W.fmt == F32 ? 4 : 2;
+  alignas(32) float acc[SPAN];
   int64_t c0 = j0;
-  for (; c0 + 64 <= j1; c0 += 64) {
-    __m256 acc[8];
-    for (int i = 0; i < 8; i++) acc[i] = _mm256_setzero_ps();
+  while (c0 + 64 <= j1) {  // whole chunks of 64 outputs, up to SPAN at a time
+    const int64_t c1 = c0 + ((j1 - c0 < SPAN ? j1 - c0 : SPAN) & ~(int64_t)63);
+    for (int64_t j = 0; j < c1 - c0; j++) acc[j] = 0.f;
     for (int64_t t = 0; t < n_idx; t++) {
+      if (t + AHEAD < n_idx) {
+        const char* r = (const char*)W.base + ((int64_t)idx[t + AHEAD] * W.N + c0) * elt;
+        for (int64_t o = 0; o < (c1 - c0) * elt; o += 64) _mm_prefetch(r + o, _MM_HINT_T0);
+      }
       const __m256 ai = _mm256_set1_ps(a[idx[t]]);
-      const int64_t row = (int64_t)idx[t] * W.N + c0;
-      for (int i = 0; i < 8; i++) acc[i] = _mm256_fmadd_ps(ai, load8(W.fmt, W.base, row + 8 * i), acc[i]);
+      const int64_t row = (int64_t)idx[t] * W.N;
+      for (int64_t j = c0; j < c1; j += 8) {
+        float* p = acc + (j - c0);
+        _mm256_store_ps(p, _mm256_fmadd_ps(ai, load8(W.fmt, W.base, row + j), _mm256_load_ps(p)));
+      }
     }
-    for (int i = 0; i < 8; i++) _mm256_storeu_ps(y + c0 + 8 * i, acc[i]);
+    for (int64_t j = c0; j < c1; j++) y[j] = acc[j - c0];
+    c0 = c1;
   }
   for (int64_t j = c0; j < j1; j++) {
     float s = 0.f;
