@@ -9,7 +9,13 @@ them values) at several cache lengths, one call on one thread: the kernel on a b
 PyTorch's softmax(q K^T) V on the same bf16 cache converted to fp32 (the naive path).
 Matrices: the up projection's shape (8192 x 2048) for one activation row (decode) and for 256
 (a prefill chunk), in each format, against torch.nn.functional.linear in bf16 (oneDNN).
-Rates are multiply-adds per second (G MAC/s). Prints JSON and a markdown table; --out writes both.
+Rates are multiply-adds per second (G MAC/s).
+From memory: decode (one activation row) as the model does it, weights not in any cache: each
+matrix copied until the copies fill --memory-mb, the copies called in turn, formats and kernels
+interleaved over --rounds rounds (medians): the up projection's shape (8192 x 2048) and the
+down projection's (2048 x 8192) dense, and the down projection's exact sparse kernel (the
+neuron-major layout) on relu² activations with --sparsity of them zero (PLM-1.8B: about 0.909).
+GB/s = the dense matrix's bytes over the time. Prints JSON and markdown tables; --out writes both.
 """
 from __future__ import annotations
 
@@ -81,11 +87,60 @@ def matrix_rows(threads: int, rows_m: list[int]) -> list[dict]:
     return out
 
 
+def memory_rows(threads: int, formats: list[str], sparsity: float, memory_mb: int, rounds: int) -> list[dict]:
+    torch.set_num_threads(threads)
+    g = torch.Generator().manual_seed(2)
+    cases: dict[tuple[str, str, str], tuple[list, torch.Tensor, int]] = {}
+    for N, K in ((8192, 2048), (2048, 8192)):
+        x = torch.randn(1, K, generator=g)
+        if K == 8192:  # relu² activations, a share `sparsity` of them exactly zero
+            x = (x.abs() + 0.05) ** 2
+            x[torch.rand(1, K, generator=g) < sparsity] = 0
+        for f in formats:
+            w = torch.randn(N, K, generator=g) * 0.02
+            raw = nv.quantize(w, f)
+            kinds = [("dense", False)] + ([("sparse", True)] if K == 8192 else [])
+            for kind, sparse in kinds:
+                m = nv.PackedLinear(raw, f, N, K, sparse=sparse)
+                copies = [m] + [nv.PackedLinear.from_packed(m.data.clone(), m.fmt, N, K, sparse=sparse)
+                                for _ in range(max(1, memory_mb * 2**20 // m.nbytes()) - 1)]
+                cases[(f, f"{N} x {K}", kind)] = (copies, x, nv.PackedLinear(raw, f, N, K).nbytes())
+    times: dict = {k: [] for k in cases}
+    for _ in range(rounds):
+        for key, (copies, x, _) in cases.items():
+            copies[0](x)
+            t0 = time.perf_counter()
+            for m in copies:
+                m(x)
+            times[key].append((time.perf_counter() - t0) / len(copies))
+    out = []
+    for (f, shape, kind), (copies, x, dense_bytes) in cases.items():
+        t = sorted(times[(f, shape, kind)])[len(times[(f, shape, kind)]) // 2]
+        row = {"format": f, "shape": shape, "kernel": kind, "ms": t * 1e3, "gb_s": dense_bytes / t / 1e9,
+               "zeros": float((x == 0).float().mean()) if kind == "sparse" else None}
+        out.append(row)
+    for r in out:  # the sparse kernel against the dense one on the same activations
+        if r["kernel"] == "sparse":
+            dense = next(d for d in out if (d["format"], d["shape"], d["kernel"]) == (r["format"], r["shape"], "dense"))
+            r["vs_dense"] = dense["ms"] / r["ms"]
+    return out
+
+
+def memory_line(r: dict) -> str:
+    zeros = "" if r["zeros"] is None else f"{r['zeros']:.3f}"
+    vs = f"{r['vs_dense']:.2f}x" if "vs_dense" in r else ""
+    return f"| {r['format']} | {r['shape']} | {r['kernel']} | {zeros} | {r['ms']:.3f} | {r['gb_s']:.1f} | {vs} |"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2, help="threads for the matrices (attention: one call, 1 thread)")
     ap.add_argument("--lengths", default="256,1024,4096", help="attention cache lengths")
     ap.add_argument("--rows", default="1,256", help="activation rows for the matrices")
+    ap.add_argument("--formats", default="bf16,q8_0,q4_0,q4_k", help="formats for the from-memory rows")
+    ap.add_argument("--sparsity", type=float, default=0.909, help="share of zero activations for the sparse rows")
+    ap.add_argument("--memory-mb", type=int, default=256, help="bytes of copies per case (far past the caches)")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds of the from-memory rows")
     ap.add_argument("--out", default=None, help="folder for kernels.json and kernels.md")
     args = ap.parse_args(argv)
     if not nv.load():
@@ -98,8 +153,13 @@ def main(argv: list[str] | None = None) -> int:
           f"torch {info['torch']}; attention on 1 thread, matrices on {args.threads}.\n",
           "| kernel | case | shape | ms | G MAC/s |", "|---|---|---|---|---|"]
     md += [f"| {r['kernel']} | {r['case']} | {r['shape']} | {r['ms']:.3f} | {r['gmac_s']:.1f} |" for r in rows]
+    mem = memory_rows(args.threads, args.formats.split(","), args.sparsity, args.memory_mb, args.rounds) if args.rounds else []
+    if mem:
+        md += ["", f"## Decode from memory ({args.threads} threads, {args.rounds} interleaved rounds, medians)\n",
+               "| format | shape | kernel | zeros | ms | GB/s (dense bytes) | vs dense |", "|---|---|---|---|---|---|---|"]
+        md += [memory_line(r) for r in mem]
     text = "\n".join(md) + "\n"
-    result = {"machine": info, "rows": rows}
+    result = {"machine": info, "rows": rows, "memory": mem}
     print(json.dumps(result, indent=1))
     print(text)
     if args.out:

@@ -85,35 +85,39 @@ void quantize_act(const float* x, int64_t K, int bs, int8_t* q, float* d, int32_
 }
 
 // ---- Q8_0 ---------------------------------------------------------------------------------
-template <int MB>
-void q8_0_rows(const uint8_t* wt, int64_t K, const QAct& x, int64_t m0, float* y, int64_t ldy, int64_t row0,
-               int64_t N) {
+template <int MT, int MB>
+void q8_0_rows(const uint8_t* const* wts, int64_t K, const QAct& x, int64_t m0, float* y, int64_t ldy,
+               const int64_t* row0, int64_t N) {
   const int64_t nb = K / 32, nd = K / x.bs;
   const __m256i ones = _mm256_set1_epi16(1), flip = _mm256_set1_epi8((char)0x80);
-  __m256 al[MB], ah[MB];
-  for (int i = 0; i < MB; i++) al[i] = ah[i] = _mm256_setzero_ps();
+  __m256 al[MT][MB], ah[MT][MB];
+  for (int t = 0; t < MT; t++)
+    for (int i = 0; i < MB; i++) al[t][i] = ah[t][i] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; b++) {
-    const uint8_t* blk = wt + b * Q8_0_TB;
-    __m256i il[MB], ih[MB];
-    for (int i = 0; i < MB; i++) il[i] = ih[i] = _mm256_setzero_si256();
-    for (int c = 0; c < 8; c++) {
-      const __m256i wl = _mm256_xor_si256(ld256(blk + 32 + 64 * c), flip);
-      const __m256i wh = _mm256_xor_si256(ld256(blk + 64 + 64 * c), flip);
-      const __m256i ul = _mm256_abs_epi8(wl), uh = _mm256_abs_epi8(wh);
+    for (int t = 0; t < MT; t++) {
+      const uint8_t* blk = wts[t] + b * Q8_0_TB;
+      __m256i il[MB], ih[MB];
+      for (int i = 0; i < MB; i++) il[i] = ih[i] = _mm256_setzero_si256();
+      for (int c = 0; c < 8; c++) {
+        const __m256i wl = _mm256_xor_si256(ld256(blk + 32 + 64 * c), flip);
+        const __m256i wh = _mm256_xor_si256(ld256(blk + 64 + 64 * c), flip);
+        const __m256i ul = _mm256_abs_epi8(wl), uh = _mm256_abs_epi8(wh);
+        for (int i = 0; i < MB; i++) {
+          const __m256i xb = _mm256_set1_epi32(ld32(x.q + (m0 + i) * K + 32 * b + 4 * c));
+          il[i] = _mm256_add_epi32(il[i], _mm256_madd_epi16(_mm256_maddubs_epi16(ul, _mm256_sign_epi8(xb, wl)), ones));
+          ih[i] = _mm256_add_epi32(ih[i], _mm256_madd_epi16(_mm256_maddubs_epi16(uh, _mm256_sign_epi8(xb, wh)), ones));
+        }
+      }
+      const __m256 dl = f16x8(blk), dh = f16x8(blk + 16);
       for (int i = 0; i < MB; i++) {
-        const __m256i xb = _mm256_set1_epi32(ld32(x.q + (m0 + i) * K + 32 * b + 4 * c));
-        il[i] = _mm256_add_epi32(il[i], _mm256_madd_epi16(_mm256_maddubs_epi16(ul, _mm256_sign_epi8(xb, wl)), ones));
-        ih[i] = _mm256_add_epi32(ih[i], _mm256_madd_epi16(_mm256_maddubs_epi16(uh, _mm256_sign_epi8(xb, wh)), ones));
+        const __m256 dx = _mm256_set1_ps(x.d[(m0 + i) * nd + b]);
+        al[t][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(il[i]), _mm256_mul_ps(dl, dx), al[t][i]);
+        ah[t][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ih[i]), _mm256_mul_ps(dh, dx), ah[t][i]);
       }
     }
-    const __m256 dl = f16x8(blk), dh = f16x8(blk + 16);
-    for (int i = 0; i < MB; i++) {
-      const __m256 dx = _mm256_set1_ps(x.d[(m0 + i) * nd + b]);
-      al[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(il[i]), _mm256_mul_ps(dl, dx), al[i]);
-      ah[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ih[i]), _mm256_mul_ps(dh, dx), ah[i]);
-    }
   }
-  for (int i = 0; i < MB; i++) store_tile(y, ldy, m0 + i, row0, N, al[i], ah[i]);
+  for (int t = 0; t < MT; t++)
+    for (int i = 0; i < MB; i++) store_tile(y, ldy, m0 + i, row0[t], N, al[t][i], ah[t][i]);
 }
 
 // ---- Q4_0 ---------------------------------------------------------------------------------
@@ -129,140 +133,166 @@ inline void nib_group(const uint8_t* g, __m256i xa, __m256i xb, __m256i& sl, __m
   sh = _mm256_add_epi16(sh, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(vh, 4), m4), xb));
 }
 
-template <int MB>
-void q4_0_rows(const uint8_t* wt, int64_t K, const QAct& x, int64_t m0, float* y, int64_t ldy, int64_t row0,
-               int64_t N) {
+template <int MT, int MB>
+void q4_0_rows(const uint8_t* const* wts, int64_t K, const QAct& x, int64_t m0, float* y, int64_t ldy,
+               const int64_t* row0, int64_t N) {
   const int64_t nb = K / 32, nd = K / x.bs;
   const __m256i ones = _mm256_set1_epi16(1);
-  __m256 al[MB], ah[MB];
-  for (int i = 0; i < MB; i++) al[i] = ah[i] = _mm256_setzero_ps();
+  __m256 al[MT][MB], ah[MT][MB];
+  for (int t = 0; t < MT; t++)
+    for (int i = 0; i < MB; i++) al[t][i] = ah[t][i] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; b++) {
-    const uint8_t* blk = wt + b * Q4_0_TB;
-    __m256i sl[MB], sh[MB];
-    for (int i = 0; i < MB; i++) sl[i] = sh[i] = _mm256_setzero_si256();
-    for (int g = 0; g < 4; g++)
+    for (int t = 0; t < MT; t++) {
+      const uint8_t* blk = wts[t] + b * Q4_0_TB;
+      __m256i sl[MB], sh[MB];
+      for (int i = 0; i < MB; i++) sl[i] = sh[i] = _mm256_setzero_si256();
+      for (int g = 0; g < 4; g++)
+        for (int i = 0; i < MB; i++) {
+          const int8_t* xq = x.q + (m0 + i) * K + 32 * b + 8 * g;
+          nib_group(blk + 32 + 64 * g, _mm256_set1_epi32(ld32(xq)), _mm256_set1_epi32(ld32(xq + 4)), sl[i], sh[i]);
+        }
+      const __m256 dl = f16x8(blk), dh = f16x8(blk + 16);
       for (int i = 0; i < MB; i++) {
-        const int8_t* xq = x.q + (m0 + i) * K + 32 * b + 8 * g;
-        nib_group(blk + 32 + 64 * g, _mm256_set1_epi32(ld32(xq)), _mm256_set1_epi32(ld32(xq + 4)), sl[i], sh[i]);
+        const int32_t* s = x.s16 + (m0 + i) * (K / 16) + 2 * b;
+        const __m256i off = _mm256_set1_epi32(8 * (s[0] + s[1]));
+        const __m256 dx = _mm256_set1_ps(x.d[(m0 + i) * nd + b]);
+        const __m256i il = _mm256_sub_epi32(_mm256_madd_epi16(sl[i], ones), off);
+        const __m256i ih = _mm256_sub_epi32(_mm256_madd_epi16(sh[i], ones), off);
+        al[t][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(il), _mm256_mul_ps(dl, dx), al[t][i]);
+        ah[t][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ih), _mm256_mul_ps(dh, dx), ah[t][i]);
       }
-    const __m256 dl = f16x8(blk), dh = f16x8(blk + 16);
-    for (int i = 0; i < MB; i++) {
-      const int32_t* s = x.s16 + (m0 + i) * (K / 16) + 2 * b;
-      const __m256i off = _mm256_set1_epi32(8 * (s[0] + s[1]));
-      const __m256 dx = _mm256_set1_ps(x.d[(m0 + i) * nd + b]);
-      const __m256i il = _mm256_sub_epi32(_mm256_madd_epi16(sl[i], ones), off);
-      const __m256i ih = _mm256_sub_epi32(_mm256_madd_epi16(sh[i], ones), off);
-      al[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(il), _mm256_mul_ps(dl, dx), al[i]);
-      ah[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ih), _mm256_mul_ps(dh, dx), ah[i]);
     }
   }
-  for (int i = 0; i < MB; i++) store_tile(y, ldy, m0 + i, row0, N, al[i], ah[i]);
+  for (int t = 0; t < MT; t++)
+    for (int i = 0; i < MB; i++) store_tile(y, ldy, m0 + i, row0[t], N, al[t][i], ah[t][i]);
 }
 
 // ---- Q4_K ---------------------------------------------------------------------------------
-template <int MB>
-void q4_k_rows(const uint8_t* wt, int64_t K, const QAct& x, int64_t m0, float* y, int64_t ldy, int64_t row0,
-               int64_t N) {
+template <int MT, int MB>
+void q4_k_rows(const uint8_t* const* wts, int64_t K, const QAct& x, int64_t m0, float* y, int64_t ldy,
+               const int64_t* row0, int64_t N) {
   const int64_t nb = K / 256, nd = K / x.bs;
   const __m256 neg = _mm256_castsi256_ps(_mm256_set1_epi32((int)0x80000000));
-  __m256 al[MB], ah[MB];
-  for (int i = 0; i < MB; i++) al[i] = ah[i] = _mm256_setzero_ps();
+  __m256 al[MT][MB], ah[MT][MB];
+  for (int t = 0; t < MT; t++)
+    for (int i = 0; i < MB; i++) al[t][i] = ah[t][i] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; b++) {
-    const uint8_t* blk = wt + b * Q4_K_TB;
-    __m256i cl[MB], ch[MB], nl[MB], nh[MB];  // sum sc*dot and sum m*s32, per half
-    for (int i = 0; i < MB; i++) cl[i] = ch[i] = nl[i] = nh[i] = _mm256_setzero_si256();
-    for (int j = 0; j < 8; j++) {
-      const __m256i scl = pairs_u8(blk + 64 + 16 * j), sch = pairs_u8(blk + 72 + 16 * j);
-      // mins as (m, 0) int16 pairs: madd with a (s, s) broadcast gives m * s
-      const __m256i mnl = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(blk + 192 + 16 * j)));
-      const __m256i mnh = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(blk + 200 + 16 * j)));
+    for (int t = 0; t < MT; t++) {
+      const uint8_t* blk = wts[t] + b * Q4_K_TB;
+      __m256i cl[MB], ch[MB], nl[MB], nh[MB];  // sum sc*dot and sum m*s32, per half
+      for (int i = 0; i < MB; i++) cl[i] = ch[i] = nl[i] = nh[i] = _mm256_setzero_si256();
+      for (int j = 0; j < 8; j++) {
+        const __m256i scl = pairs_u8(blk + 64 + 16 * j), sch = pairs_u8(blk + 72 + 16 * j);
+        // mins as (m, 0) int16 pairs: madd with a (s, s) broadcast gives m * s
+        const __m256i mnl = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(blk + 192 + 16 * j)));
+        const __m256i mnh = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(blk + 200 + 16 * j)));
+        for (int i = 0; i < MB; i++) {
+          const int8_t* xq = x.q + (m0 + i) * K + 256 * b + 32 * j;
+          __m256i sl = _mm256_setzero_si256(), sh = _mm256_setzero_si256();
+          for (int g = 0; g < 4; g++)
+            nib_group(blk + 320 + 256 * j + 64 * g, _mm256_set1_epi32(ld32(xq + 8 * g)),
+                      _mm256_set1_epi32(ld32(xq + 8 * g + 4)), sl, sh);
+          cl[i] = _mm256_add_epi32(cl[i], _mm256_madd_epi16(sl, scl));
+          ch[i] = _mm256_add_epi32(ch[i], _mm256_madd_epi16(sh, sch));
+          const int32_t* s = x.s16 + (m0 + i) * (K / 16) + 16 * b + 2 * j;
+          const __m256i s32 = _mm256_set1_epi16((short)(s[0] + s[1]));
+          nl[i] = _mm256_add_epi32(nl[i], _mm256_madd_epi16(mnl, s32));
+          nh[i] = _mm256_add_epi32(nh[i], _mm256_madd_epi16(mnh, s32));
+        }
+      }
+      const __m256 dl = f16x8(blk), dh = f16x8(blk + 16), ml = f16x8(blk + 32), mh = f16x8(blk + 48);
       for (int i = 0; i < MB; i++) {
-        const int8_t* xq = x.q + (m0 + i) * K + 256 * b + 32 * j;
-        __m256i sl = _mm256_setzero_si256(), sh = _mm256_setzero_si256();
-        for (int g = 0; g < 4; g++)
-          nib_group(blk + 320 + 256 * j + 64 * g, _mm256_set1_epi32(ld32(xq + 8 * g)),
-                    _mm256_set1_epi32(ld32(xq + 8 * g + 4)), sl, sh);
-        cl[i] = _mm256_add_epi32(cl[i], _mm256_madd_epi16(sl, scl));
-        ch[i] = _mm256_add_epi32(ch[i], _mm256_madd_epi16(sh, sch));
-        const int32_t* s = x.s16 + (m0 + i) * (K / 16) + 16 * b + 2 * j;
-        const __m256i s32 = _mm256_set1_epi16((short)(s[0] + s[1]));
-        nl[i] = _mm256_add_epi32(nl[i], _mm256_madd_epi16(mnl, s32));
-        nh[i] = _mm256_add_epi32(nh[i], _mm256_madd_epi16(mnh, s32));
+        const __m256 dx = _mm256_set1_ps(x.d[(m0 + i) * nd + b]);
+        al[t][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(cl[i]), _mm256_mul_ps(dl, dx), al[t][i]);
+        ah[t][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ch[i]), _mm256_mul_ps(dh, dx), ah[t][i]);
+        al[t][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(nl[i]), _mm256_xor_ps(_mm256_mul_ps(ml, dx), neg), al[t][i]);
+        ah[t][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(nh[i]), _mm256_xor_ps(_mm256_mul_ps(mh, dx), neg), ah[t][i]);
       }
     }
-    const __m256 dl = f16x8(blk), dh = f16x8(blk + 16), ml = f16x8(blk + 32), mh = f16x8(blk + 48);
-    for (int i = 0; i < MB; i++) {
-      const __m256 dx = _mm256_set1_ps(x.d[(m0 + i) * nd + b]);
-      al[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(cl[i]), _mm256_mul_ps(dl, dx), al[i]);
-      ah[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ch[i]), _mm256_mul_ps(dh, dx), ah[i]);
-      al[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(nl[i]), _mm256_xor_ps(_mm256_mul_ps(ml, dx), neg), al[i]);
-      ah[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(nh[i]), _mm256_xor_ps(_mm256_mul_ps(mh, dx), neg), ah[i]);
-    }
   }
-  for (int i = 0; i < MB; i++) store_tile(y, ldy, m0 + i, row0, N, al[i], ah[i]);
+  for (int t = 0; t < MT; t++)
+    for (int i = 0; i < MB; i++) store_tile(y, ldy, m0 + i, row0[t], N, al[t][i], ah[t][i]);
 }
 
 // ---- Q6_K ---------------------------------------------------------------------------------
-template <int MB>
-void q6_k_rows(const uint8_t* wt, int64_t K, const QAct& x, int64_t m0, float* y, int64_t ldy, int64_t row0,
-               int64_t N) {
+template <int MT, int MB>
+void q6_k_rows(const uint8_t* const* wts, int64_t K, const QAct& x, int64_t m0, float* y, int64_t ldy,
+               const int64_t* row0, int64_t N) {
   const int64_t nb = K / 256, nd = K / x.bs;
   const __m256i m4 = _mm256_set1_epi8(15), m30 = _mm256_set1_epi8(0x30);
-  __m256 al[MB], ah[MB];
-  for (int i = 0; i < MB; i++) al[i] = ah[i] = _mm256_setzero_ps();
+  __m256 al[MT][MB], ah[MT][MB];
+  for (int t = 0; t < MT; t++)
+    for (int i = 0; i < MB; i++) al[t][i] = ah[t][i] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; b++) {
-    const uint8_t* blk = wt + b * Q6_K_TB;
-    const int8_t* sc = (const int8_t*)(blk + 32);
-    __m256i il[MB], ih[MB];
-    for (int i = 0; i < MB; i++) il[i] = ih[i] = _mm256_setzero_si256();
-    for (int u = 0; u < 8; u++) {
-      const uint8_t* ql = blk + 288 + 384 * u;
-      const uint8_t* qh = ql + 256;
-      for (int g = 0; g < 4; g++) {
-        const int g16 = 2 * u + g / 2;
-        const __m256i vl = ld256(ql + 64 * g), vh = ld256(ql + 64 * g + 32), pl = ld256(qh + 32 * g);
-        const __m256i lo_l = _mm256_or_si256(_mm256_and_si256(vl, m4), _mm256_and_si256(_mm256_slli_epi16(pl, 4), m30));
-        const __m256i hi_l = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(vl, 4), m4), _mm256_and_si256(pl, m30));
-        const __m256i lo_h = _mm256_or_si256(_mm256_and_si256(vh, m4), _mm256_and_si256(_mm256_slli_epi16(pl, 2), m30));
-        const __m256i hi_h = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(vh, 4), m4),
-                                             _mm256_and_si256(_mm256_srli_epi16(pl, 2), m30));
-        const __m256i scl = pairs_i8(sc + 16 * g16), sch = pairs_i8(sc + 16 * g16 + 8);
-        for (int i = 0; i < MB; i++) {
-          const int8_t* xq = x.q + (m0 + i) * K + 256 * b + 32 * u + 8 * g;
-          const __m256i xa = _mm256_set1_epi32(ld32(xq)), xb = _mm256_set1_epi32(ld32(xq + 4));
-          // q <= 63: each pair <= 16002, the lo+hi sum <= 32004 fits int16
-          const __m256i tl = _mm256_add_epi16(_mm256_maddubs_epi16(lo_l, xa), _mm256_maddubs_epi16(hi_l, xb));
-          const __m256i th = _mm256_add_epi16(_mm256_maddubs_epi16(lo_h, xa), _mm256_maddubs_epi16(hi_h, xb));
-          il[i] = _mm256_add_epi32(il[i], _mm256_madd_epi16(tl, scl));
-          ih[i] = _mm256_add_epi32(ih[i], _mm256_madd_epi16(th, sch));
-          if (g % 2 == 1) {  // offset of the sub-block: 32 * sc * sum16(x)
-            const __m256i s = _mm256_set1_epi32(x.s16[(m0 + i) * (K / 16) + 16 * b + g16] & 0xffff);
-            il[i] = _mm256_sub_epi32(il[i], _mm256_slli_epi32(_mm256_madd_epi16(scl, s), 5));
-            ih[i] = _mm256_sub_epi32(ih[i], _mm256_slli_epi32(_mm256_madd_epi16(sch, s), 5));
+    for (int t = 0; t < MT; t++) {
+      const uint8_t* blk = wts[t] + b * Q6_K_TB;
+      const int8_t* sc = (const int8_t*)(blk + 32);
+      __m256i il[MB], ih[MB];
+      for (int i = 0; i < MB; i++) il[i] = ih[i] = _mm256_setzero_si256();
+      for (int u = 0; u < 8; u++) {
+        const uint8_t* ql = blk + 288 + 384 * u;
+        const uint8_t* qh = ql + 256;
+        for (int g = 0; g < 4; g++) {
+          const int g16 = 2 * u + g / 2;
+          const __m256i vl = ld256(ql + 64 * g), vh = ld256(ql + 64 * g + 32), pl = ld256(qh + 32 * g);
+          const __m256i lo_l = _mm256_or_si256(_mm256_and_si256(vl, m4), _mm256_and_si256(_mm256_slli_epi16(pl, 4), m30));
+          const __m256i hi_l = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(vl, 4), m4), _mm256_and_si256(pl, m30));
+          const __m256i lo_h = _mm256_or_si256(_mm256_and_si256(vh, m4), _mm256_and_si256(_mm256_slli_epi16(pl, 2), m30));
+          const __m256i hi_h = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(vh, 4), m4),
+                                               _mm256_and_si256(_mm256_srli_epi16(pl, 2), m30));
+          const __m256i scl = pairs_i8(sc + 16 * g16), sch = pairs_i8(sc + 16 * g16 + 8);
+          for (int i = 0; i < MB; i++) {
+            const int8_t* xq = x.q + (m0 + i) * K + 256 * b + 32 * u + 8 * g;
+            const __m256i xa = _mm256_set1_epi32(ld32(xq)), xb = _mm256_set1_epi32(ld32(xq + 4));
+            // q <= 63: each pair <= 16002, the lo+hi sum <= 32004 fits int16
+            const __m256i tl = _mm256_add_epi16(_mm256_maddubs_epi16(lo_l, xa), _mm256_maddubs_epi16(hi_l, xb));
+            const __m256i th = _mm256_add_epi16(_mm256_maddubs_epi16(lo_h, xa), _mm256_maddubs_epi16(hi_h, xb));
+            il[i] = _mm256_add_epi32(il[i], _mm256_madd_epi16(tl, scl));
+            ih[i] = _mm256_add_epi32(ih[i], _mm256_madd_epi16(th, sch));
+            if (g % 2 == 1) {  // offset of the sub-block: 32 * sc * sum16(x)
+              const __m256i s = _mm256_set1_epi32(x.s16[(m0 + i) * (K / 16) + 16 * b + g16] & 0xffff);
+              il[i] = _mm256_sub_epi32(il[i], _mm256_slli_epi32(_mm256_madd_epi16(scl, s), 5));
+              ih[i] = _mm256_sub_epi32(ih[i], _mm256_slli_epi32(_mm256_madd_epi16(sch, s), 5));
+            }
           }
         }
       }
-    }
-    const __m256 dl = f16x8(blk), dh = f16x8(blk + 16);
-    for (int i = 0; i < MB; i++) {
-      const __m256 dx = _mm256_set1_ps(x.d[(m0 + i) * nd + b]);
-      al[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(il[i]), _mm256_mul_ps(dl, dx), al[i]);
-      ah[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ih[i]), _mm256_mul_ps(dh, dx), ah[i]);
+      const __m256 dl = f16x8(blk), dh = f16x8(blk + 16);
+      for (int i = 0; i < MB; i++) {
+        const __m256 dx = _mm256_set1_ps(x.d[(m0 + i) * nd + b]);
+        al[t][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(il[i]), _mm256_mul_ps(dl, dx), al[t][i]);
+        ah[t][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ih[i]), _mm256_mul_ps(dh, dx), ah[t][i]);
+      }
     }
   }
-  for (int i = 0; i < MB; i++) store_tile(y, ldy, m0 + i, row0, N, al[i], ah[i]);
+  for (int t = 0; t < MT; t++)
+    for (int i = 0; i < MB; i++) store_tile(y, ldy, m0 + i, row0[t], N, al[t][i], ah[t][i]);
 }
 
 // Rows of M activations, two at a time (registers), the tile re-read from cache for each pair.
+// One activation row (decode): the tiles cut into four runs read side by side, four tiles per
+// call, as on the AVX-512 path (several prefetch streams draw more bandwidth than one).
 #define PLM_TILE_DRIVER(NAME, ROWS, TB)                                                                \
   void NAME(const uint8_t* W, int64_t K, int64_t t0, int64_t t1, const QAct& x, int64_t M, float* y, \
             int64_t ldy, int64_t N) {                                                                 \
     const int64_t bpt = K / (TB == Q4_K_TB || TB == Q6_K_TB ? 256 : 32) * TB;                        \
-    for (int64_t t = t0; t < t1; t++) {                                                              \
+    int64_t t = t0;                                                                                  \
+    if (M == 1) {                                                                                    \
+      const int64_t q = (t1 - t0) / 4;                                                               \
+      for (int64_t i = 0; i < q; i++) {                                                              \
+        const int64_t ts[4] = {t0 + i, t0 + q + i, t0 + 2 * q + i, t0 + 3 * q + i};                  \
+        const uint8_t* wts[4] = {W + ts[0] * bpt, W + ts[1] * bpt, W + ts[2] * bpt, W + ts[3] * bpt}; \
+        const int64_t rows[4] = {ts[0] * TILE, ts[1] * TILE, ts[2] * TILE, ts[3] * TILE};            \
+        ROWS<4, 1>(wts, K, x, 0, y, ldy, rows, N);                                                   \
+      }                                                                                              \
+      t = t0 + 4 * q;                                                                                \
+    }                                                                                                \
+    for (; t < t1; t++) {                                                                            \
       const uint8_t* wt = W + t * bpt;                                                               \
+      const int64_t row = t * TILE;                                                                  \
       int64_t m = 0;                                                                                 \
-      for (; m + 2 <= M; m += 2) ROWS<2>(wt, K, x, m, y, ldy, t * TILE, N);                          \
-      if (m < M) ROWS<1>(wt, K, x, m, y, ldy, t * TILE, N);                                          \
+      for (; m + 2 <= M; m += 2) ROWS<1, 2>(&wt, K, x, m, y, ldy, &row, N);                          \
+      if (m < M) ROWS<1, 1>(&wt, K, x, m, y, ldy, &row, N);                                          \
     }                                                                                                \
   }
 PLM_TILE_DRIVER(gemv_q8_0, q8_0_rows, Q8_0_TB)
@@ -284,37 +314,38 @@ inline float load1(int fmt, const void* W, int64_t i) {
   return fmt == F16 ? fp16_to_fp32(h) : bf16_to_fp32(h);
 }
 
-// One activation row against R <= 4 weight rows: x loads shared, 2R independent FMA chains.
+// One activation row against R <= 4 weight rows n + r * dn (R separate read streams): x loads
+// shared, 2R independent FMA chains.
 // Each weight row's arithmetic is the same whatever R is (tails run R < 4), so outputs never
 // depend on how the rows were split between threads or tiles.
 template <int R>
-void f_rows4(int fmt, const void* W, int64_t K, int64_t n, const float* x, float* y) {
+void f_rows4(int fmt, const void* W, int64_t K, int64_t n, int64_t dn, const float* x, float* y) {
   __m256 a[R][2];
   for (int r = 0; r < R; r++) a[r][0] = a[r][1] = _mm256_setzero_ps();
   int64_t k = 0;
   for (; k + 16 <= K; k += 16) {
     const __m256 x0 = _mm256_loadu_ps(x + k), x1 = _mm256_loadu_ps(x + k + 8);
     for (int r = 0; r < R; r++) {
-      a[r][0] = _mm256_fmadd_ps(load8(fmt, W, (n + r) * K + k), x0, a[r][0]);
-      a[r][1] = _mm256_fmadd_ps(load8(fmt, W, (n + r) * K + k + 8), x1, a[r][1]);
+      a[r][0] = _mm256_fmadd_ps(load8(fmt, W, (n + r * dn) * K + k), x0, a[r][0]);
+      a[r][1] = _mm256_fmadd_ps(load8(fmt, W, (n + r * dn) * K + k + 8), x1, a[r][1]);
     }
   }
   for (; k + 8 <= K; k += 8) {
     const __m256 x0 = _mm256_loadu_ps(x + k);
-    for (int r = 0; r < R; r++) a[r][0] = _mm256_fmadd_ps(load8(fmt, W, (n + r) * K + k), x0, a[r][0]);
+    for (int r = 0; r < R; r++) a[r][0] = _mm256_fmadd_ps(load8(fmt, W, (n + r * dn) * K + k), x0, a[r][0]);
   }
   for (int r = 0; r < R; r++) {
     float s = hsum8(_mm256_add_ps(a[r][0], a[r][1]));
-    for (int64_t kk = k; kk < K; kk++) s += load1(fmt, W, (n + r) * K + kk) * x[kk];
-    y[n + r] = s;
+    for (int64_t kk = k; kk < K; kk++) s += load1(fmt, W, (n + r * dn) * K + kk) * x[kk];
+    y[n + r * dn] = s;
   }
 }
 
-// BF16, one activation row against R <= 4 weight rows: 16 weights per load widened by
+// BF16, one activation row against R <= 4 weight rows n + r * dn: 16 weights per load widened by
 // interleaving with zeros (one shuffle per 8 values instead of zero-extend + shift), which
 // yields the lanes in the order [0-3, 8-11 | 4-7, 12-15]; xp is x permuted the same way.
 template <int R>
-void bf16_rows4(const uint16_t* W, int64_t K, int64_t n, const float* xp, const float* x, float* y) {
+void bf16_rows4(const uint16_t* W, int64_t K, int64_t n, int64_t dn, const float* xp, const float* x, float* y) {
   const __m256i z = _mm256_setzero_si256();
   __m256 a[R][2];
   for (int r = 0; r < R; r++) a[r][0] = a[r][1] = _mm256_setzero_ps();
@@ -322,15 +353,15 @@ void bf16_rows4(const uint16_t* W, int64_t K, int64_t n, const float* xp, const 
   for (int64_t k = 0; k < K16; k += 16) {
     const __m256 x0 = _mm256_loadu_ps(xp + k), x1 = _mm256_loadu_ps(xp + k + 8);
     for (int r = 0; r < R; r++) {
-      const __m256i w = _mm256_loadu_si256((const __m256i*)(W + (n + r) * K + k));
+      const __m256i w = _mm256_loadu_si256((const __m256i*)(W + (n + r * dn) * K + k));
       a[r][0] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpacklo_epi16(z, w)), x0, a[r][0]);
       a[r][1] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpackhi_epi16(z, w)), x1, a[r][1]);
     }
   }
   for (int r = 0; r < R; r++) {
     float s = hsum8(_mm256_add_ps(a[r][0], a[r][1]));
-    for (int64_t k = K16; k < K; k++) s += bf16_to_fp32(W[(n + r) * K + k]) * x[k];
-    y[n + r] = s;
+    for (int64_t k = K16; k < K; k++) s += bf16_to_fp32(W[(n + r * dn) * K + k]) * x[k];
+    y[n + r * dn] = s;
   }
 }
 
@@ -355,16 +386,16 @@ void gemv_f(int fmt, const void* W, int64_t K, int64_t n0, int64_t n1, const flo
     for (int64_t m = 0; m < M; m++) {
       const float* xm = x + m * K;
       permute16(xm, K16, xp);
-      int64_t n = n0;
-      for (; n + 4 <= n1; n += 4) bf16_rows4<4>((const uint16_t*)W, K, n, xp, xm, y + m * ldy);
-      for (; n < n1; n++) bf16_rows4<1>((const uint16_t*)W, K, n, xp, xm, y + m * ldy);
+      const int64_t q = (n1 - n0) / 4;  // four runs of rows read side by side
+      for (int64_t i = 0; i < q; i++) bf16_rows4<4>((const uint16_t*)W, K, n0 + i, q, xp, xm, y + m * ldy);
+      for (int64_t n = n0 + 4 * q; n < n1; n++) bf16_rows4<1>((const uint16_t*)W, K, n, 0, xp, xm, y + m * ldy);
     }
     return;
   }
   for (int64_t m = 0; m < M; m++) {
-    int64_t n = n0;
-    for (; n + 4 <= n1; n += 4) f_rows4<4>(fmt, W, K, n, x + m * K, y + m * ldy);
-    for (; n < n1; n++) f_rows4<1>(fmt, W, K, n, x + m * K, y + m * ldy);
+    const int64_t q = (n1 - n0) / 4;
+    for (int64_t i = 0; i < q; i++) f_rows4<4>(fmt, W, K, n0 + i, q, x + m * K, y + m * ldy);
+    for (int64_t n = n0 + 4 * q; n < n1; n++) f_rows4<1>(fmt, W, K, n, 0, x + m * K, y + m * ldy);
   }
 }
 
