@@ -176,10 +176,21 @@ def relu2_acts(rng: np.random.Generator, M: int, K: int, zero_share: float) -> t
 
 @pytest.mark.parametrize("fmt", (nv.Q8_0, nv.Q4_0, nv.Q4_K, nv.Q6_K, nv.F32, nv.F16, nv.BF16),
                          ids=lambda f: nv.FORMAT_NAMES[f])
-@pytest.mark.parametrize("N", (64, 70, 130))
+@pytest.mark.parametrize("N", (64, 70, 130, 1100))
 def test_sparse_down_equals_dense(isa, fmt, N):
     """Neuron-major down projection: the same numbers as the dense kernel on the same
-    activations (bit for bit for block formats), reading only active neurons' rows."""
+    activations (bit for bit for block formats), reading only active neurons' rows. N = 1100 on
+    one thread: one call covers every output, in two passes of the kernel's accumulators (1,024
+    outputs at most per pass), the second ending in a partial chunk."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1 if N > 1024 else threads)
+    try:
+        _check_sparse_down(fmt, N)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _check_sparse_down(fmt, N):
     rng = np.random.default_rng(N + fmt)
     K = 512
     raw = random_blocks(fmt, N, K, rng)
