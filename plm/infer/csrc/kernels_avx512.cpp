@@ -138,10 +138,10 @@ void q4_k_rows(const uint8_t* const* wt, int64_t K, const QAct& x, int64_t m0, f
 }
 
 // One activation row (decode): the tiles [t0, t1) cut into four runs read side by side, four
-// tiles per call. Why: this machine's prefetchers track several streams per core, and two cores
-// reading four long sequential runs each draw about 40% more bandwidth than reading one (a
-// STREAM-style probe on the AMD EPYC host: 51 against 36 GB/s). Several activation rows are
-// compute-bound, and take one tile at a time.
+// tiles per call. Why: the prefetchers follow several streams per core, and one stream per core
+// leaves memory bandwidth unused (with this change bf16 decode went from 0.79-0.83x llama.cpp's
+// F16 to 1.28-1.30x in benchmarks/edge.py's interleaved runs on the AMD EPYC host). Several
+// activation rows are compute-bound, and take one tile at a time.
 #define PLM_TILE_DRIVER(NAME, ROWS, BS, TB)                                                            \
   void NAME(const uint8_t* W, int64_t K, int64_t t0, int64_t t1, const QAct& x, int64_t M, float* y, \
             int64_t ldy, int64_t N) {                                                                 \
