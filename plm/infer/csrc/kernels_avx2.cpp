@@ -269,31 +269,15 @@ void q6_k_rows(const uint8_t* const* wts, int64_t K, const QAct& x, int64_t m0, 
     for (int i = 0; i < MB; i++) store_tile(y, ldy, m0 + i, row0[t], N, al[t][i], ah[t][i]);
 }
 
-// Rows of M activations, two at a time (registers), the tile re-read from cache for each pair.
-// One activation row (decode): the tiles cut into four runs read side by side, four tiles per
-// call, as on the AVX-512 path (several prefetch streams draw more bandwidth than one).
+// Rows of M activations, two at a time (registers), the tile re-read from cache for each pair
+// (the driver and its four read streams for decode: plm_kernels.h).
 #define PLM_TILE_DRIVER(NAME, ROWS, TB)                                                                \
   void NAME(const uint8_t* W, int64_t K, int64_t t0, int64_t t1, const QAct& x, int64_t M, float* y, \
             int64_t ldy, int64_t N) {                                                                 \
-    const int64_t bpt = K / (TB == Q4_K_TB || TB == Q6_K_TB ? 256 : 32) * TB;                        \
-    int64_t t = t0;                                                                                  \
-    if (M == 1) {                                                                                    \
-      const int64_t q = (t1 - t0) / 4;                                                               \
-      for (int64_t i = 0; i < q; i++) {                                                              \
-        const int64_t ts[4] = {t0 + i, t0 + q + i, t0 + 2 * q + i, t0 + 3 * q + i};                  \
-        const uint8_t* wts[4] = {W + ts[0] * bpt, W + ts[1] * bpt, W + ts[2] * bpt, W + ts[3] * bpt}; \
-        const int64_t rows[4] = {ts[0] * TILE, ts[1] * TILE, ts[2] * TILE, ts[3] * TILE};            \
-        ROWS<4, 1>(wts, K, x, 0, y, ldy, rows, N);                                                   \
-      }                                                                                              \
-      t = t0 + 4 * q;                                                                                \
-    }                                                                                                \
-    for (; t < t1; t++) {                                                                            \
-      const uint8_t* wt = W + t * bpt;                                                               \
-      const int64_t row = t * TILE;                                                                  \
-      int64_t m = 0;                                                                                 \
-      for (; m + 2 <= M; m += 2) ROWS<1, 2>(&wt, K, x, m, y, ldy, &row, N);                          \
-      if (m < M) ROWS<1, 1>(&wt, K, x, m, y, ldy, &row, N);                                          \
-    }                                                                                                \
+    const int64_t bs = TB == Q4_K_TB || TB == Q6_K_TB ? 256 : 32;                                    \
+    tile_driver<2>(W, (K / bs) * TB, t0, t1, M, [&](auto mt, auto mb, const uint8_t* const* w, int64_t m, const int64_t* r) { \
+      ROWS<decltype(mt)::value, decltype(mb)::value>(w, K, x, m, y, ldy, r, N);                      \
+    });                                                                                             \
   }
 PLM_TILE_DRIVER(gemv_q8_0, q8_0_rows, Q8_0_TB)
 PLM_TILE_DRIVER(gemv_q4_0, q4_0_rows, Q4_0_TB)

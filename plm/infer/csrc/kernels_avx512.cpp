@@ -137,34 +137,13 @@ void q4_k_rows(const uint8_t* const* wt, int64_t K, const QAct& x, int64_t m0, f
     for (int i = 0; i < MB; i++) store_tile(y, ldy, m0 + i, row0[t], N, acc[t][i]);
 }
 
-// One activation row (decode): the tiles [t0, t1) cut into four runs read side by side, four
-// tiles per call. Why: the prefetchers follow several streams per core, and one stream per core
-// leaves memory bandwidth unused (with this change bf16 decode went from 0.79-0.83x llama.cpp's
-// F16 to 1.28-1.30x in benchmarks/edge.py's interleaved runs on the AMD EPYC host). Several
-// activation rows are compute-bound, and take one tile at a time.
+// Up to 4 activation rows per call (the driver and its four read streams for decode: plm_kernels.h).
 #define PLM_TILE_DRIVER(NAME, ROWS, BS, TB)                                                            \
   void NAME(const uint8_t* W, int64_t K, int64_t t0, int64_t t1, const QAct& x, int64_t M, float* y, \
             int64_t ldy, int64_t N) {                                                                 \
-    const int64_t bpt = (K / BS) * TB;                                                               \
-    int64_t t = t0;                                                                                  \
-    if (M == 1) {                                                                                    \
-      const int64_t q = (t1 - t0) / 4;                                                               \
-      for (int64_t i = 0; i < q; i++) {                                                              \
-        const int64_t ts[4] = {t0 + i, t0 + q + i, t0 + 2 * q + i, t0 + 3 * q + i};                  \
-        const uint8_t* wts[4] = {W + ts[0] * bpt, W + ts[1] * bpt, W + ts[2] * bpt, W + ts[3] * bpt}; \
-        const int64_t rows[4] = {ts[0] * TILE, ts[1] * TILE, ts[2] * TILE, ts[3] * TILE};            \
-        ROWS<4, 1>(wts, K, x, 0, y, ldy, rows, N);                                                   \
-      }                                                                                              \
-      t = t0 + 4 * q;                                                                                \
-    }                                                                                                \
-    for (; t < t1; t++) {                                                                            \
-      const uint8_t* wt = W + t * bpt;                                                               \
-      const int64_t row = t * TILE;                                                                  \
-      int64_t m = 0;                                                                                 \
-      for (; m + 4 <= M; m += 4) ROWS<1, 4>(&wt, K, x, m, y, ldy, &row, N);                          \
-      if (m + 2 <= M) { ROWS<1, 2>(&wt, K, x, m, y, ldy, &row, N); m += 2; }                         \
-      if (m < M) ROWS<1, 1>(&wt, K, x, m, y, ldy, &row, N);                                          \
-    }                                                                                                \
+    tile_driver<4>(W, (K / BS) * TB, t0, t1, M, [&](auto mt, auto mb, const uint8_t* const* w, int64_t m, const int64_t* r) { \
+      ROWS<decltype(mt)::value, decltype(mb)::value>(w, K, x, m, y, ldy, r, N);                      \
+    });                                                                                             \
   }
 PLM_TILE_DRIVER(gemv_q8_0, q8_0_rows, 32, Q8_0_TB)
 PLM_TILE_DRIVER(gemv_q4_0, q4_0_rows, 32, Q4_0_TB)
