@@ -351,10 +351,20 @@ def test_info_names_the_path():
 def test_kernels_benchmark_runs(tmp_path):
     """benchmarks/kernels.py at toy sizes: every case of both tables, rates from real timings."""
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks/kernels.py"), "--threads", "1", "--lengths", "64",
-                           "--rows", "1,5", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+                           "--rows", "1,5", "--formats", "q8_0,bf16", "--memory-mb", "48", "--rounds", "2",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     res = json.loads((tmp_path / "kernels.json").read_text())
     cases = {(r["kernel"], r["case"], r["shape"]) for r in res["rows"]}
     assert len(cases) == 3 + 2 * 5 and all(r["ms"] > 0 and r["gmac_s"] > 0 for r in res["rows"])
     assert res["machine"]["isa"] == torch.ops.plm.isa()
     assert "| attention | ours, bf16 cache |" in (tmp_path / "kernels.md").read_text()
+    # decode from memory: both shapes dense, the down shape sparse too, against its own dense row
+    mem = {(r["format"], r["shape"], r["kernel"]): r for r in res["memory"]}
+    assert set(mem) == {(f, sh, k) for f in ("q8_0", "bf16") for sh, k in
+                        (("8192 x 2048", "dense"), ("2048 x 8192", "dense"), ("2048 x 8192", "sparse"))}
+    for f in ("q8_0", "bf16"):
+        sp, dn = mem[(f, "2048 x 8192", "sparse")], mem[(f, "2048 x 8192", "dense")]
+        assert abs(sp["zeros"] - 0.909) < 0.02 and sp["vs_dense"] == pytest.approx(dn["ms"] / sp["ms"])
+        assert all(r["ms"] > 0 and r["gb_s"] > 0 for r in (sp, dn))
+    assert "## Decode from memory" in (tmp_path / "kernels.md").read_text()
