@@ -117,12 +117,13 @@ def test_block_gemv_against_gguf_dequant(isa, fmt, N, K, M):
 
 
 @pytest.mark.parametrize("fmt", BLOCK_FORMATS, ids=lambda f: nv.FORMAT_NAMES[f])
-def test_block_paths_bit_identical(fmt):
+@pytest.mark.parametrize("M", (1, 7))
+def test_block_paths_bit_identical(fmt, M):
     rng = np.random.default_rng(fmt)
-    N, K = 45, 768
+    N, K = 145, 768  # 10 tiles: two four-stream calls for one row, then the tiles left over
     raw = random_blocks(fmt, N, K, rng)
     lin = nv.PackedLinear(raw, fmt, N, K)
-    x = torch.from_numpy(rng.standard_normal((7, K)).astype(np.float32))
+    x = torch.from_numpy(rng.standard_normal((M, K)).astype(np.float32))
     outs = {}
     for isa in ISAS:
         if nv.isa_supported(isa):

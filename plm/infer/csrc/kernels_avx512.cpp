@@ -1,7 +1,7 @@
 // AVX-512 (F, BW, VL, DQ, VNNI) kernels: one 16-row tile is one zmm, `vpdpbusd` multiplies
 // 4 unsigned weight bytes by 4 signed activation bytes per row and accumulates in int32, so a
 // block costs one instruction per 64 bytes of weights. Same integer sums and fp32 sequence as
-// kernels_scalar.cpp. Formats without an entry here (Q6_K, sparse, attention, activation
+// kernels_scalar.cpp. Entries without a kernel here (sparse, attention, activation
 // quantisation) use the AVX2 kernels, which run unchanged on these CPUs.
 //
 // PLM_SIMDE builds this file against SIMDe's portable AVX-512 emulation
@@ -44,22 +44,25 @@ void q8_0_rows(const uint8_t* const* wt, int64_t K, const QAct& x, int64_t m0, f
   for (int j = 0; j < MT; j++)
     for (int i = 0; i < MB; i++) acc[j][i] = _mm512_setzero_ps();
   for (int64_t b = 0; b < nb; b++) {
-    for (int j = 0; j < MT; j++) {
-      const uint8_t* blk = wt[j] + b * Q8_0_TB;
-      __m512i is[MB];
-      for (int i = 0; i < MB; i++) is[i] = _mm512_setzero_si512();
-      for (int c = 0; c < 8; c++) {
-        const __m512i w = ld512(blk + 32 + 64 * c);  // q + 128 as unsigned bytes
-        for (int i = 0; i < MB; i++)
-          is[i] = _mm512_dpbusd_epi32(is[i], w, _mm512_set1_epi32(ld32(x.q + (m0 + i) * K + 32 * b + 4 * c)));
+    __m512i is[MT][MB];
+    for (int j = 0; j < MT; j++)
+      for (int i = 0; i < MB; i++) is[j][i] = _mm512_setzero_si512();
+    for (int c = 0; c < 8; c++) {
+      __m512i w[MT];
+      for (int j = 0; j < MT; j++) w[j] = ld512(wt[j] + b * Q8_0_TB + 32 + 64 * c);  // q + 128 as unsigned bytes
+      for (int i = 0; i < MB; i++) {  // each activation broadcast feeds every tile
+        const __m512i xv = _mm512_set1_epi32(ld32(x.q + (m0 + i) * K + 32 * b + 4 * c));
+        for (int j = 0; j < MT; j++) is[j][i] = _mm512_dpbusd_epi32(is[j][i], w[j], xv);
       }
-      const __m512 dw = f16x16(blk);
-      for (int i = 0; i < MB; i++) {
-        const int32_t* s = x.s16 + (m0 + i) * (K / 16) + 2 * b;
-        const __m512i dot = _mm512_sub_epi32(is[i], _mm512_set1_epi32(128 * (s[0] + s[1])));
-        acc[j][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(dw, _mm512_set1_ps(x.d[(m0 + i) * nd + b])),
-                                    acc[j][i]);
-      }
+    }
+    __m512 dw[MT];
+    for (int j = 0; j < MT; j++) dw[j] = f16x16(wt[j] + b * Q8_0_TB);
+    for (int i = 0; i < MB; i++) {
+      const int32_t* s = x.s16 + (m0 + i) * (K / 16) + 2 * b;
+      const __m512i off = _mm512_set1_epi32(128 * (s[0] + s[1]));
+      const __m512 dx = _mm512_set1_ps(x.d[(m0 + i) * nd + b]);
+      for (int j = 0; j < MT; j++)
+        acc[j][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(is[j][i], off)), _mm512_mul_ps(dw[j], dx), acc[j][i]);
     }
   }
   for (int j = 0; j < MT; j++)
@@ -77,23 +80,35 @@ template <int MT, int MB>
 void q4_0_rows(const uint8_t* const* wt, int64_t K, const QAct& x, int64_t m0, float* y, int64_t ldy,
                const int64_t* row0, int64_t N) {
   const int64_t nb = K / 32, nd = K / x.bs;
+  const __m512i m4 = _mm512_set1_epi8(15);
   __m512 acc[MT][MB];
   for (int j = 0; j < MT; j++)
     for (int i = 0; i < MB; i++) acc[j][i] = _mm512_setzero_ps();
   for (int64_t b = 0; b < nb; b++) {
-    for (int j = 0; j < MT; j++) {
-      const uint8_t* blk = wt[j] + b * Q4_0_TB;
-      __m512i is[MB];
-      for (int i = 0; i < MB; i++) is[i] = _mm512_setzero_si512();
-      for (int g = 0; g < 4; g++)
-        for (int i = 0; i < MB; i++) is[i] = nib_dot(is[i], blk + 32 + 64 * g, x.q + (m0 + i) * K + 32 * b + 8 * g);
-      const __m512 dw = f16x16(blk);
-      for (int i = 0; i < MB; i++) {
-        const int32_t* s = x.s16 + (m0 + i) * (K / 16) + 2 * b;
-        const __m512i dot = _mm512_sub_epi32(is[i], _mm512_set1_epi32(8 * (s[0] + s[1])));
-        acc[j][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(dw, _mm512_set1_ps(x.d[(m0 + i) * nd + b])),
-                                    acc[j][i]);
+    __m512i is[MT][MB];
+    for (int j = 0; j < MT; j++)
+      for (int i = 0; i < MB; i++) is[j][i] = _mm512_setzero_si512();
+    for (int g = 0; g < 4; g++) {
+      __m512i lo[MT], hi[MT];
+      for (int j = 0; j < MT; j++) {
+        const __m512i v = ld512(wt[j] + b * Q4_0_TB + 32 + 64 * g);
+        lo[j] = _mm512_and_si512(v, m4);
+        hi[j] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
       }
+      for (int i = 0; i < MB; i++) {  // each activation broadcast feeds every tile
+        const int8_t* xq = x.q + (m0 + i) * K + 32 * b + 8 * g;
+        const __m512i xa = _mm512_set1_epi32(ld32(xq)), xb = _mm512_set1_epi32(ld32(xq + 4));
+        for (int j = 0; j < MT; j++) is[j][i] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(is[j][i], lo[j], xa), hi[j], xb);
+      }
+    }
+    __m512 dw[MT];
+    for (int j = 0; j < MT; j++) dw[j] = f16x16(wt[j] + b * Q4_0_TB);
+    for (int i = 0; i < MB; i++) {
+      const int32_t* s = x.s16 + (m0 + i) * (K / 16) + 2 * b;
+      const __m512i off = _mm512_set1_epi32(8 * (s[0] + s[1]));
+      const __m512 dx = _mm512_set1_ps(x.d[(m0 + i) * nd + b]);
+      for (int j = 0; j < MT; j++)
+        acc[j][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(is[j][i], off)), _mm512_mul_ps(dw[j], dx), acc[j][i]);
     }
   }
   for (int j = 0; j < MT; j++)
@@ -137,17 +152,73 @@ void q4_k_rows(const uint8_t* const* wt, int64_t K, const QAct& x, int64_t m0, f
     for (int i = 0; i < MB; i++) store_tile(y, ldy, m0 + i, row0[t], N, acc[t][i]);
 }
 
+// Q6_K: the 6-bit values rebuilt per 64-byte group (4 low bits from the nibbles, 2 high bits
+// from 32 bytes of qh: bytes 0-31 of the group at bits 0-1 / 4-5, bytes 32-63 at bits 2-3 /
+// 6-7, see pack.cpp), then `vpdpbusd` as Q4_0; one sub-block scale per 16 inputs.
+template <int MT, int MB>
+void q6_k_rows(const uint8_t* const* wt, int64_t K, const QAct& x, int64_t m0, float* y, int64_t ldy,
+               const int64_t* row0, int64_t N) {
+  const int64_t nb = K / 256, nd = K / x.bs;
+  const __m512i m4 = _mm512_set1_epi8(15), m30 = _mm512_set1_epi8(0x30);
+  __m512 acc[MT][MB];
+  for (int t = 0; t < MT; t++)
+    for (int i = 0; i < MB; i++) acc[t][i] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb; b++) {
+    __m512i isum[MT][MB];
+    for (int t = 0; t < MT; t++)
+      for (int i = 0; i < MB; i++) isum[t][i] = _mm512_setzero_si512();
+    for (int u = 0; u < 8; u++) {
+      for (int t = 0; t < MT; t++) {
+        const uint8_t* blk = wt[t] + b * Q6_K_TB;
+        const uint8_t* ql = blk + 288 + 384 * u;
+        const uint8_t* qh = ql + 256;
+        for (int h = 0; h < 2; h++) {  // sub-blocks of 16 inputs: groups 2h, 2h+1 of the unit
+          const int g16 = 2 * u + h;
+          __m512i dot[MB];
+          for (int i = 0; i < MB; i++) dot[i] = _mm512_setzero_si512();
+          for (int g = 2 * h; g < 2 * h + 2; g++) {
+            const __m512i v = ld512(ql + 64 * g);
+            const __m256i pl = _mm256_loadu_si256((const __m256i*)(qh + 32 * g));
+            const __m512i p = _mm512_inserti64x4(_mm512_castsi256_si512(pl), _mm256_srli_epi16(pl, 2), 1);
+            const __m512i lo = _mm512_or_si512(_mm512_and_si512(v, m4), _mm512_and_si512(_mm512_slli_epi16(p, 4), m30));
+            const __m512i hi = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(v, 4), m4), _mm512_and_si512(p, m30));
+            for (int i = 0; i < MB; i++) {
+              const int8_t* xq = x.q + (m0 + i) * K + 256 * b + 32 * u + 8 * g;
+              dot[i] = _mm512_dpbusd_epi32(dot[i], lo, _mm512_set1_epi32(ld32(xq)));
+              dot[i] = _mm512_dpbusd_epi32(dot[i], hi, _mm512_set1_epi32(ld32(xq + 4)));
+            }
+          }
+          const __m512i sc = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(blk + 32 + 16 * g16)));
+          for (int i = 0; i < MB; i++) {
+            const int32_t s = x.s16[(m0 + i) * (K / 16) + 16 * b + g16];
+            isum[t][i] = _mm512_add_epi32(isum[t][i], _mm512_mullo_epi32(sc, _mm512_sub_epi32(dot[i], _mm512_set1_epi32(32 * s))));
+          }
+        }
+      }
+    }
+    for (int t = 0; t < MT; t++) {
+      const __m512 dw = f16x16(wt[t] + b * Q6_K_TB);
+      for (int i = 0; i < MB; i++)
+        acc[t][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[t][i]), _mm512_mul_ps(dw, _mm512_set1_ps(x.d[(m0 + i) * nd + b])),
+                                    acc[t][i]);
+    }
+  }
+  for (int t = 0; t < MT; t++)
+    for (int i = 0; i < MB; i++) store_tile(y, ldy, m0 + i, row0[t], N, acc[t][i]);
+}
+
 // Up to 4 activation rows per call (the driver and its four read streams for decode: plm_kernels.h).
-#define PLM_TILE_DRIVER(NAME, ROWS, BS, TB)                                                            \
+#define PLM_TILE_DRIVER(NAME, ROWS, BS, TB, PAIR)                                                      \
   void NAME(const uint8_t* W, int64_t K, int64_t t0, int64_t t1, const QAct& x, int64_t M, float* y, \
             int64_t ldy, int64_t N) {                                                                 \
-    tile_driver<4>(W, (K / BS) * TB, t0, t1, M, [&](auto mt, auto mb, const uint8_t* const* w, int64_t m, const int64_t* r) { \
+    tile_driver<4, PAIR>(W, (K / BS) * TB, t0, t1, M, [&](auto mt, auto mb, const uint8_t* const* w, int64_t m, const int64_t* r) { \
       ROWS<decltype(mt)::value, decltype(mb)::value>(w, K, x, m, y, ldy, r, N);                      \
     });                                                                                             \
   }
-PLM_TILE_DRIVER(gemv_q8_0, q8_0_rows, 32, Q8_0_TB)
-PLM_TILE_DRIVER(gemv_q4_0, q4_0_rows, 32, Q4_0_TB)
-PLM_TILE_DRIVER(gemv_q4_k, q4_k_rows, 256, Q4_K_TB)
+PLM_TILE_DRIVER(gemv_q8_0, q8_0_rows, 32, Q8_0_TB, true)
+PLM_TILE_DRIVER(gemv_q4_0, q4_0_rows, 32, Q4_0_TB, true)
+PLM_TILE_DRIVER(gemv_q4_k, q4_k_rows, 256, Q4_K_TB, false)
+PLM_TILE_DRIVER(gemv_q6_k, q6_k_rows, 256, Q6_K_TB, false)
 #undef PLM_TILE_DRIVER
 
 // ---- float weights (convert + FMA; BF16 with vdpbf16ps lives in kernels_avx512bf16.cpp) ----
@@ -273,7 +344,7 @@ void gemv_f(int fmt, const void* W, int64_t K, int64_t n0, int64_t n1, const flo
 
 // Entries left null fall back to the AVX2 kernels (see ops.cpp).
 extern const Kernels kernels_avx512 = {
-    "avx512", nullptr, gemv_q8_0, gemv_q4_0, gemv_q4_k, nullptr, gemv_f, nullptr, nullptr, nullptr,
+    "avx512", nullptr, gemv_q8_0, gemv_q4_0, gemv_q4_k, gemv_q6_k, gemv_f, nullptr, nullptr, nullptr,
 };
 
 }  // namespace plm

@@ -24,6 +24,13 @@ static inline __m512i cvtepu8_epi32(__m128i v) {
   for (int i = 0; i < 16; i++) o[i] = a[i];
   return _mm512_loadu_si512(o);
 }
+static inline __m512i cvtepi8_epi32(__m128i v) {
+  int8_t a[16];
+  int32_t o[16];
+  _mm_storeu_si128((__m128i*)a, v);
+  for (int i = 0; i < 16; i++) o[i] = a[i];
+  return _mm512_loadu_si512(o);
+}
 static inline __m512i cvtepu16_epi32(__m256i v) {
   uint16_t a[16];
   int32_t o[16];
@@ -94,6 +101,7 @@ static inline void mask_storeu_epi32(void* p, __mmask16 m, __m512i v) {
 
 #define _mm512_cvtepi32_ps plm::shim::cvtepi32_ps
 #define _mm512_cvtepu8_epi32 plm::shim::cvtepu8_epi32
+#define _mm512_cvtepi8_epi32 plm::shim::cvtepi8_epi32
 #define _mm512_cvtepu16_epi32 plm::shim::cvtepu16_epi32
 #define _mm512_cvtph_ps plm::shim::cvtph_ps
 #define _mm512_maskz_loadu_ps plm::shim::maskz_loadu_ps
