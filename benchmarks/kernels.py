@@ -7,9 +7,12 @@ Attention: absorbed MLA over one sequence's latent cache (16 heads, 576-value la
 them values) at several cache lengths, one call on one thread: the kernel on a bf16 cache (on
 `avx512+bf16` the heads-in-lanes `vdpbf16ps` kernel), on an f32 cache (fp32 FMAs per head), and
 PyTorch's softmax(q K^T) V on the same bf16 cache converted to fp32 (the naive path).
-Matrices: the up projection's shape (8192 x 2048) for one activation row (decode) and for 256
-(a prefill chunk), in each format, against torch.nn.functional.linear in bf16 (oneDNN).
-Rates are multiply-adds per second (G MAC/s).
+Matrices: the up projection's shape (8192 x 2048) for one activation row (decode), 8 (a server's
+batched step) and 256 (a prefill chunk), in each format (Q6_K: random blocks, as llama.cpp's
+Q4_K_M stores its lm_head and half its down projections), against torch.nn.functional.linear
+in bf16 (oneDNN). Rates are multiply-adds per second (G MAC/s). On AVX-512 VNNI hosts the run
+first measures what `vpdpbusd` issues on --threads threads (a register-only loop: the compute
+roofline of the int8 block formats) and gives each block-format row's share of it.
 From memory: decode (one activation row) as the model does it, weights not in any cache: each
 matrix copied until the copies fill --memory-mb, the copies called in turn, formats and kernels
 interleaved over --rounds rounds (medians): the up projection's shape (8192 x 2048) and the
@@ -67,12 +70,21 @@ def attention_rows(lengths: list[int]) -> list[dict]:
     return rows
 
 
+def random_q6_k(N: int, K: int, g: torch.Generator) -> torch.Tensor:
+    """N rows of random Q6_K blocks (210 bytes per 256 values, the fp16 scale last); no quantiser."""
+    raw = torch.randint(0, 256, (N, K // 256, 210), generator=g, dtype=torch.uint8)
+    d = (torch.rand(N, K // 256, generator=g) * 0.002 - 0.001).to(torch.float16)
+    raw[:, :, 208:] = d.view(torch.uint8).reshape(N, K // 256, 2)
+    return raw.reshape(N, -1)
+
+
 def matrix_rows(threads: int, rows_m: list[int]) -> list[dict]:
     N, K = 8192, 2048
     torch.set_num_threads(threads)
     g = torch.Generator().manual_seed(1)
     w = torch.randn(N, K, generator=g) * 0.02
     mats = {f: nv.PackedLinear.from_float(w, f) for f in ("bf16", "q8_0", "q4_0", "q4_k")}
+    mats["q6_k"] = nv.PackedLinear(random_q6_k(N, K, g), nv.format_id("q6_k"), N, K)
     wb = w.to(torch.bfloat16)
     out = []
     for M in rows_m:
@@ -126,6 +138,10 @@ def memory_rows(threads: int, formats: list[str], sparsity: float, memory_mb: in
     return out
 
 
+def pct(share: float | None) -> str:
+    return "" if share is None else f"{100 * share:.0f}%"
+
+
 def memory_line(r: dict) -> str:
     zeros = "" if r["zeros"] is None else f"{r['zeros']:.3f}"
     vs = f"{r['vs_dense']:.2f}x" if "vs_dense" in r else ""
@@ -136,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2, help="threads for the matrices (attention: one call, 1 thread)")
     ap.add_argument("--lengths", default="256,1024,4096", help="attention cache lengths")
-    ap.add_argument("--rows", default="1,256", help="activation rows for the matrices")
+    ap.add_argument("--rows", default="1,8,256", help="activation rows for the matrices")
     ap.add_argument("--formats", default="bf16,q8_0,q4_0,q4_k", help="formats for the from-memory rows")
     ap.add_argument("--sparsity", type=float, default=0.909, help="share of zero activations for the sparse rows")
     ap.add_argument("--memory-mb", type=int, default=256, help="bytes of copies per case (far past the caches)")
@@ -147,12 +163,22 @@ def main(argv: list[str] | None = None) -> int:
         print("the native kernels are not built (plm kernels build)", file=sys.stderr)
         return 2
     info = {**machine_info(args.threads), "isa": torch.ops.plm.isa()}
+    vnni = nv.isa_supported("avx512")
+    info["vnni_peak_gmac_s"] = torch.ops.plm.vnni_peak(args.threads, 1.0) if vnni else None
     rows = attention_rows([int(s) for s in args.lengths.split(",")])
     rows += matrix_rows(args.threads, [int(m) for m in args.rows.split(",")])
+    peak = info["vnni_peak_gmac_s"]
+    for r in rows:
+        block = r["kernel"] == "matrix" and r["case"].split()[-1] in ("q8_0", "q4_0", "q4_k", "q6_k")
+        r["of_peak"] = r["gmac_s"] / peak if peak and block else None
     md = ["# Native kernels\n", f"CPU: {info['cpu']}, {info['cores']} cores; kernel path `{info['isa']}`; "
-          f"torch {info['torch']}; attention on 1 thread, matrices on {args.threads}.\n",
-          "| kernel | case | shape | ms | G MAC/s |", "|---|---|---|---|---|"]
-    md += [f"| {r['kernel']} | {r['case']} | {r['shape']} | {r['ms']:.3f} | {r['gmac_s']:.1f} |" for r in rows]
+          f"torch {info['torch']}; attention on 1 thread, matrices on {args.threads}.\n"]
+    if peak:
+        md += [f"`vpdpbusd` issue rate (register-only loop, {args.threads} threads): **{peak:.0f} G MAC/s**; "
+               "% of it per int8 block-format row.\n"]
+    md += ["| kernel | case | shape | ms | G MAC/s | % of vpdpbusd |", "|---|---|---|---|---|---|"]
+    md += [f"| {r['kernel']} | {r['case']} | {r['shape']} | {r['ms']:.3f} | {r['gmac_s']:.1f} | {pct(r['of_peak'])} |"
+           for r in rows]
     mem = memory_rows(args.threads, args.formats.split(","), args.sparsity, args.memory_mb, args.rounds) if args.rounds else []
     if mem:
         md += ["", f"## Decode from memory ({args.threads} threads, {args.rounds} interleaved rounds, medians)\n",

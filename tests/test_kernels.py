@@ -357,9 +357,18 @@ def test_kernels_benchmark_runs(tmp_path):
     assert proc.returncode == 0, proc.stderr
     res = json.loads((tmp_path / "kernels.json").read_text())
     cases = {(r["kernel"], r["case"], r["shape"]) for r in res["rows"]}
-    assert len(cases) == 3 + 2 * 5 and all(r["ms"] > 0 and r["gmac_s"] > 0 for r in res["rows"])
+    assert len(cases) == 3 + 2 * 6 and all(r["ms"] > 0 and r["gmac_s"] > 0 for r in res["rows"])
     assert res["machine"]["isa"] == torch.ops.plm.isa()
     assert "| attention | ours, bf16 cache |" in (tmp_path / "kernels.md").read_text()
+    # the vpdpbusd roofline: measured on AVX-512 VNNI hosts, each block-format row's share of it
+    peak = res["machine"]["vnni_peak_gmac_s"]
+    block = [r for r in res["rows"] if r["case"] in ("ours q8_0", "ours q4_0", "ours q4_k", "ours q6_k")]
+    assert len(block) == 2 * 4
+    if nv.isa_supported("avx512"):
+        assert peak > 0 and all(r["of_peak"] == pytest.approx(r["gmac_s"] / peak) for r in block)
+        assert "`vpdpbusd` issue rate" in (tmp_path / "kernels.md").read_text()
+    else:
+        assert peak is None and all(r["of_peak"] is None for r in res["rows"])
     # decode from memory: both shapes dense, the down shape sparse too, against its own dense row
     mem = {(r["format"], r["shape"], r["kernel"]): r for r in res["memory"]}
     assert set(mem) == {(f, sh, k) for f in ("q8_0", "bf16") for sh, k in

@@ -14,6 +14,8 @@
 #include <immintrin.h>
 #endif
 
+#include <time.h>
+
 #include "plm_kernels.h"
 #include "simde_shim.h"
 #include "avx512_sum.h"
@@ -341,6 +343,34 @@ void gemv_f(int fmt, const void* W, int64_t K, int64_t n0, int64_t n1, const flo
 }
 
 }  // namespace
+
+// Eight independent accumulators cover the instruction's latency; the asm barrier keeps the
+// compiler from hoisting or folding the loop.
+double vnni_loop_seconds(int64_t iters, int64_t* macs) {
+  // distinct starting values, or the compiler merges the identical chains into one
+  __m512i a0 = _mm512_set1_epi32(0), a1 = _mm512_set1_epi32(1), a2 = _mm512_set1_epi32(2), a3 = _mm512_set1_epi32(3),
+          a4 = _mm512_set1_epi32(4), a5 = _mm512_set1_epi32(5), a6 = _mm512_set1_epi32(6), a7 = _mm512_set1_epi32(7);
+  __m512i w = _mm512_set1_epi8(3), x = _mm512_set1_epi8(1);
+  timespec t0, t1;  // C clock: no standard-library templates in an ISA unit (plm_kernels.h)
+  clock_gettime(CLOCK_MONOTONIC, &t0);
+  for (int64_t k = 0; k < iters; k++) {
+    a0 = _mm512_dpbusd_epi32(a0, w, x); a1 = _mm512_dpbusd_epi32(a1, w, x);
+    a2 = _mm512_dpbusd_epi32(a2, w, x); a3 = _mm512_dpbusd_epi32(a3, w, x);
+    a4 = _mm512_dpbusd_epi32(a4, w, x); a5 = _mm512_dpbusd_epi32(a5, w, x);
+    a6 = _mm512_dpbusd_epi32(a6, w, x); a7 = _mm512_dpbusd_epi32(a7, w, x);
+#ifndef PLM_SIMDE
+    asm volatile("" : "+v"(w), "+v"(x));
+#endif
+  }
+  clock_gettime(CLOCK_MONOTONIC, &t1);
+  const double dt = (double)(t1.tv_sec - t0.tv_sec) + 1e-9 * (double)(t1.tv_nsec - t0.tv_nsec);
+  const __m512i s = _mm512_add_epi32(_mm512_add_epi32(_mm512_add_epi32(a0, a1), _mm512_add_epi32(a2, a3)),
+                                     _mm512_add_epi32(_mm512_add_epi32(a4, a5), _mm512_add_epi32(a6, a7)));
+  volatile int32_t sink = _mm512_cvtsi512_si32(s);
+  (void)sink;
+  *macs = iters * 8 * 64;
+  return dt;
+}
 
 // Entries left null fall back to the AVX2 kernels (see ops.cpp).
 extern const Kernels kernels_avx512 = {

@@ -7,6 +7,8 @@
 #include <atomic>
 #include <cstdlib>
 #include <mutex>
+#include <thread>
+#include <vector>
 #include <unordered_map>
 
 #include "plm_native.h"
@@ -397,6 +399,27 @@ at::Tensor op_attention(const at::Tensor& q, const at::Tensor& cache, int64_t ra
   return out;
 }
 
+// G multiply-adds per second of a register-only `vpdpbusd` loop on `threads` threads at once.
+double op_vnni_peak(int64_t threads, double seconds) {
+  TORCH_CHECK(supports("avx512"), "plm: vnni_peak needs AVX-512 VNNI (this CPU has: ", cpu_features(), ")");
+  TORCH_CHECK(threads >= 1 && seconds > 0, "plm: vnni_peak needs threads >= 1 and seconds > 0");
+  int64_t macs = 0, iters = 1 << 16;  // calibrate on one thread to about `seconds`
+  while (vnni_loop_seconds(iters, &macs) < seconds / 8 && iters < (int64_t(1) << 40)) iters *= 2;
+  iters = (int64_t)(iters * 8 * 0.9);
+  std::vector<double> rate(threads);
+  std::vector<std::thread> pool;
+  for (int64_t t = 0; t < threads; t++)
+    pool.emplace_back([&rate, iters, t] {
+      int64_t n = 0;
+      const double dt = vnni_loop_seconds(iters, &n);
+      rate[t] = (double)n / dt;
+    });
+  for (auto& th : pool) th.join();
+  double total = 0;
+  for (double r : rate) total += r;
+  return total / 1e9;
+}
+
 std::string op_isa() {
   const Dispatch& dp = dispatch();
   return dp.isa + (dp.bf16_dp ? "+bf16" : "");
@@ -417,4 +440,5 @@ TORCH_LIBRARY(plm, m) {
   m.def("gemv(Tensor packed, int fmt, int N, int K, Tensor x, int groups=1) -> Tensor", &plm::op_gemv);
   m.def("sparse_gemv(Tensor packed, int fmt, int N, int K, Tensor a) -> Tensor", &plm::op_sparse_gemv);
   m.def("attention(Tensor q, Tensor cache, int rank, float scale) -> Tensor", &plm::op_attention);
+  m.def("vnni_peak(int threads, float seconds) -> float", &plm::op_vnni_peak);
 }

@@ -24,6 +24,9 @@ void gemv_bf16_avx512bf16(const void* W, int64_t K, int64_t n0, int64_t n1, cons
 void attention_avx512bf16(const float* q, int64_t nh, int64_t D, int64_t rank, const uint16_t* cache, int64_t S,
                           int64_t part, float scale, float* out, float* lse, float* scratch);
 int64_t attention_bf16_scratch_floats(int64_t D, int64_t rank);
+// `vpdpbusd` multiply-adds one thread issues in `iters` loop turns of a register-only loop
+// (the compute roofline of the block formats); returns its seconds
+double vnni_loop_seconds(int64_t iters, int64_t* macs);
 
 // Absorbed-MLA attention on the selected path (the kernel table's entry, or the AVX512-BF16
 // kernel for a bf16 cache when the CPU has it); the arguments as Kernels::attention's.
