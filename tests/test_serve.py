@@ -525,7 +525,7 @@ def test_native_decoder_backend(qwen2_micro_dir):
     assert any(p and d for p, d in forwards)  # prompt chunks rode along with decode rows
     assert max(p for p, d in forwards if d) <= 7  # at most one chunk's worth beside running streams
     from plm.serve.scheduler import Scheduler
-    assert Scheduler(backend, tok).chunk == 16  # the native default: mixed chunks stay small
+    assert Scheduler(backend, tok).chunk == 8  # the native default: mixed chunks stay small
     assert backend.handles == {}  # every sequence freed
 
 

@@ -22,7 +22,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--prefill-chunk", type=int, default=None,
                    help="prompt tokens per iteration while others decode (smaller: shorter stalls of the "
                         "running streams, but more of them). Native runtime: the chunk runs inside the decode "
-                        "step (default 16); PyTorch runtimes: between two decode steps (default 512)")
+                        "step (default 8); PyTorch runtimes: between two decode steps (default 512)")
     g.add_argument("--context", type=int, default=None,
                    help="prompt + max_tokens limit (None: the model's window; may only lower it)")
     g = p.add_argument_group("runtime")
