@@ -17,20 +17,16 @@ static inline __m512 cvtepi32_ps(__m512i v) {
   for (int i = 0; i < 16; i++) f[i] = (float)a[i];
   return _mm512_loadu_ps(f);
 }
-static inline __m512i cvtepu8_epi32(__m128i v) {
-  uint8_t a[16];
+template <typename Byte>  // uint8_t: zero-extend, int8_t: sign-extend
+static inline __m512i widen_bytes(__m128i v) {
+  Byte a[16];
   int32_t o[16];
   _mm_storeu_si128((__m128i*)a, v);
   for (int i = 0; i < 16; i++) o[i] = a[i];
   return _mm512_loadu_si512(o);
 }
-static inline __m512i cvtepi8_epi32(__m128i v) {
-  int8_t a[16];
-  int32_t o[16];
-  _mm_storeu_si128((__m128i*)a, v);
-  for (int i = 0; i < 16; i++) o[i] = a[i];
-  return _mm512_loadu_si512(o);
-}
+static inline __m512i cvtepu8_epi32(__m128i v) { return widen_bytes<uint8_t>(v); }
+static inline __m512i cvtepi8_epi32(__m128i v) { return widen_bytes<int8_t>(v); }
 static inline __m512i cvtepu16_epi32(__m256i v) {
   uint16_t a[16];
   int32_t o[16];
