@@ -33,20 +33,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from ab import random_q6_k, seconds  # noqa: E402  (benchmarks/ab.py)
 from plm.bench.edge import machine_info  # noqa: E402
 from plm.infer import native as nv  # noqa: E402
-
-
-def seconds(fn, min_time: float = 0.5) -> float:
-    """Median of repeated calls, after a warm-up, running for about min_time seconds."""
-    fn()
-    times: list[float] = []
-    t_end = time.perf_counter() + min_time
-    while time.perf_counter() < t_end or len(times) < 5:
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
 
 
 def attention_rows(lengths: list[int]) -> list[dict]:
@@ -68,14 +57,6 @@ def attention_rows(lengths: list[int]) -> list[dict]:
             rows.append({"kernel": "attention", "case": name, "shape": f"16 heads x {S} cached rows",
                          "ms": t * 1e3, "gmac_s": macs / t / 1e9})
     return rows
-
-
-def random_q6_k(N: int, K: int, g: torch.Generator) -> torch.Tensor:
-    """N rows of random Q6_K blocks (210 bytes per 256 values, the fp16 scale last); no quantiser."""
-    raw = torch.randint(0, 256, (N, K // 256, 210), generator=g, dtype=torch.uint8)
-    d = (torch.rand(N, K // 256, generator=g) * 0.002 - 0.001).to(torch.float16)
-    raw[:, :, 208:] = d.view(torch.uint8).reshape(N, K // 256, 2)
-    return raw.reshape(N, -1)
 
 
 def matrix_rows(threads: int, rows_m: list[int]) -> list[dict]:

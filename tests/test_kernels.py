@@ -378,3 +378,40 @@ def test_kernels_benchmark_runs(tmp_path):
         assert abs(sp["zeros"] - 0.909) < 0.02 and sp["vs_dense"] == pytest.approx(dn["ms"] / sp["ms"])
         assert all(r["ms"] > 0 and r["gb_s"] > 0 for r in (sp, dn))
     assert "## Decode from memory" in (tmp_path / "kernels.md").read_text()
+
+
+def test_ab_benchmark_alternates_two_paths(tmp_path, qwen2_micro_dir):
+    """benchmarks/ab.py with two kernel paths of this checkout: each side's process runs the
+    path asked for and imports this plm; every case measured in every round; summary = medians."""
+    from plm.export.gguf import export_gguf
+    gguf = export_gguf(qwen2_micro_dir, tmp_path / "micro-q8_0.gguf", "q8_0")
+    base = "avx2" if nv.isa_supported("avx2") else "scalar"
+    cases = "matrix:q8_0:2,matrix:q6_k:1,step:2,decode:8,prefill:16"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks/ab.py"), "--base", f".@{base}", "--head", ".@scalar",
+                           "--cases", cases, "--rounds", "2", "--prompt", "8", "--gguf", str(gguf), "--threads", "1",
+                           "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads((tmp_path / "out/ab.json").read_text())
+    assert res["base_isa"].split("+")[0] == base and res["head_isa"] == "scalar"
+    rows = {r["case"]: r for r in res["rows"]}
+    assert list(rows) == cases.split(",")
+    for r in rows.values():
+        assert len(r["base_rounds"]) == len(r["head_rounds"]) == 2 and min(r["base_rounds"] + r["head_rounds"]) > 0
+        assert r["base"] == pytest.approx(sum(r["base_rounds"]) / 2)  # median of two
+        higher = r["unit"] != "ms"
+        assert r["speedup"] == pytest.approx(r["head"] / r["base"] if higher else r["base"] / r["head"])
+    assert rows["step:2"]["unit"] == "ms" and rows["prefill:16"]["unit"] == "tok/s"
+    # the scalar path is the slow reference: the SIMD path beats it on the block matrices
+    assert rows["matrix:q8_0:2"]["speedup"] < 1
+    assert "| matrix:q8_0:2 | G MAC/s |" in (tmp_path / "out/ab.md").read_text()
+
+
+def test_ab_benchmark_rejects_bad_input(tmp_path):
+    run = lambda *a: subprocess.run([sys.executable, str(REPO / "benchmarks/ab.py"), *a], capture_output=True,  # noqa: E731
+                                    text=True, timeout=120, cwd=REPO)
+    p = run("--base", "no-such-ref", "--cases", "matrix:q8_0:1")
+    assert p.returncode != 0 and "'no-such-ref' is not a commit" in p.stderr
+    p = run("--cases", "matrix:q8_0:1,warp:3")
+    assert p.returncode != 0 and "unknown case(s) ['warp:3']" in p.stderr
+    p = run("--cases", "step:2", "--gguf", str(tmp_path / "missing.gguf"))
+    assert p.returncode != 0 and "missing.gguf: no such file" in p.stderr

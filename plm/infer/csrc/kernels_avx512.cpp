@@ -79,13 +79,6 @@ void q8_0_rows(const uint8_t* const* wt, int64_t K, const QAct& x, int64_t m0, f
     for (int i = 0; i < MB; i++) store_tile(y, ldy, m0 + i, row0[j], N, acc[j][i]);
 }
 
-inline __m512i nib_dot(__m512i acc, const uint8_t* g, const int8_t* xq) {
-  const __m512i m4 = _mm512_set1_epi8(15);
-  const __m512i v = ld512(g);
-  acc = _mm512_dpbusd_epi32(acc, _mm512_and_si512(v, m4), _mm512_set1_epi32(ld32(xq)));
-  return _mm512_dpbusd_epi32(acc, _mm512_and_si512(_mm512_srli_epi16(v, 4), m4), _mm512_set1_epi32(ld32(xq + 4)));
-}
-
 template <int MT, int MB>
 void q4_0_rows(const uint8_t* const* wt, int64_t K, const QAct& x, int64_t m0, float* y, int64_t ldy,
                const int64_t* row0, int64_t N) {
@@ -117,10 +110,14 @@ void q4_0_rows(const uint8_t* const* wt, int64_t K, const QAct& x, int64_t m0, f
     for (int i = 0; i < MB; i++) store_tile(y, ldy, m0 + i, row0[j], N, acc[j][i]);
 }
 
+// Q4_K: per sub-block of 32 inputs the nibble dot (weights unpacked once per tile, shared by
+// the activation rows) times the 6-bit scale; the min term sum_j m_j * sum(x_j) two sub-blocks
+// per `vpdpwssd` (m and the 32-input sums fit int16): the same int32 sums as every path's.
 template <int MT, int MB>
 void q4_k_rows(const uint8_t* const* wt, int64_t K, const QAct& x, int64_t m0, float* y, int64_t ldy,
                const int64_t* row0, int64_t N) {
   const int64_t nb = K / 256, nd = K / x.bs;
+  const __m512i m4 = _mm512_set1_epi8(15);
   const __m512 neg = _mm512_castsi512_ps(_mm512_set1_epi32((int)0x80000000));
   __m512 acc[MT][MB];
   for (int j = 0; j < MT; j++)
@@ -131,15 +128,29 @@ void q4_k_rows(const uint8_t* const* wt, int64_t K, const QAct& x, int64_t m0, f
       __m512i isc[MB], imin[MB];
       for (int i = 0; i < MB; i++) isc[i] = imin[i] = _mm512_setzero_si512();
       for (int j = 0; j < 8; j++) {
+        __m512i dj[MB];
+        for (int i = 0; i < MB; i++) dj[i] = _mm512_setzero_si512();
+        for (int g = 0; g < 4; g++) {
+          const __m512i v = ld512(blk + 320 + 256 * j + 64 * g);
+          const __m512i lo = _mm512_and_si512(v, m4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+          for (int i = 0; i < MB; i++) {
+            const int8_t* xq = x.q + (m0 + i) * K + 256 * b + 32 * j + 8 * g;
+            dj[i] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(dj[i], lo, _mm512_set1_epi32(ld32(xq))), hi,
+                                        _mm512_set1_epi32(ld32(xq + 4)));
+          }
+        }
         const __m512i sc = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(blk + 64 + 16 * j)));
-        const __m512i mn = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(blk + 192 + 16 * j)));
+        for (int i = 0; i < MB; i++) isc[i] = _mm512_add_epi32(isc[i], _mm512_mullo_epi32(dj[i], sc));
+      }
+      for (int p = 0; p < 4; p++) {  // lanes: row r's (m_2p, m_2p+1) as two int16
+        const __m128i a = _mm_loadu_si128((const __m128i*)(blk + 192 + 32 * p));
+        const __m128i c = _mm_loadu_si128((const __m128i*)(blk + 192 + 32 * p + 16));
+        const __m512i mp = _mm512_cvtepu8_epi16(_mm256_inserti128_si256(_mm256_castsi128_si256(_mm_unpacklo_epi8(a, c)),
+                                                                        _mm_unpackhi_epi8(a, c), 1));
         for (int i = 0; i < MB; i++) {
-          const int8_t* xq = x.q + (m0 + i) * K + 256 * b + 32 * j;
-          __m512i dj = _mm512_setzero_si512();
-          for (int g = 0; g < 4; g++) dj = nib_dot(dj, blk + 320 + 256 * j + 64 * g, xq + 8 * g);
-          const int32_t* s = x.s16 + (m0 + i) * (K / 16) + 16 * b + 2 * j;
-          isc[i] = _mm512_add_epi32(isc[i], _mm512_mullo_epi32(dj, sc));
-          imin[i] = _mm512_add_epi32(imin[i], _mm512_mullo_epi32(mn, _mm512_set1_epi32(s[0] + s[1])));
+          const int32_t* s = x.s16 + (m0 + i) * (K / 16) + 16 * b + 4 * p;
+          const uint32_t pair = (uint32_t)(uint16_t)(s[0] + s[1]) | ((uint32_t)(s[2] + s[3]) << 16);
+          imin[i] = _mm512_dpwssd_epi32(imin[i], mp, _mm512_set1_epi32((int32_t)pair));
         }
       }
       const __m512 d = f16x16(blk), dm = f16x16(blk + 32);

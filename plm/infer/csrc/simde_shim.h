@@ -17,23 +17,20 @@ static inline __m512 cvtepi32_ps(__m512i v) {
   for (int i = 0; i < 16; i++) f[i] = (float)a[i];
   return _mm512_loadu_ps(f);
 }
-template <typename Byte>  // uint8_t: zero-extend, int8_t: sign-extend
-static inline __m512i widen_bytes(__m128i v) {
-  Byte a[16];
-  int32_t o[16];
-  _mm_storeu_si128((__m128i*)a, v);
-  for (int i = 0; i < 16; i++) o[i] = a[i];
+// The widening conversions: N elements of In (zero- or sign-extended by the C++ conversion) to Out
+template <typename In, typename Out, int N, typename V>
+static inline __m512i widen(V v) {
+  static_assert(sizeof(V) == N * sizeof(In) && N * sizeof(Out) == 64, "one vector in, one zmm out");
+  In a[N];
+  Out o[N];
+  memcpy(a, &v, sizeof a);
+  for (int i = 0; i < N; i++) o[i] = (Out)a[i];
   return _mm512_loadu_si512(o);
 }
-static inline __m512i cvtepu8_epi32(__m128i v) { return widen_bytes<uint8_t>(v); }
-static inline __m512i cvtepi8_epi32(__m128i v) { return widen_bytes<int8_t>(v); }
-static inline __m512i cvtepu16_epi32(__m256i v) {
-  uint16_t a[16];
-  int32_t o[16];
-  _mm256_storeu_si256((__m256i*)a, v);
-  for (int i = 0; i < 16; i++) o[i] = a[i];
-  return _mm512_loadu_si512(o);
-}
+static inline __m512i cvtepu8_epi32(__m128i v) { return widen<uint8_t, int32_t, 16>(v); }
+static inline __m512i cvtepi8_epi32(__m128i v) { return widen<int8_t, int32_t, 16>(v); }
+static inline __m512i cvtepu16_epi32(__m256i v) { return widen<uint16_t, int32_t, 16>(v); }
+static inline __m512i cvtepu8_epi16(__m256i v) { return widen<uint8_t, uint16_t, 32>(v); }
 static inline __m512 cvtph_ps(__m256i v) {
   uint16_t a[16];
   float o[16];
@@ -99,6 +96,7 @@ static inline void mask_storeu_epi32(void* p, __mmask16 m, __m512i v) {
 #define _mm512_cvtepu8_epi32 plm::shim::cvtepu8_epi32
 #define _mm512_cvtepi8_epi32 plm::shim::cvtepi8_epi32
 #define _mm512_cvtepu16_epi32 plm::shim::cvtepu16_epi32
+#define _mm512_cvtepu8_epi16 plm::shim::cvtepu8_epi16
 #define _mm512_cvtph_ps plm::shim::cvtph_ps
 #define _mm512_maskz_loadu_ps plm::shim::maskz_loadu_ps
 #define _mm256_maskz_loadu_epi16 plm::shim::maskz_loadu_epi16_256
