@@ -221,17 +221,17 @@ void q6_k_rows(const uint8_t* const* wt, int64_t K, const QAct& x, int64_t m0, f
 }
 
 // Up to 4 activation rows per call (the driver and its four read streams for decode: plm_kernels.h).
-#define PLM_TILE_DRIVER(NAME, ROWS, BS, TB, PAIR)                                                      \
+#define PLM_TILE_DRIVER(NAME, ROWS, BS, TB, BT)                                                      \
   void NAME(const uint8_t* W, int64_t K, int64_t t0, int64_t t1, const QAct& x, int64_t M, float* y, \
             int64_t ldy, int64_t N) {                                                                 \
-    tile_driver<4, PAIR>(W, (K / BS) * TB, t0, t1, M, [&](auto mt, auto mb, const uint8_t* const* w, int64_t m, const int64_t* r) { \
+    tile_driver<4, BT>(W, (K / BS) * TB, t0, t1, M, [&](auto mt, auto mb, const uint8_t* const* w, int64_t m, const int64_t* r) { \
       ROWS<decltype(mt)::value, decltype(mb)::value>(w, K, x, m, y, ldy, r, N);                      \
     });                                                                                             \
   }
-PLM_TILE_DRIVER(gemv_q8_0, q8_0_rows, 32, Q8_0_TB, true)
-PLM_TILE_DRIVER(gemv_q4_0, q4_0_rows, 32, Q4_0_TB, true)
-PLM_TILE_DRIVER(gemv_q4_k, q4_k_rows, 256, Q4_K_TB, false)
-PLM_TILE_DRIVER(gemv_q6_k, q6_k_rows, 256, Q6_K_TB, false)
+PLM_TILE_DRIVER(gemv_q8_0, q8_0_rows, 32, Q8_0_TB, 2)
+PLM_TILE_DRIVER(gemv_q4_0, q4_0_rows, 32, Q4_0_TB, 2)
+PLM_TILE_DRIVER(gemv_q4_k, q4_k_rows, 256, Q4_K_TB, 1)
+PLM_TILE_DRIVER(gemv_q6_k, q6_k_rows, 256, Q6_K_TB, 1)
 #undef PLM_TILE_DRIVER
 
 // ---- float weights (convert + FMA; BF16 with vdpbf16ps lives in kernels_avx512bf16.cpp) ----

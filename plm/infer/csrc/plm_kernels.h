@@ -194,12 +194,13 @@ struct IntC {  // a compile-time int for the generic lambdas below (no <type_tra
 // call. Why: the prefetchers follow several streams per core, and one stream per core leaves
 // memory bandwidth unused (bf16 decode went from 0.79-0.83x llama.cpp's F16 to 1.28-1.30x with
 // this in benchmarks/edge.py's interleaved runs on an AMD EPYC host). Several activation rows
-// are compute-bound: up to MBMAX rows per call; with PAIR (kernels whose activation broadcasts
-// then feed both tiles: Q8_0 and Q4_0 on AVX-512) from 4 rows on two tiles per call, one from
-// each half of the range (two read streams). On an AMD EPYC host, the two builds alternated:
-// Q8_0 at 8-64 rows 600 -> 650 G multiply-adds per second, the 8-sequence PLM-1.8B step
-// 94 -> 84 ms.
-template <int MBMAX, bool PAIR = false, typename Rows>
+// are compute-bound: up to MBMAX rows per call; with BT > 1 (kernels whose activation
+// broadcasts then feed every tile of the call: Q8_0 and Q4_0 on AVX-512) from 4 rows on BT tiles
+// per call, one from each BT-th of the range (BT read streams), 8 / BT rows at a time. Measured
+// by benchmarks/ab.py on an AMD EPYC host (2 threads, builds alternated): BT = 2 against one tile
+// per call, Q8_0 at 8 rows 1.33x and the 8-sequence PLM-1.8B step 100 -> 91 ms; BT = 4 against
+// BT = 2, the step 0.86x (four streams help one row, not eight).
+template <int MBMAX, int BT = 1, typename Rows>
 static inline void tile_driver(const uint8_t* W, int64_t bpt, int64_t t0, int64_t t1, int64_t M, const Rows& rows) {
   int64_t t = t0;
   if (M == 1) {
@@ -212,19 +213,24 @@ static inline void tile_driver(const uint8_t* W, int64_t bpt, int64_t t0, int64_
     }
     t = t0 + 4 * q;
   }
-  if constexpr (PAIR)
+  if constexpr (BT > 1)
     if (M >= 4) {
-      const int64_t h = (t1 - t0) / 2;
+      constexpr int MBT = 8 / BT;  // BT tiles x MBT rows: 8 (tile, row) accumulators per call
+      const int64_t h = (t1 - t0) / BT;
       for (int64_t i = 0; i < h; i++) {
-        const int64_t ta = t0 + i, tb = t0 + h + i;
-        const uint8_t* wts[2] = {W + ta * bpt, W + tb * bpt};
-        const int64_t first[2] = {ta * TILE, tb * TILE};
+        const uint8_t* wts[BT];
+        int64_t first[BT];
+        for (int k = 0; k < BT; k++) {
+          wts[k] = W + (t0 + k * h + i) * bpt;
+          first[k] = (t0 + k * h + i) * TILE;
+        }
         int64_t m = 0;
-        for (; m + 4 <= M; m += 4) rows(IntC<2>(), IntC<4>(), wts, m, first);
-        for (; m + 2 <= M; m += 2) rows(IntC<2>(), IntC<2>(), wts, m, first);
-        if (m < M) rows(IntC<2>(), IntC<1>(), wts, m, first);
+        for (; m + MBT <= M; m += MBT) rows(IntC<BT>(), IntC<MBT>(), wts, m, first);
+        if constexpr (MBT >= 4)
+          for (; m + 2 <= M; m += 2) rows(IntC<BT>(), IntC<2>(), wts, m, first);
+        if (m < M) rows(IntC<BT>(), IntC<1>(), wts, m, first);
       }
-      t = t0 + 2 * h;
+      t = t0 + BT * h;
     }
   for (; t < t1; t++) {
     const uint8_t* wt = W + t * bpt;
