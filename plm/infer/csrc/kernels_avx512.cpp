@@ -167,7 +167,9 @@ void q4_k_rows(const uint8_t* const* wt, int64_t K, const QAct& x, int64_t m0, f
 
 // Q6_K: the 6-bit values rebuilt per 64-byte group (4 low bits from the nibbles, 2 high bits
 // from 32 bytes of qh: bytes 0-31 of the group at bits 0-1 / 4-5, bytes 32-63 at bits 2-3 /
-// 6-7, see pack.cpp), then `vpdpbusd` as Q4_0; one sub-block scale per 16 inputs.
+// 6-7, see pack.cpp), then `vpdpbusd` as Q4_0; one sub-block scale per 16 inputs. The -32 offset
+// comes once per super-block: 32 * sum_j sc_j * sum(x_j), two sub-blocks per `vpdpwssd` (the
+// scales and 16-input sums fit int16), the same int32 as every path's sum_j sc_j * (dot_j - 32 sum(x_j)).
 template <int MT, int MB>
 void q6_k_rows(const uint8_t* const* wt, int64_t K, const QAct& x, int64_t m0, float* y, int64_t ldy,
                const int64_t* row0, int64_t N) {
@@ -202,15 +204,26 @@ void q6_k_rows(const uint8_t* const* wt, int64_t K, const QAct& x, int64_t m0, f
             }
           }
           const __m512i sc = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(blk + 32 + 16 * g16)));
-          for (int i = 0; i < MB; i++) {
-            const int32_t s = x.s16[(m0 + i) * (K / 16) + 16 * b + g16];
-            isum[t][i] = _mm512_add_epi32(isum[t][i], _mm512_mullo_epi32(sc, _mm512_sub_epi32(dot[i], _mm512_set1_epi32(32 * s))));
-          }
+          for (int i = 0; i < MB; i++) isum[t][i] = _mm512_add_epi32(isum[t][i], _mm512_mullo_epi32(sc, dot[i]));
         }
       }
     }
     for (int t = 0; t < MT; t++) {
-      const __m512 dw = f16x16(wt[t] + b * Q6_K_TB);
+      const uint8_t* blk = wt[t] + b * Q6_K_TB;
+      __m512i off[MB];
+      for (int i = 0; i < MB; i++) off[i] = _mm512_setzero_si512();
+      for (int p = 0; p < 8; p++) {  // lanes: row r's (sc_2p, sc_2p+1) as two int16
+        const __m128i a = _mm_loadu_si128((const __m128i*)(blk + 32 + 32 * p));
+        const __m128i c = _mm_loadu_si128((const __m128i*)(blk + 32 + 32 * p + 16));
+        const __m512i sp = _mm512_cvtepi8_epi16(_mm256_inserti128_si256(_mm256_castsi128_si256(_mm_unpacklo_epi8(a, c)),
+                                                                        _mm_unpackhi_epi8(a, c), 1));
+        for (int i = 0; i < MB; i++) {
+          const int32_t* sx = x.s16 + (m0 + i) * (K / 16) + 16 * b + 2 * p;
+          off[i] = _mm512_dpwssd_epi32(off[i], sp, _mm512_set1_epi32((int32_t)((uint32_t)(uint16_t)sx[0] | ((uint32_t)sx[1] << 16))));
+        }
+      }
+      for (int i = 0; i < MB; i++) isum[t][i] = _mm512_sub_epi32(isum[t][i], _mm512_slli_epi32(off[i], 5));
+      const __m512 dw = f16x16(blk);
       for (int i = 0; i < MB; i++)
         acc[t][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[t][i]), _mm512_mul_ps(dw, _mm512_set1_ps(x.d[(m0 + i) * nd + b])),
                                     acc[t][i]);

@@ -31,6 +31,7 @@ static inline __m512i cvtepu8_epi32(__m128i v) { return widen<uint8_t, int32_t, 
 static inline __m512i cvtepi8_epi32(__m128i v) { return widen<int8_t, int32_t, 16>(v); }
 static inline __m512i cvtepu16_epi32(__m256i v) { return widen<uint16_t, int32_t, 16>(v); }
 static inline __m512i cvtepu8_epi16(__m256i v) { return widen<uint8_t, uint16_t, 32>(v); }
+static inline __m512i cvtepi8_epi16(__m256i v) { return widen<int8_t, int16_t, 32>(v); }
 static inline __m512 cvtph_ps(__m256i v) {
   uint16_t a[16];
   float o[16];
@@ -97,6 +98,7 @@ static inline void mask_storeu_epi32(void* p, __mmask16 m, __m512i v) {
 #define _mm512_cvtepi8_epi32 plm::shim::cvtepi8_epi32
 #define _mm512_cvtepu16_epi32 plm::shim::cvtepu16_epi32
 #define _mm512_cvtepu8_epi16 plm::shim::cvtepu8_epi16
+#define _mm512_cvtepi8_epi16 plm::shim::cvtepi8_epi16
 #define _mm512_cvtph_ps plm::shim::cvtph_ps
 #define _mm512_maskz_loadu_ps plm::shim::maskz_loadu_ps
 #define _mm256_maskz_loadu_epi16 plm::shim::maskz_loadu_epi16_256
