@@ -124,13 +124,20 @@ void q8_0_rows(const uint8_t* const* wts, int64_t K, const QAct& x, int64_t m0, 
 // One 64-byte nibble group (16 rows x 8 inputs) against 8 activation bytes, int16 pair sums
 // added into sl (rows 0-7) / sh (rows 8-15). Each maddubs pair is at most 2*15*127 = 3810, so
 // 8 of them (one block of 32) stay within int16.
-inline void nib_group(const uint8_t* g, __m256i xa, __m256i xb, __m256i& sl, __m256i& sh) {
+struct Nib {  // a 64-byte group unpacked: ll, lh = rows 0-7 low / high nibbles; hl, hh = rows 8-15
+  __m256i ll, lh, hl, hh;
+};
+inline Nib nib_unpack(const uint8_t* g) {
   const __m256i m4 = _mm256_set1_epi8(15);
   const __m256i vl = ld256(g), vh = ld256(g + 32);
-  sl = _mm256_add_epi16(sl, _mm256_maddubs_epi16(_mm256_and_si256(vl, m4), xa));
-  sl = _mm256_add_epi16(sl, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(vl, 4), m4), xb));
-  sh = _mm256_add_epi16(sh, _mm256_maddubs_epi16(_mm256_and_si256(vh, m4), xa));
-  sh = _mm256_add_epi16(sh, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(vh, 4), m4), xb));
+  return {_mm256_and_si256(vl, m4), _mm256_and_si256(_mm256_srli_epi16(vl, 4), m4), _mm256_and_si256(vh, m4),
+          _mm256_and_si256(_mm256_srli_epi16(vh, 4), m4)};
+}
+inline void nib_madd(const Nib& n, __m256i xa, __m256i xb, __m256i& sl, __m256i& sh) {
+  sl = _mm256_add_epi16(sl, _mm256_maddubs_epi16(n.ll, xa));
+  sl = _mm256_add_epi16(sl, _mm256_maddubs_epi16(n.lh, xb));
+  sh = _mm256_add_epi16(sh, _mm256_maddubs_epi16(n.hl, xa));
+  sh = _mm256_add_epi16(sh, _mm256_maddubs_epi16(n.hh, xb));
 }
 
 template <int MT, int MB>
@@ -146,11 +153,13 @@ void q4_0_rows(const uint8_t* const* wts, int64_t K, const QAct& x, int64_t m0, 
       const uint8_t* blk = wts[t] + b * Q4_0_TB;
       __m256i sl[MB], sh[MB];
       for (int i = 0; i < MB; i++) sl[i] = sh[i] = _mm256_setzero_si256();
-      for (int g = 0; g < 4; g++)
+      for (int g = 0; g < 4; g++) {
+        const Nib n = nib_unpack(blk + 32 + 64 * g);
         for (int i = 0; i < MB; i++) {
           const int8_t* xq = x.q + (m0 + i) * K + 32 * b + 8 * g;
-          nib_group(blk + 32 + 64 * g, _mm256_set1_epi32(ld32(xq)), _mm256_set1_epi32(ld32(xq + 4)), sl[i], sh[i]);
+          nib_madd(n, _mm256_set1_epi32(ld32(xq)), _mm256_set1_epi32(ld32(xq + 4)), sl[i], sh[i]);
         }
+      }
       const __m256 dl = f16x8(blk), dh = f16x8(blk + 16);
       for (int i = 0; i < MB; i++) {
         const int32_t* s = x.s16 + (m0 + i) * (K / 16) + 2 * b;
@@ -182,22 +191,30 @@ void q4_k_rows(const uint8_t* const* wts, int64_t K, const QAct& x, int64_t m0, 
       __m256i cl[MB], ch[MB], nl[MB], nh[MB];  // sum sc*dot and sum m*s32, per half
       for (int i = 0; i < MB; i++) cl[i] = ch[i] = nl[i] = nh[i] = _mm256_setzero_si256();
       for (int j = 0; j < 8; j++) {
+        __m256i sl[MB], sh[MB];
+        for (int i = 0; i < MB; i++) sl[i] = sh[i] = _mm256_setzero_si256();
+        for (int g = 0; g < 4; g++) {  // each nibble group unpacked once for the call's rows
+          const Nib n = nib_unpack(blk + 320 + 256 * j + 64 * g);
+          for (int i = 0; i < MB; i++) {
+            const int8_t* xq = x.q + (m0 + i) * K + 256 * b + 32 * j + 8 * g;
+            nib_madd(n, _mm256_set1_epi32(ld32(xq)), _mm256_set1_epi32(ld32(xq + 4)), sl[i], sh[i]);
+          }
+        }
         const __m256i scl = pairs_u8(blk + 64 + 16 * j), sch = pairs_u8(blk + 72 + 16 * j);
-        // mins as (m, 0) int16 pairs: madd with a (s, s) broadcast gives m * s
-        const __m256i mnl = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(blk + 192 + 16 * j)));
-        const __m256i mnh = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(blk + 200 + 16 * j)));
         for (int i = 0; i < MB; i++) {
-          const int8_t* xq = x.q + (m0 + i) * K + 256 * b + 32 * j;
-          __m256i sl = _mm256_setzero_si256(), sh = _mm256_setzero_si256();
-          for (int g = 0; g < 4; g++)
-            nib_group(blk + 320 + 256 * j + 64 * g, _mm256_set1_epi32(ld32(xq + 8 * g)),
-                      _mm256_set1_epi32(ld32(xq + 8 * g + 4)), sl, sh);
-          cl[i] = _mm256_add_epi32(cl[i], _mm256_madd_epi16(sl, scl));
-          ch[i] = _mm256_add_epi32(ch[i], _mm256_madd_epi16(sh, sch));
-          const int32_t* s = x.s16 + (m0 + i) * (K / 16) + 16 * b + 2 * j;
-          const __m256i s32 = _mm256_set1_epi16((short)(s[0] + s[1]));
-          nl[i] = _mm256_add_epi32(nl[i], _mm256_madd_epi16(mnl, s32));
-          nh[i] = _mm256_add_epi32(nh[i], _mm256_madd_epi16(mnh, s32));
+          cl[i] = _mm256_add_epi32(cl[i], _mm256_madd_epi16(sl[i], scl));
+          ch[i] = _mm256_add_epi32(ch[i], _mm256_madd_epi16(sh[i], sch));
+        }
+      }
+      for (int p = 0; p < 4; p++) {  // the min term: lanes hold row r's (m_2p, m_2p+1) as int16
+        const uint8_t* mn = blk + 192 + 32 * p;
+        const __m128i a = _mm_loadu_si128((const __m128i*)mn), c = _mm_loadu_si128((const __m128i*)(mn + 16));
+        const __m256i mpl = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(a, c)), mph = _mm256_cvtepu8_epi16(_mm_unpackhi_epi8(a, c));
+        for (int i = 0; i < MB; i++) {
+          const int32_t* s = x.s16 + (m0 + i) * (K / 16) + 16 * b + 4 * p;
+          const __m256i sp = _mm256_set1_epi32((int32_t)((uint32_t)(uint16_t)(s[0] + s[1]) | ((uint32_t)(s[2] + s[3]) << 16)));
+          nl[i] = _mm256_add_epi32(nl[i], _mm256_madd_epi16(mpl, sp));
+          nh[i] = _mm256_add_epi32(nh[i], _mm256_madd_epi16(mph, sp));
         }
       }
       const __m256 dl = f16x8(blk), dh = f16x8(blk + 16), ml = f16x8(blk + 32), mh = f16x8(blk + 48);
