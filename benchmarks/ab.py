@@ -136,6 +136,19 @@ def worker(cases: list[str], gguf: str | None, prompt: int, threads: int) -> dic
 UNITS = {"matrix": ("G MAC/s", True), "step": ("ms", False), "decode": ("ms", False), "prefill": ("tok/s", True)}
 
 
+def git(*args: str) -> str:
+    return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True).stdout.strip()
+
+
+def side_commit(ref: str) -> str:
+    """What a side ran, in words a later reader can check out: REF's commit, or for the working
+    tree the commit it sits on and whether plm/ differs from it."""
+    if ref != ".":
+        return git("rev-parse", "--short=12", f"{ref}^{{commit}}")
+    dirty = bool(git("status", "--porcelain", "--", "plm"))
+    return f"working tree at {git('rev-parse', '--short=12', 'HEAD')}" + (" with plm/ changed" if dirty else "")
+
+
 def side_root(ref: str, tmp: Path) -> Path:
     """The folder whose plm/ a side imports: the working tree for '.', else REF's plm/ exported."""
     if ref == ".":
@@ -213,7 +226,8 @@ def summarise(cases: list[str], rounds: list[dict]) -> list[dict]:
 def markdown(res: dict) -> str:
     lines = [f"Command: `{res['command']}`  ",
              f"Machine: {res['cpu']}, {res['cores']} cores, {res['threads']} threads; base = `{res['base']}` "
-             f"({res['base_isa']}), head = `{res['head']}` ({res['head_isa']}); {res['rounds']} rounds, "
+             f"({res['base_commit']}, {res['base_isa']}), head = `{res['head']}` ({res['head_commit']}, "
+             f"{res['head_isa']}); {res['rounds']} rounds, "
              "sides alternating (A B, B A, ...), a fresh process per side and round.", "",
              "| case | unit | base (median) | head (median) | head speed-up | head better in | base rounds | head rounds |",
              "|---|---|---|---|---|---|---|---|"]
@@ -275,7 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     info = machine_info(args.threads)
     res = {"command": "python benchmarks/ab.py " + " ".join(argv if argv is not None else sys.argv[1:]),
            "cpu": info["cpu"], "cores": info["cores"], "threads": args.threads, "torch": info["torch"],
-           "base": args.base, "head": args.head, "base_isa": rounds[0]["base"]["isa"], "head_isa": rounds[0]["head"]["isa"],
+           "base": args.base, "head": args.head, "base_commit": side_commit(args.base.partition("@")[0]),
+           "head_commit": side_commit(args.head.partition("@")[0]), "base_isa": rounds[0]["base"]["isa"], "head_isa": rounds[0]["head"]["isa"],
            "rounds": args.rounds, "gguf": args.gguf, "prompt": args.prompt, "rows": summarise(cases, rounds),
            "when": time.strftime("%Y-%m-%d %H:%M:%S")}
     md = markdown(res)

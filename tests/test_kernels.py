@@ -393,6 +393,8 @@ def test_ab_benchmark_alternates_two_paths(tmp_path, qwen2_micro_dir):
     assert proc.returncode == 0, proc.stderr
     res = json.loads((tmp_path / "out/ab.json").read_text())
     assert res["base_isa"].split("+")[0] == base and res["head_isa"] == "scalar"
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert res["base_commit"].startswith(f"working tree at {head}") and res["head_commit"] == res["base_commit"]
     rows = {r["case"]: r for r in res["rows"]}
     assert list(rows) == cases.split(",")
     for r in rows.values():
