@@ -195,19 +195,13 @@ def run_side(root: Path, env: dict, args) -> dict:
     return res
 
 
-def default_gguf(threads: int) -> Path:
+def default_gguf() -> Path:
+    """PLM-1.8B's shape, random weights, Q8_0: benchmarks/serve.py's file (made there if missing)."""
     from types import SimpleNamespace
 
-    from plm.bench.edge import ensure_checkpoint
-    from plm.export.gguf import export_gguf
+    import serve  # benchmarks/serve.py: one place for the random checkpoint and its GGUF's name
     workdir = REPO / "runs/edge"
-    ckpt = ensure_checkpoint(SimpleNamespace(ckpt=None, sparsity=None, workdir=workdir, preset="plm-1.8b"))
-    stamp = int(max(p.stat().st_mtime for p in ckpt.glob("*.safetensors")))
-    out = workdir / f"edge-{ckpt.resolve().name}-{stamp}-q8_0.gguf"  # the name benchmarks/serve.py gives it
-    if not out.exists():
-        log(f"exporting {out}")
-        export_gguf(ckpt, out, "q8_0")
-    return out
+    return serve.gguf_q8(serve.checkpoint("plm-1.8b", SimpleNamespace(ckpt=None, workdir=workdir)), workdir)
 
 
 def summarise(cases: list[str], rounds: list[dict]) -> list[dict]:
@@ -253,7 +247,6 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     cases = [c for c in args.cases.split(",") if c]
     if args.worker:
-        sys.path.insert(0, os.getcwd())  # this side's plm before any installed one
         print(json.dumps(worker(cases, args.gguf, args.prompt, args.threads)))
         return 0
     bad = [c for c in cases if c.split(":")[0] not in UNITS]
@@ -264,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(REPO))
     from plm.bench.edge import machine_info
     if args.gguf is None and any(c.split(":")[0] != "matrix" for c in cases):
-        args.gguf = str(default_gguf(args.threads))
+        args.gguf = str(default_gguf())
     if args.gguf and not Path(args.gguf).is_file():
         ap.error(f"--gguf {args.gguf}: no such file")
     if args.gguf:

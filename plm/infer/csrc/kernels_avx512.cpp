@@ -110,9 +110,29 @@ void q4_0_rows(const uint8_t* const* wt, int64_t K, const QAct& x, int64_t m0, f
     for (int i = 0; i < MB; i++) store_tile(y, ldy, m0 + i, row0[j], N, acc[j][i]);
 }
 
+// Per-row bytes of two consecutive sub-blocks of a tile (16 rows each, at p and p + 16; mins of
+// Q4_K, scales of Q6_K) against the two sub-blocks' activation sums: each row's
+// byte_0 * sum_0 + byte_1 * sum_1 added in by one `vpdpwssd` (bytes and sums fit int16), for
+// the 8 / W pairs of a super-block; W = 16-input sums per sub-block (2 for 32 inputs, 1 for 16).
+template <int MB, bool Signed, int W>
+inline void pair_terms(__m512i (&acc)[MB], const uint8_t* bytes, const QAct& x, int64_t m0, int64_t K, int64_t b) {
+  for (int p = 0; p < 8 / W; p++) {
+    const __m128i a = _mm_loadu_si128((const __m128i*)(bytes + 32 * p));
+    const __m128i c = _mm_loadu_si128((const __m128i*)(bytes + 32 * p + 16));
+    const __m256i ac = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_unpacklo_epi8(a, c)), _mm_unpackhi_epi8(a, c), 1);
+    const __m512i wp = Signed ? _mm512_cvtepi8_epi16(ac) : _mm512_cvtepu8_epi16(ac);  // lane r: (byte_0, byte_1) of row r
+    for (int i = 0; i < MB; i++) {
+      const int32_t* s = x.s16 + (m0 + i) * (K / 16) + 16 * b + 2 * W * p;
+      int32_t s0 = 0, s1 = 0;
+      for (int k = 0; k < W; k++) s0 += s[k], s1 += s[W + k];
+      acc[i] = _mm512_dpwssd_epi32(acc[i], wp, _mm512_set1_epi32((int32_t)((uint32_t)(uint16_t)s0 | ((uint32_t)s1 << 16))));
+    }
+  }
+}
+
 // Q4_K: per sub-block of 32 inputs the nibble dot (weights unpacked once per tile, shared by
 // the activation rows) times the 6-bit scale; the min term sum_j m_j * sum(x_j) two sub-blocks
-// per `vpdpwssd` (m and the 32-input sums fit int16): the same int32 sums as every path's.
+// per `vpdpwssd` (pair_terms): the same int32 sums as every path's.
 template <int MT, int MB>
 void q4_k_rows(const uint8_t* const* wt, int64_t K, const QAct& x, int64_t m0, float* y, int64_t ldy,
                const int64_t* row0, int64_t N) {
@@ -142,17 +162,7 @@ void q4_k_rows(const uint8_t* const* wt, int64_t K, const QAct& x, int64_t m0, f
         const __m512i sc = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(blk + 64 + 16 * j)));
         for (int i = 0; i < MB; i++) isc[i] = _mm512_add_epi32(isc[i], _mm512_mullo_epi32(dj[i], sc));
       }
-      for (int p = 0; p < 4; p++) {  // lanes: row r's (m_2p, m_2p+1) as two int16
-        const __m128i a = _mm_loadu_si128((const __m128i*)(blk + 192 + 32 * p));
-        const __m128i c = _mm_loadu_si128((const __m128i*)(blk + 192 + 32 * p + 16));
-        const __m512i mp = _mm512_cvtepu8_epi16(_mm256_inserti128_si256(_mm256_castsi128_si256(_mm_unpacklo_epi8(a, c)),
-                                                                        _mm_unpackhi_epi8(a, c), 1));
-        for (int i = 0; i < MB; i++) {
-          const int32_t* s = x.s16 + (m0 + i) * (K / 16) + 16 * b + 4 * p;
-          const uint32_t pair = (uint32_t)(uint16_t)(s[0] + s[1]) | ((uint32_t)(s[2] + s[3]) << 16);
-          imin[i] = _mm512_dpwssd_epi32(imin[i], mp, _mm512_set1_epi32((int32_t)pair));
-        }
-      }
+      pair_terms<MB, false, 2>(imin, blk + 192, x, m0, K, b);
       const __m512 d = f16x16(blk), dm = f16x16(blk + 32);
       for (int i = 0; i < MB; i++) {
         const __m512 dx = _mm512_set1_ps(x.d[(m0 + i) * nd + b]);
@@ -168,8 +178,8 @@ void q4_k_rows(const uint8_t* const* wt, int64_t K, const QAct& x, int64_t m0, f
 // Q6_K: the 6-bit values rebuilt per 64-byte group (4 low bits from the nibbles, 2 high bits
 // from 32 bytes of qh: bytes 0-31 of the group at bits 0-1 / 4-5, bytes 32-63 at bits 2-3 /
 // 6-7, see pack.cpp), then `vpdpbusd` as Q4_0; one sub-block scale per 16 inputs. The -32 offset
-// comes once per super-block: 32 * sum_j sc_j * sum(x_j), two sub-blocks per `vpdpwssd` (the
-// scales and 16-input sums fit int16), the same int32 as every path's sum_j sc_j * (dot_j - 32 sum(x_j)).
+// comes once per super-block: 32 * sum_j sc_j * sum(x_j), two sub-blocks per `vpdpwssd`
+// (pair_terms), the same int32 as every path's sum_j sc_j * (dot_j - 32 sum(x_j)).
 template <int MT, int MB>
 void q6_k_rows(const uint8_t* const* wt, int64_t K, const QAct& x, int64_t m0, float* y, int64_t ldy,
                const int64_t* row0, int64_t N) {
@@ -212,16 +222,7 @@ void q6_k_rows(const uint8_t* const* wt, int64_t K, const QAct& x, int64_t m0, f
       const uint8_t* blk = wt[t] + b * Q6_K_TB;
       __m512i off[MB];
       for (int i = 0; i < MB; i++) off[i] = _mm512_setzero_si512();
-      for (int p = 0; p < 8; p++) {  // lanes: row r's (sc_2p, sc_2p+1) as two int16
-        const __m128i a = _mm_loadu_si128((const __m128i*)(blk + 32 + 32 * p));
-        const __m128i c = _mm_loadu_si128((const __m128i*)(blk + 32 + 32 * p + 16));
-        const __m512i sp = _mm512_cvtepi8_epi16(_mm256_inserti128_si256(_mm256_castsi128_si256(_mm_unpacklo_epi8(a, c)),
-                                                                        _mm_unpackhi_epi8(a, c), 1));
-        for (int i = 0; i < MB; i++) {
-          const int32_t* sx = x.s16 + (m0 + i) * (K / 16) + 16 * b + 2 * p;
-          off[i] = _mm512_dpwssd_epi32(off[i], sp, _mm512_set1_epi32((int32_t)((uint32_t)(uint16_t)sx[0] | ((uint32_t)sx[1] << 16))));
-        }
-      }
+      pair_terms<MB, true, 1>(off, blk + 32, x, m0, K, b);
       for (int i = 0; i < MB; i++) isum[t][i] = _mm512_sub_epi32(isum[t][i], _mm512_slli_epi32(off[i], 5));
       const __m512 dw = f16x16(blk);
       for (int i = 0; i < MB; i++)
