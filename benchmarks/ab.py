@@ -19,6 +19,7 @@ its library.
 Cases (comma-separated):
   matrix:FMT:M      an 8192 x 2048 matrix (PLM-1.8B's up projection) in FMT (bf16, q8_0, q4_0,
                     q4_k, q6_k: random blocks) against M activation rows: G multiply-adds/s
+                    (at 4-8 bits it can stay in a 32 MiB L3: a kernel rate, not a memory rate)
   step:B            the native decoder's batched decode step over B sequences, each prefilled
                     with --prompt tokens: ms (lower is better)
   prefill:T         one sequence's prefill of T tokens in chunks of 512: tokens/s

@@ -378,14 +378,19 @@ def keep_earlier(earlier: dict, res: dict) -> dict:
 def decoder_alone(gguf: Path, levels: list[int], prompt_tokens: int, threads: int) -> str:
     """The native decoder's batched step and prefill without the server (what the server's
     throughput is made of): B sequences, each prefilled with `prompt_tokens` random ids, then
-    timed batched steps. Returns a markdown table."""
+    timed batched steps; and the step's matrices alone at B rows, read from memory as in the
+    step (plm.bench.edge.kernel_seconds), with their share of the step. Returns a markdown table."""
     import torch
 
+    from plm.bench.edge import cold_copies, kernel_seconds, layer_kernels
     from plm.infer.native_decoder import NativeDecoder
     torch.set_num_threads(threads)
     dec = NativeDecoder.from_gguf(gguf, capacity=prompt_tokens + 64)
+    mats, head = layer_kernels(dec)
+    copies = cold_copies(mats)
     g = torch.Generator().manual_seed(0)
-    rows = [f"| sequences B | prefill tok/s | batched step ms | decode tok/s | vs B={levels[0]} |", "|---|---|---|---|---|"]
+    rows = [f"| sequences B | prefill tok/s | batched step ms | decode tok/s | vs B={levels[0]} | matrices ms | matrices share |",
+            "|---|---|---|---|---|---|---|"]
     one = None
     for B in levels:
         seqs = [dec.new_sequence() for _ in range(B)]
@@ -401,7 +406,9 @@ def decoder_alone(gguf: Path, levels: list[int], prompt_tokens: int, threads: in
             times.append(time.perf_counter() - t0)
         step = sorted(times)[len(times) // 2]
         one = one or B / step
-        rows.append(f"| {B} | {pre:.0f} | {step * 1e3:.0f} | {B / step:.1f} | {B / step / one:.2f}x |")
+        mm = kernel_seconds(copies, head, dec, prompt_tokens, threads, rows=B)["matmul_s"]
+        rows.append(f"| {B} | {pre:.0f} | {step * 1e3:.0f} | {B / step:.1f} | {B / step / one:.2f}x "
+                    f"| {mm * 1e3:.0f} | {mm / step:.0%} |")
         for sq in seqs:
             dec.free(sq)
     return "\n".join(rows) + "\n"

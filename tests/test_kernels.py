@@ -102,7 +102,7 @@ SHAPES = [(1, 32), (17, 96), (33, 256), (50, 768), (16, 512)]  # N odd, K not a 
 
 @pytest.mark.parametrize("fmt", BLOCK_FORMATS, ids=lambda f: nv.FORMAT_NAMES[f])
 @pytest.mark.parametrize("N,K", SHAPES)
-@pytest.mark.parametrize("M", (1, 2, 7))
+@pytest.mark.parametrize("M", (1, 2, 7, 13))  # 13: three calls of 4 rows (two tiles each), then one
 def test_block_gemv_against_gguf_dequant(isa, fmt, N, K, M):
     if K % nv.BLOCK[fmt][0]:
         pytest.skip("K not a multiple of the block")
@@ -117,7 +117,7 @@ def test_block_gemv_against_gguf_dequant(isa, fmt, N, K, M):
 
 
 @pytest.mark.parametrize("fmt", BLOCK_FORMATS, ids=lambda f: nv.FORMAT_NAMES[f])
-@pytest.mark.parametrize("M", (1, 7))
+@pytest.mark.parametrize("M", (1, 7, 13))
 def test_block_paths_bit_identical(fmt, M):
     rng = np.random.default_rng(fmt)
     N, K = 145, 768  # 10 tiles: two four-stream calls for one row, then the tiles left over

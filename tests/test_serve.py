@@ -669,7 +669,10 @@ def test_serve_bench_decoder_alone(qwen2_micro_dir, tmp_path):
     gguf = tmp_path / "m.gguf"
     export_gguf(qwen2_micro_dir, gguf, "q8_0")
     md = _serve_bench().decoder_alone(gguf, [1, 3], 12, 1).splitlines()
-    assert md[0].endswith("| vs B=1 |") and len(md) == 4
+    assert md[0].endswith("| vs B=1 | matrices ms | matrices share |") and len(md) == 4
     b1, b3 = (row.split("|")[1:-1] for row in md[2:])
-    assert b1[0].strip() == "1" and b3[0].strip() == "3" and b1[-1].strip() == "1.00x"
+    assert b1[0].strip() == "1" and b3[0].strip() == "3" and b1[4].strip() == "1.00x"
     assert all(float(v) > 0 for v in (b1[1], b1[3], b3[1], b3[3]))  # prefill and decode tok/s
+    for r in (b1, b3):  # the matrices alone: a part of the step, their share as printed
+        mm, share = float(r[5]), r[6].strip()
+        assert share.endswith("%") and 0 < float(share[:-1]) and mm >= 0

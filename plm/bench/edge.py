@@ -288,17 +288,18 @@ def cold_copies(mats: list) -> list[list]:
                      for _ in range(n - 1)]
 
 
-def kernel_seconds(copies, head, dec, ctx: int, threads: int) -> dict:
-    """Seconds per token in the matmuls and the attention kernel alone. Layer 0's matrices are
+def kernel_seconds(copies, head, dec, ctx: int, threads: int, rows: int = 1) -> dict:
+    """Seconds per step in the matmuls and the attention kernel alone. Layer 0's matrices are
     copied until the copies exceed the last-level cache and timed a layer pass at a time, cycling
     through the copies, so every matrix is read from memory as in the decode step (the same
     matrix timed twice in a row would come from cache); the attention kernel runs the heads one
-    thread gets in the decoder. Each call comes from Python, so the overhead is a lower bound."""
+    thread gets in the decoder, for one sequence. `rows`: activation rows per matrix (the
+    sequences of a batched step). Each call comes from Python, so the overhead is a lower bound."""
     import torch
     from plm.infer import native as nv
     c = dec.config
     g = torch.Generator().manual_seed(0)
-    xs = [torch.randn(m.groups, m.K, generator=g) for m in copies[0]]
+    xs = [torch.randn(m.groups * rows, m.K, generator=g) for m in copies[0]]
 
     def layer_pass(ms):
         t0 = time.perf_counter()
@@ -309,7 +310,7 @@ def kernel_seconds(copies, head, dec, ctx: int, threads: int) -> dict:
     for ms in copies:
         layer_pass(ms)
     layer = float(np.median([layer_pass(ms) for _ in range(3) for ms in copies]))
-    hx = torch.randn(1, head.K, generator=g)
+    hx = torch.randn(rows, head.K, generator=g)
     lm = float(np.median([_time_once(lambda: head(hx)) for _ in range(5)]))
     D = c.kv_lora_rank + c.qk_rope_head_dim
     q = torch.randn(c.num_attention_heads, D, generator=g)
