@@ -14,6 +14,11 @@ Engines (same 8-bit weights, same threads):
   llama-cpp-python  python -m llama_cpp.server on the Q8_0 GGUF (its `server` extra)
   llama-server      llama.cpp's own server, -np 8 (continuous batching), built by
                     scripts/build_llama_server.sh ("not built" otherwise)
+  ours@N, ours-native@N   the same with --prefill-chunk N (compare chunk sizes in one run)
+
+Engines run one after another, each through its passes; with --interleave every server is up
+at once and each level runs engine after engine (order reversed every pass), so the host's
+drift over minutes falls on all of them alike (needs the memory of every server at once).
 
     python benchmarks/serve.py --model tiny                       # a few minutes
     python benchmarks/serve.py --model plm-1.8b --threads 2       # the full run (see docs/serve.md)
@@ -36,6 +41,21 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 ENGINES = ("ours", "ours-native", "llama-cpp-python", "llama-server")
+OURS = ("ours", "ours-native")
+
+
+def engine_parts(name: str) -> tuple[str, int | None]:
+    """'ours-native@16' -> ('ours-native', 16): an engine and its prefill chunk (None: default)."""
+    base, _, chunk = name.partition("@")
+    if base not in ENGINES or (chunk and (base not in OURS or not chunk.isdigit() or int(chunk) < 1)):
+        raise ValueError(f"unknown engine {name!r}; choose from {', '.join(ENGINES)}, or ours@N / ours-native@N "
+                         f"(N: prefill chunk, a positive integer)")
+    return base, int(chunk) if chunk else None
+
+
+def engine_order(name: str) -> tuple[int, int]:
+    base, chunk = engine_parts(name)
+    return ENGINES.index(base), chunk or 0
 DEFAULT_MAX_TOKENS = {"tiny": 64, "plm-1.8b": 32}
 
 
@@ -101,6 +121,7 @@ def llama_server_path(args) -> Path | None:
 
 def unavailable(engine: str, args) -> str | None:
     """Why an engine cannot run here (None when it can)."""
+    engine = engine_parts(engine)[0]
     if engine == "ours-native":
         from plm.serve.backend import native_unavailable
         return native_unavailable()
@@ -122,9 +143,11 @@ def unavailable(engine: str, args) -> str | None:
 def command(engine: str, ckpt: Path, gguf: Path, port: int, args, max_tokens: int) -> list[str]:
     t = str(args.threads)
     ctx = args.prompt_tokens * 2 + max_tokens + 64  # per sequence: prompt (words -> tokens) + reply
+    engine, chunk = engine_parts(engine)
+    chunk = chunk or args.prefill_chunk
     ours = ["--port", str(port), "--threads", t, "--max-batch", "16", "--max-queue", "256", "--model-name", "bench"]
-    if args.prefill_chunk:
-        ours += ["--prefill-chunk", str(args.prefill_chunk)]
+    if chunk:
+        ours += ["--prefill-chunk", str(chunk)]
     if engine == "ours":
         return [sys.executable, "-m", "plm", "serve", str(ckpt), "--runtime", "edge", "--quant", "int8", *ours]
     if engine == "ours-native":
@@ -275,7 +298,7 @@ def targets(res: dict) -> list[dict]:
         return next((lv for lv in eng.get(e, {}).get("levels", []) if lv["concurrency"] == c), None)
 
     rows = []
-    for ours in ("ours", "ours-native"):
+    for ours in sorted((e for e in eng if engine_parts(e)[0] in OURS), key=engine_order):
         a1, a8 = level(ours, 1), level(ours, 8)
         if not (a1 and a8):
             continue
@@ -300,8 +323,10 @@ def _load_words(res: dict) -> str:
     """The load in words (runs before --passes and --min-requests: rounds per client only)."""
     if "passes" not in res:
         return f"{res['rounds']} streamed greedy requests per client per level"
+    how = ("every server up at once, each level run engine after engine, the order reversed every pass"
+           if res.get("interleave") else "one engine after another")
     return (f"streamed greedy requests, {res['rounds']} per client per level and at least {res['min_requests']} "
-            f"per level, in {res['passes']} passes over the levels (pooled per level)")
+            f"per level, in {res['passes']} passes over the levels (pooled per level; {how})")
 
 
 def markdown(res: dict) -> str:
@@ -367,7 +392,7 @@ def keep_earlier(earlier: dict, res: dict) -> dict:
     for name, r in earlier["engines"].items():
         if "levels" in r and "levels" not in engines.get(name, {}):
             engines[name] = r
-    out = {**res, "engines": {e: engines[e] for e in ENGINES if e in engines},
+    out = {**res, "engines": {e: engines[e] for e in sorted(engines, key=engine_order)},
            "command": f"{earlier['command']}; then {res['command']}"}
     out["targets"] = targets(out)
     return out
@@ -428,6 +453,7 @@ def bench_model(model: str, args) -> dict:
     info = machine_info(args.threads)
     res = {"model": model, "checkpoint": str(ckpt), "gguf": str(gguf), "threads": args.threads,
            "rounds": args.rounds, "min_requests": args.min_requests, "passes": args.passes,
+           "interleave": bool(args.interleave),
            "prompt_tokens": args.prompt_tokens, "max_tokens": max_tokens,
            "command": "python benchmarks/serve.py " + " ".join(sys.argv[1:]),
            "machine": {"cpu": info["cpu"], "cores": info["cores"], "loadavg": list(os.getloadavg()),
@@ -435,53 +461,64 @@ def bench_model(model: str, args) -> dict:
            "engines": {}}
     log(f"CPU: {info['cpu']}, {info['cores']} cores; load average {os.getloadavg()[0]:.2f}")
     quiet = Quiet(limit=args.contention, max_wait=args.max_wait)
-    for engine in args.engines.split(","):
-        why = unavailable(engine, args)
-        if why:
-            log(f"{engine}: {why}")
-            res["engines"][engine] = {"skipped": why}
-            continue
-        port = free_port()
-        log(f"{engine}: starting")
+
+    def measure(engine: str, srv: Running, c: int, p: int) -> dict:
+        best = None
+        for attempt in range(1, args.retries + 1):  # keep the least contended attempt
+            quiet.wait_idle()
+            load = os.getloadavg()[0]
+            s0, cpu0 = quiet.snapshot(), srv.cpu_seconds()
+            run = run_level(srv.url, texts, c, rounds_at(c, args), max_tokens)
+            s1, cpu1 = quiet.snapshot(), srv.cpu_seconds()
+            wall = s1[0] - s0[0]
+            other = ((s1[1] - s0[1]) - (s1[2] - s0[2]) - (cpu1 - cpu0)) / (wall * quiet.ncpu) if wall else 0
+            run.update(loadavg=load, other_cpu=max(0.0, other), attempts=attempt)
+            if best is None or run["other_cpu"] < best["other_cpu"]:
+                best = run
+            if run["other_cpu"] <= args.contention:
+                break
+            log(f"{engine} c={c}: contended ({100 * run['other_cpu']:.0f}% of the CPUs used by others); again")
+        lv = level_stats(c, [best])
+        log(f"{engine} c={c} pass {p + 1}/{args.passes}: decode {lv['decode_tok_s']:.1f} tok/s, output "
+            f"{lv['tok_s']:.1f} tok/s, TTFT p50 {_ms(lv['ttft_p50'])} ms, ITL p50/p95 "
+            f"{_ms(lv['itl_p50'])}/{_ms(lv['itl_p95'])} ms, errors {lv['errors']}")
+        return best
+
+    engines = args.engines.split(",")
+    for group in ([engines] if args.interleave else [[e] for e in engines]):
+        servers: dict[str, Running] = {}
         try:
-            srv = Running(command(engine, ckpt, gguf, port, args, max_tokens), port)
-        except RuntimeError as e:
-            log(f"{engine}: {e}")
-            res["engines"][engine] = {"skipped": f"failed to start ({e})"[:300]}
-            continue
-        try:
-            one_request(__import__("httpx").Client(timeout=600), srv.url, texts[0], 4)  # warm-up
-            res["engines"][engine] = {"levels": [], "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-            runs: dict[int, list[dict]] = {c: [] for c in levels}
+            for engine in group:
+                why = unavailable(engine, args)
+                if why:
+                    log(f"{engine}: {why}")
+                    res["engines"][engine] = {"skipped": why}
+                    continue
+                port = free_port()
+                log(f"{engine}: starting")
+                try:
+                    servers[engine] = Running(command(engine, ckpt, gguf, port, args, max_tokens), port)
+                except RuntimeError as e:
+                    log(f"{engine}: {e}")
+                    res["engines"][engine] = {"skipped": f"failed to start ({e})"[:300]}
+                    continue
+                one_request(__import__("httpx").Client(timeout=600), servers[engine].url, texts[0], 4)  # warm-up
+                res["engines"][engine] = {"levels": [], "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+            runs = {e: {c: [] for c in levels} for e in servers}
             for p in range(args.passes):
                 for c in levels:
-                    best = None
-                    for attempt in range(1, args.retries + 1):  # keep the least contended attempt
-                        quiet.wait_idle()
-                        load = os.getloadavg()[0]
-                        s0, cpu0 = quiet.snapshot(), srv.cpu_seconds()
-                        run = run_level(srv.url, texts, c, rounds_at(c, args), max_tokens)
-                        s1, cpu1 = quiet.snapshot(), srv.cpu_seconds()
-                        wall = s1[0] - s0[0]
-                        other = ((s1[1] - s0[1]) - (s1[2] - s0[2]) - (cpu1 - cpu0)) / (wall * quiet.ncpu) if wall else 0
-                        run.update(loadavg=load, other_cpu=max(0.0, other), attempts=attempt)
-                        if best is None or run["other_cpu"] < best["other_cpu"]:
-                            best = run
-                        if run["other_cpu"] <= args.contention:
-                            break
-                        log(f"{engine} c={c}: contended ({100 * run['other_cpu']:.0f}% of the CPUs used by others); again")
-                    runs[c].append(best)
-                    lv = level_stats(c, [best])
-                    log(f"{engine} c={c} pass {p + 1}/{args.passes}: decode {lv['decode_tok_s']:.1f} tok/s, output "
-                        f"{lv['tok_s']:.1f} tok/s, TTFT p50 {_ms(lv['ttft_p50'])} ms, ITL p50/p95 "
-                        f"{_ms(lv['itl_p50'])}/{_ms(lv['itl_p95'])} ms, errors {lv['errors']}")
-            for c in levels:
-                lv = level_stats(c, runs[c])
-                lv.update(loadavg=max(r["loadavg"] for r in runs[c]), other_cpu=max(r["other_cpu"] for r in runs[c]),
-                          attempts=sum(r["attempts"] for r in runs[c]))
-                res["engines"][engine]["levels"].append(lv)
+                    for engine in (list(servers) if p % 2 == 0 else list(servers)[::-1]):
+                        runs[engine][c].append(measure(engine, servers[engine], c, p))
+            for engine, by_level in runs.items():
+                for c in levels:
+                    lv = level_stats(c, by_level[c])
+                    lv.update(loadavg=max(r["loadavg"] for r in by_level[c]),
+                              other_cpu=max(r["other_cpu"] for r in by_level[c]),
+                              attempts=sum(r["attempts"] for r in by_level[c]))
+                    res["engines"][engine]["levels"].append(lv)
         finally:
-            srv.stop()
+            for srv in servers.values():
+                srv.stop()
     res["targets"] = targets(res)
     return res
 
@@ -501,7 +538,11 @@ def main() -> int:
                          "alternating spreads the drift over every level)")
     ap.add_argument("--max-tokens", type=int, default=None, help="new tokens per request (default 64 tiny, 32 else)")
     ap.add_argument("--prompt-tokens", type=int, default=32, help="prompt length in words")
-    ap.add_argument("--engines", default=",".join(ENGINES))
+    ap.add_argument("--engines", default=",".join(ENGINES),
+                    help="comma-separated: " + ", ".join(ENGINES) + "; ours@N / ours-native@N: --prefill-chunk N")
+    ap.add_argument("--interleave", action="store_true",
+                    help="every server up at once, each level run engine after engine (order reversed every "
+                         "pass): the host's drift falls on all engines alike")
     ap.add_argument("--prefill-chunk", type=int, default=None,
                     help="plm serve --prefill-chunk (default: the server's; smaller: shorter stalls of running "
                          "streams when one joins)")
@@ -521,9 +562,14 @@ def main() -> int:
                     help="keep the engines of OUT/serve-MODEL.json that this run does not measure (rerun one "
                          "engine into an earlier run's table; each engine's own time stays in the JSON)")
     args = ap.parse_args()
-    bad = [e for e in args.engines.split(",") if e not in ENGINES]
-    if bad:
-        ap.error(f"unknown engine(s) {bad}; choose from {', '.join(ENGINES)}")
+    names = args.engines.split(",")
+    for e in names:
+        try:
+            engine_parts(e)
+        except ValueError as err:
+            ap.error(str(err))
+    if len(set(names)) < len(names):
+        ap.error(f"an engine named twice in --engines {args.engines}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for model in args.model or ["tiny"]:

@@ -7,6 +7,7 @@ request runs alone or among 8 others.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -676,3 +677,39 @@ def test_serve_bench_decoder_alone(qwen2_micro_dir, tmp_path):
     for r in (b1, b3):  # the matrices alone: a part of the step, their share as printed
         mm, share = float(r[5]), r[6].strip()
         assert share.endswith("%") and 0 < float(share[:-1]) and mm >= 0
+
+
+def test_serve_bench_engine_variants():
+    """ours@N / ours-native@N name a prefill chunk; anything else is refused with the choices."""
+    sb = _serve_bench()
+    assert sb.engine_parts("ours-native@16") == ("ours-native", 16) and sb.engine_parts("llama-server") == ("llama-server", None)
+    for bad in ("llama-server@8", "ours@0", "ours@x", "vllm"):
+        with pytest.raises(ValueError, match="unknown engine"):
+            sb.engine_parts(bad)
+    assert sorted(["llama-server", "ours-native@16", "ours", "ours-native@8"], key=sb.engine_order) == [
+        "ours", "ours-native@8", "ours-native@16", "llama-server"]
+    earlier = {"command": "a", "engines": {"ours-native@16": {"levels": [_level(1, 10, 0.1), _level(8, 25, 0.2)]}}}
+    res = {"command": "b", "engines": {"ours": {"levels": [_level(1, 5, 0.1), _level(8, 16, 0.2)]}}}
+    merged = _serve_bench().keep_earlier(earlier, res)
+    assert list(merged["engines"]) == ["ours", "ours-native@16"]  # variants survive the merge
+    assert [t["target"].split(":")[0] for t in merged["targets"][::2]] == ["ours", "ours-native@16"]
+
+
+def test_serve_bench_interleave_runs_every_engine_per_level(qwen2_micro_dir, tmp_path):
+    """--interleave: both servers up at once, each level run engine after engine, the order
+    reversed on the second pass (the log says so), every level's requests answered."""
+    repo = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, str(repo / "benchmarks/serve.py"), "--ckpt", str(qwen2_micro_dir), "--engines", "ours@4,ours@8",
+           "--interleave", "--concurrency", "1,2", "--passes", "2", "--rounds", "1", "--min-requests", "2",
+           "--max-tokens", "3", "--prompt-tokens", "6", "--threads", "1", "--workdir", str(tmp_path / "w"),
+           "--out", str(tmp_path / "o")]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=repo)
+    assert r.returncode == 0, r.stderr[-3000:]
+    order = [ln.split("] ")[1].split(" pass")[0] for ln in r.stderr.splitlines() if " pass " in ln]
+    assert order == ["ours@4 c=1", "ours@8 c=1", "ours@4 c=2", "ours@8 c=2",
+                     "ours@8 c=1", "ours@4 c=1", "ours@8 c=2", "ours@4 c=2"]
+    res = json.loads((tmp_path / "o/serve-tiny.json").read_text())
+    assert res["interleave"] and list(res["engines"]) == ["ours@4", "ours@8"]
+    for e in res["engines"].values():
+        assert [lv["concurrency"] for lv in e["levels"]] == [1, 2] and all(lv["errors"] == 0 for lv in e["levels"])
+    assert "each level run engine after engine" in (tmp_path / "o/serve-tiny.md").read_text()
