@@ -176,6 +176,31 @@ void q4_0_rows(const uint8_t* const* wts, int64_t K, const QAct& x, int64_t m0, 
     for (int i = 0; i < MB; i++) store_tile(y, ldy, m0 + i, row0[t], N, al[t][i], ah[t][i]);
 }
 
+// Per-row bytes of two consecutive sub-blocks of a tile (16 rows each, at p and p + 16; mins of
+// Q4_K, scales of Q6_K) against the two sub-blocks' activation sums: each row's
+// byte_0 * sum_0 + byte_1 * sum_1 added in by one `madd` per 8 rows (bytes and sums fit int16),
+// for the 8 / W pairs of a super-block; W = 16-input sums per sub-block (2 for 32 inputs, 1 for
+// 16). lo / hi: rows 0-7 / 8-15 of the tile.
+template <int MB, bool Signed, int W>
+PLM_ALWAYS_INLINE void pair_terms(__m256i (&lo)[MB], __m256i (&hi)[MB], const uint8_t* bytes, const QAct& x, int64_t m0, int64_t K,
+                                 int64_t b) {
+  for (int p = 0; p < 8 / W; p++) {
+    const __m128i a = _mm_loadu_si128((const __m128i*)(bytes + 32 * p));
+    const __m128i c = _mm_loadu_si128((const __m128i*)(bytes + 32 * p + 16));
+    const __m128i l = _mm_unpacklo_epi8(a, c), h = _mm_unpackhi_epi8(a, c);  // lane r: (byte_0, byte_1) of row r
+    const __m256i pl = Signed ? _mm256_cvtepi8_epi16(l) : _mm256_cvtepu8_epi16(l);
+    const __m256i ph = Signed ? _mm256_cvtepi8_epi16(h) : _mm256_cvtepu8_epi16(h);
+    for (int i = 0; i < MB; i++) {
+      const int32_t* s = x.s16 + (m0 + i) * (K / 16) + 16 * b + 2 * W * p;
+      int32_t s0 = 0, s1 = 0;
+      for (int k = 0; k < W; k++) s0 += s[k], s1 += s[W + k];
+      const __m256i sp = _mm256_set1_epi32((int32_t)((uint32_t)(uint16_t)s0 | ((uint32_t)s1 << 16)));
+      lo[i] = _mm256_add_epi32(lo[i], _mm256_madd_epi16(pl, sp));
+      hi[i] = _mm256_add_epi32(hi[i], _mm256_madd_epi16(ph, sp));
+    }
+  }
+}
+
 // ---- Q4_K ---------------------------------------------------------------------------------
 template <int MT, int MB>
 void q4_k_rows(const uint8_t* const* wts, int64_t K, const QAct& x, int64_t m0, float* y, int64_t ldy,
@@ -206,17 +231,7 @@ void q4_k_rows(const uint8_t* const* wts, int64_t K, const QAct& x, int64_t m0, 
           ch[i] = _mm256_add_epi32(ch[i], _mm256_madd_epi16(sh[i], sch));
         }
       }
-      for (int p = 0; p < 4; p++) {  // the min term: lanes hold row r's (m_2p, m_2p+1) as int16
-        const uint8_t* mn = blk + 192 + 32 * p;
-        const __m128i a = _mm_loadu_si128((const __m128i*)mn), c = _mm_loadu_si128((const __m128i*)(mn + 16));
-        const __m256i mpl = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(a, c)), mph = _mm256_cvtepu8_epi16(_mm_unpackhi_epi8(a, c));
-        for (int i = 0; i < MB; i++) {
-          const int32_t* s = x.s16 + (m0 + i) * (K / 16) + 16 * b + 4 * p;
-          const __m256i sp = _mm256_set1_epi32((int32_t)((uint32_t)(uint16_t)(s[0] + s[1]) | ((uint32_t)(s[2] + s[3]) << 16)));
-          nl[i] = _mm256_add_epi32(nl[i], _mm256_madd_epi16(mpl, sp));
-          nh[i] = _mm256_add_epi32(nh[i], _mm256_madd_epi16(mph, sp));
-        }
-      }
+      pair_terms<MB, false, 2>(nl, nh, blk + 192, x, m0, K, b);  // the min term
       const __m256 dl = f16x8(blk), dh = f16x8(blk + 16), ml = f16x8(blk + 32), mh = f16x8(blk + 48);
       for (int i = 0; i < MB; i++) {
         const __m256 dx = _mm256_set1_ps(x.d[(m0 + i) * nd + b]);
@@ -266,13 +281,16 @@ void q6_k_rows(const uint8_t* const* wts, int64_t K, const QAct& x, int64_t m0, 
             const __m256i th = _mm256_add_epi16(_mm256_maddubs_epi16(lo_h, xa), _mm256_maddubs_epi16(hi_h, xb));
             il[i] = _mm256_add_epi32(il[i], _mm256_madd_epi16(tl, scl));
             ih[i] = _mm256_add_epi32(ih[i], _mm256_madd_epi16(th, sch));
-            if (g % 2 == 1) {  // offset of the sub-block: 32 * sc * sum16(x)
-              const __m256i s = _mm256_set1_epi32(x.s16[(m0 + i) * (K / 16) + 16 * b + g16] & 0xffff);
-              il[i] = _mm256_sub_epi32(il[i], _mm256_slli_epi32(_mm256_madd_epi16(scl, s), 5));
-              ih[i] = _mm256_sub_epi32(ih[i], _mm256_slli_epi32(_mm256_madd_epi16(sch, s), 5));
-            }
           }
         }
+      }
+      // the -32 offset once per super-block: 32 * sum_j sc_j * sum16(x)_j, two sub-blocks per madd
+      __m256i ol[MB], oh[MB];
+      for (int i = 0; i < MB; i++) ol[i] = oh[i] = _mm256_setzero_si256();
+      pair_terms<MB, true, 1>(ol, oh, blk + 32, x, m0, K, b);
+      for (int i = 0; i < MB; i++) {
+        il[i] = _mm256_sub_epi32(il[i], _mm256_slli_epi32(ol[i], 5));
+        ih[i] = _mm256_sub_epi32(ih[i], _mm256_slli_epi32(oh[i], 5));
       }
       const __m256 dl = f16x8(blk), dh = f16x8(blk + 16);
       for (int i = 0; i < MB; i++) {
