@@ -84,13 +84,9 @@ def checkpoint(model: str, args) -> Path:
         return Path(args.ckpt)
     if model == "tiny" and (REPO / "runs/tiny/aries/final/config.json").exists():
         return REPO / "runs/tiny/aries/final"
+    from plm.bench.edge import ensure_checkpoint  # the same folder as benchmarks/edge.py's
     preset = "plm-tiny" if model == "tiny" else model
-    out = Path(args.workdir) / f"{preset}-random"  # shared with benchmarks/edge.py
-    if not (out / "config.json").exists():
-        from plm.model.checkpoint import init_checkpoint
-        log(f"creating a random-weight {preset} checkpoint in {out}")
-        init_checkpoint(preset, out, seed=0, dtype="bfloat16")
-    return out
+    return ensure_checkpoint(argparse.Namespace(ckpt=None, sparsity=None, preset=preset, workdir=args.workdir))
 
 
 def gguf_q8(ckpt: Path, workdir: Path) -> Path:
