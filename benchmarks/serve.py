@@ -16,18 +16,26 @@ Engines (same 8-bit weights, same threads):
                     scripts/build_llama_server.sh ("not built" otherwise)
   ours@N, ours-native@N   the same with --prefill-chunk N (compare chunk sizes in one run)
 
+Every conversation begins with its own number, so no engine reuses a cached prompt of another
+request. With --turns K each client's requests form conversations of K turns, each resending
+the earlier turns and their replies as a chat client does; the report adds the time to first
+token by turn, where a prompt cache (plm serve --prompt-cache, llama-server's slots) shows.
+
 Engines run one after another, each through its passes; with --interleave every server is up
 at once and each level runs engine after engine (order reversed every pass), so the host's
 drift over minutes falls on all of them alike (needs the memory of every server at once).
 
     python benchmarks/serve.py --model tiny                       # a few minutes
     python benchmarks/serve.py --model plm-1.8b --threads 2       # the full run (see docs/serve.md)
+    python benchmarks/serve.py --model plm-1.8b --engines ours-native,llama-cpp-python --turns 4 \
+        --concurrency 1,4                                         # multi-turn chat: the prompt cache
 
 Writes serve-MODEL.json, serve-MODEL.md and serve-MODEL.png in --out and prints the markdown.
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import socket
@@ -138,12 +146,15 @@ def unavailable(engine: str, args) -> str | None:
 
 def command(engine: str, ckpt: Path, gguf: Path, port: int, args, max_tokens: int) -> list[str]:
     t = str(args.threads)
-    ctx = args.prompt_tokens * 2 + max_tokens + 64  # per sequence: prompt (words -> tokens) + reply
+    # per sequence: prompts (words -> tokens) and replies of every turn of a conversation
+    ctx = args.turns * (args.prompt_tokens * 2 + max_tokens + 8) + 64
     engine, chunk = engine_parts(engine)
     chunk = chunk or args.prefill_chunk
     ours = ["--port", str(port), "--threads", t, "--max-batch", "16", "--max-queue", "256", "--model-name", "bench"]
     if chunk:
         ours += ["--prefill-chunk", str(chunk)]
+    if args.prompt_cache is not None and engine == "ours-native":
+        ours += ["--prompt-cache", str(args.prompt_cache)]
     if engine == "ours":
         return [sys.executable, "-m", "plm", "serve", str(ckpt), "--runtime", "edge", "--quant", "int8", *ours]
     if engine == "ours-native":
@@ -199,10 +210,12 @@ class Running:
 # ---- load -------------------------------------------------------------------------------------------
 
 def one_request(client, url: str, prompt: str, max_tokens: int) -> dict:
+    """One streamed greedy completion: its start, the arrival of each text chunk, the token
+    count the server reported, the text, or the error."""
     body = {"model": "bench", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
-    times, usage, err = [], None, None
+    times, pieces, usage, err = [], [], None, None
     try:
         with client.stream("POST", url + "/v1/completions", json=body) as r:
             if r.status_code != 200:
@@ -220,20 +233,30 @@ def one_request(client, url: str, prompt: str, max_tokens: int) -> dict:
                 ch = obj.get("choices") or []
                 if ch and ch[0].get("text"):
                     times.append(time.perf_counter())
+                    pieces.append(ch[0]["text"])
     except Exception as e:  # a server that falls over is a result too
         err = f"{type(e).__name__}: {e}"
     tokens = usage if usage else len(times)
-    return {"t0": t0, "times": times, "tokens": tokens, "error": err}
+    return {"t0": t0, "times": times, "tokens": tokens, "text": "".join(pieces), "error": err}
 
 
 def rounds_at(c: int, args) -> int:
     """Requests per client at concurrency c: --rounds, more where c clients would send fewer
-    than --min-requests."""
-    return max(args.rounds, -(-args.min_requests // c))
+    than --min-requests; whole conversations of --turns."""
+    n = max(args.rounds, -(-args.min_requests // c))
+    turns = getattr(args, "turns", 1)
+    return -(-n // turns) * turns
 
 
-def run_level(url: str, texts: list[str], c: int, rounds: int, max_tokens: int) -> dict:
-    """c clients, each sending `rounds` requests one after another: the requests' raw timings."""
+CONVERSATIONS = itertools.count(1)  # numbers every conversation of the run: no two prompts begin alike
+
+
+def run_level(url: str, texts: list[str], c: int, rounds: int, max_tokens: int, turns: int = 1) -> dict:
+    """c clients, each sending `rounds` requests one after another: the requests' raw timings.
+    Every `turns` requests of a client are one conversation: each turn's prompt is the previous
+    prompt and its reply, then new text (what a chat client resends). A conversation begins with
+    its own number, so no server can reuse another request's cache unless it is the same
+    conversation's earlier turn (the levels and passes reuse the texts)."""
     import httpx
     results: list[dict] = []
     lock = threading.Lock()
@@ -242,8 +265,14 @@ def run_level(url: str, texts: list[str], c: int, rounds: int, max_tokens: int) 
     def worker(w: int) -> None:
         with httpx.Client(timeout=3600) as client:
             start.wait()
+            history = ""
             for r in range(rounds):
-                res = one_request(client, url, texts[(w * rounds + r) % len(texts)], max_tokens)
+                text = texts[(w * rounds + r) % len(texts)]
+                turn = r % turns
+                prompt = f"{history} {text}" if turn else f"{next(CONVERSATIONS)}. {text}"
+                res = one_request(client, url, prompt, max_tokens)
+                res["turn"] = turn
+                history = prompt + res["text"]
                 with lock:
                     results.append(res)
 
@@ -273,12 +302,15 @@ def level_stats(c: int, runs: list[dict]) -> dict:
         end = max(end, b)
     decode_tokens = sum(r["tokens"] - 1 for r in ok)
     itl = [b - a for r in ok for a, b in zip(r["times"], r["times"][1:])]
+    turns = 1 + max((r.get("turn", 0) for r in ok), default=0)
+    by_turn = [pct([r["times"][0] - r["t0"] for r in ok if r.get("turn", 0) == t], 0.5) for t in range(turns)]
     return {"concurrency": c, "requests": len(results), "errors": len(results) - len(ok),
             "error_sample": next((r["error"] for r in results if r.get("error")), None),
             "output_tokens": tokens, "wall_s": round(wall, 3), "tok_s": tokens / wall if wall else 0.0,
             "decode_tok_s": decode_tokens / busy if busy else 0.0,
             "ttft_p50": pct(ttft, 0.5), "ttft_p95": pct(ttft, 0.95),
-            "itl_p50": pct(itl, 0.5), "itl_p95": pct(itl, 0.95), "passes": len(runs)}
+            "itl_p50": pct(itl, 0.5), "itl_p95": pct(itl, 0.95), "passes": len(runs),
+            **({"ttft_p50_by_turn": by_turn} if turns > 1 else {})}
 
 
 # ---- report -----------------------------------------------------------------------------------------
@@ -348,6 +380,17 @@ def markdown(res: dict) -> str:
                 "decoding (stalls for others' prefill included, prefill-only stretches not). Output tok/s: "
                 "every streamed token of the level / its wall time. ITL: gaps between streamed chunks. Load: 1-minute load average before the level; other CPU: "
                 "share of the CPUs used by processes other than the server and this client during it.", ""]
+    turns = res.get("turns", 1)
+    if turns > 1:
+        out += [f"Conversations of {turns} turns (each prompt resends the earlier turns and their replies): "
+                "time to first token, p50 ms, by turn.", "",
+                "| engine | concurrency | " + " | ".join(f"turn {t + 1}" for t in range(turns)) + " |",
+                "|---|---|" + "---|" * turns]
+        for name, e in res["engines"].items():
+            for lv in e.get("levels", []):
+                out.append(f"| {name} | {lv['concurrency']} | "
+                           + " | ".join(_ms(x) for x in lv.get("ttft_p50_by_turn", [])) + " |")
+        out.append("")
     rows = targets(res)
     if rows:
         out += ["| target | measured | met |", "|---|---|---|"]
@@ -449,7 +492,7 @@ def bench_model(model: str, args) -> dict:
     info = machine_info(args.threads)
     res = {"model": model, "checkpoint": str(ckpt), "gguf": str(gguf), "threads": args.threads,
            "rounds": args.rounds, "min_requests": args.min_requests, "passes": args.passes,
-           "interleave": bool(args.interleave),
+           "interleave": bool(args.interleave), "turns": args.turns, "prompt_cache": args.prompt_cache,
            "prompt_tokens": args.prompt_tokens, "max_tokens": max_tokens,
            "command": "python benchmarks/serve.py " + " ".join(sys.argv[1:]),
            "machine": {"cpu": info["cpu"], "cores": info["cores"], "loadavg": list(os.getloadavg()),
@@ -464,7 +507,7 @@ def bench_model(model: str, args) -> dict:
             quiet.wait_idle()
             load = os.getloadavg()[0]
             s0, cpu0 = quiet.snapshot(), srv.cpu_seconds()
-            run = run_level(srv.url, texts, c, rounds_at(c, args), max_tokens)
+            run = run_level(srv.url, texts, c, rounds_at(c, args), max_tokens, args.turns)
             s1, cpu1 = quiet.snapshot(), srv.cpu_seconds()
             wall = s1[0] - s0[0]
             other = ((s1[1] - s0[1]) - (s1[2] - s0[2]) - (cpu1 - cpu0)) / (wall * quiet.ncpu) if wall else 0
@@ -542,6 +585,11 @@ def main() -> int:
     ap.add_argument("--prefill-chunk", type=int, default=None,
                     help="plm serve --prefill-chunk (default: the server's; smaller: shorter stalls of running "
                          "streams when one joins)")
+    ap.add_argument("--turns", type=int, default=1,
+                    help="requests per conversation: each turn resends the earlier ones and their replies, "
+                         "as a chat client does (the table adds the time to first token by turn)")
+    ap.add_argument("--prompt-cache", type=int, default=None,
+                    help="plm serve --prompt-cache on the native runtime (default: the server's, 4; 0: off)")
     ap.add_argument("--llama-server", default=None, help="llama-server binary (default: the one the script built)")
     ap.add_argument("--workdir", default="runs/edge", help="random checkpoints and GGUFs (shared with edge.py)")
     ap.add_argument("--out", default="runs/bench-serve")
@@ -558,6 +606,8 @@ def main() -> int:
                     help="keep the engines of OUT/serve-MODEL.json that this run does not measure (rerun one "
                          "engine into an earlier run's table; each engine's own time stays in the JSON)")
     args = ap.parse_args()
+    if args.turns < 1:
+        ap.error(f"--turns must be at least 1, got {args.turns}")
     names = args.engines.split(",")
     for e in names:
         try:

@@ -18,6 +18,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from collections import OrderedDict
+
 import pytest
 import torch
 
@@ -26,6 +28,7 @@ httpx = pytest.importorskip("httpx", reason="the test extra: pip install -e '.[s
 pytest.importorskip("uvicorn", reason="the serve extra: pip install -e '.[serve]'")
 pytest.importorskip("starlette", reason="the serve extra: pip install -e '.[serve]'")
 
+from plm.errors import PLMError  # noqa: E402
 from plm.infer.generate import GenerationConfig, generate  # noqa: E402
 from plm.serve.metrics import parse_prometheus  # noqa: E402
 
@@ -432,6 +435,22 @@ def test_native_runtime_server(qwen2_micro_dir):
         assert len(set(alone)) == 8
         m = s.metrics()
         assert m['plm_batch_size_bucket{le="4"}'] < m['plm_batch_size_bucket{le="8"}']
+
+        # the prompt cache: the second turn of a chat resends the first; its cache is reused
+        def chat(messages):
+            r = client.chat.completions.create(model="micro", messages=messages, max_tokens=12, temperature=0)
+            return r.choices[0].message.content, r.usage.prompt_tokens, r.usage.prompt_tokens_details.cached_tokens
+
+        first = [{"role": "user", "content": "Tell me about the Peripheral Language Model."}]
+        reply, n1, _ = chat(first)
+        second = first + [{"role": "assistant", "content": reply}, {"role": "user", "content": "And its cache?"}]
+        text, n2, cached = chat(second)
+        assert n1 <= cached < n2  # at least the whole first prompt came from the cache
+        assert s.metrics()["plm_prompt_tokens_cached_total"] >= cached
+        for i in range(8):  # other prompts push the chat's caches out (4 are kept)
+            client.completions.create(model="micro", prompt=PROMPTS[i] + " again", max_tokens=2, temperature=0)
+        again, _, cached = chat(second)
+        assert cached == 0 and again == text  # prefilled from scratch: the same reply
     finally:
         s.stop()
 
@@ -530,6 +549,62 @@ def test_native_decoder_backend(qwen2_micro_dir):
     assert backend.handles == {}  # every sequence freed
 
 
+def test_prompt_cache_reuses_a_finished_prefix_bit_for_bit(qwen2_micro_dir):
+    """A new prompt that begins with what a finished sequence holds takes its cache, cut to the
+    common prefix: the logits of the rest equal a fresh prefill's exactly; the last prompt id
+    always runs; at most `keep` finished caches are held, the oldest dropped first."""
+    from plm.serve.backend import native_unavailable
+    why = native_unavailable()
+    if why:
+        pytest.skip(f"native decoder: {why}")
+    from plm.serve.backend import load_native
+    backend, tok = load_native(qwen2_micro_dir, "none", keep=2)
+    dec = backend.dec
+
+    def fresh(ids):  # the same decoder, a new sequence, the whole prompt at once
+        h = dec.new_sequence()
+        try:
+            return dec.prefill(h, ids)
+        finally:
+            dec.free(h)
+
+    a = tok.encode(PROMPTS[2])
+    assert backend.admit(0, 64, a) == 0
+    logits = backend.prefill(0, a)
+    reply = []
+    for _ in range(5):  # greedy decode: the cache then holds a + reply[:-1]
+        reply.append(int(logits.reshape(-1, logits.shape[-1])[-1].argmax()))
+        logits = backend.step([0], [reply[-1]])
+    backend.free(0)
+    assert backend.handles == {} and len(backend.idle) == 1
+    held = a + reply
+    assert dec.length(next(iter(backend.idle))) == len(held)
+    cases = [(held + tok.encode(" and then"), len(held)),  # the next turn: everything held is reused
+             (a, len(a) - 1),                              # the same prompt: all but its last id
+             (a[:4] + tok.encode(" otherwise"), 4)]        # diverges after 4 ids: cut there
+    for seq, (prompt, want) in enumerate(cases, start=1):
+        assert backend.admit(seq, 64, prompt) == want
+        got = backend.prefill(seq, prompt[want:])
+        assert torch.equal(got, fresh(prompt))  # the last id's logits [V], bit for bit
+        backend.free(seq)
+    assert len(backend.idle) == 1  # each case took the one finished cache and gave it back
+    oldest = next(iter(backend.idle))
+    for seq, text in ((10, "Zebra crossing"), (11, "Quantum foam")):  # nothing shared: new caches
+        assert backend.admit(seq, 64, tok.encode(text)) == 0
+        backend.prefill(seq, tok.encode(text))
+    backend.free(10)
+    backend.free(11)
+    assert len(backend.idle) == 2 and oldest not in backend.idle  # keep=2: the oldest went
+    assert backend.cache_bytes() == sum(dec.kv_bytes(h) for h in backend.idle) > 0
+    off, _ = load_native(qwen2_micro_dir, "none", keep=0)
+    off.admit(0, 64, a)
+    off.prefill(0, a)
+    off.free(0)
+    assert off.admit(1, 64, a) == 0 and off.idle == OrderedDict()
+    with pytest.raises(PLMError, match="0 or more"):
+        type(backend)(dec, keep=-1)
+
+
 def test_stream_holds_back_stop_prefixes_and_partial_utf8():
     """The scheduler's text streaming against a scripted backend: what is streamed is always a
     prefix of the final text, a stop string never leaks, and finish reasons are right."""
@@ -551,7 +626,7 @@ def test_stream_holds_back_stop_prefixes_and_partial_utf8():
         def __init__(self, data: bytes):
             self.data, self.pos = data, {}
 
-        def admit(self, seq, total):
+        def admit(self, seq, total, prompt=()):
             self.pos[seq] = 0
 
         def _logits(self, seq):
@@ -607,6 +682,7 @@ def test_cli_errors_are_one_line(tmp_path, qwen2_micro_dir):
     assert main(["serve", str(tmp_path / "missing"), "--port", "0"]) == 2
     assert main(["serve", str(qwen2_micro_dir), "--max-batch", "0"]) == 2
     assert main(["serve", str(qwen2_micro_dir), "--context", "100000"]) == 2
+    assert main(["serve", str(qwen2_micro_dir), "--prompt-cache", "-1"]) == 2
 
 
 # ---- benchmarks/serve.py helpers ------------------------------------------------------------
@@ -659,6 +735,15 @@ def test_serve_bench_level_stats_pool_the_passes():
     from types import SimpleNamespace
     args = SimpleNamespace(rounds=2, min_requests=8)
     assert [sb.rounds_at(c, args) for c in (1, 4, 8, 16)] == [8, 2, 2, 2]  # >= 8 requests, >= 2 each
+    args.turns = 3  # whole conversations
+    assert [sb.rounds_at(c, args) for c in (1, 4, 8, 16)] == [9, 3, 3, 3]
+    # conversations: the time to first token by turn (turn 0: 1, 3 and 2 s; turn 1: 0.5 s)
+    conv = {"wall": 9.0, "results": [{"t0": 0.0, "times": [1.0, 2.0], "tokens": 2, "turn": 0, "error": None},
+                                     {"t0": 2.0, "times": [2.5, 3.0], "tokens": 2, "turn": 1, "error": None},
+                                     {"t0": 3.0, "times": [6.0, 7.0], "tokens": 2, "turn": 0, "error": None},
+                                     {"t0": 7.0, "times": [9.0], "tokens": 1, "turn": 0, "error": None}]}
+    assert sb.level_stats(1, [conv])["ttft_p50_by_turn"] == [2.0, 0.5]
+    assert "ttft_p50_by_turn" not in lv  # one-turn runs report no such column
 
 
 def test_serve_bench_decoder_alone(qwen2_micro_dir, tmp_path):
@@ -713,3 +798,29 @@ def test_serve_bench_interleave_runs_every_engine_per_level(qwen2_micro_dir, tmp
     for e in res["engines"].values():
         assert [lv["concurrency"] for lv in e["levels"]] == [1, 2] and all(lv["errors"] == 0 for lv in e["levels"])
     assert "each level run engine after engine" in (tmp_path / "o/serve-tiny.md").read_text()
+
+
+def test_serve_bench_turns_resend_the_conversation(qwen2_micro_dir, tmp_path):
+    """--turns 3: each client's requests are conversations of 3 turns, every turn's prompt the
+    previous prompt and reply plus new words; the report gives the first-token time by turn."""
+    repo = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, str(repo / "benchmarks/serve.py"), "--ckpt", str(qwen2_micro_dir), "--engines", "ours",
+           "--turns", "3", "--concurrency", "1,2", "--passes", "1", "--rounds", "1", "--min-requests", "2",
+           "--max-tokens", "3", "--prompt-tokens", "6", "--threads", "1", "--workdir", str(tmp_path / "w"),
+           "--out", str(tmp_path / "o")]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=repo)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((tmp_path / "o/serve-tiny.json").read_text())
+    assert res["turns"] == 3
+    for lv in res["engines"]["ours"]["levels"]:  # 1 client: 3 requests; 2 clients: 3 each
+        assert lv["requests"] == 3 * lv["concurrency"] and lv["errors"] == 0
+        assert len(lv["ttft_p50_by_turn"]) == 3 and all(t > 0 for t in lv["ttft_p50_by_turn"])
+    assert "| engine | concurrency | turn 1 | turn 2 | turn 3 |" in (tmp_path / "o/serve-tiny.md").read_text()
+    sb = _serve_bench()  # the prompts themselves, against a stand-in for the server
+    sent = []
+    sb.one_request = lambda client, url, prompt, n: sent.append(prompt) or {
+        "t0": 0.0, "times": [1.0], "tokens": 1, "text": f" R{len(sent)}", "error": None}
+    sb.run_level("http://x", ["a b", "c d", "e f", "g h"], 1, 4, 1, turns=2)
+    first, second = sent[0].split(". ", 1), sent[2].split(". ", 1)
+    assert first[1] == "a b" and second[1] == "e f" and first[0] != second[0]  # numbered conversations
+    assert sent[1] == sent[0] + " R1 c d" and sent[3] == sent[2] + " R3 g h"  # each turn resends the last

@@ -2,7 +2,8 @@
 
 A backend holds any number of independent sequences, each with its own KV cache:
 
-    be.admit(seq, total_tokens)        # a new sequence that will hold at most total_tokens
+    n = be.admit(seq, total_tokens, prompt)   # a new sequence that will hold at most total_tokens;
+                                       # n: the prompt's first tokens already in its cache
     logits = be.prefill(seq, ids)      # append prompt tokens (in chunks); fp32 [V] of the last
     logits = be.step([s1, s2], [t1, t2])   # one token for each of several sequences: [B, V]
     be.free(seq)
@@ -19,10 +20,16 @@ batch.
 
 `NativeBackend` runs plm.infer.native_decoder's C++ decoder, whose sequences have true
 per-sequence latent caches and whose step is batched natively; its `run` puts decode rows and
-prompt chunks of different sequences in one forward.
+prompt chunks of different sequences in one forward. It also keeps the caches of the last few
+finished sequences (the prompt cache): a new prompt that begins with what one of them holds
+(the next turn of a chat resends the conversation so far) takes that cache, cut to the common
+prefix, and only the rest of the prompt runs. Its rows are independent of each other and of
+where a prompt was cut, so a reused prefix gives the same logits, bit for bit, as prefilling it
+again.
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol, Sequence
@@ -37,7 +44,7 @@ class Backend(Protocol):
     kind: str  # "edge" | "reference" | "native"
     config: PLMConfig
 
-    def admit(self, seq: int, total_tokens: int) -> None: ...
+    def admit(self, seq: int, total_tokens: int, prompt: Sequence[int] = ()) -> int: ...
     def prefill(self, seq: int, ids: Sequence[int]) -> torch.Tensor: ...
     def step(self, seqs: Sequence[int], ids: Sequence[int]) -> torch.Tensor: ...
     def free(self, seq: int) -> None: ...
@@ -95,10 +102,12 @@ class TorchBackend:
                    lambda b, cap: FullCache(model.config, b, cap, dtype, dev))
 
     # ---- sequences ---------------------------------------------------------------------
-    def admit(self, seq: int, total_tokens: int) -> None:
+    def admit(self, seq: int, total_tokens: int, prompt: Sequence[int] = ()) -> int:
+        """A new sequence; 0 prompt tokens cached (no prompt cache on the PyTorch runtimes)."""
         if seq in self.seqs:
             raise PLMError(f"sequence {seq} is already admitted")
         self.seqs[seq] = _Seq(total=total_tokens)
+        return 0
 
     def prefill(self, seq: int, ids: Sequence[int]) -> torch.Tensor:
         s = self._get(seq)
@@ -212,42 +221,89 @@ def _contiguous_o_proj(runtime) -> None:
 # the native decoder: true per-sequence latent caches
 
 
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading ids a and b share."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 class NativeBackend:
-    """plm.infer.native_decoder.NativeDecoder behind the Backend interface."""
+    """plm.infer.native_decoder.NativeDecoder behind the Backend interface, with a prompt cache
+    of the `keep` most recently finished sequences (0: none)."""
 
     kind = "native"
 
-    def __init__(self, decoder, prefill_chunk: int = 256) -> None:
+    def __init__(self, decoder, prefill_chunk: int = 256, keep: int = 4) -> None:
+        if keep < 0:
+            raise PLMError(f"the prompt cache keeps 0 or more sequences, got {keep}")
         self.dec, self.config = decoder, decoder.config
-        self.chunk = prefill_chunk
+        self.chunk, self.keep = prefill_chunk, keep
         self.handles: dict[int, int] = {}
+        self.fed: dict[int, list[int]] = {}  # seq -> the ids in its cache
+        self.idle: OrderedDict[int, list[int]] = OrderedDict()  # finished handles -> their ids, oldest first
 
-    def admit(self, seq: int, total_tokens: int) -> None:
+    def admit(self, seq: int, total_tokens: int, prompt: Sequence[int] = ()) -> int:
+        """A new sequence; returns how many of the prompt's first ids its cache already holds
+        (taken from the finished sequence that shares the longest prefix with the prompt)."""
         if seq in self.handles:
             raise PLMError(f"sequence {seq} is already admitted")
-        h = self.dec.new_sequence()
-        self.handles[seq] = h
+        # the last prompt id always runs: its logits give the first new token
+        best, n = None, 0
+        for h, ids in self.idle.items():
+            k = common_prefix(ids, prompt[:len(prompt) - 1])
+            if k > n:
+                best, n = h, k
+        if best is None:
+            h = self.dec.new_sequence()
+        else:
+            h = best
+            del self.idle[h]
+            self.dec.truncate(h, n)
+        self.handles[seq], self.fed[seq] = h, list(prompt[:n])
         # one allocation instead of doublings for the usual sizes; a request that may run to the
         # end of the window grows when it gets there rather than holding it all from the start
         self.dec.reserve(h, min(total_tokens, 1024))
+        return n
 
     def prefill(self, seq: int, ids: Sequence[int]) -> torch.Tensor:
-        return self.dec.prefill(self.handles[seq], list(ids), self.chunk)
+        out = self.dec.prefill(self.handles[seq], list(ids), self.chunk)
+        self.fed[seq] += ids
+        return out
 
     def step(self, seqs: Sequence[int], ids: Sequence[int]) -> torch.Tensor:
-        return self.dec.step([self.handles[q] for q in seqs], list(ids))
+        out = self.dec.step([self.handles[q] for q in seqs], list(ids))
+        for q, t in zip(seqs, ids):
+            self.fed[q].append(t)
+        return out
 
     def run(self, segments: Sequence[tuple[int, Sequence[int]]]) -> torch.Tensor:
         """Prompt chunks and decode tokens of distinct sequences in one forward: [S, V]."""
-        return self.dec.run([(self.handles[q], list(ids)) for q, ids in segments])
+        out = self.dec.run([(self.handles[q], list(ids)) for q, ids in segments])
+        for q, ids in segments:
+            self.fed[q] += ids
+        return out
 
     def free(self, seq: int) -> None:
+        """End a sequence; its cache joins the prompt cache (the oldest there is dropped past
+        `keep`) when it holds exactly the ids recorded (a forward that failed midway may not)."""
         h = self.handles.pop(seq, None)
-        if h is not None:
+        ids = self.fed.pop(seq, [])
+        if h is None:
+            return
+        if self.keep and ids and self.dec.length(h) == len(ids):
+            self.idle[h] = ids
+            while len(self.idle) > self.keep:
+                self.dec.free(self.idle.popitem(last=False)[0])
+        else:
             self.dec.free(h)
 
     def cache_bytes(self) -> int:
-        return sum(self.dec.kv_bytes(h) for h in self.handles.values())
+        """Latent cache in use: running sequences and the prompt cache."""
+        return sum(self.dec.kv_bytes(h) for h in [*self.handles.values(), *self.idle])
 
 
 def native_unavailable() -> str | None:
@@ -265,10 +321,11 @@ def native_unavailable() -> str | None:
 NATIVE_FORMATS = {"none": "bf16", "int8": "q8_0", "int4": "q4_0"}
 
 
-def load_native(path: str | Path, quant: str = "none", dtype: str | None = None, sparse: bool = False):
+def load_native(path: str | Path, quant: str = "none", dtype: str | None = None, sparse: bool = False,
+                keep: int = 4):
     """(NativeBackend, tokenizer) from a checkpoint folder or hub id (weights converted at load:
     none -> BF16, or F32 with dtype float32; int8 -> Q8_0; int4 -> Q4_0) or a `plm` GGUF file
-    (its own formats and tokenizer)."""
+    (its own formats and tokenizer); `keep`: finished sequences held for the prompt cache."""
     why = native_unavailable()
     if why:
         raise PLMError(f"the native runtime: {why}")
@@ -278,7 +335,7 @@ def load_native(path: str | Path, quant: str = "none", dtype: str | None = None,
     cache = "f32" if f32 else "bf16"
     if str(path).endswith(".gguf"):
         dec = NativeDecoder.from_gguf(Path(path), sparse=sparse, cache_dtype=cache)
-        return NativeBackend(dec), tokenizer_from_gguf(open_gguf(Path(path)))
+        return NativeBackend(dec, keep=keep), tokenizer_from_gguf(open_gguf(Path(path)))
     from plm.data.tokenizer import Tokenizer
     from plm.infer.layerwise import MappedCheckpoint
     from plm.model.checkpoint import load_config, read_headers, validate_checkpoint
@@ -295,4 +352,4 @@ def load_native(path: str | Path, quant: str = "none", dtype: str | None = None,
     validate_checkpoint(path, config, read_headers(path))
     fmt = "f32" if f32 and quant == "none" else NATIVE_FORMATS[quant]
     dec = NativeDecoder.from_state_dict(config, MappedCheckpoint(path).view, fmt=fmt, sparse=sparse, cache_dtype=cache)
-    return NativeBackend(dec), tok
+    return NativeBackend(dec, keep=keep), tok

@@ -23,6 +23,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="prompt tokens per iteration while others decode (smaller: shorter stalls of the "
                         "running streams, but more of them). Native runtime: the chunk runs inside the decode "
                         "step (default 8); PyTorch runtimes: between two decode steps (default 512)")
+    g.add_argument("--prompt-cache", type=int, default=4,
+                   help="native runtime: keep the caches of this many finished requests; a new prompt that "
+                        "begins with what one holds (the next turn of a chat) prefills only the rest (0: off)")
     g.add_argument("--context", type=int, default=None,
                    help="prompt + max_tokens limit (None: the model's window; may only lower it)")
     g = p.add_argument_group("runtime")
@@ -52,5 +55,6 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                         api_key=key, runtime=args.runtime, dtype=args.dtype, kv=args.kv,
                         sparse=args.sparse, quant=args.quant, memory_budget=args.memory_budget,
                         threads=args.threads, max_batch=args.max_batch, max_queue=args.max_queue,
-                        prefill_chunk=args.prefill_chunk, context=args.context, log_level=args.log_level)
+                        prefill_chunk=args.prefill_chunk, prompt_cache=args.prompt_cache, context=args.context,
+                        log_level=args.log_level)
     return serve(opts)

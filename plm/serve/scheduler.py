@@ -8,7 +8,8 @@ Each iteration it
      stalling them,
   4. decodes one token for every decoding sequence in one batched step,
   5. samples each row with its request's own settings and generator, streams text, and
-     retires finished requests, freeing their cache.
+     retires finished requests, freeing their cache (a backend with a prompt cache keeps the
+     last few, and at admission skips the part of a new prompt one of them already holds).
 
 Two ways to run an iteration, by what the backend offers:
   - mixed (a backend with `run`, the native decoder): the prompt chunks and the decode rows
@@ -85,6 +86,7 @@ class Request:
     seq: int = -1
     state: str = "new"  # new | waiting | prefill | decode | done
     prefilled: int = 0  # prompt tokens in the cache
+    cached: int = 0  # of which the prompt cache held at admission
     tokens: list[int] = field(default_factory=list)
     last: int = -1  # the token to feed at the next step
     text: str = ""  # the reply so far (cut at a stop string when one appears)
@@ -99,7 +101,8 @@ class Request:
     @property
     def usage(self) -> dict:
         n = len(self.tokens)
-        return {"prompt_tokens": len(self.prompt), "completion_tokens": n, "total_tokens": len(self.prompt) + n}
+        return {"prompt_tokens": len(self.prompt), "completion_tokens": n, "total_tokens": len(self.prompt) + n,
+                "prompt_tokens_details": {"cached_tokens": self.cached}}
 
 
 def _held_suffix(text: str, stops: list[str]) -> int:
@@ -218,7 +221,10 @@ class Scheduler:
                 for req in new:
                     req.state = "prefill"
                     self.active.append(req)
-                    self.backend.admit(req.seq, len(req.prompt) + req.cfg.max_new_tokens)
+                    # a backend with a prompt cache may hold the prompt's beginning already
+                    req.cached = req.prefilled = self.backend.admit(
+                        req.seq, len(req.prompt) + req.cfg.max_new_tokens, req.prompt) or 0
+                    self.metrics.inc("prompt_tokens_cached_total", req.cached)
                 self._iteration()
             except Exception as e:  # a bug or an out-of-memory: fail the requests, keep serving
                 traceback.print_exc(file=sys.stderr)
@@ -356,6 +362,7 @@ class Scheduler:
     def _define_metrics(self) -> None:
         m = self.metrics
         m.counter("prompt_tokens_total", "Prompt tokens prefilled.")
+        m.counter("prompt_tokens_cached_total", "Prompt tokens taken from the prompt cache instead (not prefilled).")
         m.counter("generation_tokens_total", "Tokens generated (stop tokens excluded).")
         m.counter("requests_finished_total", "Requests finished, by route and finish reason "
                                              "(stop, length, cancelled: the client went away, error).")

@@ -34,6 +34,7 @@ class ServeOptions:
     max_batch: int = 16
     max_queue: int = 64
     prefill_chunk: int | None = None  # default: by runtime (scheduler.default_chunk)
+    prompt_cache: int = 4  # native runtime: finished sequences whose caches a new prompt may reuse
     context: int | None = None  # default: the model's window
     log_level: str = "warning"
 
@@ -43,8 +44,9 @@ class ServeOptions:
         for name in ("max_batch", "prefill_chunk"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise PLMError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.max_queue < 0:
-            raise PLMError(f"--max-queue must be >= 0, got {self.max_queue}")
+        for name in ("max_queue", "prompt_cache"):
+            if getattr(self, name) < 0:
+                raise PLMError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if self.threads is not None and self.threads < 1:
             raise PLMError(f"--threads must be at least 1, got {self.threads}")
         if self.context is not None and self.context < 2:
@@ -75,7 +77,8 @@ def load_backend(opts: ServeOptions):
         if opts.memory_budget or opts.kv != "latent":
             raise PLMError("--memory-budget and --kv full are edge-runtime options; the native decoder "
                            "keeps every weight resident and a latent cache")
-        backend, tok = load_native(opts.model, opts.quant, opts.dtype, sparse=opts.sparse == "on")
+        backend, tok = load_native(opts.model, opts.quant, opts.dtype, sparse=opts.sparse == "on",
+                                   keep=opts.prompt_cache)
         return backend, tok, "native"
     if str(opts.model).endswith(".gguf"):
         raise PLMError(f"{opts.model}: GGUF files run on the native runtime (--runtime native)")
