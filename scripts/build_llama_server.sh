@@ -3,7 +3,7 @@
 # the llama.cpp sources inside the llama-cpp-python sdist, so it is exactly the llama.cpp that
 # our Python binding and parity tests use. Prints the binary's path; cached per version + flags.
 #
-#   scripts/build_llama_server.sh [PYTHON]     # build once (about 15 minutes on 2 cores)
+#   scripts/build_llama_server.sh [PYTHON]     # build once (5-15 minutes on 2 cores)
 #   scripts/build_llama_server.sh --path       # print where it would be; exit 1 if not built
 #
 # For benchmarks/serve.py only; never run in CI. Flags as scripts/build_llama_wheel.sh: the
@@ -42,7 +42,7 @@ if [ ! -x "$BIN" ]; then
   "$PY" -m pip download -q --no-binary :all: --no-deps -d "$WORK" "llama-cpp-python==$VERSION" >&2
   tar xzf "$WORK"/llama_cpp_python-"$VERSION".tar.gz -C "$WORK"
   SRC="$WORK/llama_cpp_python-$VERSION/vendor/llama.cpp"
-  echo "building llama-server (about 15 minutes on 2 cores; cached in $DIR)" >&2
+  echo "building llama-server (5-15 minutes on 2 cores; cached in $DIR)" >&2
   # shellcheck disable=SC2086
   cmake -S "$SRC" -B "$WORK/build" -DCMAKE_BUILD_TYPE=Release $ARGS -DBUILD_SHARED_LIBS=OFF \
     -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=ON \
