@@ -270,19 +270,22 @@ class NativeBackend:
         return n
 
     def prefill(self, seq: int, ids: Sequence[int]) -> torch.Tensor:
-        out = self.dec.prefill(self.handles[seq], list(ids), self.chunk)
+        ids = [int(t) for t in ids]  # plain ints: the prompt cache compares them
+        out = self.dec.prefill(self.handles[seq], ids, self.chunk)
         self.fed[seq] += ids
         return out
 
     def step(self, seqs: Sequence[int], ids: Sequence[int]) -> torch.Tensor:
-        out = self.dec.step([self.handles[q] for q in seqs], list(ids))
+        ids = [int(t) for t in ids]
+        out = self.dec.step([self.handles[q] for q in seqs], ids)
         for q, t in zip(seqs, ids):
             self.fed[q].append(t)
         return out
 
     def run(self, segments: Sequence[tuple[int, Sequence[int]]]) -> torch.Tensor:
         """Prompt chunks and decode tokens of distinct sequences in one forward: [S, V]."""
-        out = self.dec.run([(self.handles[q], list(ids)) for q, ids in segments])
+        segments = [(q, [int(t) for t in ids]) for q, ids in segments]
+        out = self.dec.run([(self.handles[q], ids) for q, ids in segments])
         for q, ids in segments:
             self.fed[q] += ids
         return out
