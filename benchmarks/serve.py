@@ -15,6 +15,7 @@ Engines (same 8-bit weights, same threads):
   llama-server      llama.cpp's own server, -np 8 (continuous batching), built by
                     scripts/build_llama_server.sh ("not built" otherwise)
   ours@N, ours-native@N   the same with --prefill-chunk N (compare chunk sizes in one run)
+  ours-native+cacheK      the same with --prompt-cache K (ours-native+cache0: none)
 
 Every conversation begins with its own number, so no engine reuses a cached prompt of another
 request. With --turns K each client's requests form conversations of K turns, each resending
@@ -27,8 +28,8 @@ drift over minutes falls on all of them alike (needs the memory of every server 
 
     python benchmarks/serve.py --model tiny                       # a few minutes
     python benchmarks/serve.py --model plm-1.8b --threads 2       # the full run (see docs/serve.md)
-    python benchmarks/serve.py --model plm-1.8b --engines ours-native,llama-cpp-python --turns 4 \
-        --concurrency 1,4                                         # multi-turn chat: the prompt cache
+    python benchmarks/serve.py --model plm-1.8b --engines ours-native,ours-native+cache0 --interleave \
+        --turns 4 --concurrency 1,4                               # multi-turn chat: the prompt cache
 
 Writes serve-MODEL.json, serve-MODEL.md and serve-MODEL.png in --out and prints the markdown.
 """
@@ -38,6 +39,7 @@ import argparse
 import itertools
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -52,18 +54,21 @@ ENGINES = ("ours", "ours-native", "llama-cpp-python", "llama-server")
 OURS = ("ours", "ours-native")
 
 
-def engine_parts(name: str) -> tuple[str, int | None]:
-    """'ours-native@16' -> ('ours-native', 16): an engine and its prefill chunk (None: default)."""
-    base, _, chunk = name.partition("@")
-    if base not in ENGINES or (chunk and (base not in OURS or not chunk.isdigit() or int(chunk) < 1)):
+def engine_parts(name: str) -> tuple[str, int | None, int | None]:
+    """'ours-native@16+cache0' -> ('ours-native', 16, 0): an engine, its prefill chunk and its
+    prompt cache (plm serve --prefill-chunk / --prompt-cache; None: the server's default)."""
+    m = re.fullmatch(r"([a-z-]+)(?:@(\d+))?(?:\+cache(\d+))?", name)
+    base, chunk, cache = m.groups() if m else (None, None, None)
+    if (base not in ENGINES or (chunk is not None and (base not in OURS or int(chunk) < 1))
+            or (cache is not None and base != "ours-native")):
         raise ValueError(f"unknown engine {name!r}; choose from {', '.join(ENGINES)}, or ours@N / ours-native@N "
-                         f"(N: prefill chunk, a positive integer)")
-    return base, int(chunk) if chunk else None
+                         f"(N: prefill chunk, a positive integer) and ours-native+cacheK (K: prompt cache)")
+    return base, int(chunk) if chunk else None, int(cache) if cache else None
 
 
-def engine_order(name: str) -> tuple[int, int]:
-    base, chunk = engine_parts(name)
-    return ENGINES.index(base), chunk or 0
+def engine_order(name: str) -> tuple[int, int, int]:
+    base, chunk, cache = engine_parts(name)
+    return ENGINES.index(base), chunk or 0, -1 if cache is None else cache
 DEFAULT_MAX_TOKENS = {"tiny": 64, "plm-1.8b": 32}
 
 
@@ -148,13 +153,13 @@ def command(engine: str, ckpt: Path, gguf: Path, port: int, args, max_tokens: in
     t = str(args.threads)
     # per sequence: prompts (words -> tokens) and replies of every turn of a conversation
     ctx = args.turns * (args.prompt_tokens * 2 + max_tokens + 8) + 64
-    engine, chunk = engine_parts(engine)
+    engine, chunk, cache = engine_parts(engine)
     chunk = chunk or args.prefill_chunk
     ours = ["--port", str(port), "--threads", t, "--max-batch", "16", "--max-queue", "256", "--model-name", "bench"]
     if chunk:
         ours += ["--prefill-chunk", str(chunk)]
-    if args.prompt_cache is not None and engine == "ours-native":
-        ours += ["--prompt-cache", str(args.prompt_cache)]
+    if cache is not None:
+        ours += ["--prompt-cache", str(cache)]
     if engine == "ours":
         return [sys.executable, "-m", "plm", "serve", str(ckpt), "--runtime", "edge", "--quant", "int8", *ours]
     if engine == "ours-native":
@@ -492,7 +497,7 @@ def bench_model(model: str, args) -> dict:
     info = machine_info(args.threads)
     res = {"model": model, "checkpoint": str(ckpt), "gguf": str(gguf), "threads": args.threads,
            "rounds": args.rounds, "min_requests": args.min_requests, "passes": args.passes,
-           "interleave": bool(args.interleave), "turns": args.turns, "prompt_cache": args.prompt_cache,
+           "interleave": bool(args.interleave), "turns": args.turns,
            "prompt_tokens": args.prompt_tokens, "max_tokens": max_tokens,
            "command": "python benchmarks/serve.py " + " ".join(sys.argv[1:]),
            "machine": {"cpu": info["cpu"], "cores": info["cores"], "loadavg": list(os.getloadavg()),
@@ -578,7 +583,8 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=None, help="new tokens per request (default 64 tiny, 32 else)")
     ap.add_argument("--prompt-tokens", type=int, default=32, help="prompt length in words")
     ap.add_argument("--engines", default=",".join(ENGINES),
-                    help="comma-separated: " + ", ".join(ENGINES) + "; ours@N / ours-native@N: --prefill-chunk N")
+                    help="comma-separated: " + ", ".join(ENGINES) + "; ours@N / ours-native@N: --prefill-chunk N; "
+                         "ours-native+cacheK: --prompt-cache K (e.g. ours-native+cache0: no prompt cache)")
     ap.add_argument("--interleave", action="store_true",
                     help="every server up at once, each level run engine after engine (order reversed every "
                          "pass): the host's drift falls on all engines alike")
@@ -588,8 +594,6 @@ def main() -> int:
     ap.add_argument("--turns", type=int, default=1,
                     help="requests per conversation: each turn resends the earlier ones and their replies, "
                          "as a chat client does (the table adds the time to first token by turn)")
-    ap.add_argument("--prompt-cache", type=int, default=None,
-                    help="plm serve --prompt-cache on the native runtime (default: the server's, 4; 0: off)")
     ap.add_argument("--llama-server", default=None, help="llama-server binary (default: the one the script built)")
     ap.add_argument("--workdir", default="runs/edge", help="random checkpoints and GGUFs (shared with edge.py)")
     ap.add_argument("--out", default="runs/bench-serve")

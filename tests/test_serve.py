@@ -765,14 +765,24 @@ def test_serve_bench_decoder_alone(qwen2_micro_dir, tmp_path):
 
 
 def test_serve_bench_engine_variants():
-    """ours@N / ours-native@N name a prefill chunk; anything else is refused with the choices."""
+    """ours@N / ours-native@N name a prefill chunk, ours-native+cacheK a prompt cache, and the
+    server command gets them; anything else is refused with the choices."""
     sb = _serve_bench()
-    assert sb.engine_parts("ours-native@16") == ("ours-native", 16) and sb.engine_parts("llama-server") == ("llama-server", None)
-    for bad in ("llama-server@8", "ours@0", "ours@x", "vllm"):
+    from types import SimpleNamespace
+    args = SimpleNamespace(threads=2, prompt_tokens=8, turns=1, prefill_chunk=None)
+    cmd = sb.command("ours-native@8+cache0", Path("ckpt"), Path("m.gguf"), 1234, args, 4)
+    assert cmd[cmd.index("--prefill-chunk") + 1] == "8" and cmd[cmd.index("--prompt-cache") + 1] == "0"
+    assert "--prompt-cache" not in sb.command("ours-native", Path("ckpt"), Path("m.gguf"), 1234, args, 4)
+    assert sb.engine_parts("ours-native@16") == ("ours-native", 16, None)
+    assert sb.engine_parts("llama-server") == ("llama-server", None, None)
+    assert sb.engine_parts("ours-native@8+cache0") == ("ours-native", 8, 0)
+    assert sb.engine_parts("ours-native+cache2") == ("ours-native", None, 2)
+    for bad in ("llama-server@8", "ours@0", "ours@x", "vllm", "ours+cache0", "ours-native+cache", "ours-native+0"):
         with pytest.raises(ValueError, match="unknown engine"):
             sb.engine_parts(bad)
-    assert sorted(["llama-server", "ours-native@16", "ours", "ours-native@8"], key=sb.engine_order) == [
-        "ours", "ours-native@8", "ours-native@16", "llama-server"]
+    assert sorted(["llama-server", "ours-native@16", "ours", "ours-native@8", "ours-native+cache0", "ours-native"],
+                  key=sb.engine_order) == ["ours", "ours-native", "ours-native+cache0", "ours-native@8",
+                                           "ours-native@16", "llama-server"]
     earlier = {"command": "a", "engines": {"ours-native@16": {"levels": [_level(1, 10, 0.1), _level(8, 25, 0.2)]}}}
     res = {"command": "b", "engines": {"ours": {"levels": [_level(1, 5, 0.1), _level(8, 16, 0.2)]}}}
     merged = _serve_bench().keep_earlier(earlier, res)
