@@ -625,7 +625,11 @@ def main() -> int:
     for model in args.model or ["tiny"]:
         if args.decoder_alone:
             gguf = gguf_q8(checkpoint(model, args), Path(args.workdir))
-            md = decoder_alone(gguf, [int(c) for c in args.concurrency.split(",")], args.decoder_alone, args.threads)
+            from plm.bench.edge import machine_info
+            info = machine_info(args.threads)
+            md = (f"Command: `python benchmarks/serve.py {' '.join(sys.argv[1:])}`  \nMachine: {info['cpu']}, "
+                  f"{info['cores']} cores, {args.threads} threads; {gguf.name}\n\n"
+                  + decoder_alone(gguf, [int(c) for c in args.concurrency.split(",")], args.decoder_alone, args.threads))
             (out / f"decoder-{model}.md").write_text(md)
             print(md)
             continue
