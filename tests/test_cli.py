@@ -82,6 +82,7 @@ def test_chat_multi_turn(qwen2_micro_dir):
     (["generate", "/no/such/dir", "--prompt", "x"], "not a checkpoint directory"),
     (["init", "--preset", "plm-micro", "--out", "{out}", "--set", "hidden_act=gelu"], "hidden_act 'gelu'"),
     (["generate", "{micro}", "--prompt", "x", "--top-p", "0"], "top_p must be in (0, 1]"),
+    (["generate", "{micro}", "--prompt", "x", "--presence-penalty", "nan"], "presence_penalty must be a finite number"),
     (["export", "gguf", "/no/such/dir", "--out", "{out}/x.gguf"], "not a checkpoint directory"),
 ])
 def test_user_errors_are_one_line(args, msg, micro, tmp_path):

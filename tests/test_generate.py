@@ -107,11 +107,48 @@ def test_repetition_penalty_by_hand():
     assert out.tolist() == [[1.0, -2.0, 3.0]]
 
 
+def test_presence_frequency_penalties_and_logit_bias_by_hand():
+    from plm.infer.generate import penalize, reply_counts
+    cfg = GenerationConfig(presence_penalty=0.5, frequency_penalty=0.25, logit_bias={3: -1.0, 9: 100.0})
+    seen, counts = reply_counts([0, 1], [2, 2, 4], 5, cfg)
+    assert seen is None and counts.tolist() == [[0, 0, 2, 0, 1]]
+    out = penalize(torch.tensor([[1.0, 1.0, 1.0, 1.0, 1.0]]), cfg, seen, counts)
+    # token 2: 1 - 0.25 * 2 - 0.5; token 4: 1 - 0.25 - 0.5; token 3: 1 - 1; token 9 lies past V
+    assert out.tolist() == [[1.0, 1.0, 0.0, 0.0, 0.25]]
+    # the repetition penalty counts the prompt too
+    seen, _ = reply_counts([0], [2], 3, GenerationConfig(repetition_penalty=2.0))
+    assert penalize(torch.tensor([[2.0, 2.0, -2.0]]), GenerationConfig(repetition_penalty=2.0), seen).tolist() == \
+        [[1.0, 2.0, -4.0]]
+
+
+def test_generate_tokens_applies_the_frequency_penalty():
+    """A step that always prefers token 1 by 1.0: with frequency_penalty 0.6 the greedy choice
+    alternates, since one earlier occurrence costs 0.6 and two cost 1.2 (> 1.0)."""
+    def step(ids, mask):
+        out = torch.zeros(ids.shape[0], ids.shape[1], 4)
+        out[..., 1] = 1.0
+        return out
+    toks = [t for _, t in generate_tokens(step, [[0]], GenerationConfig(max_new_tokens=6, frequency_penalty=0.6))]
+    # by hand: 1, 1 (1 - 0.6 > 0), then 0 (1 - 1.2 < 0; ties go to the lowest id), ...
+    counts = torch.zeros(4)
+    want = []
+    for _ in range(6):
+        logits = torch.tensor([0.0, 1.0, 0.0, 0.0]) - 0.6 * counts
+        t = int(logits.argmax())
+        want.append(t)
+        counts[t] += 1
+    assert toks == want and want[:3] == [1, 1, 0]
+
+
 def test_bad_settings():
     with pytest.raises(PLMError, match="top_p"):
         GenerationConfig(top_p=0).validate()
     with pytest.raises(PLMError, match="temperature"):
         GenerationConfig(temperature=-1).validate()
+    with pytest.raises(PLMError, match="presence_penalty"):
+        GenerationConfig(presence_penalty=float("nan")).validate()
+    with pytest.raises(PLMError, match="logit_bias"):
+        GenerationConfig(logit_bias={-1: 1.0}).validate()
 
 
 def test_text_generation_with_tokenizer(qwen2_micro_dir):

@@ -207,6 +207,82 @@ def test_eight_concurrent_greedy_requests_equal_one_at_a_time(server, truth_mode
     assert after['plm_batch_size_bucket{le="4"}'] < after['plm_batch_size_bucket{le="8"}'], "never more than 4 at once"
 
 
+def _reference_logprobs(truth_model, prompt_ids: list[int], reply_ids: list[int]) -> torch.Tensor:
+    """log-softmax of the float32 reference model's logits at each reply position [T, V]."""
+    model, tok = truth_model
+    ids = torch.tensor([prompt_ids + reply_ids])
+    with torch.no_grad():
+        logits = model(ids).logits[0, len(prompt_ids) - 1:-1].float()
+    logits[:, tok.vocab_size:] = float("-inf")
+    return logits.log_softmax(-1)
+
+
+def test_logprobs_are_the_models_log_softmax(server, truth_model):
+    client = server.client()
+    model, tok = truth_model
+    prompt_ids = tok.encode(PROMPTS[0])
+    r = client.completions.create(model="micro", prompt=PROMPTS[0], max_tokens=N, temperature=0, logprobs=3)
+    lp = r.choices[0].logprobs
+    assert "".join(lp.tokens) == r.choices[0].text and len(lp.tokens) == N
+    ref = _reference_logprobs(truth_model, prompt_ids, generate(model, tok, PROMPTS[0],
+                                                                GenerationConfig(max_new_tokens=N)).tokens[0])
+    want = ref.max(-1).values  # greedy: the chosen token is the best one
+    assert torch.allclose(torch.tensor(lp.token_logprobs), want, atol=1e-4), (lp.token_logprobs, want)
+    top = ref.topk(3)
+    for j, alts in enumerate(lp.top_logprobs):
+        assert list(alts) == [tok.decode([t]) for t in top.indices[j].tolist()]
+        assert torch.allclose(torch.tensor(list(alts.values())), top.values[j], atol=1e-4)
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:j]) for j in range(N)]
+
+    # chat, streamed: every chunk carries its tokens; their bytes join to the text
+    chat = [{"role": "user", "content": "Hi there"}]
+    chat_ids = tok.encode(chat_text(truth_model, "Hi there"))
+    chunks = list(client.chat.completions.create(model="micro", messages=chat, max_tokens=N, temperature=0,
+                                                 logprobs=True, top_logprobs=2, stream=True))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks)
+    entries = [e for c in chunks if c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert len(entries) == N and bytes(b for e in entries for b in e.bytes).decode() == text
+    ref = _reference_logprobs(truth_model, chat_ids, generate(model, tok, chat_text(truth_model, "Hi there"),
+                                                              GenerationConfig(max_new_tokens=N)).tokens[0]).topk(2)
+    assert torch.allclose(torch.tensor([e.logprob for e in entries]), ref.values[:, 0], atol=1e-4)
+    assert torch.allclose(torch.tensor([[a.logprob for a in e.top_logprobs] for e in entries]), ref.values, atol=1e-4)
+    # sampled: still the model's log-probabilities (not the sampler's), so never above the best one
+    r = client.chat.completions.create(model="micro", messages=chat, max_tokens=N, temperature=1.0, seed=3,
+                                       logprobs=True, top_logprobs=1)
+    assert all(e.logprob <= e.top_logprobs[0].logprob + 1e-6 for e in r.choices[0].logprobs.content)
+    assert any(e.logprob < e.top_logprobs[0].logprob - 1e-3 for e in r.choices[0].logprobs.content)
+    # not asked for: null
+    r = client.chat.completions.create(model="micro", messages=chat, max_tokens=4, temperature=0)
+    assert r.choices[0].logprobs is None
+    r = client.chat.completions.create(model="micro", messages=chat, max_tokens=4, temperature=0, logprobs=True)
+    assert [e.top_logprobs for e in r.choices[0].logprobs.content] == [[]] * 4
+
+
+def test_penalties_and_logit_bias_equal_a_hand_loop(server, truth_model):
+    """Greedy with OpenAI's presence and frequency penalties, computed here by hand from the
+    reference model's logits, and a logit bias that forces one token."""
+    client = server.client()
+    model, tok = truth_model
+    ids = tok.encode(PROMPTS[6])
+    counts = torch.zeros(model.config.vocab_size)
+    out: list[int] = []
+    with torch.no_grad():
+        for _ in range(N):
+            logits = model(torch.tensor([ids + out])).logits[0, -1].float()
+            logits[tok.vocab_size:] = float("-inf")
+            t = int((logits - 1.5 * counts - 0.75 * (counts > 0).float()).argmax())
+            out.append(t)
+            counts[t] += 1
+    r = client.completions.create(model="micro", prompt=PROMPTS[6], max_tokens=N, temperature=0,
+                                  frequency_penalty=1.5, presence_penalty=0.75)
+    assert r.choices[0].text == tok.decode(out)
+    assert r.choices[0].text != truth(truth_model, PROMPTS[6])  # the penalties changed the reply
+    the = tok.encode(" the")[0]
+    r = client.completions.create(model="micro", prompt=PROMPTS[6], max_tokens=5, temperature=0.8, seed=1,
+                                  logit_bias={str(the): 100})
+    assert r.choices[0].text == " the" * 5
+
+
 # ---- errors ----------------------------------------------------------------------------------------
 
 def _err(r: httpx.Response, status: int, code: str | None = None, param: str | None = None) -> str:
@@ -234,6 +310,13 @@ def _err(r: httpx.Response, status: int, code: str | None = None, param: str | N
     ({"prompt": ["a", "b"]}, "prompt"),
     ({"prompt": [1, 2, 10 ** 9]}, "prompt"),
     ({"prompt": "x", "n": 2}, "n"),
+    ({"prompt": "x", "logprobs": 6}, "logprobs"),
+    ({"prompt": "x", "logprobs": True}, "logprobs"),
+    ({"prompt": "x", "frequency_penalty": 3}, "frequency_penalty"),
+    ({"prompt": "x", "logit_bias": {"x": 1}}, "logit_bias"),
+    ({"prompt": "x", "logit_bias": {"5": 101}}, "logit_bias"),
+    ({"prompt": "x", "logit_bias": {"999999999": 1}}, "logit_bias"),
+    ({"prompt": "x", "echo": True}, "echo"),
     ({"prompt": "x", "model": 7}, "model"),
     ({"max_tokens": 3}, "prompt"),
 ])
@@ -248,6 +331,9 @@ def test_wrong_field_types_are_400(server, body, param):
     ({"messages": [{"role": "user", "content": 3}]}, "messages[0].content"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, "messages[0].content"),
     ({"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": "many"}, "max_completion_tokens"),
+    ({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs"),
+    ({"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ({"messages": [{"role": "user", "content": "x"}], "logprobs": 1}, "logprobs"),
 ])
 def test_bad_chat_requests_are_400(server, body, param):
     _err(httpx.post(server.url + "/v1/chat/completions", json=body), 400, param=param)

@@ -38,6 +38,9 @@ def bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, map(chr, cs)))
 
 
+_UNICODE_TO_BYTE = {c: b for b, c in bytes_to_unicode().items()}
+
+
 class Encoding(dict):
     """The result of calling a Tokenizer: a dict that also reads as attributes (enc.input_ids)."""
 
@@ -88,6 +91,23 @@ class Tokenizer:
     def stop_token_ids(self) -> list[int]:
         """Ids that end a generation: <|im_end|> for chats and <|endoftext|> for documents."""
         return sorted({self.token_id(IM_END), self.token_id(ENDOFTEXT)})
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for (a special token: its text), as OpenAI's logprobs give
+        them: a token can hold part of a UTF-8 character."""
+        s = self.hf.id_to_token(token_id)
+        if s is None:
+            raise PLMError(f"token id {token_id} is not in the vocabulary (0..{self.vocab_size - 1})")
+        if s in self._special:
+            return s.encode()
+        inv = _UNICODE_TO_BYTE
+        return bytes(inv[c] for c in s) if all(c in inv for c in s) else s.encode()
+
+    @property
+    def _special(self) -> set[str]:
+        if not hasattr(self, "_special_set"):
+            self._special_set = {t.content for t in self.hf.get_added_tokens_decoder().values()}
+        return self._special_set
 
     # ---- encode / decode -----------------------------------------------
     def encode(self, text: str) -> list[int]:

@@ -27,6 +27,10 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=0, help="sample among the k best tokens (0 = off)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="CTRL-style penalty on seen tokens (1 = off)")
+    p.add_argument("--presence-penalty", type=float, default=0.0,
+                   help="OpenAI's: subtracted from a token's logit once it is in the reply (0 = off)")
+    p.add_argument("--frequency-penalty", type=float, default=0.0,
+                   help="OpenAI's: subtracted from a token's logit per occurrence in the reply (0 = off)")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
@@ -66,6 +70,7 @@ def sampling_config(args: argparse.Namespace):
     cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                            top_k=args.top_k, top_p=args.top_p,
                            repetition_penalty=args.repetition_penalty,
+                           presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
                            stop_strings=list(args.stop), seed=args.seed)
     cfg.validate()
     if args.threads:

@@ -14,7 +14,8 @@ from plm.errors import PLMError
 # the sampling core lives with the model (PLMForCausalLM.generate uses it); this module is the
 # generation API users import, so it names the core's pieces too
 from plm.model.generation import (NUCLEUS_CANDIDATES, GenerationConfig, StepFn, apply_repetition_penalty,  # noqa: F401
-                                  generate_tokens, left_pad, model_step_fn, recompute_step_fn, sample_next)
+                                  generate_tokens, left_pad, model_step_fn, penalize, recompute_step_fn,
+                                  reply_counts, sample_next)
 
 
 @dataclass

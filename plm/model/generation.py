@@ -1,5 +1,5 @@
 """Token generation for any model behind a step function: the sampling rules (temperature,
-top-k, top-p, repetition penalty, stop ids), the batched loop over left-padded prompts, and the
+top-k, top-p, repetition, presence and frequency penalties, logit bias, stop ids), the batched loop over left-padded prompts, and the
 step function of the reference model. It lives with the model so `PLMForCausalLM.generate` can
 use it; text-level generation (tokenizer, stop strings, streaming) is plm.infer.generate.
 """
@@ -19,7 +19,10 @@ class GenerationConfig:
     temperature: float = 0.0  # 0 = greedy
     top_k: int = 0  # 0 = off
     top_p: float = 1.0
-    repetition_penalty: float = 1.0
+    repetition_penalty: float = 1.0  # CTRL's, over prompt and reply (Hugging Face's semantics)
+    presence_penalty: float = 0.0  # OpenAI's, over the reply: minus this once a token appeared
+    frequency_penalty: float = 0.0  # OpenAI's, over the reply: minus this per earlier occurrence
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
     stop_token_ids: list[int] = field(default_factory=list)
     stop_strings: list[str] = field(default_factory=list)
     seed: int | None = None
@@ -27,7 +30,7 @@ class GenerationConfig:
     def validate(self) -> None:
         if self.max_new_tokens < 0:
             raise PLMError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
-        for name in ("temperature", "top_p", "repetition_penalty"):
+        for name in ("temperature", "top_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
             if not math.isfinite(getattr(self, name)):
                 raise PLMError(f"{name} must be a finite number, got {getattr(self, name)}")
         if self.temperature < 0:
@@ -38,6 +41,9 @@ class GenerationConfig:
             raise PLMError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.repetition_penalty <= 0:
             raise PLMError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        for t, b in self.logit_bias.items():
+            if not isinstance(t, int) or t < 0 or not math.isfinite(b):
+                raise PLMError(f"logit_bias maps token ids (>= 0) to finite numbers, got {t!r}: {b!r}")
         if any(not s for s in self.stop_strings):
             raise PLMError("a stop string must not be empty (it would stop before the first token)")
 
@@ -51,6 +57,40 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
         return logits
     pen = torch.where(logits > 0, logits / penalty, logits * penalty)
     return torch.where(seen, pen, logits)
+
+
+def penalize(logits: torch.Tensor, cfg: GenerationConfig, seen: torch.Tensor | None = None,
+             counts: torch.Tensor | None = None) -> torch.Tensor:
+    """Every logit adjustment of `cfg` before sampling, for logits [B, V]: the repetition
+    penalty over `seen` [B, V] bool (prompt and reply tokens), presence and frequency penalties
+    over `counts` [B, V] (each token's occurrences in the reply), then the logit bias."""
+    if seen is not None:
+        logits = apply_repetition_penalty(logits, seen, cfg.repetition_penalty)
+    if counts is not None and (cfg.presence_penalty or cfg.frequency_penalty):
+        counts = counts.to(logits.dtype)
+        logits = logits - cfg.frequency_penalty * counts - cfg.presence_penalty * (counts > 0).to(logits.dtype)
+    if cfg.logit_bias:
+        ids = torch.tensor(list(cfg.logit_bias), dtype=torch.long)
+        keep = ids < logits.shape[-1]
+        logits = logits.clone()
+        logits[:, ids[keep]] += torch.tensor(list(cfg.logit_bias.values()), dtype=logits.dtype)[keep]
+    return logits
+
+
+def needs_counts(cfg: GenerationConfig) -> bool:
+    return bool(cfg.presence_penalty or cfg.frequency_penalty)
+
+
+def reply_counts(prompt: Sequence[int], reply: Sequence[int], vocab: int,
+                 cfg: GenerationConfig) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """`penalize`'s seen [1, V] and counts [1, V] for one sequence (None where cfg needs none)."""
+    seen = counts = None
+    if cfg.repetition_penalty != 1.0:
+        seen = torch.zeros(1, vocab, dtype=torch.bool)
+        seen[0, torch.tensor(list(prompt) + list(reply), dtype=torch.long)] = True
+    if needs_counts(cfg):
+        counts = torch.bincount(torch.tensor(list(reply), dtype=torch.long), minlength=vocab)[None, :vocab]
+    return seen, counts
 
 
 NUCLEUS_CANDIDATES = 64  # top-p first looks among this many best tokens
@@ -117,16 +157,17 @@ def generate_tokens(step: StepFn, prompts: Sequence[Sequence[int]], cfg: Generat
     shrink = callable(getattr(step, "select", None))
     done = torch.zeros(B, dtype=torch.bool)
     out: list[list[int]] = [[] for _ in range(B)]
-    seen = None
+    seen = counts = None
     stop_ids = torch.tensor(sorted(set(cfg.stop_token_ids)), dtype=torch.long)
     new, new_mask = ids, mask
     for _ in range(cfg.max_new_tokens):
         logits = step(new, new_mask)[:, -1].float().cpu()
-        if cfg.repetition_penalty != 1.0:
-            if seen is None:
-                seen = torch.zeros(B, logits.shape[-1], dtype=torch.bool)
-                seen.scatter_(1, ids, mask.bool())
-            logits = apply_repetition_penalty(logits, seen, cfg.repetition_penalty)
+        if cfg.repetition_penalty != 1.0 and seen is None:
+            seen = torch.zeros(B, logits.shape[-1], dtype=torch.bool)
+            seen.scatter_(1, ids, mask.bool())
+        if needs_counts(cfg) and counts is None:
+            counts = torch.zeros(B, logits.shape[-1])
+        logits = penalize(logits, cfg, seen, counts)
         if vocab_size is not None:  # padded embedding rows are never real tokens
             logits[:, vocab_size:] = float("-inf")
         nxt = sample_next(logits, cfg, gen)
@@ -147,6 +188,8 @@ def generate_tokens(step: StepFn, prompts: Sequence[Sequence[int]], cfg: Generat
                     done[j] = True
         if seen is not None:
             seen[torch.arange(len(rows)), nxt] |= ~done
+        if counts is not None:
+            counts[torch.arange(len(rows)), nxt] += (~done).float()
         if bool(done.all()):
             return
         if shrink and bool(done.any()):
@@ -154,6 +197,7 @@ def generate_tokens(step: StepFn, prompts: Sequence[Sequence[int]], cfg: Generat
             step.select(keep)
             rows, nxt, mask, done = rows[keep], nxt[keep], mask[keep], done[keep]
             seen = None if seen is None else seen[keep]
+            counts = None if counts is None else counts[keep]
         new = nxt[:, None]
         # the step sees the mask over past + new; finished rows (without `select`) decode pads, ignored
         mask = torch.cat([mask, torch.ones_like(new)], dim=1)

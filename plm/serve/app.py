@@ -73,9 +73,16 @@ def _config(state: AppState, prompt_tokens: int, sp: Sampling) -> GenerationConf
                                 f"({prompt_tokens} in the prompt + {max_new} max_tokens), {over} too many: lower "
                                 f"max_tokens or shorten the prompt",
                            param="max_tokens", code="context_length_exceeded")
+    vocab = state.tokenizer.vocab_size
+    outside = [t for t in sp.logit_bias if t >= vocab]
+    if outside:
+        raise APIError(400, f"'logit_bias' names token ids outside the vocabulary (0..{vocab - 1}): {outside[:5]}",
+                       param="logit_bias")
     return GenerationConfig(max_new_tokens=max_new, temperature=sp.temperature, top_k=sp.top_k, top_p=sp.top_p,
                             seed=sp.seed, stop_strings=list(sp.stop),
-                            stop_token_ids=list(state.tokenizer.stop_token_ids))
+                            stop_token_ids=list(state.tokenizer.stop_token_ids),
+                            presence_penalty=sp.presence_penalty, frequency_penalty=sp.frequency_penalty,
+                            repetition_penalty=sp.repetition_penalty, logit_bias=dict(sp.logit_bias))
 
 
 async def _wait_disconnect(receive) -> None:
@@ -117,17 +124,20 @@ class GenerationResponse:
 
     async def _whole(self, scope, send, gone) -> None:
         pieces = []
+        lps = [] if self.req.logprobs is not None else None
         while True:
             ev = await self._next(gone)
             if ev is None:
                 return  # nobody to answer
             if ev.kind == "text":
                 pieces.append(ev.text)
+                if lps is not None:
+                    lps += ev.logprobs or []
             elif ev.kind == "error":
                 resp = error_response(APIError(500, f"generation failed: {ev.text}", "server_error"))
                 break
             else:
-                resp = JSONResponse(self.reply.full("".join(pieces), ev.finish_reason, self.req.usage))
+                resp = JSONResponse(self.reply.full("".join(pieces), ev.finish_reason, self.req.usage, lps))
                 break
         await resp(scope, None, send)
 
@@ -145,7 +155,7 @@ class GenerationResponse:
                 if ev is None:
                     return
                 if ev.kind == "text":
-                    data = sse(self.reply.chunk(ev.text, first=first))
+                    data = sse(self.reply.chunk(ev.text, first=first, logprobs=ev.logprobs))
                 elif ev.kind == "error":
                     data = sse(APIError(500, f"generation failed: {ev.text}", "server_error").body())
                 else:
@@ -172,7 +182,7 @@ async def _submit(state: AppState, http: HTTPRequest, prompt: list[int], sp: Sam
         except RuntimeError:  # the event loop is gone (a forced shutdown): nobody to tell
             pass
 
-    req = Request(prompt, cfg, emit=emit, route=route)
+    req = Request(prompt, cfg, emit=emit, route=route, logprobs=sp.logprobs)
     try:
         state.scheduler.submit(req)
     except QueueFull as e:
@@ -217,17 +227,18 @@ async def completions(http: HTTPRequest):
                            param="prompt")
     if not ids:
         raise APIError(400, "'prompt' is empty: give at least one token", param="prompt")
-    return await _submit(state, http, ids, sp, Reply(model, chat=False), "completions")
+    return await _submit(state, http, ids, sp, Reply(model, chat=False, token_bytes=tok.token_bytes), "completions")
 
 
 async def chat_completions(http: HTTPRequest):
     state: AppState = http.app.state.plm
     body = await _body(http)
     model = parse_model(body, state.model_names)
-    sp = parse_sampling(body, "max_completion_tokens")
+    sp = parse_sampling(body, chat=True)
     messages = parse_messages(body)
     ids = await _encode(state, state.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
-    return await _submit(state, http, ids, sp, Reply(model, chat=True), "chat")
+    return await _submit(state, http, ids, sp, Reply(model, chat=True, token_bytes=state.tokenizer.token_bytes),
+                         "chat")
 
 
 # ---- the rest ---------------------------------------------------------------------------------

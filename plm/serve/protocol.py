@@ -2,7 +2,7 @@
 
 Requests are checked field by field: a known field of the wrong type or out of range is a 400
 naming the field (`param`); unknown fields are ignored, as OpenAI-compatible servers do; fields
-of features we do not have (n > 1, logprobs, tools, penalties) are refused when set to
+of features we do not have (n > 1, echo, tools, response formats) are refused when set to
 anything but their neutral value, rather than silently ignored.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ import math
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 
 class APIError(Exception):
@@ -111,24 +111,55 @@ class Sampling:
     stop: list[str]
     stream: bool
     include_usage: bool
+    logprobs: int | None = None  # None: off; k: each token's log-probability and the k best
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
 
 
-def parse_sampling(body: dict, max_tokens_field: str = "max_tokens") -> Sampling:
+MAX_TOP_LOGPROBS = {True: 20, False: 5}  # chat's top_logprobs, completions' logprobs (OpenAI's limits)
+
+
+def _logprobs(body: dict, chat: bool) -> int | None:
+    """Chat: `logprobs` (bool) and `top_logprobs` (0-20); completions: `logprobs` (0-5)."""
+    hi = MAX_TOP_LOGPROBS[chat]
+    if not chat:
+        return _int(body, "logprobs", None, lo=0, hi=hi)
+    top = _int(body, "top_logprobs", None, lo=0, hi=hi)
+    if not _bool(body, "logprobs"):
+        if top:
+            raise bad("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+        return None
+    return top or 0
+
+
+def _logit_bias(body: dict) -> dict[int, float]:
+    v = body.get("logit_bias")
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
+        raise bad(f"'logit_bias' must be an object mapping token ids to numbers, got {_type_name(v)}", "logit_bias")
+    out = {}
+    for k, b in v.items():
+        if not (isinstance(k, str) and k.isdigit()):
+            raise bad(f"'logit_bias' keys must be token ids, got {k!r}", "logit_bias")
+        if isinstance(b, bool) or not isinstance(b, (int, float)) or not -100 <= b <= 100:
+            raise bad(f"'logit_bias' values must be numbers in [-100, 100], got {b!r} for token {k}", "logit_bias")
+        out[int(k)] = float(b)
+    return out
+
+
+def parse_sampling(body: dict, chat: bool = False) -> Sampling:
     for name in ("n", "best_of"):
         _int(body, name, 1)
         _refuse(body, name, (1, None), "one choice per request")
-    _refuse(body, "logprobs", (None, False, 0), "no log-probabilities")
-    _refuse(body, "top_logprobs", (None, 0), "no log-probabilities")
     _refuse(body, "echo", (None, False), "the prompt is not echoed")
     _refuse(body, "suffix", (None, ""), "no insertion")
-    _refuse(body, "logit_bias", (None, {}), "no logit bias")
     _refuse(body, "tools", (None, []), "no tool calls")
     _refuse(body, "response_format", (None, {"type": "text"}), "text only")
-    for name in ("frequency_penalty", "presence_penalty"):
-        _num(body, name, 0.0, -2.0, 2.0)
-        _refuse(body, name, (None, 0, 0.0), "no penalties")
-    max_tokens = _int(body, max_tokens_field, None, lo=1)
-    if max_tokens is None and max_tokens_field != "max_tokens":
+    max_tokens = _int(body, "max_completion_tokens" if chat else "max_tokens", None, lo=1)
+    if max_tokens is None and chat:
         max_tokens = _int(body, "max_tokens", None, lo=1)
     opts = body.get("stream_options")
     if opts is not None and not isinstance(opts, dict):
@@ -143,6 +174,11 @@ def parse_sampling(body: dict, max_tokens_field: str = "max_tokens") -> Sampling
         stop=_stops(body),
         stream=stream,
         include_usage=bool(opts and _bool(opts, "include_usage")),
+        logprobs=_logprobs(body, chat),
+        presence_penalty=_num(body, "presence_penalty", 0.0, -2.0, 2.0),
+        frequency_penalty=_num(body, "frequency_penalty", 0.0, -2.0, 2.0),
+        repetition_penalty=_num(body, "repetition_penalty", 1.0, 0.0, 10.0, lo_open=True),  # an extension
+        logit_bias=_logit_bias(body),
     )
 
 
@@ -213,13 +249,21 @@ def parse_messages(body: dict) -> list[dict]:
 
 # ---- responses ----------------------------------------------------------------------------
 
+def _entry(token_bytes: Callable[[int], bytes], t: int, lp: float) -> dict:
+    b = token_bytes(t)
+    return {"token": b.decode("utf-8", "replace"), "logprob": lp, "bytes": list(b)}
+
+
 @dataclass
 class Reply:
-    """Identity of one response, shared by its chunks."""
+    """Identity of one response, shared by its chunks. `token_bytes` (a tokenizer's) renders
+    log-probabilities; `offset` counts the characters sent, for completions' `text_offset`."""
     model: str
     chat: bool
     id: str = field(default="")
     created: int = field(default_factory=lambda: int(time.time()))
+    token_bytes: Callable[[int], bytes] | None = None
+    offset: int = 0
 
     def __post_init__(self) -> None:
         self.id = self.id or ("chatcmpl-" if self.chat else "cmpl-") + uuid.uuid4().hex[:24]
@@ -227,22 +271,42 @@ class Reply:
     def _head(self, obj: str) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
 
-    def full(self, text: str, finish_reason: str, usage: dict) -> dict:
+    def logprobs(self, entries: list | None) -> dict | None:
+        """OpenAI's logprobs object for the tokens behind one piece of text (None: not asked for).
+        Chat: {"content": [{token, logprob, bytes, top_logprobs}]}; completions: the parallel
+        lists tokens, token_logprobs, top_logprobs ({token: logprob}) and text_offset."""
+        if entries is None:
+            return None
+        tb = self.token_bytes
         if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+            return {"content": [{**_entry(tb, e.token, e.logprob), "top_logprobs": [_entry(tb, t, v) for t, v in e.top]}
+                                for e in entries], "refusal": None}
+        tokens = [tb(e.token).decode("utf-8", "replace") for e in entries]
+        offsets = []
+        for t in tokens:
+            offsets.append(self.offset)
+            self.offset += len(t)
+        return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
+                "top_logprobs": [{tb(t).decode("utf-8", "replace"): v for t, v in e.top} for e in entries],
+                "text_offset": offsets}
+
+    def full(self, text: str, finish_reason: str, usage: dict, logprobs: list | None = None) -> dict:
+        if self.chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": self.logprobs(logprobs),
                       "finish_reason": finish_reason}
             return {**self._head("chat.completion"), "choices": [choice], "usage": usage}
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        choice = {"index": 0, "text": text, "logprobs": self.logprobs(logprobs), "finish_reason": finish_reason}
         return {**self._head("text_completion"), "choices": [choice], "usage": usage}
 
-    def chunk(self, text: str | None = None, finish_reason: str | None = None, first: bool = False) -> dict:
+    def chunk(self, text: str | None = None, finish_reason: str | None = None, first: bool = False,
+              logprobs: list | None = None) -> dict:
         if self.chat:
             delta: dict = {"role": "assistant", "content": ""} if first else {}
             if text:
                 delta["content"] = text
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            choice = {"index": 0, "delta": delta, "logprobs": self.logprobs(logprobs), "finish_reason": finish_reason}
             return {**self._head("chat.completion.chunk"), "choices": [choice]}
-        choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+        choice = {"index": 0, "text": text or "", "logprobs": self.logprobs(logprobs), "finish_reason": finish_reason}
         return {**self._head("text_completion"), "choices": [choice]}
 
     def usage_chunk(self, usage: dict) -> dict:

@@ -7,7 +7,8 @@ Each iteration it
      iteration, so a long prompt delays the running streams by one chunk at a time instead of
      stalling them,
   4. decodes one token for every decoding sequence in one batched step,
-  5. samples each row with its request's own settings and generator, streams text, and
+  5. samples each row with its request's own settings (penalties, logit bias, temperature,
+     top-k, top-p) and generator, records the token's log-probability when asked, streams text, and
      retires finished requests, freeing their cache (a backend with a prompt cache keeps the
      last few, and at admission skips the part of a new prompt one of them already holds).
 
@@ -23,7 +24,10 @@ Two ways to run an iteration, by what the backend offers:
 Requests talk back through `emit(Event)`, called on this thread: the HTTP layer passes a
 callback that hands the event to its event loop. Text is streamed with any suffix that could
 begin a stop string and any incomplete UTF-8 character held back, so what was streamed is
-always a prefix of the final text.
+always a prefix of the final text. A request with `logprobs` set gets, with each piece of text,
+the log-probabilities of the tokens generated since the last piece: each token's under the
+model's own distribution (log-softmax of the raw logits, before penalties, bias and
+temperature, as vLLM reports them by default) and the `logprobs` most likely alternatives.
 """
 from __future__ import annotations
 
@@ -39,7 +43,7 @@ from typing import Callable
 import torch
 
 from plm.errors import PLMError
-from plm.infer.generate import GenerationConfig, sample_next, truncate_at_stop
+from plm.infer.generate import GenerationConfig, penalize, reply_counts, sample_next, truncate_at_stop
 from plm.serve.metrics import BATCH_BUCKETS, Metrics
 
 
@@ -74,6 +78,14 @@ class Event:
     kind: str  # "text" (a piece of the reply), "done" (finish_reason set), "error" (text = message)
     text: str = ""
     finish_reason: str | None = None
+    logprobs: list["TokenLogprob"] | None = None  # the tokens behind `text`, when asked for
+
+
+@dataclass
+class TokenLogprob:
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]  # the most likely tokens, best first
 
 
 @dataclass
@@ -82,6 +94,7 @@ class Request:
     cfg: GenerationConfig  # max_new_tokens, temperature, top_k, top_p, seed, stop strings and ids
     emit: Callable[[Event], None]
     route: str = "completions"  # metrics label
+    logprobs: int | None = None  # None: none; k >= 0: each token's log-probability and the k best
     # set by the scheduler
     seq: int = -1
     state: str = "new"  # new | waiting | prefill | decode | done
@@ -94,6 +107,7 @@ class Request:
     finish_reason: str | None = None
     cancelled: bool = False
     generator: torch.Generator | None = None
+    pending: list[TokenLogprob] = field(default_factory=list)  # log-probabilities not yet emitted
     t_submit: float = 0.0
     t_first: float | None = None
     t_last: float | None = None
@@ -303,7 +317,9 @@ class Scheduler:
         logits = logits.float()
         if logits.shape[-1] > self.vocab:
             logits[:, self.vocab:] = float("-inf")
-        tok = int(sample_next(logits, req.cfg, req.generator)[0])
+        cfg = req.cfg
+        adjusted = penalize(logits, cfg, *reply_counts(req.prompt, req.tokens, logits.shape[-1], cfg))
+        tok = int(sample_next(adjusted, cfg, req.generator)[0])
         now = time.perf_counter()
         if req.t_first is None:
             req.t_first = now
@@ -316,6 +332,11 @@ class Scheduler:
             return
         req.tokens.append(tok)
         req.last = tok
+        if req.logprobs is not None:
+            lp = logits[0].log_softmax(-1)
+            top = lp.topk(req.logprobs) if req.logprobs else None
+            req.pending.append(TokenLogprob(tok, float(lp[tok]), [] if top is None else
+                                            list(zip(top.indices.tolist(), top.values.tolist()))))
         self.metrics.inc("generation_tokens_total")
         text = self.tok.decode(req.tokens)
         stops = req.cfg.stop_strings
@@ -332,8 +353,14 @@ class Scheduler:
         safe = text.rstrip("\ufffd")  # an incomplete UTF-8 character decodes as U+FFFD
         safe = safe[:len(safe) - _held_suffix(safe, stops)] if stops else safe
         if len(safe) > len(req.sent) and safe.startswith(req.sent):
-            req.emit(Event("text", safe[len(req.sent):]))
+            self._emit_text(req, safe[len(req.sent):])
             req.sent = safe
+
+    def _emit_text(self, req: Request, text: str) -> None:
+        lps = None
+        if req.logprobs is not None:
+            lps, req.pending = req.pending, []
+        req.emit(Event("text", text, logprobs=lps))
 
     def _finish(self, req: Request, reason: str, error: str | None = None) -> None:
         if req in self.active:
@@ -353,8 +380,8 @@ class Scheduler:
             req.emit(Event("done", finish_reason=reason))
             return
         rest = req.text[len(req.sent):] if req.text.startswith(req.sent) else ""
-        if rest:
-            req.emit(Event("text", rest))
+        if rest or req.pending:
+            self._emit_text(req, rest)
             req.sent = req.text
         req.emit(Event("done", finish_reason=reason))
 
