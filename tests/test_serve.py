@@ -258,6 +258,69 @@ def test_logprobs_are_the_models_log_softmax(server, truth_model):
     assert [e.top_logprobs for e in r.choices[0].logprobs.content] == [[]] * 4
 
 
+def test_echo_scores_the_prompt(server, truth_model):
+    """echo + logprobs (what lm-evaluation-harness's local-completions sends for log-likelihood
+    tasks): the prompt's text first, then each prompt token's log-probability given those before
+    it (the first: null), equal to the reference model's; then the generated token's."""
+    model, tok = truth_model
+    ids = tok.encode(PROMPTS[2]) * 6  # past one scoring chunk (64 tokens)
+    assert len(ids) > 64
+    body = {"model": "micro", "prompt": [ids], "max_tokens": 1, "temperature": 0, "logprobs": 1, "echo": True}
+    r = httpx.post(server.url + "/v1/completions", json=body, timeout=120).json()
+    choice = r["choices"][0]
+    lp = choice["logprobs"]
+    with torch.no_grad():
+        last = model(torch.tensor([ids])).logits[0, -1, :tok.vocab_size]
+    want_next = [int(last.argmax())]
+    assert choice["text"] == tok.decode(ids) + tok.decode(want_next)
+    assert len(lp["token_logprobs"]) == len(ids) + 1 and lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    ref = _reference_logprobs(truth_model, ids[:1], ids[1:] + want_next)  # rows predict ids[1:], then the reply
+    got = torch.tensor(lp["token_logprobs"][1:])
+    want = ref[torch.arange(len(ids)), torch.tensor(ids[1:] + want_next)]
+    assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
+    assert torch.allclose(torch.tensor([max(t.values()) for t in lp["top_logprobs"][1:]]), ref.max(-1).values, atol=1e-4)
+    assert r["usage"]["prompt_tokens"] == len(ids) and r["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    # streamed: the prompt's text and entries come with the first chunk
+    chunks = [json.loads(line[6:]) for line in httpx.post(server.url + "/v1/completions", timeout=120,
+                                                           json={**body, "stream": True}).text.splitlines()
+              if line.startswith("data: {")]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == choice["text"]
+    assert chunks[0]["choices"][0]["text"].startswith(tok.decode(ids))
+    assert [v for c in chunks if c["choices"][0]["logprobs"] for v in c["choices"][0]["logprobs"]["token_logprobs"]] \
+        == lp["token_logprobs"]
+    # echo without logprobs: the text only
+    r = httpx.post(server.url + "/v1/completions", json={"prompt": PROMPTS[3], "max_tokens": 2, "temperature": 0,
+                                                         "echo": True}).json()
+    assert r["choices"][0]["text"] == PROMPTS[3] + truth(truth_model, PROMPTS[3], 2)
+
+
+def test_lm_eval_local_completions_against_the_server(server, truth_model, qwen2_micro_dir):
+    """lm-evaluation-harness's own OpenAI-compatible client (`local-completions`, with the
+    checkpoint's Hugging Face tokenizer) scores log-likelihoods and generates through the server:
+    each equals the reference model's."""
+    pytest.importorskip("lm_eval")
+    pytest.importorskip("transformers")
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+    model, tok = truth_model
+    lm = LocalCompletionsAPI(base_url=server.url + "/v1/completions", model="micro", tokenizer_backend="huggingface",
+                             tokenizer=str(qwen2_micro_dir), max_retries=1, max_length=480)
+    pairs = [("Q: What is 7 times 8?\nA:", " 56"), ("The quick brown fox", " jumps over the lazy dog")]
+    got = lm.loglikelihood([Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)],
+                           disable_tqdm=True)
+    for (ctx, cont), (ll, greedy) in zip(pairs, got):
+        ctx_ids, whole = tok.encode(ctx), tok.encode(ctx + cont)
+        ref = _reference_logprobs(truth_model, ctx_ids, whole[len(ctx_ids):])
+        cont_ids = torch.tensor(whole[len(ctx_ids):])
+        want = ref[torch.arange(len(cont_ids)), cont_ids]
+        assert ll == pytest.approx(float(want.sum()), abs=1e-3)
+        assert greedy == bool((ref.argmax(-1) == cont_ids).all())
+    out = lm.generate_until([Instance("generate_until", {}, (PROMPTS[0], {"until": ["\n\n"], "max_gen_toks": 12}), 0)],
+                            disable_tqdm=True)
+    want = truth(truth_model, PROMPTS[0], 12)
+    assert out == [want.split("\n\n")[0]]
+
+
 def test_penalties_and_logit_bias_equal_a_hand_loop(server, truth_model):
     """Greedy with OpenAI's presence and frequency penalties, computed here by hand from the
     reference model's logits, and a logit bias that forces one token."""
@@ -316,7 +379,7 @@ def _err(r: httpx.Response, status: int, code: str | None = None, param: str | N
     ({"prompt": "x", "logit_bias": {"x": 1}}, "logit_bias"),
     ({"prompt": "x", "logit_bias": {"5": 101}}, "logit_bias"),
     ({"prompt": "x", "logit_bias": {"999999999": 1}}, "logit_bias"),
-    ({"prompt": "x", "echo": True}, "echo"),
+    ({"prompt": "x", "echo": "yes"}, "echo"),
     ({"prompt": "x", "model": 7}, "model"),
     ({"max_tokens": 3}, "prompt"),
 ])
@@ -334,6 +397,7 @@ def test_wrong_field_types_are_400(server, body, param):
     ({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs"),
     ({"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     ({"messages": [{"role": "user", "content": "x"}], "logprobs": 1}, "logprobs"),
+    ({"messages": [{"role": "user", "content": "x"}], "echo": True}, "echo"),
 ])
 def test_bad_chat_requests_are_400(server, body, param):
     _err(httpx.post(server.url + "/v1/chat/completions", json=body), 400, param=param)
@@ -537,6 +601,14 @@ def test_native_runtime_server(qwen2_micro_dir):
             client.completions.create(model="micro", prompt=PROMPTS[i] + " again", max_tokens=2, temperature=0)
         again, _, cached = chat(second)
         assert cached == 0 and again == text  # prefilled from scratch: the same reply
+
+        # a scored prompt (echo + logprobs) runs whole even when a kept cache holds it
+        body = {"model": "micro", "prompt": PROMPTS[0] + " again", "max_tokens": 1, "temperature": 0}
+        plain = client.completions.create(**body)
+        scored = client.completions.create(**body, echo=True, logprobs=2)
+        assert scored.usage.prompt_tokens_details.cached_tokens == 0
+        assert scored.choices[0].text == PROMPTS[0] + " again" + plain.choices[0].text
+        assert len(scored.choices[0].logprobs.token_logprobs) == plain.usage.prompt_tokens + 1
     finally:
         s.stop()
 
@@ -633,6 +705,43 @@ def test_native_decoder_backend(qwen2_micro_dir):
     from plm.serve.scheduler import Scheduler
     assert Scheduler(backend, tok).chunk == 8  # the native default: mixed chunks stay small
     assert backend.handles == {}  # every sequence freed
+
+
+@pytest.mark.parametrize("runtime", ["native", "edge"])
+def test_prefill_with_every_positions_logits(qwen2_micro_dir, runtime):
+    """The scoring prefill (echo): row i of its logits equals the last-token logits of a fresh
+    prefill of the first i + 1 tokens, on the native decoder bit for bit (rows are independent),
+    and the sequence then decodes on as after a plain prefill."""
+    from plm.serve.backend import TorchBackend, load_native, native_unavailable
+    if runtime == "native":
+        why = native_unavailable()
+        if why:
+            pytest.skip(f"native decoder: {why}")
+        backend, tok = load_native(qwen2_micro_dir, "none", keep=0)
+    else:
+        from plm.data.tokenizer import Tokenizer
+        from plm.infer.runtime import EdgeOptions, EdgeRuntime
+        backend = TorchBackend.edge(EdgeRuntime.from_checkpoint(qwen2_micro_dir, EdgeOptions(dtype="float32", sparse="off")))
+        tok = Tokenizer.from_dir(qwen2_micro_dir)
+    ids = tok.encode(PROMPTS[2])
+    backend.admit(0, 64)
+    rows = backend.prefill(0, ids[:5], all_logits=True)
+    rows = torch.cat([rows, backend.prefill(0, ids[5:], all_logits=True)])
+    assert rows.shape == (len(ids), rows.shape[-1])
+    for i in (0, 4, 5, len(ids) - 1):
+        backend.admit(1 + i, 64)
+        one = backend.prefill(1 + i, ids[:i + 1])
+        backend.free(1 + i)
+        if runtime == "native":
+            assert torch.equal(rows[i], one.reshape(-1)), i
+        else:
+            assert torch.allclose(rows[i], one.reshape(-1), atol=1e-4), i
+    nxt = int(rows[-1].argmax())
+    backend.admit(99, 64)
+    plain = backend.prefill(99, ids)
+    assert int(plain.reshape(-1).argmax()) == nxt
+    a, b = backend.step([0], [nxt]), backend.step([99], [nxt])
+    assert torch.allclose(a, b, atol=1e-4)
 
 
 def test_prompt_cache_reuses_a_finished_prefix_bit_for_bit(qwen2_micro_dir):

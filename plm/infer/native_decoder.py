@@ -269,6 +269,14 @@ class NativeDecoder:
             raise PLMError("prefill needs at least one token")
         return self.impl.prefill(seq, ids, chunk)
 
+    def prefill_all(self, seq: int, ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """Append tokens to `seq` in one forward; fp32 logits [T, V] of every one of them
+        (scoring a text: row i predicts the token after ids[i])."""
+        ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
+        if ids.numel() == 0:
+            raise PLMError("prefill needs at least one token")
+        return self.impl.prefill_all(seq, ids)
+
     def step(self, seqs: Sequence[int], ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
         """One token for each sequence (distinct); fp32 logits [B, V]."""
         return self.impl.step(torch.as_tensor(list(seqs), dtype=torch.long),

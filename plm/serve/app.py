@@ -97,8 +97,15 @@ class GenerationResponse:
     """ASGI response for one submitted request: SSE chunks or one JSON body; a disconnect
     cancels the request."""
 
-    def __init__(self, state: AppState, req: Request, events: asyncio.Queue, reply: Reply, sp: Sampling) -> None:
+    def __init__(self, state: AppState, req: Request, events: asyncio.Queue, reply: Reply, sp: Sampling,
+                 echo: str | None = None) -> None:
         self.state, self.req, self.events, self.reply, self.sp = state, req, events, reply, sp
+        self.echo = echo  # the prompt's text, sent ahead of the reply's first piece
+
+    def _text(self, text: str) -> str:
+        if self.echo is not None:
+            text, self.echo = self.echo + text, None
+        return text
 
     async def __call__(self, scope, receive, send) -> None:
         gone = asyncio.ensure_future(_wait_disconnect(receive))
@@ -130,14 +137,14 @@ class GenerationResponse:
             if ev is None:
                 return  # nobody to answer
             if ev.kind == "text":
-                pieces.append(ev.text)
+                pieces.append(self._text(ev.text))
                 if lps is not None:
                     lps += ev.logprobs or []
             elif ev.kind == "error":
                 resp = error_response(APIError(500, f"generation failed: {ev.text}", "server_error"))
                 break
             else:
-                resp = JSONResponse(self.reply.full("".join(pieces), ev.finish_reason, self.req.usage, lps))
+                resp = JSONResponse(self.reply.full(self._text("".join(pieces)), ev.finish_reason, self.req.usage, lps))
                 break
         await resp(scope, None, send)
 
@@ -155,11 +162,14 @@ class GenerationResponse:
                 if ev is None:
                     return
                 if ev.kind == "text":
-                    data = sse(self.reply.chunk(ev.text, first=first, logprobs=ev.logprobs))
+                    data = sse(self.reply.chunk(self._text(ev.text), first=first, logprobs=ev.logprobs))
                 elif ev.kind == "error":
                     data = sse(APIError(500, f"generation failed: {ev.text}", "server_error").body())
                 else:
-                    data = sse(self.reply.chunk(finish_reason=ev.finish_reason))
+                    data = b""
+                    if self.echo is not None:  # nothing was generated: the prompt still goes first
+                        data = sse(self.reply.chunk(self._text(""), first=first))
+                    data += sse(self.reply.chunk(finish_reason=ev.finish_reason))
                     if self.sp.include_usage:
                         data += sse(self.reply.usage_chunk(self.req.usage))
                     data += sse("[DONE]")
@@ -172,7 +182,7 @@ class GenerationResponse:
 
 
 async def _submit(state: AppState, http: HTTPRequest, prompt: list[int], sp: Sampling, reply: Reply,
-                  route: str) -> GenerationResponse:
+                  route: str, echo: str | None = None) -> GenerationResponse:
     cfg = _config(state, len(prompt), sp)
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
@@ -182,7 +192,8 @@ async def _submit(state: AppState, http: HTTPRequest, prompt: list[int], sp: Sam
         except RuntimeError:  # the event loop is gone (a forced shutdown): nobody to tell
             pass
 
-    req = Request(prompt, cfg, emit=emit, route=route, logprobs=sp.logprobs)
+    req = Request(prompt, cfg, emit=emit, route=route, logprobs=sp.logprobs,
+                  score_prompt=echo is not None and sp.logprobs is not None)
     try:
         state.scheduler.submit(req)
     except QueueFull as e:
@@ -191,7 +202,7 @@ async def _submit(state: AppState, http: HTTPRequest, prompt: list[int], sp: Sam
     except Draining as e:
         raise APIError(503, f"{e}; retry on another server", "server_error", code="shutting_down") from None
     state.metrics.inc("requests_total", route=route)
-    return GenerationResponse(state, req, events, reply, sp)
+    return GenerationResponse(state, req, events, reply, sp, echo)
 
 
 MAX_BODY = 16 << 20  # bytes; far beyond any context window's worth of text
@@ -227,7 +238,11 @@ async def completions(http: HTTPRequest):
                            param="prompt")
     if not ids:
         raise APIError(400, "'prompt' is empty: give at least one token", param="prompt")
-    return await _submit(state, http, ids, sp, Reply(model, chat=False, token_bytes=tok.token_bytes), "completions")
+    echo = None
+    if sp.echo:
+        echo = prompt if isinstance(prompt, str) else tok.decode(ids)
+    return await _submit(state, http, ids, sp, Reply(model, chat=False, token_bytes=tok.token_bytes), "completions",
+                         echo)
 
 
 async def chat_completions(http: HTTPRequest):

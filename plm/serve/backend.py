@@ -45,7 +45,7 @@ class Backend(Protocol):
     config: PLMConfig
 
     def admit(self, seq: int, total_tokens: int, prompt: Sequence[int] = ()) -> int: ...
-    def prefill(self, seq: int, ids: Sequence[int]) -> torch.Tensor: ...
+    def prefill(self, seq: int, ids: Sequence[int], all_logits: bool = False) -> torch.Tensor: ...
     def step(self, seqs: Sequence[int], ids: Sequence[int]) -> torch.Tensor: ...
     def free(self, seq: int) -> None: ...
     def cache_bytes(self) -> int: ...
@@ -55,7 +55,8 @@ class Backend(Protocol):
 # PyTorch runtimes: one batched cache, rebuilt when the running set changes
 
 
-ForwardFn = Callable[[torch.Tensor, "torch.Tensor | None", object], torch.Tensor]
+# (ids [B, T], mask, cache, all_logits=False) -> logits [B, V] of the last token ([B, T, V]: all)
+ForwardFn = Callable[..., torch.Tensor]
 CacheFn = Callable[[int, int], object]
 
 
@@ -94,9 +95,10 @@ class TorchBackend:
         dtype = next(model.parameters()).dtype
 
         @torch.no_grad()
-        def forward(ids, mask, cache):
+        def forward(ids, mask, cache, all_logits=False):
             mask = None if mask is None else mask.to(dev)
-            return model(ids.to(dev), attention_mask=mask, cache=cache, logits_to_keep=1).logits[:, -1].float().cpu()
+            out = model(ids.to(dev), attention_mask=mask, cache=cache, logits_to_keep=0 if all_logits else 1).logits
+            return (out if all_logits else out[:, -1]).float().cpu()
 
         return cls("reference", model.config, forward,
                    lambda b, cap: FullCache(model.config, b, cap, dtype, dev))
@@ -109,7 +111,8 @@ class TorchBackend:
         self.seqs[seq] = _Seq(total=total_tokens)
         return 0
 
-    def prefill(self, seq: int, ids: Sequence[int]) -> torch.Tensor:
+    def prefill(self, seq: int, ids: Sequence[int], all_logits: bool = False) -> torch.Tensor:
+        """Logits of the last token [V] (all_logits: of every token, [T, V])."""
         s = self._get(seq)
         if seq in self.rows:
             raise PLMError(f"sequence {seq} is decoding; prefill comes first")
@@ -118,7 +121,7 @@ class TorchBackend:
         if s.cache is None:
             s.cache = self._new_cache(1, max(s.total, len(ids)))
         # alone and unpadded: exactly what this request costs and computes when served alone
-        logits = self._forward(torch.tensor([list(ids)], dtype=torch.long), None, s.cache)
+        logits = self._forward(torch.tensor([list(ids)], dtype=torch.long), None, s.cache, all_logits=all_logits)
         s.length += len(ids)
         return logits[0]
 
@@ -269,9 +272,10 @@ class NativeBackend:
         self.dec.reserve(h, min(total_tokens, 1024))
         return n
 
-    def prefill(self, seq: int, ids: Sequence[int]) -> torch.Tensor:
+    def prefill(self, seq: int, ids: Sequence[int], all_logits: bool = False) -> torch.Tensor:
         ids = [int(t) for t in ids]  # plain ints: the prompt cache compares them
-        out = self.dec.prefill(self.handles[seq], ids, self.chunk)
+        h = self.handles[seq]
+        out = self.dec.prefill_all(h, ids) if all_logits else self.dec.prefill(h, ids, self.chunk)
         self.fed[seq] += ids
         return out
 

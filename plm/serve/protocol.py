@@ -116,6 +116,7 @@ class Sampling:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logit_bias: dict[int, float] = field(default_factory=dict)
+    echo: bool = False  # completions: the prompt before the reply (with logprobs: its tokens' too)
 
 
 MAX_TOP_LOGPROBS = {True: 20, False: 5}  # chat's top_logprobs, completions' logprobs (OpenAI's limits)
@@ -154,7 +155,8 @@ def parse_sampling(body: dict, chat: bool = False) -> Sampling:
     for name in ("n", "best_of"):
         _int(body, name, 1)
         _refuse(body, name, (1, None), "one choice per request")
-    _refuse(body, "echo", (None, False), "the prompt is not echoed")
+    if chat:
+        _refuse(body, "echo", (None, False), "chat does not echo the prompt")
     _refuse(body, "suffix", (None, ""), "no insertion")
     _refuse(body, "tools", (None, []), "no tool calls")
     _refuse(body, "response_format", (None, {"type": "text"}), "text only")
@@ -179,6 +181,7 @@ def parse_sampling(body: dict, chat: bool = False) -> Sampling:
         frequency_penalty=_num(body, "frequency_penalty", 0.0, -2.0, 2.0),
         repetition_penalty=_num(body, "repetition_penalty", 1.0, 0.0, 10.0, lo_open=True),  # an extension
         logit_bias=_logit_bias(body),
+        echo=not chat and _bool(body, "echo"),
     )
 
 
@@ -286,8 +289,10 @@ class Reply:
         for t in tokens:
             offsets.append(self.offset)
             self.offset += len(t)
+        # an echoed prompt's first token has no log-probability: null, as OpenAI gives it
         return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
-                "top_logprobs": [{tb(t).decode("utf-8", "replace"): v for t, v in e.top} for e in entries],
+                "top_logprobs": [None if e.logprob is None else {tb(t).decode("utf-8", "replace"): v for t, v in e.top}
+                                 for e in entries],
                 "text_offset": offsets}
 
     def full(self, text: str, finish_reason: str, usage: dict, logprobs: list | None = None) -> dict:

@@ -27,7 +27,9 @@ begin a stop string and any incomplete UTF-8 character held back, so what was st
 always a prefix of the final text. A request with `logprobs` set gets, with each piece of text,
 the log-probabilities of the tokens generated since the last piece: each token's under the
 model's own distribution (log-softmax of the raw logits, before penalties, bias and
-temperature, as vLLM reports them by default) and the `logprobs` most likely alternatives.
+temperature, as vLLM reports them by default) and the `logprobs` most likely alternatives. A
+request with `score_prompt` (echo) gets its prompt's tokens' too: its prompt runs whole, alone,
+in forwards that return every position's logits, before it joins the decoding batch.
 """
 from __future__ import annotations
 
@@ -48,6 +50,7 @@ from plm.serve.metrics import BATCH_BUCKETS, Metrics
 
 
 IDLE_CHUNK = 256  # mixed iterations with no stream waiting: prompt tokens per forward
+SCORE_CHUNK = 64  # prompt tokens per forward when every position's logits come back (64 x V floats)
 
 
 def mixes(backend) -> bool:
@@ -84,8 +87,18 @@ class Event:
 @dataclass
 class TokenLogprob:
     token: int
-    logprob: float
+    logprob: float | None  # None: the prompt's first token (nothing before it)
     top: list[tuple[int, float]]  # the most likely tokens, best first
+
+
+def _entries(lp: torch.Tensor, tokens: list[int], k: int) -> list[TokenLogprob]:
+    """Entries for tokens[i] under the log-probabilities lp[i] ([n, V]), with the k best."""
+    chosen = lp[torch.arange(len(tokens)), torch.tensor(tokens, dtype=torch.long)].tolist()
+    if not k:
+        return [TokenLogprob(t, v, []) for t, v in zip(tokens, chosen)]
+    top = lp.topk(k, dim=-1)
+    return [TokenLogprob(t, v, list(zip(i, w))) for t, v, i, w in
+            zip(tokens, chosen, top.indices.tolist(), top.values.tolist())]
 
 
 @dataclass
@@ -95,6 +108,7 @@ class Request:
     emit: Callable[[Event], None]
     route: str = "completions"  # metrics label
     logprobs: int | None = None  # None: none; k >= 0: each token's log-probability and the k best
+    score_prompt: bool = False  # the prompt's tokens' log-probabilities too (echo; needs logprobs)
     # set by the scheduler
     seq: int = -1
     state: str = "new"  # new | waiting | prefill | decode | done
@@ -236,8 +250,8 @@ class Scheduler:
                     req.state = "prefill"
                     self.active.append(req)
                     # a backend with a prompt cache may hold the prompt's beginning already
-                    req.cached = req.prefilled = self.backend.admit(
-                        req.seq, len(req.prompt) + req.cfg.max_new_tokens, req.prompt) or 0
+                    req.cached = req.prefilled = self.backend.admit(  # a scored prompt runs whole
+                        req.seq, len(req.prompt) + req.cfg.max_new_tokens, () if req.score_prompt else req.prompt) or 0
                     self.metrics.inc("prompt_tokens_cached_total", req.cached)
                 self._iteration()
             except Exception as e:  # a bug or an out-of-memory: fail the requests, keep serving
@@ -249,6 +263,8 @@ class Scheduler:
                 self.cond.notify_all()  # stop() waits for an empty server
 
     def _iteration(self) -> None:
+        for req in [r for r in self.active if r.state == "prefill" and r.score_prompt]:
+            self._prefill_scored(req)
         if mixes(self.backend):
             self._mixed_iteration()
             return
@@ -275,6 +291,29 @@ class Scheduler:
         t0 = time.perf_counter()
         logits = self.backend.step([r.seq for r in decoding], [r.last for r in decoding])
         self._decoded(decoding, logits, time.perf_counter() - t0)
+
+    def _prefill_scored(self, req: Request) -> None:
+        """The whole prompt of a request that wants its tokens' log-probabilities (echo), in
+        forwards of SCORE_CHUNK tokens that return every position's logits, on its own (the
+        running streams wait for it). The entries go out ahead of the reply's."""
+        p = req.prompt
+        req.pending = [TokenLogprob(p[0], None, [])]  # the first token has nothing before it
+        prev = None  # log-probabilities of the token after the previous chunk
+        for s in range(0, len(p), SCORE_CHUNK):
+            ids = p[s:s + SCORE_CHUNK]
+            t0 = time.perf_counter()
+            logits = self.backend.prefill(req.seq, ids, all_logits=True).float()
+            self.metrics.observe("prefill_chunk_seconds", time.perf_counter() - t0)
+            self.metrics.inc("prompt_tokens_total", len(ids))
+            if logits.shape[-1] > self.vocab:
+                logits[:, self.vocab:] = float("-inf")
+            lp = logits[:-1].log_softmax(-1)
+            if prev is not None:
+                lp = torch.cat([prev[None], lp])
+            req.pending += _entries(lp, ids if prev is not None else ids[1:], req.logprobs)
+            prev = logits[-1].log_softmax(-1)
+        req.prefilled, req.state = len(p), "decode"
+        self._accept(req, logits[-1:])
 
     def _decoded(self, decoding: list[Request], logits: torch.Tensor, seconds: float, first: int = 0) -> None:
         """A decode step ran: metrics, then each decoding request's row (logits[first + j])."""
@@ -333,10 +372,7 @@ class Scheduler:
         req.tokens.append(tok)
         req.last = tok
         if req.logprobs is not None:
-            lp = logits[0].log_softmax(-1)
-            top = lp.topk(req.logprobs) if req.logprobs else None
-            req.pending.append(TokenLogprob(tok, float(lp[tok]), [] if top is None else
-                                            list(zip(top.indices.tolist(), top.values.tolist()))))
+            req.pending += _entries(logits.log_softmax(-1), [tok], req.logprobs)
         self.metrics.inc("generation_tokens_total")
         text = self.tok.decode(req.tokens)
         stops = req.cfg.stop_strings

@@ -261,6 +261,23 @@ class Decoder : public torch::CustomClassHolder {
     return logits({last})[0];
   }
 
+  // Tokens appended to one sequence in one forward, with the logits of every one of them [T, V]
+  // (scoring a prompt: the log-probability of each token given those before it).
+  at::Tensor prefill_all(int64_t id, const at::Tensor& tokens) {
+    TORCH_CHECK(ready_, "plm.Decoder: call check() after loading the weights");
+    const at::Tensor t = tokens.to(at::kLong).contiguous();
+    TORCH_CHECK(t.dim() == 1 && t.numel() > 0, "plm.Decoder.prefill_all: expected a non-empty 1-D token tensor");
+    Seq& s = seq(id);
+    const int64_t n = t.numel();
+    grow_cache(s, s.len + n);
+    std::vector<Seq*> rows(n, &s);
+    std::vector<int64_t> pos(n), all(n);
+    for (int64_t i = 0; i < n; i++) pos[i] = s.len + i, all[i] = i;
+    forward(rows, pos, t.data_ptr<int64_t>());
+    s.len += n;
+    return logits(all);
+  }
+
   // sparse down projection counters: [rows, active neurons, neurons considered]
   std::vector<int64_t> sparse_stats() { return {stats_.rows, stats_.active, stats_.neurons}; }
   void reset_stats() { stats_ = SparseStats(); }
@@ -477,6 +494,7 @@ TORCH_LIBRARY_FRAGMENT(plm, m) {
       .def("weight_bytes", &plm::Decoder::weight_bytes)
       .def("step", &plm::Decoder::step)
       .def("prefill", &plm::Decoder::prefill)
+      .def("prefill_all", &plm::Decoder::prefill_all)
       .def("segments", &plm::Decoder::segments)
       .def("sparse_stats", &plm::Decoder::sparse_stats)
       .def("reset_stats", &plm::Decoder::reset_stats);
