@@ -294,17 +294,36 @@ def test_echo_scores_the_prompt(server, truth_model):
     assert r["choices"][0]["text"] == PROMPTS[3] + truth(truth_model, PROMPTS[3], 2)
 
 
-def test_lm_eval_local_completions_against_the_server(server, truth_model, qwen2_micro_dir):
-    """lm-evaluation-harness's own OpenAI-compatible client (`local-completions`, with the
-    checkpoint's Hugging Face tokenizer) scores log-likelihoods and generates through the server:
-    each equals the reference model's."""
+def test_tokenizer_routes(server, truth_model):
+    tok = truth_model[1]
+    text = "Hello wörld <|im_end|>"
+    r = httpx.post(server.url + "/tokenize", json={"prompt": text}).json()
+    assert r["tokens"] == tok.encode(text) and r["count"] == len(r["tokens"]) and r["max_model_len"] > 0
+    chat = [{"role": "user", "content": "Hi"}]
+    r = httpx.post(server.url + "/tokenize", json={"messages": chat}).json()
+    assert r["tokens"] == tok.encode(chat_text(truth_model, "Hi"))
+    assert httpx.post(server.url + "/detokenize", json={"tokens": tok.encode(text)}).json()["prompt"] == text
+    info = httpx.get(server.url + "/tokenizer_info").json()
+    assert info["eos_token"] == "<|im_end|>" and "<|im_start|>" in info["chat_template"]
+    _err(httpx.post(server.url + "/tokenize", json={"prompt": 5}), 400, param="prompt")
+    _err(httpx.post(server.url + "/detokenize", json={"tokens": [1, 10 ** 9]}), 400, param="tokens")
+    _err(httpx.post(server.url + "/detokenize", json={"tokens": "abc"}), 400, param="tokens")
+
+
+@pytest.mark.parametrize("backend", ["huggingface", "auto"])
+def test_lm_eval_local_completions_against_the_server(server, truth_model, qwen2_micro_dir, backend):
+    """lm-evaluation-harness's own OpenAI-compatible client (`local-completions`) scores
+    log-likelihoods and generates through the server: each equals the reference model's. Its
+    tokenizer: the checkpoint's, through transformers, or (auto) the server's own routes."""
     pytest.importorskip("lm_eval")
     pytest.importorskip("transformers")
     from lm_eval.api.instance import Instance
     from lm_eval.models.openai_completions import LocalCompletionsAPI
     model, tok = truth_model
-    lm = LocalCompletionsAPI(base_url=server.url + "/v1/completions", model="micro", tokenizer_backend="huggingface",
-                             tokenizer=str(qwen2_micro_dir), max_retries=1, max_length=480)
+    kw = {"tokenizer": str(qwen2_micro_dir)} if backend == "huggingface" else {}
+    lm = LocalCompletionsAPI(base_url=server.url + "/v1/completions", model="micro", tokenizer_backend=backend,
+                             max_retries=1, max_length=480, **kw)
+    assert lm.tokenizer_backend == ("huggingface" if backend == "huggingface" else "remote")
     pairs = [("Q: What is 7 times 8?\nA:", " 56"), ("The quick brown fox", " jumps over the lazy dog")]
     got = lm.loglikelihood([Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)],
                            disable_tqdm=True)

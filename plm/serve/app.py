@@ -5,6 +5,9 @@
   POST /v1/completions       prompt -> text, streamed (SSE) or not
   POST /v1/chat/completions  messages (ChatML) -> assistant message, streamed or not
   GET  /metrics              Prometheus text
+  POST /tokenize             text (or chat messages) -> token ids  (vLLM's shape; lm-eval's
+  POST /detokenize           token ids -> text                      "remote" tokenizer uses
+  GET  /tokenizer_info       special tokens, chat template, window  these three)
 
 Every error is OpenAI's shape, {"error": {"message", "type", "param", "code"}}. A generation
 response watches its connection: a client that disconnects, mid-stream or while waiting for a
@@ -25,13 +28,15 @@ from starlette.requests import Request as HTTPRequest
 from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Route
 
+from plm.data.chat import CHATML_TEMPLATE_PLAIN, render_chatml
 from plm.infer.generate import GenerationConfig
 from plm.serve.metrics import Metrics
-from plm.serve.protocol import (APIError, Reply, Sampling, parse_json, parse_messages, parse_model,
-                                parse_prompt, parse_sampling, sse)
+from plm.serve.protocol import (APIError, Reply, Sampling, bool_field, parse_json, parse_messages,
+                                parse_model, parse_prompt, parse_sampling, sse)
 from plm.serve.scheduler import Draining, Event, QueueFull, Request, Scheduler
 
-ROUTES = ("/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions")
+ROUTES = ("/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize",
+          "/tokenizer_info")
 
 
 @dataclass
@@ -256,6 +261,44 @@ async def chat_completions(http: HTTPRequest):
                          "chat")
 
 
+# ---- the tokenizer (vLLM's routes) -------------------------------------------------------------
+
+async def tokenize(http: HTTPRequest):
+    """{"prompt": text} or {"messages": [...], "add_generation_prompt": true} -> {"tokens",
+    "count", "max_model_len"}. Special-token text always becomes its id, as in prompts."""
+    state: AppState = http.app.state.plm
+    body = await _body(http)
+    if "messages" in body:
+        text = render_chatml(parse_messages(body), bool_field(body, "add_generation_prompt", True))
+    elif isinstance(body.get("prompt"), str):
+        text = body["prompt"]
+    else:
+        raise APIError(400, "'prompt' (a string) or 'messages' is required", param="prompt")
+    ids = await _encode(state, text)
+    return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": state.context})
+
+
+async def detokenize(http: HTTPRequest):
+    state: AppState = http.app.state.plm
+    body = await _body(http)
+    ids = body.get("tokens")
+    vocab = state.tokenizer.vocab_size
+    if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+        raise APIError(400, "'tokens' must be an array of token ids", param="tokens")
+    bad_ids = [t for t in ids if not 0 <= t < vocab]
+    if bad_ids:
+        raise APIError(400, f"'tokens' holds ids outside the vocabulary (0..{vocab - 1}): {bad_ids[:5]}", param="tokens")
+    return JSONResponse({"prompt": state.tokenizer.decode(ids)})
+
+
+async def tokenizer_info(http: HTTPRequest):
+    state: AppState = http.app.state.plm
+    tok = state.tokenizer
+    return JSONResponse({"tokenizer_class": "Qwen2Tokenizer", "eos_token": tok.eos_token, "bos_token": None,
+                         "pad_token": tok.pad_token, "chat_template": CHATML_TEMPLATE_PLAIN,
+                         "model_max_length": state.context, "vocab_size": tok.vocab_size})
+
+
 # ---- the rest ---------------------------------------------------------------------------------
 
 async def models(http: HTTPRequest):
@@ -332,7 +375,9 @@ def create_app(state: AppState) -> Starlette:
     m.counter("http_responses_total", "HTTP responses, by path and status.")
     routes = [Route("/health", health), Route("/metrics", metrics), Route("/v1/models", models),
               Route("/v1/completions", completions, methods=["POST"]),
-              Route("/v1/chat/completions", chat_completions, methods=["POST"])]
+              Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+              Route("/tokenize", tokenize, methods=["POST"]), Route("/detokenize", detokenize, methods=["POST"]),
+              Route("/tokenizer_info", tokenizer_info)]
     app = Starlette(routes=routes, exception_handlers={APIError: _api_error, HTTPException: _http_error,
                                                        Exception: _server_error})
     app.state.plm = state

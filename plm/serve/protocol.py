@@ -73,7 +73,7 @@ def _num(body: dict, name: str, default: float, lo: float, hi: float, lo_open: b
     return float(v)
 
 
-def _bool(body: dict, name: str, default: bool = False) -> bool:
+def bool_field(body: dict, name: str, default: bool = False) -> bool:
     v = body.get(name)
     if v is None:
         return default
@@ -128,7 +128,7 @@ def _logprobs(body: dict, chat: bool) -> int | None:
     if not chat:
         return _int(body, "logprobs", None, lo=0, hi=hi)
     top = _int(body, "top_logprobs", None, lo=0, hi=hi)
-    if not _bool(body, "logprobs"):
+    if not bool_field(body, "logprobs"):
         if top:
             raise bad("'top_logprobs' needs 'logprobs': true", "top_logprobs")
         return None
@@ -166,7 +166,7 @@ def parse_sampling(body: dict, chat: bool = False) -> Sampling:
     opts = body.get("stream_options")
     if opts is not None and not isinstance(opts, dict):
         raise bad("'stream_options' must be an object", "stream_options")
-    stream = _bool(body, "stream")
+    stream = bool_field(body, "stream")
     return Sampling(
         max_tokens=max_tokens,
         temperature=_num(body, "temperature", 1.0, 0.0, 2.0),
@@ -175,13 +175,13 @@ def parse_sampling(body: dict, chat: bool = False) -> Sampling:
         seed=_int(body, "seed", None, lo=-(2 ** 63), hi=2 ** 63 - 1),
         stop=_stops(body),
         stream=stream,
-        include_usage=bool(opts and _bool(opts, "include_usage")),
+        include_usage=bool(opts and bool_field(opts, "include_usage")),
         logprobs=_logprobs(body, chat),
         presence_penalty=_num(body, "presence_penalty", 0.0, -2.0, 2.0),
         frequency_penalty=_num(body, "frequency_penalty", 0.0, -2.0, 2.0),
         repetition_penalty=_num(body, "repetition_penalty", 1.0, 0.0, 10.0, lo_open=True),  # an extension
         logit_bias=_logit_bias(body),
-        echo=not chat and _bool(body, "echo"),
+        echo=not chat and bool_field(body, "echo"),
     )
 
 
