@@ -294,6 +294,33 @@ def test_echo_scores_the_prompt(server, truth_model):
     assert r["choices"][0]["text"] == PROMPTS[3] + truth(truth_model, PROMPTS[3], 2)
 
 
+def test_prompt_batches_and_n_choices(server, truth_model):
+    """A batch of prompts gives one choice per prompt, in order, each the reference's; n samples
+    per prompt: choice j with seed + j, streamed with their indices."""
+    client = server.client()
+    r = client.completions.create(model="micro", prompt=[PROMPTS[0], PROMPTS[3], PROMPTS[5]], max_tokens=N,
+                                  temperature=0)
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    assert [c.text for c in r.choices] == [truth(truth_model, p) for p in (PROMPTS[0], PROMPTS[3], PROMPTS[5])]
+    tok = truth_model[1]
+    assert r.usage.prompt_tokens == sum(len(tok.encode(p)) for p in (PROMPTS[0], PROMPTS[3], PROMPTS[5]))
+    assert r.usage.completion_tokens == 3 * N
+    kw = dict(model="micro", prompt=PROMPTS[2], max_tokens=N, temperature=0.9, top_p=0.95)
+    three = client.completions.create(n=3, seed=5, **kw)
+    assert len(three.choices) == 3 and len({c.text for c in three.choices}) > 1
+    # seeded: the same three again (choice j == the request with seed 5 + j alone is the native
+    # runtime's bit-for-bit promise: test_native_runtime_server)
+    assert [c.text for c in client.completions.create(n=3, seed=5, **kw).choices] == [c.text for c in three.choices]
+    assert three.usage.prompt_tokens == len(tok.encode(PROMPTS[2]))  # the shared prompt counts once
+    chunks = list(client.chat.completions.create(model="micro", messages=[{"role": "user", "content": "Hi there"}],
+                                                 max_tokens=N, temperature=0, n=2, stream=True))
+    want = truth(truth_model, chat_text(truth_model, "Hi there"))
+    for j in range(2):
+        mine = [c.choices[0] for c in chunks if c.choices and c.choices[0].index == j]
+        assert mine[0].delta.role == "assistant" and mine[-1].finish_reason == "length"
+        assert "".join(c.delta.content or "" for c in mine) == want
+
+
 def test_tokenizer_routes(server, truth_model):
     tok = truth_model[1]
     text = "Hello wörld <|im_end|>"
@@ -322,7 +349,7 @@ def test_lm_eval_local_completions_against_the_server(server, truth_model, qwen2
     model, tok = truth_model
     kw = {"tokenizer": str(qwen2_micro_dir)} if backend == "huggingface" else {}
     lm = LocalCompletionsAPI(base_url=server.url + "/v1/completions", model="micro", tokenizer_backend=backend,
-                             max_retries=1, max_length=480, **kw)
+                             max_retries=1, max_length=480, batch_size=1 if backend == "huggingface" else 4, **kw)
     assert lm.tokenizer_backend == ("huggingface" if backend == "huggingface" else "remote")
     pairs = [("Q: What is 7 times 8?\nA:", " 56"), ("The quick brown fox", " jumps over the lazy dog")]
     got = lm.loglikelihood([Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)],
@@ -389,9 +416,11 @@ def _err(r: httpx.Response, status: int, code: str | None = None, param: str | N
     ({"prompt": "x", "stop": 5}, "stop"),
     ({"prompt": "x", "stop": [""]}, "stop"),
     ({"prompt": 5}, "prompt"),
-    ({"prompt": ["a", "b"]}, "prompt"),
     ({"prompt": [1, 2, 10 ** 9]}, "prompt"),
-    ({"prompt": "x", "n": 2}, "n"),
+    ({"prompt": "x", "n": 65}, "n"),
+    ({"prompt": "x", "n": 2, "best_of": 3}, "best_of"),
+    ({"prompt": ["a", 5]}, "prompt"),
+    ({"prompt": ["a", [1, 10 ** 9]]}, "prompt"),
     ({"prompt": "x", "logprobs": 6}, "logprobs"),
     ({"prompt": "x", "logprobs": True}, "logprobs"),
     ({"prompt": "x", "frequency_penalty": 3}, "frequency_penalty"),
@@ -620,6 +649,12 @@ def test_native_runtime_server(qwen2_micro_dir):
             client.completions.create(model="micro", prompt=PROMPTS[i] + " again", max_tokens=2, temperature=0)
         again, _, cached = chat(second)
         assert cached == 0 and again == text  # prefilled from scratch: the same reply
+
+        # n choices: choice j is the request with seed + j run alone, bit for bit
+        kw = dict(model="micro", prompt=PROMPTS[2], max_tokens=12, temperature=0.9, top_p=0.95)
+        three = client.completions.create(n=3, seed=5, **kw)
+        assert [c.text for c in three.choices] == [client.completions.create(seed=5 + j, **kw).choices[0].text
+                                                   for j in range(3)]
 
         # a scored prompt (echo + logprobs) runs whole even when a kept cache holds it
         body = {"model": "micro", "prompt": PROMPTS[0] + " again", "max_tokens": 1, "temperature": 0}

@@ -16,6 +16,7 @@ whole reply, cancels its request, and the scheduler frees the slot at its next i
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import time
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ from plm.data.chat import CHATML_TEMPLATE_PLAIN, render_chatml
 from plm.infer.generate import GenerationConfig
 from plm.serve.metrics import Metrics
 from plm.serve.protocol import (APIError, Reply, Sampling, bool_field, parse_json, parse_messages,
-                                parse_model, parse_prompt, parse_sampling, sse)
+                                parse_model, parse_prompts, parse_sampling, sse)
 from plm.serve.scheduler import Draining, Event, QueueFull, Request, Scheduler
 
 ROUTES = ("/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize",
@@ -99,18 +100,28 @@ async def _wait_disconnect(receive) -> None:
 
 
 class GenerationResponse:
-    """ASGI response for one submitted request: SSE chunks or one JSON body; a disconnect
-    cancels the request."""
+    """ASGI response for the submitted requests of one call, one per choice (prompts x n): SSE
+    chunks, each naming its choice's index, or one JSON body; a disconnect cancels them all."""
 
-    def __init__(self, state: AppState, req: Request, events: asyncio.Queue, reply: Reply, sp: Sampling,
-                 echo: str | None = None) -> None:
-        self.state, self.req, self.events, self.reply, self.sp = state, req, events, reply, sp
-        self.echo = echo  # the prompt's text, sent ahead of the reply's first piece
+    def __init__(self, state: AppState, reqs: list[Request], events: asyncio.Queue, reply: Reply, sp: Sampling,
+                 echo: list[str | None]) -> None:
+        self.state, self.reqs, self.events, self.reply, self.sp = state, reqs, events, reply, sp
+        self.echo = list(echo)  # per choice: its prompt's text, sent ahead of the reply's first piece
+        self.failed = False  # a choice failed: the others are cancelled, not disconnected
 
-    def _text(self, text: str) -> str:
-        if self.echo is not None:
-            text, self.echo = self.echo + text, None
+    def _text(self, i: int, text: str) -> str:
+        if self.echo[i] is not None:
+            text, self.echo[i] = self.echo[i] + text, None
         return text
+
+    def usage(self) -> dict:
+        """Summed over the choices; a prompt shared by n choices counts once, as OpenAI counts."""
+        u = [r.usage for r in self.reqs]
+        prompt = sum(x["prompt_tokens"] for x in u[::self.sp.n])
+        out = sum(x["completion_tokens"] for x in u)
+        cached = sum(x["prompt_tokens_details"]["cached_tokens"] for x in u[::self.sp.n])
+        return {"prompt_tokens": prompt, "completion_tokens": out, "total_tokens": prompt + out,
+                "prompt_tokens_details": {"cached_tokens": cached}}
 
     async def __call__(self, scope, receive, send) -> None:
         gone = asyncio.ensure_future(_wait_disconnect(receive))
@@ -121,12 +132,14 @@ class GenerationResponse:
                 await self._whole(scope, send, gone)
         finally:
             gone.cancel()
-            if self.req.state != "done":
-                self.state.scheduler.cancel(self.req)
+            left = [r for r in self.reqs if r.state != "done"]
+            for r in left:
+                self.state.scheduler.cancel(r)
+            if left and not self.failed:  # the client went away (after an error: its siblings)
                 self.state.metrics.inc("client_disconnects_total")
 
-    async def _next(self, gone: asyncio.Future) -> Event | None:
-        """The next event, or None once the client has disconnected."""
+    async def _next(self, gone: asyncio.Future) -> tuple[int, Event] | None:
+        """The next (choice, event), or None once the client has disconnected."""
         get = asyncio.ensure_future(self.events.get())
         await asyncio.wait({get, gone}, return_when=asyncio.FIRST_COMPLETED)
         if get.done():
@@ -135,79 +148,100 @@ class GenerationResponse:
         return None
 
     async def _whole(self, scope, send, gone) -> None:
-        pieces = []
-        lps = [] if self.req.logprobs is not None else None
-        while True:
-            ev = await self._next(gone)
-            if ev is None:
+        k = len(self.reqs)
+        pieces: list[list[str]] = [[] for _ in range(k)]
+        lps = [[] if r.logprobs is not None else None for r in self.reqs]
+        finish: list[str | None] = [None] * k
+        while None in finish:
+            got = await self._next(gone)
+            if got is None:
                 return  # nobody to answer
+            i, ev = got
             if ev.kind == "text":
-                pieces.append(self._text(ev.text))
-                if lps is not None:
-                    lps += ev.logprobs or []
+                pieces[i].append(self._text(i, ev.text))
+                if lps[i] is not None:
+                    lps[i] += ev.logprobs or []
             elif ev.kind == "error":
-                resp = error_response(APIError(500, f"generation failed: {ev.text}", "server_error"))
-                break
+                self.failed = True
+                await error_response(APIError(500, f"generation failed: {ev.text}", "server_error"))(scope, None, send)
+                return
             else:
-                resp = JSONResponse(self.reply.full(self._text("".join(pieces)), ev.finish_reason, self.req.usage, lps))
-                break
-        await resp(scope, None, send)
+                finish[i] = ev.finish_reason
+        choices = [(self._text(i, "".join(pieces[i])), finish[i], lps[i]) for i in range(k)]
+        await JSONResponse(self.reply.full(choices, self.usage()))(scope, None, send)
 
     async def _stream(self, send, gone) -> None:
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", b"text/event-stream; charset=utf-8"),
                                 (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]})
-        first = True
+        left = len(self.reqs)
         try:
             if self.reply.chat:  # the role comes first, as OpenAI sends it
-                await send({"type": "http.response.body", "body": sse(self.reply.chunk(first=True)), "more_body": True})
-                first = False
+                data = b"".join(sse(self.reply.chunk(first=True, index=i)) for i in range(len(self.reqs)))
+                await send({"type": "http.response.body", "body": data, "more_body": True})
             while True:
-                ev = await self._next(gone)
-                if ev is None:
+                got = await self._next(gone)
+                if got is None:
                     return
+                i, ev = got
                 if ev.kind == "text":
-                    data = sse(self.reply.chunk(self._text(ev.text), first=first, logprobs=ev.logprobs))
+                    data = sse(self.reply.chunk(self._text(i, ev.text), logprobs=ev.logprobs, index=i))
                 elif ev.kind == "error":
                     data = sse(APIError(500, f"generation failed: {ev.text}", "server_error").body())
+                    left, self.failed = 0, True
                 else:
                     data = b""
-                    if self.echo is not None:  # nothing was generated: the prompt still goes first
-                        data = sse(self.reply.chunk(self._text(""), first=first))
-                    data += sse(self.reply.chunk(finish_reason=ev.finish_reason))
-                    if self.sp.include_usage:
-                        data += sse(self.reply.usage_chunk(self.req.usage))
-                    data += sse("[DONE]")
-                first = False
-                await send({"type": "http.response.body", "body": data, "more_body": ev.kind == "text"})
-                if ev.kind != "text":
+                    if self.echo[i] is not None:  # nothing was generated: the prompt still goes first
+                        data = sse(self.reply.chunk(self._text(i, ""), index=i))
+                    data += sse(self.reply.chunk(finish_reason=ev.finish_reason, index=i))
+                    left -= 1
+                    if not left:
+                        if self.sp.include_usage:
+                            data += sse(self.reply.usage_chunk(self.usage()))
+                        data += sse("[DONE]")
+                await send({"type": "http.response.body", "body": data, "more_body": left > 0})
+                if not left:
                     return
         except OSError:  # the connection broke while sending
             return
 
 
-async def _submit(state: AppState, http: HTTPRequest, prompt: list[int], sp: Sampling, reply: Reply,
-                  route: str, echo: str | None = None) -> GenerationResponse:
-    cfg = _config(state, len(prompt), sp)
+async def _submit(state: AppState, prompts: list[list[int]], sp: Sampling, reply: Reply, route: str,
+                  echo: list[str | None] | None = None) -> GenerationResponse:
+    """One request per choice (each prompt n times, choice i = prompt i // n); all queued, or
+    none (429 / 503)."""
+    echo = echo or [None] * len(prompts)
+    cfgs = [_config(state, len(p), sp) for p in prompts]  # the window check before anything runs
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
-    def emit(ev: Event) -> None:  # called on the scheduler thread
-        try:
-            loop.call_soon_threadsafe(events.put_nowait, ev)
-        except RuntimeError:  # the event loop is gone (a forced shutdown): nobody to tell
-            pass
 
-    req = Request(prompt, cfg, emit=emit, route=route, logprobs=sp.logprobs,
-                  score_prompt=echo is not None and sp.logprobs is not None)
+    def emitter(i: int):
+        def emit(ev: Event) -> None:  # called on the scheduler thread
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, (i, ev))
+            except RuntimeError:  # the event loop is gone (a forced shutdown): nobody to tell
+                pass
+        return emit
+
+    reqs = []
+    for p, (prompt, cfg) in enumerate(zip(prompts, cfgs)):
+        for j in range(sp.n):
+            # n > 1 with a seed: choice j samples with seed + j, so the choices differ and repeat
+            c = cfg if j == 0 else dataclasses.replace(cfg, seed=None if cfg.seed is None else cfg.seed + j)
+            reqs.append(Request(prompt, c, emit=emitter(len(reqs)), route=route, logprobs=sp.logprobs,
+                                score_prompt=echo[p] is not None and sp.logprobs is not None))
     try:
-        state.scheduler.submit(req)
-    except QueueFull as e:
+        for i, req in enumerate(reqs):
+            state.scheduler.submit(req)
+    except (QueueFull, Draining) as e:
+        for req in reqs[:i]:
+            state.scheduler.cancel(req)
+        if isinstance(e, Draining):
+            raise APIError(503, f"{e}; retry on another server", "server_error", code="shutting_down") from None
         raise APIError(429, f"the server is busy: {e}; retry later", "rate_limit_error",
                        code="rate_limit_exceeded") from None
-    except Draining as e:
-        raise APIError(503, f"{e}; retry on another server", "server_error", code="shutting_down") from None
     state.metrics.inc("requests_total", route=route)
-    return GenerationResponse(state, req, events, reply, sp, echo)
+    return GenerationResponse(state, reqs, events, reply, sp, [e for e in echo for _ in range(sp.n)])
 
 
 MAX_BODY = 16 << 20  # bytes; far beyond any context window's worth of text
@@ -231,22 +265,23 @@ async def completions(http: HTTPRequest):
     body = await _body(http)
     model = parse_model(body, state.model_names)
     sp = parse_sampling(body)
-    prompt = parse_prompt(body)
     tok = state.tokenizer
-    if isinstance(prompt, str):
-        ids = await _encode(state, prompt)
-    else:
-        ids = prompt
-        bad = [t for t in ids if not 0 <= t < tok.vocab_size]
-        if bad:
-            raise APIError(400, f"'prompt' holds token ids outside the vocabulary (0..{tok.vocab_size - 1}): {bad[:5]}",
-                           param="prompt")
-    if not ids:
-        raise APIError(400, "'prompt' is empty: give at least one token", param="prompt")
-    echo = None
-    if sp.echo:
-        echo = prompt if isinstance(prompt, str) else tok.decode(ids)
-    return await _submit(state, http, ids, sp, Reply(model, chat=False, token_bytes=tok.token_bytes), "completions",
+    prompts, echo = [], []
+    for k, prompt in enumerate(parse_prompts(body)):
+        where = "'prompt'" if k == 0 and not isinstance(body["prompt"], list) else f"'prompt[{k}]'"
+        if isinstance(prompt, str):
+            ids = await _encode(state, prompt)
+        else:
+            ids = prompt
+            bad_ids = [t for t in ids if not 0 <= t < tok.vocab_size]
+            if bad_ids:
+                raise APIError(400, f"{where} holds token ids outside the vocabulary (0..{tok.vocab_size - 1}): "
+                                    f"{bad_ids[:5]}", param="prompt")
+        if not ids:
+            raise APIError(400, f"{where} is empty: give at least one token", param="prompt")
+        prompts.append(ids)
+        echo.append((prompt if isinstance(prompt, str) else tok.decode(ids)) if sp.echo else None)
+    return await _submit(state, prompts, sp, Reply(model, chat=False, token_bytes=tok.token_bytes), "completions",
                          echo)
 
 
@@ -257,8 +292,7 @@ async def chat_completions(http: HTTPRequest):
     sp = parse_sampling(body, chat=True)
     messages = parse_messages(body)
     ids = await _encode(state, state.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
-    return await _submit(state, http, ids, sp, Reply(model, chat=True, token_bytes=state.tokenizer.token_bytes),
-                         "chat")
+    return await _submit(state, [ids], sp, Reply(model, chat=True, token_bytes=state.tokenizer.token_bytes), "chat")
 
 
 # ---- the tokenizer (vLLM's routes) -------------------------------------------------------------

@@ -117,6 +117,7 @@ class Sampling:
     repetition_penalty: float = 1.0
     logit_bias: dict[int, float] = field(default_factory=dict)
     echo: bool = False  # completions: the prompt before the reply (with logprobs: its tokens' too)
+    n: int = 1  # choices per prompt
 
 
 MAX_TOP_LOGPROBS = {True: 20, False: 5}  # chat's top_logprobs, completions' logprobs (OpenAI's limits)
@@ -152,9 +153,11 @@ def _logit_bias(body: dict) -> dict[int, float]:
 
 
 def parse_sampling(body: dict, chat: bool = False) -> Sampling:
-    for name in ("n", "best_of"):
-        _int(body, name, 1)
-        _refuse(body, name, (1, None), "one choice per request")
+    n = _int(body, "n", 1, lo=1, hi=MAX_CHOICES)
+    best_of = _int(body, "best_of", None, lo=1)
+    if best_of not in (None, n):
+        raise bad(f"'best_of' other than n is not supported (every sampled choice is returned), got {best_of}",
+                  "best_of", "unsupported_parameter")
     if chat:
         _refuse(body, "echo", (None, False), "chat does not echo the prompt")
     _refuse(body, "suffix", (None, ""), "no insertion")
@@ -182,6 +185,7 @@ def parse_sampling(body: dict, chat: bool = False) -> Sampling:
         repetition_penalty=_num(body, "repetition_penalty", 1.0, 0.0, 10.0, lo_open=True),  # an extension
         logit_bias=_logit_bias(body),
         echo=not chat and bool_field(body, "echo"),
+        n=n,
     )
 
 
@@ -198,20 +202,26 @@ def parse_model(body: dict, served: list[str]) -> str:
     return name
 
 
-def parse_prompt(body: dict) -> str | list[int]:
-    """A completion prompt: a string, an array holding one string, or an array of token ids."""
+MAX_CHOICES = 64  # prompts x n per request
+
+
+def parse_prompts(body: dict) -> list[str | list[int]]:
+    """Completion prompts: a string, an array of token ids, or an array of either (a batch)."""
     if "prompt" not in body:
         raise bad("'prompt' is required", "prompt")
     p = body["prompt"]
-    if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):
-        p = p[0]
-    if isinstance(p, str):
-        return p
-    if isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
-        return p
-    if isinstance(p, list) and len(p) > 1 and all(isinstance(t, str) for t in p):
-        raise bad("one prompt per request (send several requests; they are batched)", "prompt")
-    raise bad("'prompt' must be a string or an array of token ids", "prompt")
+    if isinstance(p, str) or (isinstance(p, list) and p and all(_is_id(t) for t in p)):
+        return [p]
+    if isinstance(p, list) and p and all(isinstance(x, str) or (isinstance(x, list) and x and all(_is_id(t) for t in x))
+                                         for x in p):
+        if len(p) > MAX_CHOICES:
+            raise bad(f"at most {MAX_CHOICES} prompts per request, got {len(p)}", "prompt")
+        return list(p)
+    raise bad("'prompt' must be a string, an array of token ids, or an array of those", "prompt")
+
+
+def _is_id(t: Any) -> bool:
+    return isinstance(t, int) and not isinstance(t, bool)
 
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -266,7 +276,7 @@ class Reply:
     id: str = field(default="")
     created: int = field(default_factory=lambda: int(time.time()))
     token_bytes: Callable[[int], bytes] | None = None
-    offset: int = 0
+    offsets: dict[int, int] = field(default_factory=dict)  # per choice: characters sent (text_offset)
 
     def __post_init__(self) -> None:
         self.id = self.id or ("chatcmpl-" if self.chat else "cmpl-") + uuid.uuid4().hex[:24]
@@ -274,7 +284,7 @@ class Reply:
     def _head(self, obj: str) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
 
-    def logprobs(self, entries: list | None) -> dict | None:
+    def logprobs(self, entries: list | None, index: int = 0) -> dict | None:
         """OpenAI's logprobs object for the tokens behind one piece of text (None: not asked for).
         Chat: {"content": [{token, logprob, bytes, top_logprobs}]}; completions: the parallel
         lists tokens, token_logprobs, top_logprobs ({token: logprob}) and text_offset."""
@@ -285,33 +295,39 @@ class Reply:
             return {"content": [{**_entry(tb, e.token, e.logprob), "top_logprobs": [_entry(tb, t, v) for t, v in e.top]}
                                 for e in entries], "refusal": None}
         tokens = [tb(e.token).decode("utf-8", "replace") for e in entries]
-        offsets = []
+        offsets, at = [], self.offsets.get(index, 0)
         for t in tokens:
-            offsets.append(self.offset)
-            self.offset += len(t)
+            offsets.append(at)
+            at += len(t)
+        self.offsets[index] = at
         # an echoed prompt's first token has no log-probability: null, as OpenAI gives it
         return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
                 "top_logprobs": [None if e.logprob is None else {tb(t).decode("utf-8", "replace"): v for t, v in e.top}
                                  for e in entries],
                 "text_offset": offsets}
 
-    def full(self, text: str, finish_reason: str, usage: dict, logprobs: list | None = None) -> dict:
-        if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": self.logprobs(logprobs),
-                      "finish_reason": finish_reason}
-            return {**self._head("chat.completion"), "choices": [choice], "usage": usage}
-        choice = {"index": 0, "text": text, "logprobs": self.logprobs(logprobs), "finish_reason": finish_reason}
-        return {**self._head("text_completion"), "choices": [choice], "usage": usage}
+    def full(self, choices: list[tuple[str, str, list | None]], usage: dict) -> dict:
+        """The whole response: choices of (text, finish_reason, log-probability entries or None)."""
+        out = []
+        for i, (text, finish_reason, lps) in enumerate(choices):
+            if self.chat:
+                out.append({"index": i, "message": {"role": "assistant", "content": text},
+                            "logprobs": self.logprobs(lps, i), "finish_reason": finish_reason})
+            else:
+                out.append({"index": i, "text": text, "logprobs": self.logprobs(lps, i), "finish_reason": finish_reason})
+        return {**self._head("chat.completion" if self.chat else "text_completion"), "choices": out, "usage": usage}
 
     def chunk(self, text: str | None = None, finish_reason: str | None = None, first: bool = False,
-              logprobs: list | None = None) -> dict:
+              logprobs: list | None = None, index: int = 0) -> dict:
         if self.chat:
             delta: dict = {"role": "assistant", "content": ""} if first else {}
             if text:
                 delta["content"] = text
-            choice = {"index": 0, "delta": delta, "logprobs": self.logprobs(logprobs), "finish_reason": finish_reason}
+            choice = {"index": index, "delta": delta, "logprobs": self.logprobs(logprobs, index),
+                      "finish_reason": finish_reason}
             return {**self._head("chat.completion.chunk"), "choices": [choice]}
-        choice = {"index": 0, "text": text or "", "logprobs": self.logprobs(logprobs), "finish_reason": finish_reason}
+        choice = {"index": index, "text": text or "", "logprobs": self.logprobs(logprobs, index),
+                  "finish_reason": finish_reason}
         return {**self._head("text_completion"), "choices": [choice]}
 
     def usage_chunk(self, usage: dict) -> dict:
