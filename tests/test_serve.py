@@ -312,6 +312,11 @@ def test_prompt_batches_and_n_choices(server, truth_model):
     # runtime's bit-for-bit promise: test_native_runtime_server)
     assert [c.text for c in client.completions.create(n=3, seed=5, **kw).choices] == [c.text for c in three.choices]
     assert three.usage.prompt_tokens == len(tok.encode(PROMPTS[2]))  # the shared prompt counts once
+    # an error names the prompt it is about: the one, or the batch's k-th
+    bad = 10 ** 9
+    assert _err(httpx.post(server.url + "/v1/completions", json={"prompt": [1, bad]}), 400).startswith("'prompt' holds")
+    assert _err(httpx.post(server.url + "/v1/completions", json={"prompt": ["a", [1, bad]]}), 400).startswith(
+        "'prompt[1]' holds")
     chunks = list(client.chat.completions.create(model="micro", messages=[{"role": "user", "content": "Hi there"}],
                                                  max_tokens=N, temperature=0, n=2, stream=True))
     want = truth(truth_model, chat_text(truth_model, "Hi there"))
@@ -386,6 +391,11 @@ def test_penalties_and_logit_bias_equal_a_hand_loop(server, truth_model):
                                   frequency_penalty=1.5, presence_penalty=0.75)
     assert r.choices[0].text == tok.decode(out)
     assert r.choices[0].text != truth(truth_model, PROMPTS[6])  # the penalties changed the reply
+    # the repetition penalty (an extension) as plm generate applies it
+    r = client.completions.create(model="micro", prompt=PROMPTS[6], max_tokens=N, temperature=0,
+                                  extra_body={"repetition_penalty": 1.5})
+    assert r.choices[0].text == truth(truth_model, PROMPTS[6], repetition_penalty=1.5)
+    assert r.choices[0].text != truth(truth_model, PROMPTS[6])
     the = tok.encode(" the")[0]
     r = client.completions.create(model="micro", prompt=PROMPTS[6], max_tokens=5, temperature=0.8, seed=1,
                                   logit_bias={str(the): 100})
@@ -421,6 +431,7 @@ def _err(r: httpx.Response, status: int, code: str | None = None, param: str | N
     ({"prompt": "x", "n": 2, "best_of": 3}, "best_of"),
     ({"prompt": ["a", 5]}, "prompt"),
     ({"prompt": ["a", [1, 10 ** 9]]}, "prompt"),
+    ({"prompt": ["a"] * 8, "n": 9}, "prompt"),
     ({"prompt": "x", "logprobs": 6}, "logprobs"),
     ({"prompt": "x", "logprobs": True}, "logprobs"),
     ({"prompt": "x", "frequency_penalty": 3}, "frequency_penalty"),

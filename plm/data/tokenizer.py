@@ -8,6 +8,7 @@ plus `tokenizer_config.json` (with the ChatML chat template) that other tools re
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -103,11 +104,9 @@ class Tokenizer:
         inv = _UNICODE_TO_BYTE
         return bytes(inv[c] for c in s) if all(c in inv for c in s) else s.encode()
 
-    @property
+    @functools.cached_property
     def _special(self) -> set[str]:
-        if not hasattr(self, "_special_set"):
-            self._special_set = {t.content for t in self.hf.get_added_tokens_decoder().values()}
-        return self._special_set
+        return {t.content for t in self.hf.get_added_tokens_decoder().values()}
 
     # ---- encode / decode -----------------------------------------------
     def encode(self, text: str) -> list[int]:

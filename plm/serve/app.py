@@ -16,10 +16,9 @@ whole reply, cancels its request, and the scheduler frees the slot at its next i
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import hmac
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from starlette.applications import Starlette
 from starlette.datastructures import Headers
@@ -29,7 +28,7 @@ from starlette.requests import Request as HTTPRequest
 from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Route
 
-from plm.data.chat import CHATML_TEMPLATE_PLAIN, render_chatml
+from plm.data.chat import CHATML_TEMPLATE_PLAIN
 from plm.infer.generate import GenerationConfig
 from plm.serve.metrics import Metrics
 from plm.serve.protocol import (APIError, Reply, Sampling, bool_field, parse_json, parse_messages,
@@ -227,7 +226,7 @@ async def _submit(state: AppState, prompts: list[list[int]], sp: Sampling, reply
     for p, (prompt, cfg) in enumerate(zip(prompts, cfgs)):
         for j in range(sp.n):
             # n > 1 with a seed: choice j samples with seed + j, so the choices differ and repeat
-            c = cfg if j == 0 else dataclasses.replace(cfg, seed=None if cfg.seed is None else cfg.seed + j)
+            c = cfg if j == 0 else replace(cfg, seed=None if cfg.seed is None else cfg.seed + j)
             reqs.append(Request(prompt, c, emit=emitter(len(reqs)), route=route, logprobs=sp.logprobs,
                                 score_prompt=echo[p] is not None and sp.logprobs is not None))
     try:
@@ -267,8 +266,9 @@ async def completions(http: HTTPRequest):
     sp = parse_sampling(body)
     tok = state.tokenizer
     prompts, echo = [], []
-    for k, prompt in enumerate(parse_prompts(body)):
-        where = "'prompt'" if k == 0 and not isinstance(body["prompt"], list) else f"'prompt[{k}]'"
+    given = parse_prompts(body, sp.n)
+    for k, prompt in enumerate(given):
+        where = "'prompt'" if len(given) == 1 else f"'prompt[{k}]'"
         if isinstance(prompt, str):
             ids = await _encode(state, prompt)
         else:
@@ -303,7 +303,7 @@ async def tokenize(http: HTTPRequest):
     state: AppState = http.app.state.plm
     body = await _body(http)
     if "messages" in body:
-        text = render_chatml(parse_messages(body), bool_field(body, "add_generation_prompt", True))
+        text = state.tokenizer.apply_chat_template(parse_messages(body), bool_field(body, "add_generation_prompt", True))
     elif isinstance(body.get("prompt"), str):
         text = body["prompt"]
     else:

@@ -2,8 +2,8 @@
 
 Requests are checked field by field: a known field of the wrong type or out of range is a 400
 naming the field (`param`); unknown fields are ignored, as OpenAI-compatible servers do; fields
-of features we do not have (n > 1, echo, tools, response formats) are refused when set to
-anything but their neutral value, rather than silently ignored.
+of features we do not have (tools, response formats, suffix, echo on chat, best_of other than
+n) are refused when set to anything but their neutral value, rather than silently ignored.
 """
 from __future__ import annotations
 
@@ -205,8 +205,9 @@ def parse_model(body: dict, served: list[str]) -> str:
 MAX_CHOICES = 64  # prompts x n per request
 
 
-def parse_prompts(body: dict) -> list[str | list[int]]:
-    """Completion prompts: a string, an array of token ids, or an array of either (a batch)."""
+def parse_prompts(body: dict, n: int = 1) -> list[str | list[int]]:
+    """Completion prompts: a string, an array of token ids, or an array of either (a batch); at
+    most MAX_CHOICES choices in all with n per prompt."""
     if "prompt" not in body:
         raise bad("'prompt' is required", "prompt")
     p = body["prompt"]
@@ -214,8 +215,8 @@ def parse_prompts(body: dict) -> list[str | list[int]]:
         return [p]
     if isinstance(p, list) and p and all(isinstance(x, str) or (isinstance(x, list) and x and all(_is_id(t) for t in x))
                                          for x in p):
-        if len(p) > MAX_CHOICES:
-            raise bad(f"at most {MAX_CHOICES} prompts per request, got {len(p)}", "prompt")
+        if len(p) * n > MAX_CHOICES:
+            raise bad(f"at most {MAX_CHOICES} choices per request (prompts x n), got {len(p)} x {n}", "prompt")
         return list(p)
     raise bad("'prompt' must be a string, an array of token ids, or an array of those", "prompt")
 
@@ -267,10 +268,14 @@ def _entry(token_bytes: Callable[[int], bytes], t: int, lp: float) -> dict:
     return {"token": b.decode("utf-8", "replace"), "logprob": lp, "bytes": list(b)}
 
 
+def _token_text(token_bytes: Callable[[int], bytes], t: int) -> str:
+    return _entry(token_bytes, t, 0.0)["token"]
+
+
 @dataclass
 class Reply:
     """Identity of one response, shared by its chunks. `token_bytes` (a tokenizer's) renders
-    log-probabilities; `offset` counts the characters sent, for completions' `text_offset`."""
+    log-probabilities; `offsets` counts each choice's characters sent, for `text_offset`."""
     model: str
     chat: bool
     id: str = field(default="")
@@ -294,7 +299,7 @@ class Reply:
         if self.chat:
             return {"content": [{**_entry(tb, e.token, e.logprob), "top_logprobs": [_entry(tb, t, v) for t, v in e.top]}
                                 for e in entries], "refusal": None}
-        tokens = [tb(e.token).decode("utf-8", "replace") for e in entries]
+        tokens = [_token_text(tb, e.token) for e in entries]
         offsets, at = [], self.offsets.get(index, 0)
         for t in tokens:
             offsets.append(at)
@@ -302,7 +307,7 @@ class Reply:
         self.offsets[index] = at
         # an echoed prompt's first token has no log-probability: null, as OpenAI gives it
         return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
-                "top_logprobs": [None if e.logprob is None else {tb(t).decode("utf-8", "replace"): v for t, v in e.top}
+                "top_logprobs": [None if e.logprob is None else {_token_text(tb, t): v for t, v in e.top}
                                  for e in entries],
                 "text_offset": offsets}
 
