@@ -7,6 +7,7 @@ request runs alone or among 8 others.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -402,6 +403,114 @@ def test_penalties_and_logit_bias_equal_a_hand_loop(server, truth_model):
     assert r.choices[0].text == " the" * 5
 
 
+# ---- structured output and tool calls -------------------------------------------------------------
+
+PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
+                                           "age": {"type": "integer", "minimum": 0, "maximum": 150}},
+          "required": ["name", "age"], "additionalProperties": False}
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 16}},
+                   "required": ["city"], "additionalProperties": False}}}
+ADD = {"type": "function", "function": {
+    "name": "add", "parameters": {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 99},
+                                                                   "b": {"type": "integer", "minimum": 0, "maximum": 99}},
+                                  "required": ["a", "b"], "additionalProperties": False}}}
+
+
+def test_response_format_json_schema(server, truth_model):
+    """The reply is JSON under the schema (checked by jsonschema), and exactly the reference
+    model's constrained greedy reply, whole, streamed, and through the client's parse()."""
+    jsonschema = pytest.importorskip("jsonschema")
+    pytest.importorskip("llguidance")
+    from pydantic import BaseModel, Field
+    from plm.model.grammar import Grammar
+    client, tok = server.client(), truth_model[1]
+    msgs = [{"role": "user", "content": "Describe a person."}]
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+    want = truth(truth_model, chat_text(truth_model, msgs[0]["content"]), n=60, grammar=Grammar.json_schema(PERSON, tok))
+    r = client.chat.completions.create(model="micro", messages=msgs, max_tokens=60, temperature=0, response_format=fmt)
+    assert r.choices[0].message.content == want and r.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(want), PERSON)
+    chunks = client.chat.completions.create(model="micro", messages=msgs, max_tokens=60, temperature=0,
+                                            response_format=fmt, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want
+
+    class Person(BaseModel):
+        name: str = Field(max_length=12)
+        age: int = Field(ge=0, le=150)
+    for seed in (1, 2):
+        parsed = client.chat.completions.parse(model="micro", messages=msgs, max_tokens=60, seed=seed,
+                                               response_format=Person).choices[0].message.parsed
+        assert isinstance(parsed, Person) and 0 <= parsed.age <= 150
+    # completions too, and json_object: the reply opens an object
+    want = truth(truth_model, PROMPTS[4], n=60, grammar=Grammar.json_schema(PERSON, tok))
+    r = client.completions.create(model="micro", prompt=PROMPTS[4], max_tokens=60, temperature=0,
+                                  extra_body={"response_format": fmt})
+    assert r.choices[0].text == want
+    r = client.chat.completions.create(model="micro", messages=msgs, max_tokens=8, temperature=0,
+                                       response_format={"type": "json_object"})
+    assert r.choices[0].message.content.startswith("{")
+
+
+def test_tool_calls(server, truth_model):
+    """Forced calls come back as OpenAI tool_calls whose arguments fit the function's schema, the
+    reference model's constrained reply parsed; streamed the same; earlier calls and tool results
+    in the messages are rendered in the tool-call format."""
+    jsonschema = pytest.importorskip("jsonschema")
+    pytest.importorskip("llguidance")
+    from plm.data.chat import parse_tool_calls
+    from plm.model.grammar import tool_call_grammar
+    client, tok = server.client(), truth_model[1]
+    msgs = [{"role": "user", "content": "What is 2 + 3?"}]
+    prompt = tok.apply_chat_template(msgs, add_generation_prompt=True, tools=[WEATHER, ADD])
+    for choice, wire in [("required", "required"), ("add", {"type": "function", "function": {"name": "add"}})]:
+        want = truth(truth_model, prompt, n=80, grammar=tool_call_grammar([WEATHER, ADD], tok, choice))
+        _, want_calls = parse_tool_calls(want)
+        r = client.chat.completions.create(model="micro", messages=msgs, tools=[WEATHER, ADD], tool_choice=wire,
+                                           max_tokens=80, temperature=0)
+        m, fin = r.choices[0].message, r.choices[0].finish_reason
+        assert fin == "tool_calls" and m.content is None and m.tool_calls
+        got = [{"name": c.function.name, "arguments": json.loads(c.function.arguments)} for c in m.tool_calls]
+        assert got == want_calls and all(c.type == "function" and c.id.startswith("call_") for c in m.tool_calls)
+        for c in got:
+            jsonschema.validate(c["arguments"], {"get_weather": WEATHER, "add": ADD}[c["name"]]["function"]["parameters"])
+        if choice == "add":
+            assert {c["name"] for c in got} == {"add"}
+        assert r.usage.prompt_tokens == len(tok.encode(prompt))
+        counted = httpx.post(server.url + "/tokenize", json={"messages": msgs, "tools": [WEATHER, ADD]}).json()
+        assert counted["tokens"] == tok.encode(prompt)
+        chunks = list(client.chat.completions.create(model="micro", messages=msgs, tools=[WEATHER, ADD],
+                                                     tool_choice=wire, max_tokens=80, temperature=0, stream=True))
+        deltas = [d for c in chunks if c.choices for d in (c.choices[0].delta.tool_calls or [])]
+        assert [{"name": d.function.name, "arguments": json.loads(d.function.arguments)} for d in deltas] == got
+        assert [d.index for d in deltas] == list(range(len(got)))
+        assert chunks[-1].choices[0].finish_reason == "tool_calls"
+        assert not any(c.choices[0].delta.content for c in chunks if c.choices)
+    # one call only
+    r = client.chat.completions.create(model="micro", messages=msgs, tools=[WEATHER, ADD], tool_choice="required",
+                                       parallel_tool_calls=False, max_tokens=80, temperature=0.8, seed=4)
+    assert len(r.choices[0].message.tool_calls) == 1
+    # auto: this random model writes text (the reference's constrained reply), streamed as text
+    want = truth(truth_model, prompt, n=N, grammar=tool_call_grammar([WEATHER, ADD], tok, "auto"))
+    assert not want.startswith("<")
+    r = client.chat.completions.create(model="micro", messages=msgs, tools=[WEATHER, ADD], max_tokens=N, temperature=0)
+    assert r.choices[0].message.content == want and r.choices[0].message.tool_calls is None
+    chunks = client.chat.completions.create(model="micro", messages=msgs, tools=[WEATHER, ADD], max_tokens=N,
+                                            temperature=0, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want
+    # a conversation that already called a tool; tool_choice none leaves the tools out of the prompt
+    history = msgs + [
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "add", "arguments": '{"a": 2, "b": 3}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "5"}]
+    r = client.chat.completions.create(model="micro", messages=history, tools=[WEATHER, ADD], max_tokens=4)
+    assert r.usage.prompt_tokens == len(tok.encode(tok.apply_chat_template(history, True, tools=[WEATHER, ADD])))
+    r = client.chat.completions.create(model="micro", messages=history, tools=[WEATHER, ADD], tool_choice="none",
+                                       max_tokens=4)
+    assert r.usage.prompt_tokens == len(tok.encode(tok.apply_chat_template(history, True)))
+
+
 # ---- errors ----------------------------------------------------------------------------------------
 
 def _err(r: httpx.Response, status: int, code: str | None = None, param: str | None = None) -> str:
@@ -441,6 +550,8 @@ def _err(r: httpx.Response, status: int, code: str | None = None, param: str | N
     ({"prompt": "x", "echo": "yes"}, "echo"),
     ({"prompt": "x", "model": 7}, "model"),
     ({"max_tokens": 3}, "prompt"),
+    ({"prompt": "x", "tools": [ADD]}, "tools"),
+    ({"prompt": "x", "response_format": {"type": "yaml"}}, "response_format"),
 ])
 def test_wrong_field_types_are_400(server, body, param):
     _err(httpx.post(server.url + "/v1/completions", json=body), 400, param=param)
@@ -457,6 +568,27 @@ def test_wrong_field_types_are_400(server, body, param):
     ({"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     ({"messages": [{"role": "user", "content": "x"}], "logprobs": 1}, "logprobs"),
     ({"messages": [{"role": "user", "content": "x"}], "echo": True}, "echo"),
+    ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "xml"}}, "response_format"),
+    ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_schema"}}, "response_format"),
+    ({"messages": [{"role": "user", "content": "x"}],
+      "response_format": {"type": "json_schema", "json_schema": {"schema": "x"}}}, "response_format"),
+    ({"messages": [{"role": "user", "content": "x"}],
+      "response_format": {"type": "json_schema", "json_schema": {"schema": {"$ref": "#/nope"}}}}, "response_format"),
+    ({"messages": [{"role": "user", "content": "x"}], "tools": "x"}, "tools"),
+    ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function", "function": {"name": "a b"}}]},
+     "tools"),
+    ({"messages": [{"role": "user", "content": "x"}], "tools": [ADD, ADD]}, "tools"),
+    ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function", "function": {
+        "name": "f", "parameters": {"type": "object", "properties": {"a": {"$ref": "#/nope"}}}}}]}, "tools"),
+    ({"messages": [{"role": "user", "content": "x"}], "tools": [ADD], "tool_choice": "sometimes"}, "tool_choice"),
+    ({"messages": [{"role": "user", "content": "x"}], "tools": [ADD],
+      "tool_choice": {"type": "function", "function": {"name": "sub"}}}, "tool_choice"),
+    ({"messages": [{"role": "user", "content": "x"}], "tool_choice": "required"}, "tool_choice"),
+    ({"messages": [{"role": "user", "content": "x"}], "tools": [ADD], "parallel_tool_calls": "yes"},
+     "parallel_tool_calls"),
+    ({"messages": [{"role": "user", "content": "x"}], "tools": [ADD], "response_format": {"type": "json_object"}},
+     "response_format"),
+    ({"messages": [{"role": "assistant", "content": None, "tool_calls": "x"}]}, "messages[0].tool_calls"),
 ])
 def test_bad_chat_requests_are_400(server, body, param):
     _err(httpx.post(server.url + "/v1/chat/completions", json=body), 400, param=param)
@@ -674,6 +806,15 @@ def test_native_runtime_server(qwen2_micro_dir):
         assert scored.usage.prompt_tokens_details.cached_tokens == 0
         assert scored.choices[0].text == PROMPTS[0] + " again" + plain.choices[0].text
         assert len(scored.choices[0].logprobs.token_logprobs) == plain.usage.prompt_tokens + 1
+
+        # structured output: the same grammar path on this runtime
+        if importlib.util.find_spec("llguidance"):
+            fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}
+            for seed in (None, 7):
+                r = client.chat.completions.create(model="micro", messages=first, max_tokens=60, seed=seed,
+                                                   temperature=0 if seed is None else 1.0, response_format=fmt)
+                obj = json.loads(r.choices[0].message.content)
+                assert set(obj) == {"name", "age"} and 0 <= obj["age"] <= 150 and len(obj["name"]) <= 12
     finally:
         s.stop()
 

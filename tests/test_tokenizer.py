@@ -69,6 +69,31 @@ def test_saved_files_are_standard(qwen2_tokenizer, tmp_path):
     assert rendered == render_chatml(msgs, add_generation_prompt=True)
 
 
+def test_transformers_renders_tool_chats_as_we_do(qwen2_tokenizer, tmp_path):
+    """The template we save, rendered by transformers' own apply_chat_template (its Jinja
+    environment), gives render_chatml's text for chats with tools, calls and tool results."""
+    transformers = pytest.importorskip("transformers", reason="the hf extra: pip install -e '.[hf]'")
+    qwen2_tokenizer.save(tmp_path)
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    add = {"type": "function", "function": {"name": "add", "description": "Sum, in café units",
+                                            "parameters": {"type": "object", "properties": {"a": {"type": "integer"}}}}}
+    weather = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+    calls = [{"id": "c1", "type": "function", "function": {"name": "add", "arguments": '{"a":2}'}},
+             {"id": "c2", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Zürich"}}}]
+    chats = [
+        [{"role": "user", "content": "2+2?"}],
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
+         {"role": "assistant", "content": None, "tool_calls": calls[:1]}, {"role": "tool", "content": "4"},
+         {"role": "assistant", "content": "Let me check.", "tool_calls": calls},
+         {"role": "tool", "content": "6"}, {"role": "tool", "content": "sunny"}, {"role": "user", "content": "ok"}],
+    ]
+    for msgs in chats:
+        for tools in (None, [add, weather]):
+            want = render_chatml(msgs, add_generation_prompt=True, tools=tools)
+            got = hf.apply_chat_template(msgs, tools=tools, add_generation_prompt=True, tokenize=False)
+            assert got == want
+
+
 def test_train_small_bpe(tmp_path):
     corpus = [f"def add_{i}(a, b):\n    return a + b * {i}\n" for i in range(300)] + SAMPLES * 10
     tok = train_bpe(corpus, vocab_size=400, show_progress=False)

@@ -120,9 +120,11 @@ class Tokenizer:
         return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = False,
-                            tokenize: bool = False, return_tensors: str | None = None):
-        """The ChatML text of `messages` (tokenize: its ids; return_tensors="pt": a [1, T] tensor)."""
-        text = render_chatml(messages, add_generation_prompt)
+                            tokenize: bool = False, return_tensors: str | None = None,
+                            tools: Sequence[dict] | None = None):
+        """The ChatML text of `messages` (tokenize: its ids; return_tensors="pt": a [1, T] tensor);
+        `tools`: function signatures the model may call (OpenAI's shape)."""
+        text = render_chatml(messages, add_generation_prompt, tools=tools)
         if return_tensors is not None:
             return self(text, return_tensors=return_tensors)["input_ids"]
         return self.encode(text) if tokenize else text

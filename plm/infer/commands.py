@@ -92,14 +92,44 @@ def _stream(piece: str) -> None:
     sys.stdout.flush()
 
 
+def _constraint(args: argparse.Namespace):
+    """What --json / --json-schema / --grammar ask for, read and checked before the model loads:
+    a function of the tokenizer giving the Grammar, or None."""
+    import json
+    from pathlib import Path
+    from plm.model.grammar import Grammar
+    given = [f for f, v in (("--json", args.json), ("--json-schema", args.json_schema), ("--grammar", args.grammar)) if v]
+    if len(given) > 1:
+        raise PLMError(f"give one of --json, --json-schema and --grammar, not {' and '.join(given)}")
+    if args.json:
+        return lambda tok: Grammar.json_schema(None, tok)
+    if args.json_schema:
+        src = args.json_schema
+        text = Path(src).read_text() if Path(src).is_file() else src
+        try:
+            schema = json.loads(text)
+        except ValueError as e:
+            raise PLMError(f"--json-schema {src[:60]!r}: neither a file nor valid JSON ({e})") from None
+        return lambda tok: Grammar.json_schema(schema, tok)
+    if args.grammar:
+        if not Path(args.grammar).is_file():
+            raise PLMError(f"--grammar {args.grammar}: no such file")
+        text = Path(args.grammar).read_text()
+        return lambda tok: Grammar.lark(text, tok)
+    return None
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     from plm.infer.generate import fit_to_context, generate
     cfg = sampling_config(args)
     prompts = args.prompt
     if not prompts:
         raise PLMError("give at least one --prompt")
+    constraint = _constraint(args)
     eng = engine_from_args(args)
     tok = eng.tokenizer
+    if constraint is not None:
+        cfg.grammar = constraint(tok)
     if args.chat_template:
         prompts = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)
                    for p in prompts]
@@ -230,6 +260,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("dir", help="checkpoint folder or Hugging Face hub id")
     p.add_argument("--prompt", action="append", default=[], help="repeat for a batch")
     p.add_argument("--chat-template", action="store_true", help="wrap each prompt as a user turn")
+    g = p.add_argument_group("structured output (needs llguidance: pip install 'plm[serve]')")
+    g.add_argument("--json", action="store_true", help="the reply is a JSON object")
+    g.add_argument("--json-schema", default=None, metavar="SCHEMA",
+                   help="the reply is JSON valid under this JSON schema (a file, or the schema's text)")
+    g.add_argument("--grammar", default=None, metavar="FILE",
+                   help="the reply is in the language of this Lark grammar (llguidance's dialect)")
     add_sampling_args(p)
     p.set_defaults(func=_cmd_generate)
     p = sub.add_parser("chat", help="multi-turn chat in the terminal (ChatML)")

@@ -26,6 +26,7 @@ class GenerationConfig:
     stop_token_ids: list[int] = field(default_factory=list)
     stop_strings: list[str] = field(default_factory=list)
     seed: int | None = None
+    grammar: object | None = None  # plm.model.grammar.Grammar: every reply stays inside it
 
     def validate(self) -> None:
         if self.max_new_tokens < 0:
@@ -160,6 +161,7 @@ def generate_tokens(step: StepFn, prompts: Sequence[Sequence[int]], cfg: Generat
     seen = counts = None
     stop_ids = torch.tensor(sorted(set(cfg.stop_token_ids)), dtype=torch.long)
     new, new_mask = ids, mask
+    matchers = [cfg.grammar.matcher() for _ in range(B)] if cfg.grammar is not None else None
     for _ in range(cfg.max_new_tokens):
         logits = step(new, new_mask)[:, -1].float().cpu()
         if cfg.repetition_penalty != 1.0 and seen is None:
@@ -170,6 +172,8 @@ def generate_tokens(step: StepFn, prompts: Sequence[Sequence[int]], cfg: Generat
         logits = penalize(logits, cfg, seen, counts)
         if vocab_size is not None:  # padded embedding rows are never real tokens
             logits[:, vocab_size:] = float("-inf")
+        if matchers is not None:
+            logits = torch.stack([matchers[r].mask(logits[j]) for j, r in enumerate(rows.tolist())])
         nxt = sample_next(logits, cfg, gen)
         nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
         is_stop = torch.isin(nxt, stop_ids) & ~done
@@ -182,6 +186,10 @@ def generate_tokens(step: StepFn, prompts: Sequence[Sequence[int]], cfg: Generat
             t = int(nxt[j])
             out[r].append(t)
             yield r, t
+            if matchers is not None:
+                matchers[r].advance(t)
+                if matchers[r].stopped:  # the grammar is complete: nothing may follow
+                    done[j] = True
             if cfg.stop_strings and decode is not None:
                 text = decode(out[r])
                 if any(s in text for s in cfg.stop_strings):

@@ -28,11 +28,12 @@ from starlette.requests import Request as HTTPRequest
 from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Route
 
-from plm.data.chat import CHATML_TEMPLATE_PLAIN
+from plm.data.chat import CHATML_TEMPLATE_PLAIN, TOOL_CALL_OPEN, parse_tool_calls
+from plm.errors import PLMError
 from plm.infer.generate import GenerationConfig
 from plm.serve.metrics import Metrics
 from plm.serve.protocol import (APIError, Reply, Sampling, bool_field, parse_json, parse_messages,
-                                parse_model, parse_prompts, parse_sampling, sse)
+                                parse_model, parse_prompts, parse_sampling, parse_tools, sse)
 from plm.serve.scheduler import Draining, Event, QueueFull, Request, Scheduler
 
 ROUTES = ("/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize",
@@ -61,7 +62,23 @@ def error_response(e: APIError) -> JSONResponse:
 
 # ---- generation -----------------------------------------------------------------------------
 
-def _config(state: AppState, prompt_tokens: int, sp: Sampling) -> GenerationConfig:
+def _grammar(tokenizer, sp: Sampling):
+    """The grammar the request's replies must stay inside (None: free text): tool calls when
+    tools may be called (tool_choice auto: text or calls), else the response format's JSON."""
+    from plm.model.grammar import Grammar, tool_call_grammar
+    kind, schema = sp.response_format
+    try:
+        if sp.calls_tools:
+            return tool_call_grammar(sp.tools, tokenizer, sp.tool_choice, sp.parallel_tool_calls)
+        if kind != "text":
+            return Grammar.json_schema(schema, tokenizer)
+    except PLMError as e:  # a schema the engine cannot compile, or no engine installed
+        raise APIError(400, str(e), param="tools" if sp.calls_tools else "response_format",
+                       code="invalid_schema") from None
+    return None
+
+
+def _config(state: AppState, prompt_tokens: int, sp: Sampling, grammar=None) -> GenerationConfig:
     """The request's generation settings, after the context check."""
     ctx = state.context
     if sp.max_tokens is None:  # as much as the window leaves
@@ -87,7 +104,8 @@ def _config(state: AppState, prompt_tokens: int, sp: Sampling) -> GenerationConf
                             seed=sp.seed, stop_strings=list(sp.stop),
                             stop_token_ids=list(state.tokenizer.stop_token_ids),
                             presence_penalty=sp.presence_penalty, frequency_penalty=sp.frequency_penalty,
-                            repetition_penalty=sp.repetition_penalty, logit_bias=dict(sp.logit_bias))
+                            repetition_penalty=sp.repetition_penalty, logit_bias=dict(sp.logit_bias),
+                            grammar=grammar)
 
 
 async def _wait_disconnect(receive) -> None:
@@ -107,6 +125,22 @@ class GenerationResponse:
         self.state, self.reqs, self.events, self.reply, self.sp = state, reqs, events, reply, sp
         self.echo = list(echo)  # per choice: its prompt's text, sent ahead of the reply's first piece
         self.failed = False  # a choice failed: the others are cancelled, not disconnected
+        # tools: replies are parsed for calls; streamed, a reply's text is held while it may be one
+        self.tools = [t["function"]["name"] for t in sp.tools] if sp.calls_tools else None
+        self.held: list[str | None] = ["" if self.tools else None for _ in reqs]
+        self.held_lps: list[list] = [[] for _ in reqs]
+
+    def _calls(self, text: str, finish_reason: str) -> tuple[str, str, list | None]:
+        """(content, finish_reason, calls or None) of a whole reply."""
+        if self.tools is None:
+            return text, finish_reason, None
+        content, calls = parse_tool_calls(text, self.tools)
+        if not calls:
+            return text, finish_reason, None
+        return content, "tool_calls" if finish_reason == "stop" else finish_reason, calls
+
+    def _lps(self, i: int, entries: list | None) -> list | None:
+        return entries if self.reqs[i].logprobs is not None else None
 
     def _text(self, i: int, text: str) -> str:
         if self.echo[i] is not None:
@@ -166,7 +200,10 @@ class GenerationResponse:
                 return
             else:
                 finish[i] = ev.finish_reason
-        choices = [(self._text(i, "".join(pieces[i])), finish[i], lps[i]) for i in range(k)]
+        choices = []
+        for i in range(k):
+            text, reason, calls = self._calls(self._text(i, "".join(pieces[i])), finish[i])
+            choices.append((text, reason, lps[i], calls))
         await JSONResponse(self.reply.full(choices, self.usage()))(scope, None, send)
 
     async def _stream(self, send, gone) -> None:
@@ -183,26 +220,45 @@ class GenerationResponse:
                 if got is None:
                     return
                 i, ev = got
-                if ev.kind == "text":
+                if ev.kind == "text" and self.held[i] is not None:
+                    data = self._hold(i, ev)
+                elif ev.kind == "text":
                     data = sse(self.reply.chunk(self._text(i, ev.text), logprobs=ev.logprobs, index=i))
                 elif ev.kind == "error":
                     data = sse(APIError(500, f"generation failed: {ev.text}", "server_error").body())
                     left, self.failed = 0, True
                 else:
-                    data = b""
+                    data, reason = b"", ev.finish_reason
                     if self.echo[i] is not None:  # nothing was generated: the prompt still goes first
                         data = sse(self.reply.chunk(self._text(i, ""), index=i))
-                    data += sse(self.reply.chunk(finish_reason=ev.finish_reason, index=i))
+                    if self.held[i]:  # the held reply: tool calls, or text after all
+                        content, reason, calls = self._calls(self.held[i], reason)
+                        data += sse(self.reply.chunk(content, logprobs=self._lps(i, self.held_lps[i]), index=i,
+                                                     calls=calls))
+                    data += sse(self.reply.chunk(finish_reason=reason, index=i))
                     left -= 1
                     if not left:
                         if self.sp.include_usage:
                             data += sse(self.reply.usage_chunk(self.usage()))
                         data += sse("[DONE]")
-                await send({"type": "http.response.body", "body": data, "more_body": left > 0})
+                if data:
+                    await send({"type": "http.response.body", "body": data, "more_body": left > 0})
                 if not left:
                     return
         except OSError:  # the connection broke while sending
             return
+
+    def _hold(self, i: int, ev: Event) -> bytes:
+        """Streamed text of a reply that may call tools: held while it is, or may begin, a
+        <tool_call> (sent whole at the end, as parsed calls); sent once it cannot be one."""
+        self.held[i] += ev.text
+        self.held_lps[i] += ev.logprobs or []
+        start = self.held[i].lstrip()
+        if start.startswith(TOOL_CALL_OPEN) or TOOL_CALL_OPEN.startswith(start):
+            return b""
+        text, lps = self.held[i], self._lps(i, self.held_lps[i])
+        self.held[i] = None
+        return sse(self.reply.chunk(text, logprobs=lps, index=i))
 
 
 async def _submit(state: AppState, prompts: list[list[int]], sp: Sampling, reply: Reply, route: str,
@@ -210,7 +266,9 @@ async def _submit(state: AppState, prompts: list[list[int]], sp: Sampling, reply
     """One request per choice (each prompt n times, choice i = prompt i // n); all queued, or
     none (429 / 503)."""
     echo = echo or [None] * len(prompts)
-    cfgs = [_config(state, len(p), sp) for p in prompts]  # the window check before anything runs
+    # compiled off the event loop (the first grammar also builds the engine's token trie: ~1 s)
+    grammar = await run_in_threadpool(_grammar, state.tokenizer, sp)
+    cfgs = [_config(state, len(p), sp, grammar) for p in prompts]  # the window check before anything runs
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
 
@@ -291,19 +349,23 @@ async def chat_completions(http: HTTPRequest):
     model = parse_model(body, state.model_names)
     sp = parse_sampling(body, chat=True)
     messages = parse_messages(body)
-    ids = await _encode(state, state.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+    text = state.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                               tools=sp.tools if sp.calls_tools else None)
+    ids = await _encode(state, text)
     return await _submit(state, [ids], sp, Reply(model, chat=True, token_bytes=state.tokenizer.token_bytes), "chat")
 
 
 # ---- the tokenizer (vLLM's routes) -------------------------------------------------------------
 
 async def tokenize(http: HTTPRequest):
-    """{"prompt": text} or {"messages": [...], "add_generation_prompt": true} -> {"tokens",
-    "count", "max_model_len"}. Special-token text always becomes its id, as in prompts."""
+    """{"prompt": text} or {"messages": [...], "add_generation_prompt": true, "tools": [...]} ->
+    {"tokens", "count", "max_model_len"}. Special-token text always becomes its id, as in prompts."""
     state: AppState = http.app.state.plm
     body = await _body(http)
     if "messages" in body:
-        text = state.tokenizer.apply_chat_template(parse_messages(body), bool_field(body, "add_generation_prompt", True))
+        tools, choice, _ = parse_tools(body)
+        text = state.tokenizer.apply_chat_template(parse_messages(body), bool_field(body, "add_generation_prompt", True),
+                                                   tools=tools if choice != "none" else None)
     elif isinstance(body.get("prompt"), str):
         text = body["prompt"]
     else:

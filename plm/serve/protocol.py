@@ -2,13 +2,14 @@
 
 Requests are checked field by field: a known field of the wrong type or out of range is a 400
 naming the field (`param`); unknown fields are ignored, as OpenAI-compatible servers do; fields
-of features we do not have (tools, response formats, suffix, echo on chat, best_of other than
-n) are refused when set to anything but their neutral value, rather than silently ignored.
+of features we do not have (suffix, echo on chat, best_of other than n) are refused when set to
+anything but their neutral value, rather than silently ignored.
 """
 from __future__ import annotations
 
 import json
 import math
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -118,6 +119,15 @@ class Sampling:
     logit_bias: dict[int, float] = field(default_factory=dict)
     echo: bool = False  # completions: the prompt before the reply (with logprobs: its tokens' too)
     n: int = 1  # choices per prompt
+    # structured output: ("text", None), ("json_object", None) or ("json_schema", schema)
+    response_format: tuple[str, dict | None] = ("text", None)
+    tools: list[dict] = field(default_factory=list)  # chat: OpenAI function tools
+    tool_choice: str = "auto"  # none | auto | required | a tool's name
+    parallel_tool_calls: bool = True
+
+    @property
+    def calls_tools(self) -> bool:
+        return bool(self.tools) and self.tool_choice != "none"
 
 
 MAX_TOP_LOGPROBS = {True: 20, False: 5}  # chat's top_logprobs, completions' logprobs (OpenAI's limits)
@@ -152,6 +162,72 @@ def _logit_bias(body: dict) -> dict[int, float]:
     return out
 
 
+def _response_format(body: dict) -> tuple[str, dict | None]:
+    """OpenAI's `response_format`: {"type": "text" | "json_object"} or {"type": "json_schema",
+    "json_schema": {"name", "schema", "strict"}} (a schema is always enforced, strict or not)."""
+    v = body.get("response_format")
+    if v is None:
+        return "text", None
+    kinds = ("text", "json_object", "json_schema")
+    if not isinstance(v, dict) or v.get("type") not in kinds:
+        raise bad(f"'response_format' must be an object with 'type' one of {', '.join(kinds)}, got {v!r}"[:300],
+                  "response_format")
+    if v["type"] != "json_schema":
+        return v["type"], None
+    spec = v.get("json_schema")
+    if not isinstance(spec, dict):
+        raise bad("'response_format.json_schema' must be an object {\"name\", \"schema\"}", "response_format")
+    schema = spec.get("schema")
+    if schema is not None and not isinstance(schema, dict):
+        raise bad(f"'response_format.json_schema.schema' must be a JSON schema object, got {_type_name(schema)}",
+                  "response_format")
+    return "json_schema", schema
+
+
+TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+MAX_TOOLS = 128
+
+
+def parse_tools(body: dict) -> tuple[list[dict], str, bool]:
+    """Chat's `tools` (function tools), `tool_choice` and `parallel_tool_calls`."""
+    tools = body.get("tools")
+    if tools is None:
+        tools = []
+    if not isinstance(tools, list) or len(tools) > MAX_TOOLS:
+        raise bad(f"'tools' must be an array of at most {MAX_TOOLS} tools", "tools")
+    names = []
+    for i, t in enumerate(tools):
+        fn = t.get("function") if isinstance(t, dict) else None
+        if not isinstance(t, dict) or t.get("type") != "function" or not isinstance(fn, dict):
+            raise bad(f"'tools[{i}]' must be {{\"type\": \"function\", \"function\": {{...}}}}", "tools")
+        name = fn.get("name")
+        if not isinstance(name, str) or not TOOL_NAME.fullmatch(name):
+            raise bad(f"'tools[{i}].function.name' must be 1-64 letters, digits, _ or -, got {name!r}", "tools")
+        if name in names:
+            raise bad(f"'tools' names the function {name!r} twice", "tools")
+        if fn.get("parameters") is not None and not isinstance(fn["parameters"], dict):
+            raise bad(f"'tools[{i}].function.parameters' must be a JSON schema object", "tools")
+        if fn.get("description") is not None and not isinstance(fn["description"], str):
+            raise bad(f"'tools[{i}].function.description' must be a string", "tools")
+        names.append(name)
+    choice = body.get("tool_choice")
+    if choice is None:
+        choice = "auto"
+    elif isinstance(choice, dict):
+        fn = choice.get("function")
+        if choice.get("type") != "function" or not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise bad("'tool_choice' must be none, auto, required or {\"type\": \"function\", \"function\": "
+                      "{\"name\": ...}}", "tool_choice")
+        choice = fn["name"]
+        if choice not in names:
+            raise bad(f"'tool_choice' names {choice!r}, which is not in 'tools'", "tool_choice")
+    elif choice not in ("none", "auto", "required"):
+        raise bad(f"'tool_choice' must be none, auto, required or a function, got {choice!r}", "tool_choice")
+    if choice == "required" and not names:
+        raise bad("'tool_choice' is required but no 'tools' are given", "tool_choice")
+    return tools, choice, bool_field(body, "parallel_tool_calls", True)
+
+
 def parse_sampling(body: dict, chat: bool = False) -> Sampling:
     n = _int(body, "n", 1, lo=1, hi=MAX_CHOICES)
     best_of = _int(body, "best_of", None, lo=1)
@@ -161,8 +237,13 @@ def parse_sampling(body: dict, chat: bool = False) -> Sampling:
     if chat:
         _refuse(body, "echo", (None, False), "chat does not echo the prompt")
     _refuse(body, "suffix", (None, ""), "no insertion")
-    _refuse(body, "tools", (None, []), "no tool calls")
-    _refuse(body, "response_format", (None, {"type": "text"}), "text only")
+    if not chat:
+        _refuse(body, "tools", (None, []), "tools are for chat completions")
+    tools, tool_choice, parallel = parse_tools(body) if chat else ([], "auto", True)
+    response_format = _response_format(body)
+    if response_format[0] != "text" and tools and tool_choice != "none":
+        raise bad("'response_format' and 'tools' together are not supported: the reply is either tool calls or "
+                  "the format (set tool_choice to none, or drop one)", "response_format", "unsupported_parameter")
     max_tokens = _int(body, "max_completion_tokens" if chat else "max_tokens", None, lo=1)
     if max_tokens is None and chat:
         max_tokens = _int(body, "max_tokens", None, lo=1)
@@ -186,6 +267,10 @@ def parse_sampling(body: dict, chat: bool = False) -> Sampling:
         logit_bias=_logit_bias(body),
         echo=not chat and bool_field(body, "echo"),
         n=n,
+        response_format=response_format,
+        tools=tools,
+        tool_choice=tool_choice,
+        parallel_tool_calls=parallel,
     )
 
 
@@ -257,8 +342,24 @@ def parse_messages(body: dict) -> list[dict]:
         if not isinstance(content, str):
             raise bad(f"'{where}.content' must be a string or an array of text parts, got {_type_name(content)}",
                       f"{where}.content")
-        out.append({"role": "system" if role == "developer" else role, "content": content})
+        msg = {"role": "system" if role == "developer" else role, "content": content}
+        if role == "assistant" and m.get("tool_calls"):
+            msg["tool_calls"] = _message_calls(m["tool_calls"], where)
+        out.append(msg)
     return out
+
+
+def _message_calls(calls: Any, where: str) -> list[dict]:
+    """An assistant message's earlier `tool_calls`: [{id, type, function: {name, arguments}}]."""
+    if not isinstance(calls, list):
+        raise bad(f"'{where}.tool_calls' must be an array", f"{where}.tool_calls")
+    for j, c in enumerate(calls):
+        fn = c.get("function") if isinstance(c, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) \
+                or not isinstance(fn.get("arguments"), (str, dict)):
+            raise bad(f"'{where}.tool_calls[{j}]' must be {{\"type\": \"function\", \"function\": {{\"name\", "
+                      f"\"arguments\"}}}}", f"{where}.tool_calls")
+    return calls
 
 
 # ---- responses ----------------------------------------------------------------------------
@@ -311,23 +412,36 @@ class Reply:
                                  for e in entries],
                 "text_offset": offsets}
 
-    def full(self, choices: list[tuple[str, str, list | None]], usage: dict) -> dict:
-        """The whole response: choices of (text, finish_reason, log-probability entries or None)."""
+    @staticmethod
+    def tool_calls(calls: list[dict]) -> list[dict]:
+        """OpenAI's `tool_calls` for parsed calls ({"name", "arguments"}), each with a fresh id."""
+        return [{"id": "call_" + uuid.uuid4().hex[:24], "type": "function",
+                 "function": {"name": c["name"], "arguments": json.dumps(c["arguments"], ensure_ascii=False)}}
+                for c in calls]
+
+    def full(self, choices: list[tuple[str, str, list | None, list | None]], usage: dict) -> dict:
+        """The whole response: choices of (text, finish_reason, log-probability entries or None,
+        chat: tool calls or None; with calls, `text` is the content before them)."""
         out = []
-        for i, (text, finish_reason, lps) in enumerate(choices):
+        for i, (text, finish_reason, lps, calls) in enumerate(choices):
             if self.chat:
-                out.append({"index": i, "message": {"role": "assistant", "content": text},
-                            "logprobs": self.logprobs(lps, i), "finish_reason": finish_reason})
+                message = {"role": "assistant", "content": text}
+                if calls:
+                    message = {"role": "assistant", "content": text or None, "tool_calls": self.tool_calls(calls)}
+                out.append({"index": i, "message": message, "logprobs": self.logprobs(lps, i),
+                            "finish_reason": finish_reason})
             else:
                 out.append({"index": i, "text": text, "logprobs": self.logprobs(lps, i), "finish_reason": finish_reason})
         return {**self._head("chat.completion" if self.chat else "text_completion"), "choices": out, "usage": usage}
 
     def chunk(self, text: str | None = None, finish_reason: str | None = None, first: bool = False,
-              logprobs: list | None = None, index: int = 0) -> dict:
+              logprobs: list | None = None, index: int = 0, calls: list[dict] | None = None) -> dict:
         if self.chat:
             delta: dict = {"role": "assistant", "content": ""} if first else {}
             if text:
                 delta["content"] = text
+            if calls:  # each call whole, in one delta, as a streamed call's pieces add up to
+                delta["tool_calls"] = [{"index": k, **c} for k, c in enumerate(self.tool_calls(calls))]
             choice = {"index": index, "delta": delta, "logprobs": self.logprobs(logprobs, index),
                       "finish_reason": finish_reason}
             return {**self._head("chat.completion.chunk"), "choices": [choice]}

@@ -7,8 +7,8 @@ Each iteration it
      iteration, so a long prompt delays the running streams by one chunk at a time instead of
      stalling them,
   4. decodes one token for every decoding sequence in one batched step,
-  5. samples each row with its request's own settings (penalties, logit bias, temperature,
-     top-k, top-p) and generator, records the token's log-probability when asked, streams text, and
+  5. samples each row with its request's own settings (penalties, logit bias, a grammar's
+     allowed tokens, temperature, top-k, top-p) and generator, records the token's log-probability when asked, streams text, and
      retires finished requests, freeing their cache (a backend with a prompt cache keeps the
      last few, and at admission skips the part of a new prompt one of them already holds).
 
@@ -109,6 +109,7 @@ class Request:
     route: str = "completions"  # metrics label
     logprobs: int | None = None  # None: none; k >= 0: each token's log-probability and the k best
     score_prompt: bool = False  # the prompt's tokens' log-probabilities too (echo; needs logprobs)
+    matcher: object | None = None  # set from cfg.grammar at submit: the reply stays inside it
     # set by the scheduler
     seq: int = -1
     state: str = "new"  # new | waiting | prefill | decode | done
@@ -184,6 +185,8 @@ class Scheduler:
             free = self.max_batch - len(self.active)
             if len(self.waiting) - free >= self.max_queue:  # waiting beyond the free slots
                 raise QueueFull(f"{len(self.waiting)} requests are already waiting (--max-queue {self.max_queue})")
+            if req.cfg.grammar is not None:
+                req.matcher = req.cfg.grammar.matcher()
             req.seq = next(self._ids)
             req.state = "waiting"
             req.t_submit = time.perf_counter()
@@ -358,6 +361,8 @@ class Scheduler:
             logits[:, self.vocab:] = float("-inf")
         cfg = req.cfg
         adjusted = penalize(logits, cfg, *reply_counts(req.prompt, req.tokens, logits.shape[-1], cfg))
+        if req.matcher is not None:
+            adjusted = req.matcher.mask(adjusted)
         tok = int(sample_next(adjusted, cfg, req.generator)[0])
         now = time.perf_counter()
         if req.t_first is None:
@@ -369,6 +374,8 @@ class Scheduler:
         if tok in req.cfg.stop_token_ids:
             self._finish(req, "stop")
             return
+        if req.matcher is not None:
+            req.matcher.advance(tok)
         req.tokens.append(tok)
         req.last = tok
         if req.logprobs is not None:
@@ -383,6 +390,9 @@ class Scheduler:
                 self._finish(req, "stop")
                 return
         req.text = text
+        if req.matcher is not None and req.matcher.stopped:  # the grammar is complete
+            self._finish(req, "stop")
+            return
         if len(req.tokens) >= req.cfg.max_new_tokens:
             self._finish(req, "length")
             return

@@ -1,0 +1,167 @@
+"""Constrained decoding: a grammar every generated token must keep the reply inside, so a reply
+is valid JSON, matches a JSON schema, or is a well-formed tool call by construction rather than
+by the model's luck (small models often break JSON). Before each sampling step the matcher of a
+sequence gives the set of tokens that keep the text a prefix of the language; the others get a
+logit of -inf; the chosen token then advances the matcher. Once the grammar can only end, the
+reply ends.
+
+The engine is llguidance (an Earley parser over the tokenizer's byte trie, the one behind
+OpenAI's, vLLM's and llama.cpp's structured outputs), an optional dependency: `pip install
+'plm[serve]'`. Grammars are its dialect of Lark, JSON schemas (with `x-guidance` options) and
+regular expressions.
+
+JSON is generated compactly, as Python's `json.dumps` writes it (`", "` between items, `": "`
+after keys, no other whitespace): flexible whitespace would let a model pad a reply with newlines
+until max_tokens runs out. Object properties come in the schema's order.
+"""
+from __future__ import annotations
+
+import functools
+import json
+from typing import Any
+
+import torch
+
+from plm.errors import PLMError
+
+# llguidance's JSON compiler options, set in each schema as "x-guidance"
+JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
+class GrammarError(PLMError):
+    """A grammar or schema the engine cannot compile, or a token it refused."""
+
+
+def _llg():
+    try:
+        import llguidance
+    except ImportError:
+        raise PLMError("constrained output (a JSON schema, a grammar, tool calls) needs the llguidance package: "
+                       "pip install 'plm[serve]' (or pip install llguidance)") from None
+    return llguidance
+
+
+@functools.lru_cache(maxsize=4)
+def _engine_tokenizer(tokenizer) -> Any:
+    """llguidance's view of a plm Tokenizer (its token trie; about a second to build, so kept);
+    the tokenizer's stop tokens are the grammar's end of text."""
+    return _llg().LLTokenizer(tokenizer.hf.to_str(), eos_token=list(tokenizer.stop_token_ids))
+
+
+def styled_schema(schema: dict) -> dict:
+    """`schema` with the compact JSON style, unless it sets its own `x-guidance` options."""
+    if not isinstance(schema, dict):
+        raise GrammarError(f"a JSON schema must be an object, got {type(schema).__name__}")
+    return {**schema, "x-guidance": {**JSON_STYLE, **(schema.get("x-guidance") or {})}}
+
+
+class Grammar:
+    """A compiled grammar for one tokenizer; `matcher()` gives each sequence its own state."""
+
+    def __init__(self, source: str, tokenizer, what: str = "grammar") -> None:
+        llg = _llg()
+        self.source, self.what = source, what
+        self.tok = _engine_tokenizer(tokenizer)
+        err = llg.LLMatcher.validate_grammar(source, self.tok)
+        if err and not err.startswith("WARNING"):
+            raise GrammarError(f"the {what} cannot be compiled: {err.strip()}")
+
+    @classmethod
+    def json_schema(cls, schema: dict | None, tokenizer) -> "Grammar":
+        """Replies that are JSON documents valid under `schema` (None: any JSON object)."""
+        schema = {"type": "object"} if schema is None else schema
+        try:
+            source = _llg().LLMatcher.grammar_from_json_schema(styled_schema(schema))
+        except ValueError as e:
+            raise GrammarError(f"the JSON schema cannot be compiled: {e}") from None
+        return cls(source, tokenizer, "JSON schema")
+
+    @classmethod
+    def lark(cls, text: str, tokenizer) -> "Grammar":
+        """Replies in the language of a Lark grammar (llguidance's dialect: `start` is the top
+        rule, `%json {...}` embeds a schema)."""
+        return cls(_llg().LLMatcher.grammar_from_lark(text), tokenizer, "Lark grammar")
+
+    @classmethod
+    def regex(cls, pattern: str, tokenizer) -> "Grammar":
+        """Replies that match a regular expression in full (Rust `regex` syntax)."""
+        return cls(_llg().LLMatcher.grammar_from_regex(pattern), tokenizer, "regular expression")
+
+    def matcher(self) -> "Matcher":
+        return Matcher(self)
+
+
+class Matcher:
+    """One sequence's position in a grammar."""
+
+    def __init__(self, grammar: Grammar) -> None:
+        self.m = _llg().LLMatcher(grammar.tok, grammar.source, log_level=0)
+        if self.m.is_error():
+            raise GrammarError(self.m.get_error())
+
+    def _bits(self):
+        """numpy bool [n]: bit i says whether token i may come next (n: the engine's vocabulary,
+        rounded up to 32)."""
+        import numpy as np
+        bits = np.unpackbits(np.frombuffer(self.m.compute_bitmask(), dtype=np.uint8), bitorder="little")
+        return bits.view(np.bool_)
+
+    def allowed(self, width: int) -> torch.Tensor:
+        """[width] bool: the tokens that keep the text inside the grammar (ids the engine's
+        tokenizer does not know, such as padded embedding rows, never are)."""
+        bits = self._bits()
+        out = torch.zeros(width, dtype=torch.bool)
+        n = min(width, bits.shape[0])
+        out[:n] = torch.from_numpy(bits[:n].copy())
+        return out
+
+    def mask(self, logits: torch.Tensor) -> torch.Tensor:
+        """float32 logits [..., V] with every token the grammar forbids at -inf."""
+        import numpy as np
+        bits = self._bits()
+        width = logits.shape[-1]
+        n = min(width, bits.shape[0])
+        rows = logits.detach().float().reshape(-1, width).numpy()
+        out = np.full(rows.shape, -np.inf, dtype=np.float32)
+        # numpy's masked copy: about 2x torch.masked_fill over a 152k vocabulary (benchmarks/grammar.py)
+        np.copyto(out[:, :n], rows[:, :n], where=bits[:n])
+        return torch.from_numpy(out).reshape(logits.shape)
+
+    def advance(self, token: int) -> None:
+        if not self.m.consume_token(int(token)):
+            raise GrammarError(f"token {token} does not continue the grammar: {self.m.get_error()[:300]}")
+
+    @property
+    def stopped(self) -> bool:
+        """Nothing can follow but the end of the reply."""
+        return self.m.is_stopped()
+
+    @property
+    def accepting(self) -> bool:
+        """The text so far is a whole sentence of the grammar."""
+        return self.m.is_accepting()
+
+
+def tool_call_grammar(tools: list[dict], tokenizer, choice: str = "auto", parallel: bool = True) -> Grammar:
+    """Replies that call `tools` (OpenAI's `[{"type": "function", "function": {name, parameters}}]`)
+    in the <tool_call> format of plm.data.chat, the arguments valid under each function's
+    `parameters` schema. choice "auto": plain text (not starting with "<") or calls; "required":
+    calls only; a function's name: calls of that function only. `parallel`: one call or several."""
+    from plm.data.chat import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
+    fns = [t["function"] for t in tools]
+    if choice not in ("auto", "required"):
+        fns = [f for f in fns if f["name"] == choice]
+    variants = [{"type": "object", "properties": {"name": {"const": f["name"]},
+                                                  "arguments": f.get("parameters") or {"type": "object"}},
+                 "required": ["name", "arguments"], "additionalProperties": False} for f in fns]
+    if not variants:
+        raise GrammarError(f"no tool is named {choice!r}")
+    schema = styled_schema(variants[0] if len(variants) == 1 else {"anyOf": variants})
+    lines = [
+        "start: TEXT? | calls" if choice == "auto" else "start: calls",
+        'calls: call ("\\n" call)*' if parallel else "calls: call",
+        f'call: "{TOOL_CALL_OPEN}\\n" %json {json.dumps(schema, ensure_ascii=False)} "\\n{TOOL_CALL_CLOSE}"',
+    ]
+    if choice == "auto":
+        lines.append("TEXT: /[^<](.|\\n)*/")
+    return Grammar.lark("\n".join(lines), tokenizer)

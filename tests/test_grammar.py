@@ -1,0 +1,231 @@
+"""Constrained decoding (plm.model.grammar) and the tool-call chat format (plm.data.chat).
+
+Truth is independent of the engine: every constrained reply is checked by the `jsonschema`
+package against its schema, by Python's `re` against its pattern, and by `json.dumps` for the
+compact style; the tool-call prompt is the Hermes / Qwen2.5 text written out by hand.
+"""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("llguidance", reason="the serve extra: pip install -e '.[serve]'")
+jsonschema = pytest.importorskip("jsonschema", reason="the test extra: pip install -e '.[test]'")
+
+from plm.data.chat import parse_tool_calls, render_chatml  # noqa: E402
+from plm.errors import PLMError  # noqa: E402
+from plm.infer.generate import GenerationConfig, generate  # noqa: E402
+from plm.model.grammar import Grammar, GrammarError, tool_call_grammar  # noqa: E402
+
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 12},
+        "age": {"type": "integer", "minimum": 0, "maximum": 150},
+        "tags": {"type": "array", "items": {"enum": ["red", "green", "blue"]}, "maxItems": 3},
+        "ok": {"type": "boolean"},
+    },
+    "required": ["name", "age", "tags", "ok"],
+    "additionalProperties": False,
+}
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 16},
+                                                    "unit": {"enum": ["C", "F"]}},
+                   "required": ["city", "unit"], "additionalProperties": False}}}
+ADD = {"type": "function", "function": {
+    "name": "add", "parameters": {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 999},
+                                                                   "b": {"type": "integer", "minimum": 0, "maximum": 999}},
+                                  "required": ["a", "b"], "additionalProperties": False}}}
+
+
+@pytest.fixture(scope="module")
+def micro(qwen2_micro_dir):
+    from plm.data.tokenizer import Tokenizer
+    from plm.model.modeling import PLMForCausalLM
+    return PLMForCausalLM.from_pretrained(qwen2_micro_dir, dtype="float32"), Tokenizer.from_dir(qwen2_micro_dir)
+
+
+def _gen(micro, prompt, grammar, n: int = 80, **cfg):
+    model, tok = micro
+    return generate(model, tok, prompt, GenerationConfig(max_new_tokens=n, grammar=grammar, **cfg))
+
+
+@pytest.mark.parametrize("seed", [None, 0, 1, 2])
+def test_json_schema_replies_are_valid_and_compact(micro, seed):
+    g = Grammar.json_schema(PERSON, micro[1])
+    res = _gen(micro, "Describe a person:", g, temperature=0.0 if seed is None else 1.0, seed=seed)
+    text = res.texts[0]
+    obj = json.loads(text)
+    jsonschema.validate(obj, PERSON)
+    assert text == json.dumps(obj, ensure_ascii=False)  # ", " and ": ", nothing else
+    assert list(obj) == list(PERSON["properties"])  # the schema's order
+    assert res.finish_reasons == ["stop"]  # ended by the grammar, not max_new_tokens
+
+
+def _admits(tok, grammar: Grammar, text: str) -> bool:
+    """Whether `grammar` takes the whole of `text` (as the tokenizer cuts it) as a sentence."""
+    m = grammar.matcher()
+    try:
+        for t in tok.encode(text):
+            m.advance(t)
+    except GrammarError:
+        return False
+    return m.accepting
+
+
+def test_any_json_object_and_a_regex(micro):
+    tok = micro[1]
+    anyobj = Grammar.json_schema(None, tok)
+    for text in ['{}', '{"a": [1, 2.5, null], "b": {"c": "d"}}']:
+        assert _admits(tok, anyobj, text), text
+    for text in ['[1]', '"x"', '{"a": 1', '{"a" : 1}', '{"a":1}']:  # not objects, or not the compact style
+        assert not _admits(tok, anyobj, text), text
+    pattern = r"[0-9]{3}-[0-9]{4}( ext\. [0-9]{1,3})?"
+    for seed in range(3):
+        text = _gen(micro, "Phone:", Grammar.regex(pattern, tok), temperature=1.0, seed=seed).texts[0]
+        assert re.fullmatch(pattern, text), text
+
+
+def test_a_grammar_that_admits_every_text_changes_nothing(micro):
+    tok = micro[1]
+    free = Grammar.regex(r"(?s).*", tok)
+    for prompt in ["def fib(n):", "Hello", "Once upon a time", "import torch\n"]:
+        plain = _gen(micro, prompt, None, n=24).texts
+        assert "\ufffd" not in plain[0]  # valid UTF-8 (a grammar's text always is)
+        assert _gen(micro, prompt, free, n=24).texts == plain
+    # the random model's greedy reply to this prompt cuts a character in two: the grammar does not
+    plain = _gen(micro, "1 + 1 =", None, n=24).texts[0]
+    assert "\ufffd" in plain and "\ufffd" not in _gen(micro, "1 + 1 =", free, n=24).texts[0]
+
+
+def test_batched_constrained_rows_equal_each_alone(micro):
+    model, tok = micro
+    g = Grammar.json_schema(PERSON, tok)
+    prompts = ["Describe a person:", "Q: who?\nA:", "{"]
+    batch = generate(model, tok, prompts, GenerationConfig(max_new_tokens=80, grammar=g)).texts
+    assert batch == [_gen(micro, p, g).texts[0] for p in prompts]
+
+
+def test_mask_covers_padded_embedding_rows(micro):
+    tok = micro[1]
+    m = Grammar.json_schema(None, tok).matcher()
+    logits = torch.zeros(1, tok.vocab_size + 64)
+    masked = m.mask(logits)
+    allowed = torch.isfinite(masked[0])
+    assert not allowed[tok.vocab_size:].any()
+    assert allowed.sum() >= 1 and bool(allowed[tok.encode("{")[0]])
+    assert not bool(allowed[tok.encode("hello")[0]])
+
+
+def test_bad_schemas_and_grammars_say_what(micro):
+    tok = micro[1]
+    with pytest.raises(GrammarError, match="JSON schema cannot be compiled.*nope"):
+        Grammar.json_schema({"type": "object", "properties": {"a": {"$ref": "#/nope"}}}, tok)
+    with pytest.raises(GrammarError, match="must be an object"):
+        Grammar.json_schema(["not", "a", "schema"], tok)
+    with pytest.raises(GrammarError, match="Lark grammar cannot be compiled"):
+        Grammar.lark("start: undefined_rule", tok)
+
+
+def test_missing_engine_is_a_clear_error(micro, monkeypatch):
+    monkeypatch.setitem(sys.modules, "llguidance", None)
+    with pytest.raises(PLMError, match=r"pip install 'plm\[serve\]'"):
+        Grammar.json_schema(None, micro[1])
+
+
+# ---- tool calls ---------------------------------------------------------------------------------
+
+def test_tool_prompt_is_the_hermes_format():
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+3?"},
+            {"role": "assistant", "content": None,
+             "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "add", "arguments": '{"a": 2, "b": 3}'}}]},
+            {"role": "tool", "content": "5"}, {"role": "tool", "content": "ok"}]
+    tool = json.dumps(ADD)
+    assert render_chatml(msgs, add_generation_prompt=True, tools=[ADD]) == (
+        "<|im_start|>system\nBe brief.\n\n# Tools\n\nYou may call one or more functions to assist with the user query."
+        "\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>\n" + tool +
+        "\n</tools>\n\nFor each function call, return a json object with function name and arguments within "
+        "<tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": "
+        "<args-json-object>}\n</tool_call><|im_end|>\n"
+        "<|im_start|>user\n2+3?<|im_end|>\n"
+        "<|im_start|>assistant\n<tool_call>\n{\"name\": \"add\", \"arguments\": {\"a\": 2, \"b\": 3}}\n</tool_call>"
+        "<|im_end|>\n"
+        "<|im_start|>user\n<tool_response>\n5\n</tool_response>\n<tool_response>\nok\n</tool_response><|im_end|>\n"
+        "<|im_start|>assistant\n")
+    # no tools: plain ChatML, and no system turn is invented
+    assert render_chatml(msgs[1:2]) == "<|im_start|>user\n2+3?<|im_end|>\n"
+    assert render_chatml(msgs[1:2], tools=[ADD]).startswith("<|im_start|>system\n# Tools\n")
+
+
+def test_parse_tool_calls():
+    call = '<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>'
+    assert parse_tool_calls(call) == ("", [{"name": "add", "arguments": {"a": 1, "b": 2}}])
+    two = "Let me add.\n" + call + "\n" + call.replace("1", "7")
+    content, calls = parse_tool_calls(two, ["add"])
+    assert content == "Let me add." and [c["arguments"]["a"] for c in calls] == [1, 7]
+    assert parse_tool_calls("just text") == ("just text", [])
+    for broken in [call.replace("}}", "}"), call.replace('"arguments"', '"args"'), call[:-3]]:
+        assert parse_tool_calls(broken) == (broken, [])
+    assert parse_tool_calls(call, ["get_weather"]) == (call, [])  # an unknown function
+
+
+@pytest.mark.parametrize("choice", ["required", "add", "get_weather"])
+def test_forced_tool_calls_are_valid(micro, choice):
+    model, tok = micro
+    prompt = tok.apply_chat_template([{"role": "user", "content": "Weather in Paris?"}], add_generation_prompt=True,
+                                     tools=[WEATHER, ADD])
+    for seed in (None, 3):
+        g = tool_call_grammar([WEATHER, ADD], tok, choice, parallel=False)
+        text = _gen(micro, prompt, g, n=120, temperature=0.0 if seed is None else 1.0, seed=seed).texts[0]
+        content, calls = parse_tool_calls(text, ["get_weather", "add"])
+        assert content == "" and len(calls) == 1, text
+        fn = {"get_weather": WEATHER, "add": ADD}[calls[0]["name"]]["function"]
+        jsonschema.validate(calls[0]["arguments"], fn["parameters"])
+        if choice != "required":
+            assert calls[0]["name"] == choice
+
+
+def test_auto_tool_grammar_admits_text_or_calls(micro):
+    tok = micro[1]
+    call = '<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>'
+
+    def admits(grammar, text: str) -> bool:
+        return _admits(tok, grammar, text)
+
+    auto = tool_call_grammar([WEATHER, ADD], tok, "auto")
+    assert admits(auto, "Hello there") and admits(auto, call) and admits(auto, call + "\n" + call)
+    assert not admits(auto, "<b>bold</b>")  # text may not begin with "<"
+    assert not admits(auto, call.replace("add", "sub"))  # only the given functions
+    assert not admits(auto, call.replace('"b": 2', '"b": "two"'))  # arguments under the schema
+    single = tool_call_grammar([WEATHER, ADD], tok, "required", parallel=False)
+    assert admits(single, call) and not admits(single, call + "\n" + call) and not admits(single, "Hello")
+
+
+def test_generate_cli_json_schema(qwen2_micro_dir, tmp_path):
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps({"type": "object", "properties": {"n": {"type": "integer", "maximum": 99}},
+                                  "required": ["n"]}))
+    cmd = [sys.executable, "-m", "plm", "generate", str(qwen2_micro_dir), "--prompt", "Number:", "--threads", "1",
+           "--max-new-tokens", "40"]
+    out = subprocess.run(cmd + ["--json-schema", str(schema)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["n"] <= 99
+    bad = subprocess.run(cmd + ["--json-schema", "{bad"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "neither a file nor valid JSON" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_grammar_benchmark_runs(tmp_path):
+    out = subprocess.run([sys.executable, "benchmarks/grammar.py", "--repeats", "1", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr
+    report = json.loads((tmp_path / "grammar.json").read_text())
+    assert [r["tokens"] > 0 and r["grammar_us"] > 0 for r in report["rows"]] == [True] * 4
+    assert (tmp_path / "grammar.png").stat().st_size > 0 and "| grammar |" in (tmp_path / "grammar.md").read_text()
