@@ -1006,6 +1006,56 @@ def test_prompt_cache_reuses_a_finished_prefix_bit_for_bit(qwen2_micro_dir):
         type(backend)(dec, keep=-1)
 
 
+def test_running_sequences_share_their_prefix(qwen2_micro_dir):
+    """A prompt that begins as a running sequence's tokens do starts from a copy of that cache
+    (the decoder's copy_prefix): the rest's logits equal a fresh prefill's bit for bit. In the
+    scheduler the n choices of one prompt prefill it once (the others wait for it, then copy),
+    and each choice's text is the one it gets alone."""
+    from plm.serve.backend import native_unavailable
+    why = native_unavailable()
+    if why:
+        pytest.skip(f"native decoder: {why}")
+    from plm.serve.backend import load_native
+    backend, tok = load_native(qwen2_micro_dir, "none", keep=0)
+    dec = backend.dec
+
+    def fresh(ids):
+        h = dec.new_sequence()
+        try:
+            return dec.prefill(h, ids)
+        finally:
+            dec.free(h)
+
+    a = tok.encode(" ".join(PROMPTS))
+    assert len(a) > 60
+    assert backend.admit(0, 128, a) == 0
+    backend.prefill(0, a)
+    for seq, (prompt, want) in enumerate([(a, len(a) - 1), (a[:20] + tok.encode(" otherwise"), 20)], start=1):
+        assert backend.admit(seq, 128, prompt) == want  # copied from sequence 0, which keeps running
+        assert torch.equal(backend.prefill(seq, prompt[want:]), fresh(prompt))
+    assert dec.length(backend.handles[0]) == len(a)  # the source is untouched
+    with pytest.raises(Exception, match="not empty"):
+        dec.copy_prefix(backend.handles[1], backend.handles[0], 5)
+    h = dec.new_sequence()
+    with pytest.raises(Exception, match="outside"):
+        dec.copy_prefix(h, backend.handles[0], len(a) + 1)
+    dec.free(h)
+    for seq in (0, 1, 2):
+        backend.free(seq)
+
+    from plm.serve.metrics import parse_prometheus
+    cfgs = [GenerationConfig(max_new_tokens=12, temperature=0.9, seed=s, stop_token_ids=[-1]) for s in (1, 2, 3)]
+    other = tok.encode(PROMPTS[4])
+    jobs = [(a, c) for c in cfgs] + [(other, GenerationConfig(max_new_tokens=12, stop_token_ids=[-1]))]
+    alone = [_run_scheduler(backend, tok, [j])[0][0] for j in jobs]
+    together, sched = _run_scheduler(backend, tok, jobs, chunk=7)
+    assert together == alone and len({toks for toks, _ in [(tuple(t), r) for t, r in together[:3]]}) == 3
+    m = parse_prometheus(sched.metrics.render())
+    assert m["plm_prompt_tokens_cached_total"] == 2 * (len(a) - 1)  # choices 2 and 3 copied all but the last id
+    assert m["plm_prompt_tokens_total"] == len(a) + 2 + len(other)
+    assert backend.handles == {}
+
+
 def test_stream_holds_back_stop_prefixes_and_partial_utf8():
     """The scheduler's text streaming against a scripted backend: what is streamed is always a
     prefix of the final text, a stop string never leaks, and finish reasons are right."""

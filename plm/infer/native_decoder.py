@@ -258,6 +258,10 @@ class NativeDecoder:
         """Forget all but the first `tokens` positions of `seq`."""
         self.impl.truncate(seq, tokens)
 
+    def copy_prefix(self, dst: int, src: int, tokens: int) -> None:
+        """Fill the empty sequence `dst` with the first `tokens` positions of `src`'s cache."""
+        self.impl.copy_prefix(dst, src, tokens)
+
     def weight_bytes(self) -> int:
         return int(self.impl.weight_bytes())
 

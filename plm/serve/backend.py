@@ -236,9 +236,11 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 
 class NativeBackend:
     """plm.infer.native_decoder.NativeDecoder behind the Backend interface, with a prompt cache
-    of the `keep` most recently finished sequences (0: none)."""
+    of the `keep` most recently finished sequences (0: none), and prefix sharing: a new prompt
+    that begins as a running sequence's tokens do starts from a copy of that cache."""
 
     kind = "native"
+    shares_prefixes = True  # the scheduler may hold a prompt until a running one has computed its start
 
     def __init__(self, decoder, prefill_chunk: int = 256, keep: int = 4) -> None:
         if keep < 0:
@@ -250,18 +252,25 @@ class NativeBackend:
         self.idle: OrderedDict[int, list[int]] = OrderedDict()  # finished handles -> their ids, oldest first
 
     def admit(self, seq: int, total_tokens: int, prompt: Sequence[int] = ()) -> int:
-        """A new sequence; returns how many of the prompt's first ids its cache already holds
-        (taken from the finished sequence that shares the longest prefix with the prompt)."""
+        """A new sequence; returns how many of the prompt's first ids its cache already holds:
+        taken from the finished sequence, or copied from the running one, that shares the longest
+        prefix with the prompt (a finished one on a tie: taking costs no copy)."""
         if seq in self.handles:
             raise PLMError(f"sequence {seq} is already admitted")
-        # the last prompt id always runs: its logits give the first new token
-        best, n = None, 0
+        want = prompt[:len(prompt) - 1]  # the last prompt id always runs: its logits give the first new token
+        best, n, running = None, 0, False
         for h, ids in self.idle.items():
-            k = common_prefix(ids, prompt[:len(prompt) - 1])
+            k = common_prefix(ids, want)
             if k > n:
                 best, n = h, k
-        if best is None:
+        for q, h in self.handles.items():
+            k = common_prefix(self.fed[q], want)
+            if k > n:
+                best, n, running = h, k, True
+        if best is None or running:
             h = self.dec.new_sequence()
+            if best is not None:
+                self.dec.copy_prefix(h, best, n)
         else:
             h = best
             del self.idle[h]

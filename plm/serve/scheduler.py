@@ -2,7 +2,9 @@
 
 Each iteration it
   1. frees the slots of cancelled requests (a client that went away),
-  2. admits waiting requests while fewer than `max_batch` sequences are active,
+  2. admits waiting requests while fewer than `max_batch` sequences are active (on a backend
+     that shares prefixes, a request whose first prompt tokens another request is still
+     prefilling waits for them, then copies them: the `n` choices of a prompt prefill it once),
   3. prefills: while sequences are decoding, at most `prefill_chunk` prompt tokens run per
      iteration, so a long prompt delays the running streams by one chunk at a time instead of
      stalling them,
@@ -46,11 +48,13 @@ import torch
 
 from plm.errors import PLMError
 from plm.infer.generate import GenerationConfig, penalize, reply_counts, sample_next, truncate_at_stop
+from plm.serve.backend import common_prefix
 from plm.serve.metrics import BATCH_BUCKETS, Metrics
 
 
 IDLE_CHUNK = 256  # mixed iterations with no stream waiting: prompt tokens per forward
 SCORE_CHUNK = 64  # prompt tokens per forward when every position's logits come back (64 x V floats)
+SHARE_MIN = 32  # prompt tokens in common worth waiting for another request's prefill
 
 
 def mixes(backend) -> bool:
@@ -243,9 +247,11 @@ class Scheduler:
                 gone = [r for r in self.waiting if r.cancelled]
                 for req in gone:
                     self.waiting.remove(req)
-                new = []
+                new, held = [], []
                 while self.waiting and len(self.active) + len(new) < self.max_batch:
-                    new.append(self.waiting.popleft())
+                    req = self.waiting.popleft()
+                    (held if self._shares_pending(req, new) else new).append(req)
+                self.waiting.extendleft(reversed(held))
             try:
                 for req in gone + [r for r in self.active if r.cancelled]:
                     self._finish(req, "cancelled")  # frees the slot at once
@@ -264,6 +270,21 @@ class Scheduler:
             self.metrics.set("kv_cache_bytes", self.backend.cache_bytes())
             with self.cond:
                 self.cond.notify_all()  # stop() waits for an empty server
+
+    def _shares_pending(self, req: Request, new: list[Request]) -> bool:
+        """Hold `req` back while a request still in its prefill is computing at least SHARE_MIN
+        of `req`'s first prompt tokens (the `n` choices of one prompt, clients with one system
+        prompt): admitted once that part is in a cache, `req` copies it instead of recomputing
+        it (a backend that shares prefixes: the native decoder)."""
+        if not getattr(self.backend, "shares_prefixes", False) or req.score_prompt or len(req.prompt) <= SHARE_MIN:
+            return False
+        head = req.prompt[:SHARE_MIN]
+        for p in itertools.chain(self.active, new):
+            if p.state in ("prefill", "waiting") and not p.score_prompt and p.prompt[:SHARE_MIN] == head:
+                k = common_prefix(p.prompt, req.prompt[:len(req.prompt) - 1])
+                if k > p.prefilled:
+                    return True
+        return False
 
     def _iteration(self) -> None:
         for req in [r for r in self.active if r.state == "prefill" and r.score_prompt]:

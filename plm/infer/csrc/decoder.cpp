@@ -182,6 +182,20 @@ class Decoder : public torch::CustomClassHolder {
     s.len = n;
   }
 
+  // Start sequence `dst` (empty) with a copy of the first `n` positions of `src`'s cache: a
+  // prompt that begins as another sequence's does skips that part of its prefill. Rows are
+  // computed independently, so the copy equals what a prefill of those tokens would write.
+  void copy_prefix(int64_t dst, int64_t src, int64_t n) {
+    TORCH_CHECK(dst != src, "plm.Decoder: copy_prefix needs two sequences");
+    Seq& s = seq(src);
+    Seq& d = seq(dst);
+    TORCH_CHECK(d.len == 0, "plm.Decoder: copy_prefix into sequence ", dst, ", which is not empty");
+    TORCH_CHECK(n >= 0 && n <= s.len, "plm.Decoder: copy_prefix of ", n, " positions outside [0, ", s.len, "]");
+    grow_cache(d, n);
+    if (n) d.cache.narrow(1, 0, n).copy_(s.cache.narrow(1, 0, n));
+    d.len = n;
+  }
+
   int64_t weight_bytes() {
     int64_t n = embed_.nbytes() + 4 * d_;
     for (const Layer& l : layers_) {
@@ -491,6 +505,7 @@ TORCH_LIBRARY_FRAGMENT(plm, m) {
       .def("kv_bytes", &plm::Decoder::kv_bytes)
       .def("reserve", &plm::Decoder::reserve)
       .def("truncate", &plm::Decoder::truncate)
+      .def("copy_prefix", &plm::Decoder::copy_prefix)
       .def("weight_bytes", &plm::Decoder::weight_bytes)
       .def("step", &plm::Decoder::step)
       .def("prefill", &plm::Decoder::prefill)
