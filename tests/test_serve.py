@@ -1111,6 +1111,70 @@ def test_stream_holds_back_stop_prefixes_and_partial_utf8():
     assert res[0] == (list(data[:5]), "length")
 
 
+def test_a_scored_prompt_does_not_stall_running_streams():
+    """An echo prompt is scored 64 tokens a forward, one forward an iteration: a running stream
+    decodes between its chunks instead of waiting for the whole prompt (a scripted backend)."""
+    from plm.serve.scheduler import SCORE_CHUNK, Request, Scheduler
+
+    class Tok:
+        vocab_size = 300
+        stop_token_ids = [299]
+
+        def decode(self, ids):
+            return bytes(t % 128 for t in ids).decode()
+
+    class Recorder:
+        kind = "script"
+
+        def __init__(self):
+            self.calls = []
+
+        def admit(self, seq, total, prompt=()):
+            return 0
+
+        def prefill(self, seq, ids, all_logits=False):
+            self.calls.append(("score" if all_logits else "prefill", seq, len(ids)))
+            return torch.zeros(len(ids), 300) if all_logits else torch.zeros(300)
+
+        def step(self, seqs, ids):
+            self.calls.append(("step", tuple(seqs), len(seqs)))
+            return torch.zeros(len(seqs), 300)
+
+        def free(self, seq):
+            pass
+
+        def cache_bytes(self):
+            return 0
+
+    backend = Recorder()
+    sched = Scheduler(backend, Tok(), max_batch=4).start()
+    done = threading.Semaphore(0)
+    lps = []
+
+    def emit(ev):
+        lps.extend(ev.logprobs or [])
+        if ev.kind != "text":
+            done.release()
+
+    stream = Request([65], GenerationConfig(max_new_tokens=10 ** 6, stop_token_ids=[299]), emit)  # runs until cancelled
+    sched.submit(stream)
+    while not any(c[0] == "step" for c in backend.calls):
+        time.sleep(0.001)
+    long = list(range(1, 200))
+    scored = Request(long, GenerationConfig(max_new_tokens=1, stop_token_ids=[299]), emit, logprobs=0,
+                     score_prompt=True)
+    sched.submit(scored)
+    assert done.acquire(timeout=60) and scored.state == "done"
+    sched.cancel(stream)
+    assert done.acquire(timeout=60)
+    sched.stop(10)
+    chunks = [i for i, c in enumerate(backend.calls) if c[0] == "score"]
+    assert [backend.calls[i][2] for i in chunks] == [SCORE_CHUNK, SCORE_CHUNK, SCORE_CHUNK, 199 - 3 * SCORE_CHUNK]
+    for a, b in zip(chunks, chunks[1:]):  # the stream decoded between every two chunks
+        assert any(c[0] == "step" and stream.seq in c[1] for c in backend.calls[a:b])
+    assert len([e for e in lps if e.logprob is None]) == 1 and len(lps) >= len(long)
+
+
 def test_metrics_text_format():
     from plm.serve.metrics import Metrics
     m = Metrics()

@@ -30,8 +30,9 @@ always a prefix of the final text. A request with `logprobs` set gets, with each
 the log-probabilities of the tokens generated since the last piece: each token's under the
 model's own distribution (log-softmax of the raw logits, before penalties, bias and
 temperature, as vLLM reports them by default) and the `logprobs` most likely alternatives. A
-request with `score_prompt` (echo) gets its prompt's tokens' too: its prompt runs whole, alone,
-in forwards that return every position's logits, before it joins the decoding batch.
+request with `score_prompt` (echo) gets its prompt's tokens' too: its prompt runs in forwards
+of SCORE_CHUNK tokens that return every position's logits, one an iteration beside the decode
+step, before it joins the decoding batch.
 """
 from __future__ import annotations
 
@@ -127,6 +128,7 @@ class Request:
     cancelled: bool = False
     generator: torch.Generator | None = None
     pending: list[TokenLogprob] = field(default_factory=list)  # log-probabilities not yet emitted
+    scored_next: torch.Tensor | None = None  # echo: log-probabilities of the next prompt token
     t_submit: float = 0.0
     t_first: float | None = None
     t_last: float | None = None
@@ -288,14 +290,14 @@ class Scheduler:
 
     def _iteration(self) -> None:
         for req in [r for r in self.active if r.state == "prefill" and r.score_prompt]:
-            self._prefill_scored(req)
+            self._score_chunk(req)
         if mixes(self.backend):
             self._mixed_iteration()
             return
         decoding = [r for r in self.active if r.state == "decode"]
         # with streams running, one chunk-budget of prompt per iteration; alone, all of it
         budget = self.chunk if decoding else sys.maxsize
-        for req in [r for r in self.active if r.state == "prefill"]:
+        for req in [r for r in self.active if r.state == "prefill" and not r.score_prompt]:
             while req.state == "prefill" and budget > 0:
                 s = req.prefilled
                 e = min(len(req.prompt), (s // self.chunk + 1) * self.chunk)  # fixed chunk boundaries
@@ -316,28 +318,30 @@ class Scheduler:
         logits = self.backend.step([r.seq for r in decoding], [r.last for r in decoding])
         self._decoded(decoding, logits, time.perf_counter() - t0)
 
-    def _prefill_scored(self, req: Request) -> None:
-        """The whole prompt of a request that wants its tokens' log-probabilities (echo), in
-        forwards of SCORE_CHUNK tokens that return every position's logits, on its own (the
-        running streams wait for it). The entries go out ahead of the reply's."""
-        p = req.prompt
-        req.pending = [TokenLogprob(p[0], None, [])]  # the first token has nothing before it
-        prev = None  # log-probabilities of the token after the previous chunk
-        for s in range(0, len(p), SCORE_CHUNK):
-            ids = p[s:s + SCORE_CHUNK]
-            t0 = time.perf_counter()
-            logits = self.backend.prefill(req.seq, ids, all_logits=True).float()
-            self.metrics.observe("prefill_chunk_seconds", time.perf_counter() - t0)
-            self.metrics.inc("prompt_tokens_total", len(ids))
-            if logits.shape[-1] > self.vocab:
-                logits[:, self.vocab:] = float("-inf")
-            lp = logits[:-1].log_softmax(-1)
-            if prev is not None:
-                lp = torch.cat([prev[None], lp])
-            req.pending += _entries(lp, ids if prev is not None else ids[1:], req.logprobs)
-            prev = logits[-1].log_softmax(-1)
-        req.prefilled, req.state = len(p), "decode"
-        self._accept(req, logits[-1:])
+    def _score_chunk(self, req: Request) -> None:
+        """The next SCORE_CHUNK tokens of the prompt of a request that wants its tokens'
+        log-probabilities (echo), in a forward that returns every position's logits. One chunk an
+        iteration, beside the decode step, so the running streams wait for one chunk at a time,
+        not for the whole prompt. The entries go out ahead of the reply's."""
+        p, s = req.prompt, req.prefilled
+        if s == 0:
+            req.pending = [TokenLogprob(p[0], None, [])]  # the first token has nothing before it
+        ids = p[s:s + SCORE_CHUNK]
+        t0 = time.perf_counter()
+        logits = self.backend.prefill(req.seq, ids, all_logits=True).float()
+        self.metrics.observe("prefill_chunk_seconds", time.perf_counter() - t0)
+        self.metrics.inc("prompt_tokens_total", len(ids))
+        if logits.shape[-1] > self.vocab:
+            logits[:, self.vocab:] = float("-inf")
+        lp = logits[:-1].log_softmax(-1)
+        if s:  # the previous chunk's last position scores this chunk's first token
+            lp = torch.cat([req.scored_next[None], lp])
+        req.pending += _entries(lp, ids if s else ids[1:], req.logprobs)
+        req.scored_next = logits[-1].log_softmax(-1)
+        req.prefilled += len(ids)
+        if req.prefilled == len(p):
+            req.state, req.scored_next = "decode", None
+            self._accept(req, logits[-1:])
 
     def _decoded(self, decoding: list[Request], logits: torch.Tensor, seconds: float, first: int = 0) -> None:
         """A decode step ran: metrics, then each decoding request's row (logits[first + j])."""
@@ -355,7 +359,7 @@ class Scheduler:
         for req in self.active:
             if budget <= 0:
                 break
-            if req.state == "prefill":
+            if req.state == "prefill" and not req.score_prompt:
                 n = min(len(req.prompt) - req.prefilled, budget)
                 fed.append((req, n))
                 budget -= n
