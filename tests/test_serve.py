@@ -611,6 +611,25 @@ def test_malformed_json_unknown_model_and_routes(server):
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 2
 
 
+def test_structured_output_without_the_engine_is_a_clear_400(qwen2_micro_dir, tmp_path):
+    """A server whose Python has no llguidance still serves text, and answers a JSON schema or
+    tools with a 400 that says what to install."""
+    (tmp_path / "llguidance.py").write_text("raise ImportError('llguidance is blocked in this test')\n")
+    path = os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))
+    s = Server(qwen2_micro_dir, "--runtime", "edge", "--dtype", "float32", "--model-name", "micro",
+               env={"PYTHONPATH": path})
+    try:
+        msgs = [{"role": "user", "content": "x"}]
+        r = httpx.post(s.url + "/v1/chat/completions", json={"messages": msgs, "max_tokens": 2})
+        assert r.status_code == 200
+        for extra, param in [({"response_format": {"type": "json_object"}}, "response_format"),
+                             ({"tools": [ADD], "tool_choice": "required"}, "tools")]:
+            r = httpx.post(s.url + "/v1/chat/completions", json={"messages": msgs, "max_tokens": 2, **extra})
+            assert "pip install 'plm[serve]'" in _err(r, 400, "unsupported_parameter", param)
+    finally:
+        s.stop()
+
+
 def test_context_window_check_says_by_how_much(server, truth_model):
     # the model's window: 512 tokens
     n = len(truth_model[1].encode(PROMPTS[2]))

@@ -65,16 +65,19 @@ def error_response(e: APIError) -> JSONResponse:
 def _grammar(tokenizer, sp: Sampling):
     """The grammar the request's replies must stay inside (None: free text): tool calls when
     tools may be called (tool_choice auto: text or calls), else the response format's JSON."""
-    from plm.model.grammar import Grammar, tool_call_grammar
+    from plm.model.grammar import Grammar, GrammarError, tool_call_grammar
     kind, schema = sp.response_format
+    param = "tools" if sp.calls_tools else "response_format"
     try:
         if sp.calls_tools:
             return tool_call_grammar(sp.tools, tokenizer, sp.tool_choice, sp.parallel_tool_calls)
         if kind != "text":
             return Grammar.json_schema(schema, tokenizer)
-    except PLMError as e:  # a schema the engine cannot compile, or no engine installed
-        raise APIError(400, str(e), param="tools" if sp.calls_tools else "response_format",
-                       code="invalid_schema") from None
+    except GrammarError as e:  # a schema the engine cannot compile
+        raise APIError(400, str(e), param=param, code="invalid_schema") from None
+    except PLMError as e:  # no engine installed
+        raise APIError(400, f"{e}; this server cannot constrain replies", param=param,
+                       code="unsupported_parameter") from None
     return None
 
 

@@ -114,7 +114,7 @@ class Request:
     route: str = "completions"  # metrics label
     logprobs: int | None = None  # None: none; k >= 0: each token's log-probability and the k best
     score_prompt: bool = False  # the prompt's tokens' log-probabilities too (echo; needs logprobs)
-    matcher: object | None = None  # set from cfg.grammar at submit: the reply stays inside it
+    matcher: object | None = None  # set from cfg.grammar at admission: the reply stays inside it
     # set by the scheduler
     seq: int = -1
     state: str = "new"  # new | waiting | prefill | decode | done
@@ -191,8 +191,6 @@ class Scheduler:
             free = self.max_batch - len(self.active)
             if len(self.waiting) - free >= self.max_queue:  # waiting beyond the free slots
                 raise QueueFull(f"{len(self.waiting)} requests are already waiting (--max-queue {self.max_queue})")
-            if req.cfg.grammar is not None:
-                req.matcher = req.cfg.grammar.matcher()
             req.seq = next(self._ids)
             req.state = "waiting"
             req.t_submit = time.perf_counter()
@@ -260,6 +258,8 @@ class Scheduler:
                 for req in new:
                     req.state = "prefill"
                     self.active.append(req)
+                    if req.cfg.grammar is not None:  # here, off the HTTP event loop: 1-4 ms each
+                        req.matcher = req.cfg.grammar.matcher()
                     # a backend with a prompt cache may hold the prompt's beginning already
                     req.cached = req.prefilled = self.backend.admit(  # a scored prompt runs whole
                         req.seq, len(req.prompt) + req.cfg.max_new_tokens, () if req.score_prompt else req.prompt) or 0
