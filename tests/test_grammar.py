@@ -113,6 +113,16 @@ def test_batched_constrained_rows_equal_each_alone(micro):
     assert batch == [_gen(micro, p, g).texts[0] for p in prompts]
 
 
+def test_hf_shaped_generate_takes_a_grammar(micro):
+    model, tok = micro
+    batch = tok(["Describe a person:", "Q: who is she?\nA:"], return_tensors="pt")  # left-padded
+    out = model.generate(batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=80,
+                         grammar=Grammar.json_schema(PERSON, tok))
+    for row in out[:, batch["input_ids"].shape[1]:].tolist():
+        text = tok.decode([t for t in row if t not in tok.stop_token_ids])
+        jsonschema.validate(json.loads(text), PERSON)
+
+
 def test_mask_covers_padded_embedding_rows(micro):
     tok = micro[1]
     m = Grammar.json_schema(None, tok).matcher()

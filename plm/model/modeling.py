@@ -326,11 +326,12 @@ class PLMForCausalLM(nn.Module):
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
                  top_k: int = 0, repetition_penalty: float = 1.0, eos_token_id: int | list[int] | None = None,
-                 pad_token_id: int | None = None, seed: int | None = None) -> torch.Tensor:
+                 pad_token_id: int | None = None, seed: int | None = None, grammar=None) -> torch.Tensor:
         """transformers-style generation: the prompts (a batch, left- or right-padded with
         `attention_mask`) followed by their continuations, [B, prompt + new], finished rows
         padded with `pad_token_id`. Greedy unless `do_sample`; stops at `eos_token_id`
-        (default: the config's)."""
+        (default: the config's). `grammar` (plm.model.grammar.Grammar, an extension): every
+        continuation stays inside it, e.g. JSON valid under a schema."""
         from plm.model.generation import GenerationConfig, generate_tokens, model_step_fn
 
         eos = self.config.eos_ids if eos_token_id is None else (
@@ -340,7 +341,7 @@ class PLMForCausalLM(nn.Module):
         prompts = [row[m.bool()].tolist() for row, m in zip(input_ids.cpu(), mask.cpu())]
         cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature if do_sample else 0.0,
                                top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
-                               stop_token_ids=eos, seed=seed)
+                               stop_token_ids=eos, seed=seed, grammar=grammar)
         new: list[list[int]] = [[] for _ in prompts]
         for row, tok in generate_tokens(model_step_fn(self), prompts, cfg, pad_id=pad):
             new[row].append(tok)
