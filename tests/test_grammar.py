@@ -214,6 +214,19 @@ def test_auto_tool_grammar_admits_text_or_calls(micro):
     assert not admits(auto, "<b>bold</b>")  # text may not begin with "<"
     assert not admits(auto, call.replace("add", "sub"))  # only the given functions
     assert not admits(auto, call.replace('"b": 2', '"b": "two"'))  # arguments under the schema
+    # a schema that lists its properties takes no others unless it says so; no parameters: {}
+    loose = {"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"x": {"type": "integer"}}}}}
+    bare = {"type": "function", "function": {"name": "g"}}
+    g = tool_call_grammar([loose, bare], tok, "required")
+    assert admits(g, call.replace("add", "f").replace('"a": 1, "b": 2', '"x": 1'))
+    assert not admits(g, call.replace("add", "f").replace('"a": 1, "b": 2', '"x": 1, "y": 2'))
+    assert admits(g, call.replace("add", "g").replace('{"a": 1, "b": 2}', "{}"))
+    assert not admits(g, call.replace("add", "g").replace('"a": 1, "b": 2', '"x": 1'))
+    opened = {"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"x": {"type": "integer"}}, "additionalProperties": True}}}
+    assert admits(tool_call_grammar([opened], tok, "required"),
+                  call.replace("add", "f").replace('"a": 1, "b": 2', '"x": 1, "y": 2'))
     single = tool_call_grammar([WEATHER, ADD], tok, "required", parallel=False)
     assert admits(single, call) and not admits(single, call + "\n" + call) and not admits(single, "Hello")
 

@@ -142,17 +142,28 @@ class Matcher:
         return self.m.is_accepting()
 
 
+def _arguments(fn: dict) -> dict:
+    """The schema of a call's arguments: the function's `parameters`, where an object that lists
+    its properties and says nothing of others takes no others (else a model can pad a call with
+    made-up keys until max_tokens); no `parameters`: no arguments, `{}`."""
+    params = fn.get("parameters")
+    if not params:
+        return {"type": "object", "properties": {}, "additionalProperties": False}
+    if "properties" in params and "additionalProperties" not in params:
+        return {**params, "additionalProperties": False}
+    return params
+
+
 def tool_call_grammar(tools: list[dict], tokenizer, choice: str = "auto", parallel: bool = True) -> Grammar:
     """Replies that call `tools` (OpenAI's `[{"type": "function", "function": {name, parameters}}]`)
     in the <tool_call> format of plm.data.chat, the arguments valid under each function's
-    `parameters` schema. choice "auto": plain text (not starting with "<") or calls; "required":
+    `parameters` schema (no undeclared keys unless it allows them: `_arguments`). choice "auto": plain text (not starting with "<") or calls; "required":
     calls only; a function's name: calls of that function only. `parallel`: one call or several."""
     from plm.data.chat import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
     fns = [t["function"] for t in tools]
     if choice not in ("auto", "required"):
         fns = [f for f in fns if f["name"] == choice]
-    variants = [{"type": "object", "properties": {"name": {"const": f["name"]},
-                                                  "arguments": f.get("parameters") or {"type": "object"}},
+    variants = [{"type": "object", "properties": {"name": {"const": f["name"]}, "arguments": _arguments(f)},
                  "required": ["name", "arguments"], "additionalProperties": False} for f in fns]
     if not variants:
         raise GrammarError(f"no tool is named {choice!r}")
