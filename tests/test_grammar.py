@@ -211,7 +211,9 @@ def test_auto_tool_grammar_admits_text_or_calls(micro):
 
     auto = tool_call_grammar([WEATHER, ADD], tok, "auto")
     assert admits(auto, "Hello there") and admits(auto, call) and admits(auto, call + "\n" + call)
-    assert not admits(auto, "<b>bold</b>")  # text may not begin with "<"
+    for text in ["<b>bold</b>", "<!DOCTYPE html>\n<html>", "<tool", "<tool_cal", "<tools are fun>", "\n<tool_call>"]:
+        assert admits(auto, text), text  # any text that does not open a call
+    assert not admits(auto, "<tool_call> is a tag")  # that opens one: it must be a call
     assert not admits(auto, call.replace("add", "sub"))  # only the given functions
     assert not admits(auto, call.replace('"b": 2', '"b": "two"'))  # arguments under the schema
     # a schema that lists its properties takes no others unless it says so; no parameters: {}

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from typing import Any
 
 import torch
@@ -154,11 +155,22 @@ def _arguments(fn: dict) -> dict:
     return params
 
 
+def _not_starting_with(word: str) -> str:
+    """A regular expression (no lookahead: the engine has none) for the non-empty texts that do
+    not begin with `word`: they leave it at some character, or are a proper prefix of it."""
+    def lit(t: str) -> str:
+        return "".join(re.escape(c) for c in t)
+    leave = "|".join(f"{lit(word[:i])}[^{re.escape(word[i])}]" for i in range(len(word)))
+    prefixes = "|".join(lit(word[:i]) for i in range(1, len(word)))
+    return f"(({leave})(.|\\n)*|{prefixes})"
+
+
 def tool_call_grammar(tools: list[dict], tokenizer, choice: str = "auto", parallel: bool = True) -> Grammar:
     """Replies that call `tools` (OpenAI's `[{"type": "function", "function": {name, parameters}}]`)
     in the <tool_call> format of plm.data.chat, the arguments valid under each function's
-    `parameters` schema (no undeclared keys unless it allows them: `_arguments`). choice "auto": plain text (not starting with "<") or calls; "required":
-    calls only; a function's name: calls of that function only. `parallel`: one call or several."""
+    `parameters` schema (no undeclared keys unless it allows them: `_arguments`). choice "auto":
+    plain text (not starting with "<tool_call>") or calls; "required": calls only; a function's
+    name: calls of that function only. `parallel`: one call or several."""
     from plm.data.chat import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
     fns = [t["function"] for t in tools]
     if choice not in ("auto", "required"):
@@ -174,5 +186,5 @@ def tool_call_grammar(tools: list[dict], tokenizer, choice: str = "auto", parall
         f'call: "{TOOL_CALL_OPEN}\\n" %json {json.dumps(schema, ensure_ascii=False)} "\\n{TOOL_CALL_CLOSE}"',
     ]
     if choice == "auto":
-        lines.append("TEXT: /[^<](.|\\n)*/")
+        lines.append(f"TEXT: /{_not_starting_with(TOOL_CALL_OPEN)}/")
     return Grammar.lark("\n".join(lines), tokenizer)
