@@ -1075,6 +1075,68 @@ def test_running_sequences_share_their_prefix(qwen2_micro_dir):
     assert backend.handles == {}
 
 
+def test_grammar_forced_tokens_ride_in_one_forward(qwen2_micro_dir):
+    """On the native decoder the tokens a grammar forces (a JSON key, the opening of a tool call)
+    join the reply at once and are fed in one forward with the token before them: the reply
+    equals a loop in the test over the decoder doing the same, and forwards carry several
+    tokens of the decoding sequence."""
+    pytest.importorskip("llguidance")
+    from plm.serve.backend import native_unavailable
+    why = native_unavailable()
+    if why:
+        pytest.skip(f"native decoder: {why}")
+    from plm.model.grammar import Grammar, tool_call_grammar
+    from plm.serve.backend import load_native
+    from plm.serve.metrics import parse_prometheus
+    backend, tok = load_native(qwen2_micro_dir, "none", keep=0)
+    dec = backend.dec
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8},
+                                               "age": {"type": "integer", "minimum": 0, "maximum": 99}},
+              "required": ["name", "age"], "additionalProperties": False}
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {
+        "type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 9}}, "required": ["a"]}}}]
+    grammars = [Grammar.json_schema(schema, tok), tool_call_grammar(tools, tok, "required")]
+
+    def by_hand(prompt, grammar, n=60):  # greedy under the mask, forced tokens fed together
+        m, h, out = grammar.matcher(), dec.new_sequence(), []
+        logits = dec.prefill(h, prompt)
+        while len(out) < n:
+            t = int(m.mask(logits.reshape(1, -1)).argmax())
+            if t in tok.stop_token_ids:
+                break
+            m.advance(t)
+            out.append(t)
+            if m.stopped:
+                break
+            ff = m.forced(n - len(out))
+            out += ff
+            if m.stopped or len(out) >= n:
+                break
+            logits = dec.prefill(h, [t] + ff)
+        dec.free(h)
+        return out
+
+    prompts = [tok.encode(p) for p in ("Describe a person:", "What is 2 + 3?")]
+    want = [by_hand(p, g) for p, g in zip(prompts, grammars)]
+    forwards = []
+    run = backend.run
+
+    def spy(segs):
+        forwards.append(len(segs))
+        return run(segs)
+
+    backend.run = spy
+    jobs = [(p, GenerationConfig(max_new_tokens=60, stop_token_ids=tok.stop_token_ids, grammar=g))
+            for p, g in zip(prompts, grammars)]
+    got, sched = _run_scheduler(backend, tok, jobs)
+    assert [t for t, _ in got] == want and [r for _, r in got] == ["stop", "stop"]
+    json.loads(tok.decode(want[0]))
+    forced = parse_prometheus(sched.metrics.render())["plm_grammar_forced_tokens_total"]
+    assert forced >= 17  # the tool call's opening alone: <tool_call>\n{"name": "add", "arguments": {"a":
+    # one token a sequence a forward would need as many forwards as the longest reply has tokens
+    assert len(forwards) < max(len(w) for w in want)
+
+
 def test_stream_holds_back_stop_prefixes_and_partial_utf8():
     """The scheduler's text streaming against a scripted backend: what is streamed is always a
     prefix of the final text, a stop string never leaks, and finish reasons are right."""

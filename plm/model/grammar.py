@@ -132,6 +132,14 @@ class Matcher:
         if not self.m.consume_token(int(token)):
             raise GrammarError(f"token {token} does not continue the grammar: {self.m.get_error()[:300]}")
 
+    def forced(self, limit: int) -> list[int]:
+        """The next tokens the grammar allows no alternative to (at most `limit`; the engine's
+        canonical tokenization of the forced text), consumed: the caller appends them."""
+        ff = self.m.compute_ff_tokens()[:max(limit, 0)]
+        if ff and not self.m.consume_tokens(ff):
+            raise GrammarError(f"forced tokens {ff} do not continue the grammar: {self.m.get_error()[:300]}")
+        return ff
+
     @property
     def stopped(self) -> bool:
         """Nothing can follow but the end of the reply."""
