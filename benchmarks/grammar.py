@@ -11,6 +11,13 @@ the logits, only on the grammar's state.
 
     python benchmarks/grammar.py                       # prints a table, writes runs/bench-grammar/
     python benchmarks/grammar.py --repeats 5 --out DIR
+    python benchmarks/grammar.py --serve MODEL.gguf --threads 2   # and forced tokens end to end
+
+With --serve, it also starts `plm serve MODEL` (native runtime) and times a forced tool call
+(one function, `tool_choice` required, one call, greedy) with the grammar's forced tokens fed in
+one forward, against the same request with `logprobs` set, which makes the server decode every
+token on its own step (forced tokens have no log-probabilities); the two alternate, after a
+warm-up that leaves the prompt in the prompt cache.
 """
 from __future__ import annotations
 
@@ -58,6 +65,9 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3, help="passes over each reply (per-token times pooled)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
     ap.add_argument("--out", default="runs/bench-grammar")
+    ap.add_argument("--serve", default=None, metavar="MODEL",
+                    help="also time forced tokens end to end on `plm serve MODEL` (a GGUF or checkpoint)")
+    ap.add_argument("--rounds", type=int, default=3, help="--serve: requests per mode")
     args = ap.parse_args()
 
     import torch
@@ -106,6 +116,8 @@ def main() -> int:
     info = machine_info(args.threads)
     report = {"command": "python " + " ".join(sys.argv), "machine": info, "engine_trie_s": round(trie_s, 3),
               "vocab": 151936, "rows": rows}
+    if args.serve:
+        report["serve"] = _served(args.serve, args.threads, args.rounds)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "grammar.json").write_text(json.dumps(report, indent=2))
@@ -118,12 +130,75 @@ def main() -> int:
              "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['grammar']} | {r['tokens']} | {r['compile_ms']} | {r['plain_us']} | {r['grammar_us']} | "
               f"{r['grammar_p95_us']} | {r['grammar_max_us']} | {r['added_us']} |" for r in rows]
+    if args.serve:
+        sv = report["serve"]
+        lines += ["", f"`plm serve {args.serve}` ({sv['runtime']} runtime), a forced tool call of "
+                      f"{sv['tokens']} tokens, {args.rounds} requests per mode, alternating:", "",
+                  "| mode | seconds (median) | tokens/s | decode steps saved |", "|---|---|---|---|",
+                  f"| forced tokens fed in one forward | {sv['ff_s']} | {sv['ff_tok_s']} | "
+                  f"{sv['forced_tokens']} of {sv['tokens']} |",
+                  f"| every token its own step (`logprobs`) | {sv['plain_s']} | {sv['plain_tok_s']} | 0 |"]
     table = "\n".join(lines)
     (out / "grammar.md").write_text(table + "\n")
     _plot(rows, out / "grammar.png")
     print(table)
     print(json.dumps(report))
     return 0
+
+
+def _served(model: str, threads: int, rounds: int) -> dict:
+    """Forced tokens end to end: the same tool call with and without them, on a live server."""
+    import re
+    import subprocess
+
+    import httpx
+    proc = subprocess.Popen([sys.executable, "-m", "plm", "serve", model, "--port", "0", "--threads", str(threads)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+    try:
+        url = None
+        for line in proc.stdout:
+            m = re.search(r"\((\w+) runtime.* on (http://\S+)/v1", line)
+            if m:
+                runtime, url = m.group(1), m.group(2)
+                break
+        if url is None:
+            raise SystemExit(f"plm serve {model} did not start")
+        tool = {"type": "function", "function": {"name": "get_weather", "parameters": {
+            "type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
+                                             "unit": {"enum": ["celsius", "fahrenheit"]}},
+            "required": ["city", "unit"]}}}
+        body = {"messages": [{"role": "user", "content": "What is the weather in Paris?"}], "tools": [tool],
+                "tool_choice": "required", "parallel_tool_calls": False, "max_tokens": 64, "temperature": 0}
+
+        def ask(logprobs: bool) -> tuple[float, dict]:
+            t0 = time.perf_counter()
+            r = httpx.post(url + "/v1/chat/completions", json={**body, "logprobs": logprobs}, timeout=900).json()
+            return time.perf_counter() - t0, r
+
+        ask(False)  # warm-up: the prompt goes into the prompt cache
+        before = _counter(httpx.get(url + "/metrics").text, "plm_grammar_forced_tokens_total")
+        times: dict[bool, list[float]] = {False: [], True: []}
+        replies = {}
+        for _ in range(rounds):
+            for lp in (False, True):
+                s, r = ask(lp)
+                times[lp].append(s)
+                replies[lp] = r
+        forced = (_counter(httpx.get(url + "/metrics").text, "plm_grammar_forced_tokens_total") - before) / rounds
+        calls = [replies[lp]["choices"][0]["message"]["tool_calls"] for lp in (False, True)]
+        assert calls[0][0]["function"] == calls[1][0]["function"], calls  # the same call either way
+        n = replies[False]["usage"]["completion_tokens"]
+        ff, plain = statistics.median(times[False]), statistics.median(times[True])
+        return {"runtime": runtime, "tokens": n, "forced_tokens": int(forced), "ff_s": round(ff, 3),
+                "plain_s": round(plain, 3), "ff_tok_s": round(n / ff, 1), "plain_tok_s": round(n / plain, 1),
+                "call": calls[0][0]["function"]}
+    finally:
+        proc.kill()
+        proc.wait(30)
+
+
+def _counter(text: str, name: str) -> float:
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " "))
 
 
 def _plot(rows: list[dict], path: Path) -> None:

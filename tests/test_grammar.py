@@ -247,10 +247,14 @@ def test_generate_cli_json_schema(qwen2_micro_dir, tmp_path):
     assert len(bad.stderr.strip().splitlines()) == 1
 
 
-def test_grammar_benchmark_runs(tmp_path):
-    out = subprocess.run([sys.executable, "benchmarks/grammar.py", "--repeats", "1", "--out", str(tmp_path)],
-                         capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
+def test_grammar_benchmark_runs(tmp_path, qwen2_micro_dir):
+    out = subprocess.run([sys.executable, "benchmarks/grammar.py", "--repeats", "1", "--out", str(tmp_path),
+                          "--serve", str(qwen2_micro_dir), "--rounds", "1", "--threads", "1"],
+                         capture_output=True, text=True, timeout=600, cwd=Path(__file__).resolve().parents[1])
     assert out.returncode == 0, out.stderr
     report = json.loads((tmp_path / "grammar.json").read_text())
     assert [r["tokens"] > 0 and r["grammar_us"] > 0 for r in report["rows"]] == [True] * 4
+    sv = report["serve"]  # the same call with and without forced tokens (asserted by the script)
+    assert sv["tokens"] > 0 and sv["call"]["name"] == "get_weather"
+    assert (sv["forced_tokens"] > 0) == (sv["runtime"] == "native")
     assert (tmp_path / "grammar.png").stat().st_size > 0 and "| grammar |" in (tmp_path / "grammar.md").read_text()
