@@ -122,7 +122,8 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "grammar.json").write_text(json.dumps(report, indent=2))
     lines = [f"Command: `{report['command']}`  ",
-             f"Machine: {info['cpu']}, {info['cores']} cores; {args.threads} torch thread(s); torch {info['torch']}. "
+             f"Machine: {info['cpu']}, {info['cores']} cores; {args.threads} torch thread(s); torch {info['torch']}; "
+             f"load average at start {info['loadavg_at_start'][0]:.2f}. "
              f"The engine's token trie for the Qwen2 tokenizer: built once per process in {trie_s:.2f} s.",
              "",
              "| grammar | reply tokens | compile ms | plain step µs (p50) | constrained step µs (p50) | p95 | max "

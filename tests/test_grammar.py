@@ -242,9 +242,17 @@ def test_generate_cli_json_schema(qwen2_micro_dir, tmp_path):
     out = subprocess.run(cmd + ["--json-schema", str(schema)], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["n"] <= 99
-    bad = subprocess.run(cmd + ["--json-schema", "{bad"], capture_output=True, text=True, timeout=300)
-    assert bad.returncode != 0 and "neither a file nor valid JSON" in bad.stderr
-    assert len(bad.stderr.strip().splitlines()) == 1
+    lark = tmp_path / "yes_no.lark"
+    lark.write_text('start: "yes" | "no"\n')
+    out = subprocess.run(cmd + ["--grammar", str(lark)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() in ("yes", "no"), out.stderr
+    out = subprocess.run(cmd + ["--json", "--max-new-tokens", "3"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.startswith("{"), out.stderr
+    for extra, says in [(["--json-schema", "{bad"], "neither a file nor valid JSON"),
+                        (["--json", "--grammar", str(lark)], "give one of --json, --json-schema and --grammar"),
+                        (["--grammar", str(tmp_path / "none.lark")], "no such file")]:
+        bad = subprocess.run(cmd + extra, capture_output=True, text=True, timeout=300)
+        assert bad.returncode != 0 and says in bad.stderr and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
 
 
 def test_grammar_benchmark_runs(tmp_path, qwen2_micro_dir):

@@ -17,18 +17,6 @@ from plm.errors import PLMError
 ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 SPECIAL_TOKENS = (ENDOFTEXT, IM_START, IM_END)
 
-# Jinja ChatML template, as Qwen2 ships it, for tools that render chats themselves.
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if loop.first and messages[0]['role'] != 'system' %}"
-    "{% if default_system %}{{ '<|im_start|>system\\n' + default_system + '<|im_end|>\\n' }}{% endif %}"
-    "{% endif %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
-
-
 # Tool calls. ASSUMED: PLM's released template has no tool syntax; tools use the convention of
 # Qwen2-tokenizer chat models (Hermes' format, as Qwen2.5 ships it): the function signatures as
 # JSON lines inside <tools></tools> in the system turn, each call the model makes as

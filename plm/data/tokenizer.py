@@ -17,7 +17,7 @@ from typing import Iterable, Sequence
 from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers.trainers import BpeTrainer
 
-from plm.data.chat import (CHATML_TEMPLATE, CHATML_TEMPLATE_PLAIN, ENDOFTEXT, IM_END, IM_START,  # noqa: F401
+from plm.data.chat import (CHATML_TEMPLATE_PLAIN, ENDOFTEXT, IM_END, IM_START,  # noqa: F401
                            SPECIAL_TOKENS, render_chatml)
 from plm.errors import PLMError
 

@@ -173,7 +173,8 @@ def generate_tokens(step: StepFn, prompts: Sequence[Sequence[int]], cfg: Generat
         if vocab_size is not None:  # padded embedding rows are never real tokens
             logits[:, vocab_size:] = float("-inf")
         if matchers is not None:
-            logits = torch.stack([matchers[r].mask(logits[j]) for j, r in enumerate(rows.tolist())])
+            logits = torch.stack([logits[j] if done[j] else matchers[r].mask(logits[j])  # finished rows: pads
+                                  for j, r in enumerate(rows.tolist())])
         nxt = sample_next(logits, cfg, gen)
         nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
         is_stop = torch.isin(nxt, stop_ids) & ~done

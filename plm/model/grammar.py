@@ -57,15 +57,14 @@ def styled_schema(schema: dict) -> dict:
 
 
 class Grammar:
-    """A compiled grammar for one tokenizer; `matcher()` gives each sequence its own state."""
+    """A compiled grammar for one tokenizer; `matcher()` gives each sequence its own state (a
+    copy of a matcher at the start, so the grammar is compiled once, not once per sequence)."""
 
     def __init__(self, source: str, tokenizer, what: str = "grammar") -> None:
-        llg = _llg()
         self.source, self.what = source, what
-        self.tok = _engine_tokenizer(tokenizer)
-        err = llg.LLMatcher.validate_grammar(source, self.tok)
-        if err and not err.startswith("WARNING"):
-            raise GrammarError(f"the {what} cannot be compiled: {err.strip()}")
+        self._start = _llg().LLMatcher(_engine_tokenizer(tokenizer), source, log_level=0)
+        if self._start.is_error():
+            raise GrammarError(f"the {what} cannot be compiled: {self._start.get_error().strip()}")
 
     @classmethod
     def json_schema(cls, schema: dict | None, tokenizer) -> "Grammar":
@@ -89,37 +88,20 @@ class Grammar:
         return cls(_llg().LLMatcher.grammar_from_regex(pattern), tokenizer, "regular expression")
 
     def matcher(self) -> "Matcher":
-        return Matcher(self)
+        return Matcher(self._start.deep_copy())
 
 
 class Matcher:
     """One sequence's position in a grammar."""
 
-    def __init__(self, grammar: Grammar) -> None:
-        self.m = _llg().LLMatcher(grammar.tok, grammar.source, log_level=0)
-        if self.m.is_error():
-            raise GrammarError(self.m.get_error())
-
-    def _bits(self):
-        """numpy bool [n]: bit i says whether token i may come next (n: the engine's vocabulary,
-        rounded up to 32)."""
-        import numpy as np
-        bits = np.unpackbits(np.frombuffer(self.m.compute_bitmask(), dtype=np.uint8), bitorder="little")
-        return bits.view(np.bool_)
-
-    def allowed(self, width: int) -> torch.Tensor:
-        """[width] bool: the tokens that keep the text inside the grammar (ids the engine's
-        tokenizer does not know, such as padded embedding rows, never are)."""
-        bits = self._bits()
-        out = torch.zeros(width, dtype=torch.bool)
-        n = min(width, bits.shape[0])
-        out[:n] = torch.from_numpy(bits[:n].copy())
-        return out
+    def __init__(self, m) -> None:
+        self.m = m  # an llguidance LLMatcher
 
     def mask(self, logits: torch.Tensor) -> torch.Tensor:
-        """float32 logits [..., V] with every token the grammar forbids at -inf."""
+        """float32 logits [..., V] with every token the grammar forbids at -inf (ids the
+        engine's tokenizer does not know, such as padded embedding rows, always)."""
         import numpy as np
-        bits = self._bits()
+        bits = np.unpackbits(np.frombuffer(self.m.compute_bitmask(), dtype=np.uint8), bitorder="little").view(np.bool_)
         width = logits.shape[-1]
         n = min(width, bits.shape[0])
         rows = logits.detach().float().reshape(-1, width).numpy()

@@ -66,13 +66,12 @@ def _grammar(tokenizer, sp: Sampling):
     """The grammar the request's replies must stay inside (None: free text): tool calls when
     tools may be called (tool_choice auto: text or calls), else the response format's JSON."""
     from plm.model.grammar import Grammar, GrammarError, tool_call_grammar
-    kind, schema = sp.response_format
     param = "tools" if sp.calls_tools else "response_format"
     try:
         if sp.calls_tools:
             return tool_call_grammar(sp.tools, tokenizer, sp.tool_choice, sp.parallel_tool_calls)
-        if kind != "text":
-            return Grammar.json_schema(schema, tokenizer)
+        if sp.response_format[0] != "text":
+            return Grammar.json_schema(sp.response_format[1], tokenizer)
     except GrammarError as e:  # a schema the engine cannot compile
         raise APIError(400, str(e), param=param, code="invalid_schema") from None
     except PLMError as e:  # no engine installed
@@ -270,7 +269,7 @@ async def _submit(state: AppState, prompts: list[list[int]], sp: Sampling, reply
     none (429 / 503)."""
     echo = echo or [None] * len(prompts)
     # compiled off the event loop (the first grammar also builds the engine's token trie: ~1 s)
-    grammar = await run_in_threadpool(_grammar, state.tokenizer, sp)
+    grammar = await run_in_threadpool(_grammar, state.tokenizer, sp) if sp.constrained else None
     cfgs = [_config(state, len(p), sp, grammar) for p in prompts]  # the window check before anything runs
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()

@@ -129,6 +129,11 @@ class Sampling:
     def calls_tools(self) -> bool:
         return bool(self.tools) and self.tool_choice != "none"
 
+    @property
+    def constrained(self) -> bool:
+        """Replies are generated under a grammar (tool calls or a JSON response format)."""
+        return self.calls_tools or self.response_format[0] != "text"
+
 
 MAX_TOP_LOGPROBS = {True: 20, False: 5}  # chat's top_logprobs, completions' logprobs (OpenAI's limits)
 

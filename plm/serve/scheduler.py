@@ -259,7 +259,7 @@ class Scheduler:
                 for req in new:
                     req.state = "prefill"
                     self.active.append(req)
-                    if req.cfg.grammar is not None:  # here, off the HTTP event loop: 1-4 ms each
+                    if req.cfg.grammar is not None:  # a copy of the compiled grammar's start state
                         req.matcher = req.cfg.grammar.matcher()
                     # a backend with a prompt cache may hold the prompt's beginning already
                     req.cached = req.prefilled = self.backend.admit(  # a scored prompt runs whole
