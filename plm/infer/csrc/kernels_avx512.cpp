@@ -36,19 +36,27 @@ inline void store_tile(float* y, int64_t ldy, int64_t m, int64_t row0, int64_t N
   }
 }
 
-// The per-block fp32 step of the 32-input block formats (Q8_0, Q4_0): subtract the weight
-// offset times the activation block's sum, then acc += float(dot) * (d_w * d_x), as every path.
+// The integer sums of a 32-input block (Q8_0, Q4_0) start at -offset * sum(x block) rather
+// than at zero, so the weight offset costs no subtraction per (tile, row): the same int32 sums.
+template <int MT, int MB>
+inline void block_start(__m512i (&is)[MT][MB], int32_t offset, const QAct& x, int64_t m0, int64_t K, int64_t b) {
+  for (int i = 0; i < MB; i++) {
+    const int32_t* s = x.s16 + (m0 + i) * (K / 16) + 2 * b;
+    const __m512i off = _mm512_set1_epi32(-offset * (s[0] + s[1]));
+    for (int j = 0; j < MT; j++) is[j][i] = off;
+  }
+}
+
+// The per-block fp32 step, as every path: acc += float(dot) * (d_w * d_x).
 template <int MT, int MB>
 inline void block_epilogue(__m512 (&acc)[MT][MB], const __m512i (&is)[MT][MB], const uint8_t* const* wt, int64_t boff,
-                           int32_t offset, const QAct& x, int64_t m0, int64_t K, int64_t nd, int64_t b) {
+                           const QAct& x, int64_t m0, int64_t nd, int64_t b) {
   __m512 dw[MT];
   for (int j = 0; j < MT; j++) dw[j] = f16x16(wt[j] + boff);
   for (int i = 0; i < MB; i++) {
-    const int32_t* s = x.s16 + (m0 + i) * (K / 16) + 2 * b;
-    const __m512i off = _mm512_set1_epi32(offset * (s[0] + s[1]));
     const __m512 dx = _mm512_set1_ps(x.d[(m0 + i) * nd + b]);
     for (int j = 0; j < MT; j++)
-      acc[j][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(is[j][i], off)), _mm512_mul_ps(dw[j], dx), acc[j][i]);
+      acc[j][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(is[j][i]), _mm512_mul_ps(dw[j], dx), acc[j][i]);
   }
 }
 
@@ -63,8 +71,7 @@ void q8_0_rows(const uint8_t* const* wt, int64_t K, const QAct& x, int64_t m0, f
     for (int i = 0; i < MB; i++) acc[j][i] = _mm512_setzero_ps();
   for (int64_t b = 0; b < nb; b++) {
     __m512i is[MT][MB];
-    for (int j = 0; j < MT; j++)
-      for (int i = 0; i < MB; i++) is[j][i] = _mm512_setzero_si512();
+    block_start<MT, MB>(is, 128, x, m0, K, b);
     for (int c = 0; c < 8; c++) {
       __m512i w[MT];
       for (int j = 0; j < MT; j++) w[j] = ld512(wt[j] + b * Q8_0_TB + 32 + 64 * c);  // q + 128 as unsigned bytes
@@ -73,7 +80,7 @@ void q8_0_rows(const uint8_t* const* wt, int64_t K, const QAct& x, int64_t m0, f
         for (int j = 0; j < MT; j++) is[j][i] = _mm512_dpbusd_epi32(is[j][i], w[j], xv);
       }
     }
-    block_epilogue<MT, MB>(acc, is, wt, b * Q8_0_TB, 128, x, m0, K, nd, b);
+    block_epilogue<MT, MB>(acc, is, wt, b * Q8_0_TB, x, m0, nd, b);
   }
   for (int j = 0; j < MT; j++)
     for (int i = 0; i < MB; i++) store_tile(y, ldy, m0 + i, row0[j], N, acc[j][i]);
@@ -89,8 +96,7 @@ void q4_0_rows(const uint8_t* const* wt, int64_t K, const QAct& x, int64_t m0, f
     for (int i = 0; i < MB; i++) acc[j][i] = _mm512_setzero_ps();
   for (int64_t b = 0; b < nb; b++) {
     __m512i is[MT][MB];
-    for (int j = 0; j < MT; j++)
-      for (int i = 0; i < MB; i++) is[j][i] = _mm512_setzero_si512();
+    block_start<MT, MB>(is, 8, x, m0, K, b);
     for (int g = 0; g < 4; g++) {
       __m512i lo[MT], hi[MT];
       for (int j = 0; j < MT; j++) {
@@ -104,7 +110,7 @@ void q4_0_rows(const uint8_t* const* wt, int64_t K, const QAct& x, int64_t m0, f
         for (int j = 0; j < MT; j++) is[j][i] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(is[j][i], lo[j], xa), hi[j], xb);
       }
     }
-    block_epilogue<MT, MB>(acc, is, wt, b * Q4_0_TB, 8, x, m0, K, nd, b);
+    block_epilogue<MT, MB>(acc, is, wt, b * Q4_0_TB, x, m0, nd, b);
   }
   for (int j = 0; j < MT; j++)
     for (int i = 0; i < MB; i++) store_tile(y, ldy, m0 + i, row0[j], N, acc[j][i]);
