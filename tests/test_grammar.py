@@ -231,6 +231,13 @@ def test_auto_tool_grammar_admits_text_or_calls(micro):
                   call.replace("add", "f").replace('"a": 1, "b": 2', '"x": 1, "y": 2'))
     single = tool_call_grammar([WEATHER, ADD], tok, "required", parallel=False)
     assert admits(single, call) and not admits(single, call + "\n" + call) and not admits(single, "Hello")
+    # a response format beside the tools: the reply that is not calls is JSON under it
+    answer = {"type": "object", "properties": {"answer": {"type": "integer"}}, "required": ["answer"]}
+    typed = tool_call_grammar([WEATHER, ADD], tok, "auto", text_schema=answer)
+    assert admits(typed, call) and admits(typed, '{"answer": 5}')
+    assert not admits(typed, "Hello") and not admits(typed, '{"answer": "five"}') and not admits(typed, "{}")
+    assert admits(tool_call_grammar([ADD], tok, "required", text_schema=answer), call)
+    assert not admits(tool_call_grammar([ADD], tok, "required", text_schema=answer), '{"answer": 5}')
 
 
 def test_generate_cli_json_schema(qwen2_micro_dir, tmp_path):

@@ -499,6 +499,30 @@ def test_tool_calls(server, truth_model):
     chunks = client.chat.completions.create(model="micro", messages=msgs, tools=[WEATHER, ADD], max_tokens=N,
                                             temperature=0, stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want
+    # tools and a response format (an agent's typed final answer): calls, or JSON under the format
+    answer = {"type": "object", "properties": {"answer": {"type": "integer", "minimum": 0, "maximum": 99},
+                                               "why": {"type": "string", "maxLength": 12}},
+              "required": ["answer", "why"], "additionalProperties": False}
+    fmt = {"type": "json_schema", "json_schema": {"name": "answer", "schema": answer}}
+    brace = tok.encode("{")[0]  # a nudge towards JSON: this random model otherwise calls a tool
+    validated = 0
+    for rf, schema, bias in [(fmt, answer, {}), (fmt, answer, {brace: 2.0}), ({"type": "json_object"}, None, {brace: 2.0})]:
+        grammar = tool_call_grammar([WEATHER, ADD], tok, "auto", text_schema=schema or {"type": "object"})
+        want = truth(truth_model, prompt, n=60, logit_bias=bias, grammar=grammar)
+        text, want_calls = parse_tool_calls(want)
+        r = client.chat.completions.create(model="micro", messages=msgs, tools=[WEATHER, ADD], response_format=rf,
+                                           logit_bias={str(k): v for k, v in bias.items()}, max_tokens=60,
+                                           temperature=0)
+        m, fin = r.choices[0].message, r.choices[0].finish_reason
+        if want_calls:
+            assert fin == "tool_calls" and [{"name": c.function.name, "arguments": json.loads(c.function.arguments)}
+                                            for c in m.tool_calls] == want_calls
+        else:
+            assert m.content == want and m.tool_calls is None and want.startswith("{"), want
+            if fin == "stop":  # complete: valid under the format (json_object here runs to max_tokens)
+                jsonschema.validate(json.loads(m.content), schema)
+                validated += 1
+    assert validated, "no reply answered in the format"
     # a conversation that already called a tool; tool_choice none leaves the tools out of the prompt
     history = msgs + [
         {"role": "assistant", "content": None, "tool_calls": [
@@ -586,8 +610,8 @@ def test_wrong_field_types_are_400(server, body, param):
     ({"messages": [{"role": "user", "content": "x"}], "tool_choice": "required"}, "tool_choice"),
     ({"messages": [{"role": "user", "content": "x"}], "tools": [ADD], "parallel_tool_calls": "yes"},
      "parallel_tool_calls"),
-    ({"messages": [{"role": "user", "content": "x"}], "tools": [ADD], "response_format": {"type": "json_object"}},
-     "response_format"),
+    ({"messages": [{"role": "user", "content": "x"}], "tools": [ADD],
+      "response_format": {"type": "json_schema", "json_schema": {"schema": {"$ref": "#/nope"}}}}, "response_format"),
     ({"messages": [{"role": "assistant", "content": None, "tool_calls": "x"}]}, "messages[0].tool_calls"),
 ])
 def test_bad_chat_requests_are_400(server, body, param):

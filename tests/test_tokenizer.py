@@ -116,3 +116,72 @@ def test_errors(tmp_path):
         train_bpe([], vocab_size=300, show_progress=False)
     with pytest.raises(PLMError, match="'role' and 'content'"):
         render_chatml([{"text": "hi"}])
+
+
+def test_incremental_text_equals_decoding_everything(qwen2_tokenizer):
+    """Streaming decodes a growing reply a few tokens at a time; every prefix must read exactly
+    as decoding it whole, also where a token ends inside a UTF-8 character (Qwen2 spells CJK
+    and emoji in byte tokens: the prefix then ends in U+FFFD) and across special tokens."""
+    from plm.model.generation import IncrementalText
+
+    tok = qwen2_tokenizer
+    rng = random.Random(0)
+    text = "Größe 名前は 𝔘𝔫𝔦𝔠𝔬𝔡𝔢 🫠🪿 ꙮ᚛ᚐ᚜ naïve — end.\n" * 3
+    cases = [tok.encode(text),
+             [rng.randrange(tok.vocab_size) for _ in range(300)],  # random ids, some lone bytes
+             [rng.choice([124026, 246, 104, 9284, 254, 123, 13072]) for _ in range(200)],  # lone UTF-8 pieces
+             tok.encode("<|im_start|>assistant\n你好<|im_end|>\n")]
+    assert any("\ufffd" in tok.decode(c[:n]) for c in cases[:1] for n in range(len(c)))  # splits do occur
+    seen = []
+
+    def counted(ids):
+        seen.append(len(ids))
+        return tok.decode(ids)
+
+    for ids in cases:
+        inc = IncrementalText(counted)
+        for n in range(len(ids) + 1):
+            assert inc(ids[:n]) == tok.decode(ids[:n]), (ids[:n])
+        inc2 = IncrementalText(tok.decode)  # several tokens per call (grammar-forced tokens)
+        for n in range(0, len(ids) + 5, 5):
+            assert inc2(ids[:n]) == tok.decode(ids[:n])
+    # the work per call stays small: decoding everything each time would touch ~n^2/2 ids
+    n = len(cases[1])
+    assert sum(seen) < 20 * sum(len(c) for c in cases) < n * n / 2
+    with pytest.raises(PLMError, match="only grow"):
+        inc(cases[3][:2])
+
+
+def test_incremental_text_with_other_decoders():
+    """A decoder that drops the first token's leading space (SentencePiece's Metaspace) still
+    reads as a whole decode; one whose windows disagree falls back to decoding everything."""
+    from plm.model.generation import IncrementalText
+
+    pieces = [" the", " cat", "s", " sat", ".", " ", "on"]
+    rng = random.Random(1)
+    ids = [rng.randrange(len(pieces)) for _ in range(120)]
+
+    def metaspace(xs):
+        return "".join(pieces[i] for i in xs).removeprefix(" ")
+
+    def reversed_text(xs):
+        return "".join(pieces[i] for i in xs)[::-1]
+
+    for decode in (metaspace, reversed_text):
+        inc = IncrementalText(decode)
+        for n in range(len(ids) + 1):
+            assert inc(ids[:n]) == decode(ids[:n])
+
+
+def test_detokenize_benchmark_runs(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+    out = subprocess.run([sys.executable, "benchmarks/detokenize.py", "--lengths", "64,300", "--repeats", "1",
+                          "--out", str(tmp_path)], capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr  # the script asserts both paths give the same text
+    report = json.loads((tmp_path / "detokenize.json").read_text())
+    assert [r["tokens"] for r in report["rows"]] == [64, 300]
+    assert all(r["whole_us_per_token"] > 0 and r["incremental_us_per_token"] > 0 for r in report["rows"])
+    assert (tmp_path / "detokenize.png").stat().st_size > 0 and "| reply tokens |" in (tmp_path / "detokenize.md").read_text()

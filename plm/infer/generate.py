@@ -13,9 +13,9 @@ from typing import Callable, Sequence
 from plm.errors import PLMError
 # the sampling core lives with the model (PLMForCausalLM.generate uses it); this module is the
 # generation API users import, so it names the core's pieces too
-from plm.model.generation import (NUCLEUS_CANDIDATES, GenerationConfig, StepFn, apply_repetition_penalty,  # noqa: F401
-                                  generate_tokens, left_pad, model_step_fn, penalize, recompute_step_fn,
-                                  reply_counts, sample_next)
+from plm.model.generation import (NUCLEUS_CANDIDATES, GenerationConfig, IncrementalText, StepFn,  # noqa: F401
+                                  apply_repetition_penalty, generate_tokens, left_pad, model_step_fn, penalize,
+                                  recompute_step_fn, reply_counts, sample_next)
 
 
 @dataclass
@@ -59,11 +59,12 @@ def generate(model, tokenizer, prompts: Sequence[str] | str, cfg: GenerationConf
     step = step or model_step_fn(model)
     tokens: list[list[int]] = [[] for _ in prompts]
     printed = ""
+    streamed = IncrementalText(tokenizer.decode)
     for row, tok in generate_tokens(step, encoded, cfg, pad_id=tokenizer.pad_token_id,
                                     vocab_size=tokenizer.vocab_size, decode=tokenizer.decode):
         tokens[row].append(tok)
         if stream is not None and row == 0:
-            text = tokenizer.decode(tokens[0])
+            text = streamed(tokens[0])
             # hold back text that may be the start of a stop string or a split UTF-8 char
             safe, _ = truncate_at_stop(text, cfg.stop_strings)
             if not safe.endswith("\ufffd") and len(safe) > len(printed):

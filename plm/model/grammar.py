@@ -155,12 +155,15 @@ def _not_starting_with(word: str) -> str:
     return f"(({leave})(.|\\n)*|{prefixes})"
 
 
-def tool_call_grammar(tools: list[dict], tokenizer, choice: str = "auto", parallel: bool = True) -> Grammar:
+def tool_call_grammar(tools: list[dict], tokenizer, choice: str = "auto", parallel: bool = True,
+                      text_schema: dict | None = None) -> Grammar:
     """Replies that call `tools` (OpenAI's `[{"type": "function", "function": {name, parameters}}]`)
     in the <tool_call> format of plm.data.chat, the arguments valid under each function's
     `parameters` schema (no undeclared keys unless it allows them: `_arguments`). choice "auto":
     plain text (not starting with "<tool_call>") or calls; "required": calls only; a function's
-    name: calls of that function only. `parallel`: one call or several."""
+    name: calls of that function only. `parallel`: one call or several. `text_schema` (a
+    response format beside the tools, as agent frameworks send for a typed final answer): with
+    "auto", the reply that is not calls is a JSON document valid under it instead of free text."""
     from plm.data.chat import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
     fns = [t["function"] for t in tools]
     if choice not in ("auto", "required"):
@@ -170,11 +173,17 @@ def tool_call_grammar(tools: list[dict], tokenizer, choice: str = "auto", parall
     if not variants:
         raise GrammarError(f"no tool is named {choice!r}")
     schema = styled_schema(variants[0] if len(variants) == 1 else {"anyOf": variants})
+    if choice != "auto":
+        start = "start: calls"
+    elif text_schema is not None:  # JSON begins with "{", never with the call's "<"
+        start = f"start: calls | %json {json.dumps(styled_schema(text_schema), ensure_ascii=False)}"
+    else:
+        start = "start: TEXT? | calls"
     lines = [
-        "start: TEXT? | calls" if choice == "auto" else "start: calls",
+        start,
         'calls: call ("\\n" call)*' if parallel else "calls: call",
         f'call: "{TOOL_CALL_OPEN}\\n" %json {json.dumps(schema, ensure_ascii=False)} "\\n{TOOL_CALL_CLOSE}"',
     ]
-    if choice == "auto":
+    if choice == "auto" and text_schema is None:
         lines.append(f"TEXT: /{_not_starting_with(TOOL_CALL_OPEN)}/")
     return Grammar.lark("\n".join(lines), tokenizer)

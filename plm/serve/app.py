@@ -64,14 +64,22 @@ def error_response(e: APIError) -> JSONResponse:
 
 def _grammar(tokenizer, sp: Sampling):
     """The grammar the request's replies must stay inside (None: free text): tool calls when
-    tools may be called (tool_choice auto: text or calls), else the response format's JSON."""
+    tools may be called (tool_choice auto: text or calls, the text in the response format when
+    one is set), else the response format's JSON."""
     from plm.model.grammar import Grammar, GrammarError, tool_call_grammar
     param = "tools" if sp.calls_tools else "response_format"
+    kind, schema = sp.response_format
+    schema = {"type": "object"} if kind == "json_object" else schema
     try:
         if sp.calls_tools:
-            return tool_call_grammar(sp.tools, tokenizer, sp.tool_choice, sp.parallel_tool_calls)
-        if sp.response_format[0] != "text":
-            return Grammar.json_schema(sp.response_format[1], tokenizer)
+            if kind != "text":  # a bad format schema is the format's fault, not the tools'
+                param = "response_format"
+                Grammar.json_schema(schema, tokenizer)
+                param = "tools"
+            return tool_call_grammar(sp.tools, tokenizer, sp.tool_choice, sp.parallel_tool_calls,
+                                     text_schema=schema if kind != "text" else None)
+        if kind != "text":
+            return Grammar.json_schema(schema, tokenizer)
     except GrammarError as e:  # a schema the engine cannot compile
         raise APIError(400, str(e), param=param, code="invalid_schema") from None
     except PLMError as e:  # no engine installed

@@ -246,9 +246,6 @@ def parse_sampling(body: dict, chat: bool = False) -> Sampling:
         _refuse(body, "tools", (None, []), "tools are for chat completions")
     tools, tool_choice, parallel = parse_tools(body) if chat else ([], "auto", True)
     response_format = _response_format(body)
-    if response_format[0] != "text" and tools and tool_choice != "none":
-        raise bad("'response_format' and 'tools' together are not supported: the reply is either tool calls or "
-                  "the format (set tool_choice to none, or drop one)", "response_format", "unsupported_parameter")
     max_tokens = _int(body, "max_completion_tokens" if chat else "max_tokens", None, lo=1)
     if max_tokens is None and chat:
         max_tokens = _int(body, "max_tokens", None, lo=1)

@@ -48,7 +48,8 @@ from typing import Callable
 import torch
 
 from plm.errors import PLMError
-from plm.infer.generate import GenerationConfig, penalize, reply_counts, sample_next, truncate_at_stop
+from plm.infer.generate import (GenerationConfig, IncrementalText, penalize, reply_counts, sample_next,
+                                truncate_at_stop)
 from plm.serve.backend import common_prefix
 from plm.serve.metrics import BATCH_BUCKETS, Metrics
 
@@ -129,6 +130,7 @@ class Request:
     cancelled: bool = False
     generator: torch.Generator | None = None
     pending: list[TokenLogprob] = field(default_factory=list)  # log-probabilities not yet emitted
+    detok: IncrementalText | None = None  # decodes `tokens` as they grow
     scored_next: torch.Tensor | None = None  # echo: log-probabilities of the next prompt token
     t_submit: float = 0.0
     t_first: float | None = None
@@ -195,6 +197,7 @@ class Scheduler:
             req.seq = next(self._ids)
             req.state = "waiting"
             req.t_submit = time.perf_counter()
+            req.detok = IncrementalText(self.tok.decode)
             seed = req.cfg.seed
             req.generator = torch.Generator()
             if seed is None:
@@ -408,7 +411,7 @@ class Scheduler:
             req.pending += _entries(logits.log_softmax(-1), [tok], req.logprobs)
         self.metrics.inc("generation_tokens_total")
         req.forced = self._forced(req)
-        text = self.tok.decode(req.tokens)
+        text = req.detok(req.tokens)
         stops = req.cfg.stop_strings
         if stops:
             text, hit = truncate_at_stop(text, stops)
