@@ -134,6 +134,20 @@ def test_mask_covers_padded_embedding_rows(micro):
     assert not bool(allowed[tok.encode("hello")[0]])
 
 
+def test_gbnf_and_choice_grammars(micro):
+    """llama.cpp's GBNF (llguidance translates it) and a choice among strings: the languages
+    they admit and refuse; an unreadable GBNF says why."""
+    tok = micro[1]
+    g = Grammar.gbnf('root ::= ("yes" | "no") " " num\nnum ::= [0-9]+', tok)
+    assert _admits(tok, g, "yes 42") and _admits(tok, g, "no 7")
+    assert not _admits(tok, g, "maybe 1") and not _admits(tok, g, "yes x")
+    c = Grammar.choice(["red", 'a "blue" one', "név"], tok)
+    assert all(_admits(tok, c, t) for t in ["red", 'a "blue" one', "név"])
+    assert not _admits(tok, c, "re") and not _admits(tok, c, "redd")
+    with pytest.raises(GrammarError, match="GBNF grammar cannot be read: .*foo"):
+        Grammar.gbnf("root ::= foo", tok)
+
+
 def test_bad_schemas_and_grammars_say_what(micro):
     tok = micro[1]
     with pytest.raises(GrammarError, match="JSON schema cannot be compiled.*nope"):
@@ -253,6 +267,10 @@ def test_generate_cli_json_schema(qwen2_micro_dir, tmp_path):
     lark.write_text('start: "yes" | "no"\n')
     out = subprocess.run(cmd + ["--grammar", str(lark)], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() in ("yes", "no"), out.stderr
+    gbnf = tmp_path / "count.gbnf"  # llama.cpp's format, by the file's suffix
+    gbnf.write_text('root ::= "n=" [1-9] [0-9]?\n')
+    out = subprocess.run(cmd + ["--grammar", str(gbnf)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and re.fullmatch(r"n=[1-9][0-9]?", out.stdout.strip()), out.stderr
     out = subprocess.run(cmd + ["--json", "--max-new-tokens", "3"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.startswith("{"), out.stderr
     for extra, says in [(["--json-schema", "{bad"], "neither a file nor valid JSON"),

@@ -453,6 +453,52 @@ def test_response_format_json_schema(server, truth_model):
     assert r.choices[0].message.content.startswith("{")
 
 
+def test_llama_cpp_and_vllm_constraint_fields(server, truth_model):
+    """llama.cpp's `grammar` (GBNF) and vLLM's `guided_json` / `guided_regex` / `guided_choice` /
+    `guided_grammar`: each reply is the reference model's greedy reply under the same grammar,
+    and in its language; conflicting or malformed constraints are 400s naming the field."""
+    pytest.importorskip("llguidance")
+    from plm.model.grammar import Grammar
+    client, tok = server.client(), truth_model[1]
+    gbnf = 'root ::= ("yes" | "no") ", " [0-9]{1,3} "."'
+    choices = ["red", "green", 'a "blue" one']
+    cases = [("grammar", gbnf, Grammar.gbnf(gbnf, tok), r"(yes|no), [0-9]{1,3}\."),
+             ("guided_grammar", gbnf, Grammar.gbnf(gbnf, tok), r"(yes|no), [0-9]{1,3}\."),
+             ("guided_regex", r"[A-Z][a-z]{2,6}-[0-9]{2}", Grammar.regex(r"[A-Z][a-z]{2,6}-[0-9]{2}", tok),
+              r"[A-Z][a-z]{2,6}-[0-9]{2}"),
+             ("guided_choice", choices, Grammar.choice(choices, tok), "|".join(re.escape(c) for c in choices)),
+             ("guided_json", json.dumps(PERSON), Grammar.json_schema(PERSON, tok), None)]
+    for name, value, grammar, pattern in cases:
+        want = truth(truth_model, PROMPTS[2], n=60, grammar=grammar)
+        r = client.completions.create(model="micro", prompt=PROMPTS[2], max_tokens=60, temperature=0,
+                                      extra_body={name: value})
+        assert r.choices[0].text == want and r.choices[0].finish_reason == "stop", (name, want)
+        if pattern:
+            assert re.fullmatch(pattern, want), (name, want)
+        else:
+            assert set(json.loads(want)) == set(PERSON["properties"])
+        msgs = [{"role": "user", "content": PROMPTS[2]}]
+        want = truth(truth_model, chat_text(truth_model, PROMPTS[2]), n=60, grammar=grammar)
+        r = client.chat.completions.create(model="micro", messages=msgs, max_tokens=60, temperature=0,
+                                           extra_body={name: value})
+        assert r.choices[0].message.content == want, name
+    url = server.url + "/v1/completions"
+    for body, param, code in [
+            ({"grammar": gbnf, "guided_regex": "a+"}, "guided_regex", None),
+            ({"grammar": gbnf, "response_format": {"type": "json_object"}}, "response_format", None),
+            ({"grammar": "root ::= foo"}, "grammar", "invalid_schema"),
+            ({"guided_regex": ""}, "guided_regex", None),
+            ({"guided_regex": "(unclosed"}, "guided_regex", "invalid_schema"),
+            ({"guided_choice": []}, "guided_choice", None),
+            ({"guided_choice": ["a", 5]}, "guided_choice", None),
+            ({"guided_json": "{not json"}, "guided_json", None),
+            ({"guided_json": [1]}, "guided_json", None)]:
+        _err(httpx.post(url, json={"prompt": "x", "max_tokens": 4, **body}), 400, code=code, param=param)
+    _err(httpx.post(server.url + "/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": "x"}], "tools": [ADD], "grammar": gbnf}), 400,
+        code="unsupported_parameter", param="grammar")
+
+
 def test_tool_calls(server, truth_model):
     """Forced calls come back as OpenAI tool_calls whose arguments fit the function's schema, the
     reference model's constrained reply parsed; streamed the same; earlier calls and tool results

@@ -115,6 +115,8 @@ def _constraint(args: argparse.Namespace):
         if not Path(args.grammar).is_file():
             raise PLMError(f"--grammar {args.grammar}: no such file")
         text = Path(args.grammar).read_text()
+        if args.grammar.endswith(".gbnf"):  # llama.cpp's grammar files
+            return lambda tok: Grammar.gbnf(text, tok)
         return lambda tok: Grammar.lark(text, tok)
     return None
 
@@ -265,7 +267,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--json-schema", default=None, metavar="SCHEMA",
                    help="the reply is JSON valid under this JSON schema (a file, or the schema's text)")
     g.add_argument("--grammar", default=None, metavar="FILE",
-                   help="the reply is in the language of this Lark grammar (llguidance's dialect)")
+                   help="the reply is in the language of this grammar: Lark (llguidance's dialect), or "
+                        "GBNF (llama.cpp's) for a .gbnf file")
     add_sampling_args(p)
     p.set_defaults(func=_cmd_generate)
     p = sub.add_parser("chat", help="multi-turn chat in the terminal (ChatML)")

@@ -87,6 +87,23 @@ class Grammar:
         """Replies that match a regular expression in full (Rust `regex` syntax)."""
         return cls(_llg().LLMatcher.grammar_from_regex(pattern), tokenizer, "regular expression")
 
+    @classmethod
+    def gbnf(cls, text: str, tokenizer) -> "Grammar":
+        """Replies in the language of a GBNF grammar (llama.cpp's format, `root` the top rule),
+        translated to Lark by llguidance."""
+        from llguidance.gbnf_to_lark import gbnf_to_lark
+        try:
+            lark = gbnf_to_lark(text)
+        except Exception as e:  # the translator raises plain exceptions on syntax errors
+            raise GrammarError(f"the GBNF grammar cannot be read: {e}") from None
+        return cls(_llg().LLMatcher.grammar_from_lark(lark), tokenizer, "GBNF grammar")
+
+    @classmethod
+    def choice(cls, options: list[str], tokenizer) -> "Grammar":
+        """Replies that are exactly one of `options`."""
+        alts = " | ".join(json.dumps(o, ensure_ascii=False) for o in options)
+        return cls.lark(f"start: {alts}", tokenizer)
+
     def matcher(self) -> "Matcher":
         return Matcher(self._start.deep_copy())
 

@@ -63,14 +63,18 @@ def error_response(e: APIError) -> JSONResponse:
 # ---- generation -----------------------------------------------------------------------------
 
 def _grammar(tokenizer, sp: Sampling):
-    """The grammar the request's replies must stay inside (None: free text): tool calls when
-    tools may be called (tool_choice auto: text or calls, the text in the response format when
-    one is set), else the response format's JSON."""
+    """The grammar the request's replies must stay inside (None: free text): an extension
+    field's (`grammar`, `guided_*`), tool calls when tools may be called (tool_choice auto: text
+    or calls, the text in the response format when one is set), else the response format's JSON."""
     from plm.model.grammar import Grammar, GrammarError, tool_call_grammar
-    param = "tools" if sp.calls_tools else "response_format"
+    param = "tools" if sp.calls_tools else sp.constraint[0] if sp.constraint else "response_format"
     kind, schema = sp.response_format
     schema = {"type": "object"} if kind == "json_object" else schema
     try:
+        if sp.constraint is not None:
+            _, how, value = sp.constraint
+            make = {"gbnf": Grammar.gbnf, "regex": Grammar.regex, "json": Grammar.json_schema, "choice": Grammar.choice}
+            return make[how](value, tokenizer)
         if sp.calls_tools:
             if kind != "text":  # a bad format schema is the format's fault, not the tools'
                 param = "response_format"

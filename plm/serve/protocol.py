@@ -121,6 +121,7 @@ class Sampling:
     n: int = 1  # choices per prompt
     # structured output: ("text", None), ("json_object", None) or ("json_schema", schema)
     response_format: tuple[str, dict | None] = ("text", None)
+    constraint: tuple[str, str, Any] | None = None  # (field, kind, value): `grammar`, `guided_*` (EXTRA_CONSTRAINTS)
     tools: list[dict] = field(default_factory=list)  # chat: OpenAI function tools
     tool_choice: str = "auto"  # none | auto | required | a tool's name
     parallel_tool_calls: bool = True
@@ -132,7 +133,7 @@ class Sampling:
     @property
     def constrained(self) -> bool:
         """Replies are generated under a grammar (tool calls or a JSON response format)."""
-        return self.calls_tools or self.response_format[0] != "text"
+        return self.calls_tools or self.response_format[0] != "text" or self.constraint is not None
 
 
 MAX_TOP_LOGPROBS = {True: 20, False: 5}  # chat's top_logprobs, completions' logprobs (OpenAI's limits)
@@ -187,6 +188,40 @@ def _response_format(body: dict) -> tuple[str, dict | None]:
         raise bad(f"'response_format.json_schema.schema' must be a JSON schema object, got {_type_name(schema)}",
                   "response_format")
     return "json_schema", schema
+
+
+# Constraint fields of other servers, beside OpenAI's response_format: llama.cpp's `grammar`
+# (GBNF) and vLLM's guided decoding (`guided_grammar` read as GBNF, as its xgrammar backend
+# does); field -> kind.
+EXTRA_CONSTRAINTS = {"grammar": "gbnf", "guided_grammar": "gbnf", "guided_json": "json", "guided_regex": "regex",
+                     "guided_choice": "choice"}
+
+
+def _constraint(body: dict, response_format: tuple[str, dict | None], tools: bool) -> tuple[str, str, Any] | None:
+    """(field, kind, value) of the one extension constraint set (None: none set)."""
+    given = [k for k in EXTRA_CONSTRAINTS if body.get(k) is not None]
+    if not given:
+        return None
+    name = given[0]
+    if len(given) > 1 or response_format[0] != "text":
+        others = given[1:] + (["response_format"] if response_format[0] != "text" else [])
+        raise bad(f"'{name}' and '{others[0]}' both constrain the reply: set one", others[0])
+    if tools:
+        raise bad(f"'{name}' with 'tools' is not supported: use 'response_format' for the text beside tool calls",
+                  name, "unsupported_parameter")
+    kind, v = EXTRA_CONSTRAINTS[name], body[name]
+    if kind == "json" and isinstance(v, str):
+        try:
+            v = json.loads(v)
+        except json.JSONDecodeError as e:
+            raise bad(f"'{name}' is not valid JSON ({e})", name) from None
+    if kind == "json" and not isinstance(v, dict):
+        raise bad(f"'{name}' must be a JSON schema object, got {_type_name(v)}", name)
+    if kind in ("gbnf", "regex") and not (isinstance(v, str) and v.strip()):
+        raise bad(f"'{name}' must be a non-empty string, got {_type_name(v)}", name)
+    if kind == "choice" and not (isinstance(v, list) and v and all(isinstance(c, str) and c for c in v)):
+        raise bad(f"'{name}' must be a non-empty array of non-empty strings, got {json.dumps(v)[:200]}", name)
+    return name, kind, v
 
 
 TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -246,6 +281,7 @@ def parse_sampling(body: dict, chat: bool = False) -> Sampling:
         _refuse(body, "tools", (None, []), "tools are for chat completions")
     tools, tool_choice, parallel = parse_tools(body) if chat else ([], "auto", True)
     response_format = _response_format(body)
+    constraint = _constraint(body, response_format, bool(tools) and tool_choice != "none")
     max_tokens = _int(body, "max_completion_tokens" if chat else "max_tokens", None, lo=1)
     if max_tokens is None and chat:
         max_tokens = _int(body, "max_tokens", None, lo=1)
@@ -270,6 +306,7 @@ def parse_sampling(body: dict, chat: bool = False) -> Sampling:
         echo=not chat and bool_field(body, "echo"),
         n=n,
         response_format=response_format,
+        constraint=constraint,
         tools=tools,
         tool_choice=tool_choice,
         parallel_tool_calls=parallel,
