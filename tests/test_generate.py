@@ -98,6 +98,22 @@ def test_sample_next_rules():
     # a nucleus wider than the candidates: uniform over 200 ids, p=0.9 keeps 180 of them
     flat = {sample_next(torch.zeros(1, 200), GenerationConfig(temperature=1.0, top_p=0.9), g).item() for _ in range(3000)}
     assert 150 < len(flat) <= 180
+    # min-p: logits [1, 3, 2, 0.5, -1] give probabilities .084 .624 .229 .051 .011; min_p 0.3
+    # keeps those >= .187: ids 1 and 2, drawn in the ratio .624 : .229 (1 in 73.1% of draws); at
+    # temperature 2 (.154 .417 .253 .120 .057) it keeps >= .125: ids 1, 2, 0; min_p 1 is greedy
+    five = torch.tensor([[1.0, 3.0, 2.0, 0.5, -1.0]])
+    draws = [sample_next(five, GenerationConfig(temperature=1.0, min_p=0.3), g).item() for _ in range(2000)]
+    assert set(draws) == {1, 2} and abs(draws.count(1) / 2000 - 0.7311) < 0.04
+    hot = {sample_next(five, GenerationConfig(temperature=2.0, min_p=0.3), g).item() for _ in range(500)}
+    assert hot == {0, 1, 2}
+    assert all(sample_next(five, GenerationConfig(temperature=5.0, min_p=1.0), g).item() == 1 for _ in range(20))
+    # with top-p the two filters intersect: top_p 0.95 keeps 1, 2, 0, 3; min_p 0.3 of those 1, 2
+    both = {sample_next(five, GenerationConfig(temperature=1.0, top_p=0.95, min_p=0.3), g).item() for _ in range(500)}
+    assert both == {1, 2}
+    big = torch.full((1, 1000), -30.0)  # and on the top-p candidates path
+    big[0, 7], big[0, 500], big[0, 999] = 3.0, 2.0, 1.0
+    assert {sample_next(big, GenerationConfig(temperature=1.0, top_p=0.99, min_p=0.2), g).item()
+            for _ in range(500)} == {7, 500}
 
 
 def test_repetition_penalty_by_hand():
@@ -143,6 +159,8 @@ def test_generate_tokens_applies_the_frequency_penalty():
 def test_bad_settings():
     with pytest.raises(PLMError, match="top_p"):
         GenerationConfig(top_p=0).validate()
+    with pytest.raises(PLMError, match="min_p"):
+        GenerationConfig(min_p=1.5).validate()
     with pytest.raises(PLMError, match="temperature"):
         GenerationConfig(temperature=-1).validate()
     with pytest.raises(PLMError, match="presence_penalty"):

@@ -401,6 +401,10 @@ def test_penalties_and_logit_bias_equal_a_hand_loop(server, truth_model):
     r = client.completions.create(model="micro", prompt=PROMPTS[6], max_tokens=5, temperature=0.8, seed=1,
                                   logit_bias={str(the): 100})
     assert r.choices[0].text == " the" * 5
+    # min_p (an extension) reaches the sampler: 1.0 keeps only the best token, so sampling is greedy
+    r = client.completions.create(model="micro", prompt=PROMPTS[6], max_tokens=N, temperature=1.5, seed=3,
+                                  extra_body={"min_p": 1.0})
+    assert r.choices[0].text == truth(truth_model, PROMPTS[6])
 
 
 # ---- structured output and tool calls -------------------------------------------------------------
@@ -614,6 +618,7 @@ def _err(r: httpx.Response, status: int, code: str | None = None, param: str | N
     ({"prompt": "x", "logprobs": 6}, "logprobs"),
     ({"prompt": "x", "logprobs": True}, "logprobs"),
     ({"prompt": "x", "frequency_penalty": 3}, "frequency_penalty"),
+    ({"prompt": "x", "min_p": 1.5}, "min_p"),
     ({"prompt": "x", "logit_bias": {"x": 1}}, "logit_bias"),
     ({"prompt": "x", "logit_bias": {"5": 101}}, "logit_bias"),
     ({"prompt": "x", "logit_bias": {"999999999": 1}}, "logit_bias"),

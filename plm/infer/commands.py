@@ -26,6 +26,8 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k best tokens (0 = off)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    p.add_argument("--min-p", type=float, default=0.0,
+                   help="drop tokens below this share of the best token's probability (0 = off)")
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="CTRL-style penalty on seen tokens (1 = off)")
     p.add_argument("--presence-penalty", type=float, default=0.0,
                    help="OpenAI's: subtracted from a token's logit once it is in the reply (0 = off)")
@@ -68,7 +70,7 @@ def sampling_config(args: argparse.Namespace):
     for p in getattr(args, "prompt", None) or []:
         check_text(p, "--prompt")
     cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                           top_k=args.top_k, top_p=args.top_p,
+                           top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                            repetition_penalty=args.repetition_penalty,
                            presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
                            stop_strings=list(args.stop), seed=args.seed)

@@ -19,6 +19,7 @@ class GenerationConfig:
     temperature: float = 0.0  # 0 = greedy
     top_k: int = 0  # 0 = off
     top_p: float = 1.0
+    min_p: float = 0.0  # 0 = off; tokens below min_p x the best token's probability are dropped
     repetition_penalty: float = 1.0  # CTRL's, over prompt and reply (Hugging Face's semantics)
     presence_penalty: float = 0.0  # OpenAI's, over the reply: minus this once a token appeared
     frequency_penalty: float = 0.0  # OpenAI's, over the reply: minus this per earlier occurrence
@@ -31,7 +32,7 @@ class GenerationConfig:
     def validate(self) -> None:
         if self.max_new_tokens < 0:
             raise PLMError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
-        for name in ("temperature", "top_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
             if not math.isfinite(getattr(self, name)):
                 raise PLMError(f"{name} must be a finite number, got {getattr(self, name)}")
         if self.temperature < 0:
@@ -40,6 +41,8 @@ class GenerationConfig:
             raise PLMError(f"top_k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise PLMError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.min_p <= 1:
+            raise PLMError(f"min_p must be in [0, 1], got {self.min_p}")
         if self.repetition_penalty <= 0:
             raise PLMError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         for t, b in self.logit_bias.items():
@@ -99,7 +102,9 @@ NUCLEUS_CANDIDATES = 64  # top-p first looks among this many best tokens
 
 def sample_next(logits: torch.Tensor, cfg: GenerationConfig,
                 generator: torch.Generator | None = None) -> torch.Tensor:
-    """Pick the next token per row of logits [B, V] under temperature / top-k / top-p."""
+    """Pick the next token per row of logits [B, V] under temperature / top-k / top-p / min-p.
+    min-p keeps the tokens whose probability is at least min_p x the best one's, applied last
+    (as transformers orders its warpers): a ratio, so the same tokens whatever was renormalised."""
     logits = logits.float()
     if cfg.temperature == 0:
         return logits.argmax(-1)
@@ -107,6 +112,8 @@ def sample_next(logits: torch.Tensor, cfg: GenerationConfig,
     if cfg.top_k:
         kth = logits.topk(min(cfg.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
+    # p_i >= min_p * p_max  <=>  logit_i >= logit_max + log(min_p)
+    floor = logits.amax(-1, keepdim=True) + math.log(cfg.min_p) if cfg.min_p > 0 else None
     if cfg.top_p < 1.0:
         # the nucleus usually lies in the few best tokens: sort only those (a full-vocabulary
         # sort dominates batched sampling); the same token set, so the same distribution
@@ -118,8 +125,12 @@ def sample_next(logits: torch.Tensor, cfg: GenerationConfig,
             probs = top.softmax(-1)
         # drop tokens whose preceding cumulative mass already reaches top_p (keeps >= 1)
         drop = probs.cumsum(-1) - probs >= cfg.top_p
+        if floor is not None:
+            drop |= top < floor
         pick = torch.multinomial(top.masked_fill(drop, float("-inf")).softmax(-1), 1, generator=generator)
         return idx.gather(-1, pick).squeeze(-1)
+    if floor is not None:
+        logits = logits.masked_fill(logits < floor, float("-inf"))
     probs = logits.softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 

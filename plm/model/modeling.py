@@ -325,7 +325,7 @@ class PLMForCausalLM(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
-                 top_k: int = 0, repetition_penalty: float = 1.0, eos_token_id: int | list[int] | None = None,
+                 top_k: int = 0, min_p: float = 0.0, repetition_penalty: float = 1.0, eos_token_id: int | list[int] | None = None,
                  pad_token_id: int | None = None, seed: int | None = None, grammar=None) -> torch.Tensor:
         """transformers-style generation: the prompts (a batch, left- or right-padded with
         `attention_mask`) followed by their continuations, [B, prompt + new], finished rows
@@ -340,7 +340,7 @@ class PLMForCausalLM(nn.Module):
         mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
         prompts = [row[m.bool()].tolist() for row, m in zip(input_ids.cpu(), mask.cpu())]
         cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature if do_sample else 0.0,
-                               top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
+                               top_p=top_p, top_k=top_k, min_p=min_p or 0.0, repetition_penalty=repetition_penalty,
                                stop_token_ids=eos, seed=seed, grammar=grammar)
         new: list[list[int]] = [[] for _ in prompts]
         for row, tok in generate_tokens(model_step_fn(self), prompts, cfg, pad_id=pad):

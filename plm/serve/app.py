@@ -115,7 +115,7 @@ def _config(state: AppState, prompt_tokens: int, sp: Sampling, grammar=None) -> 
         raise APIError(400, f"'logit_bias' names token ids outside the vocabulary (0..{vocab - 1}): {outside[:5]}",
                        param="logit_bias")
     return GenerationConfig(max_new_tokens=max_new, temperature=sp.temperature, top_k=sp.top_k, top_p=sp.top_p,
-                            seed=sp.seed, stop_strings=list(sp.stop),
+                            min_p=sp.min_p, seed=sp.seed, stop_strings=list(sp.stop),
                             stop_token_ids=list(state.tokenizer.stop_token_ids),
                             presence_penalty=sp.presence_penalty, frequency_penalty=sp.frequency_penalty,
                             repetition_penalty=sp.repetition_penalty, logit_bias=dict(sp.logit_bias),

@@ -113,6 +113,7 @@ class Sampling:
     stream: bool
     include_usage: bool
     logprobs: int | None = None  # None: off; k: each token's log-probability and the k best
+    min_p: float = 0.0  # an extension: 0 = off
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
@@ -294,6 +295,7 @@ def parse_sampling(body: dict, chat: bool = False) -> Sampling:
         temperature=_num(body, "temperature", 1.0, 0.0, 2.0),
         top_p=_num(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
         top_k=_int(body, "top_k", 0, lo=0),  # an extension (llama.cpp, vLLM); 0 = off
+        min_p=_num(body, "min_p", 0.0, 0.0, 1.0),  # an extension (llama.cpp, vLLM); 0 = off
         seed=_int(body, "seed", None, lo=-(2 ** 63), hi=2 ** 63 - 1),
         stop=_stops(body),
         stream=stream,
