@@ -162,6 +162,8 @@ def test_missing_engine_is_a_clear_error(micro, monkeypatch):
     monkeypatch.setitem(sys.modules, "llguidance", None)
     with pytest.raises(PLMError, match=r"pip install 'plm\[serve\]'"):
         Grammar.json_schema(None, micro[1])
+    with pytest.raises(PLMError, match=r"pip install 'plm\[serve\]'"):
+        Grammar.gbnf('root ::= "a"', micro[1])
 
 
 # ---- tool calls ---------------------------------------------------------------------------------

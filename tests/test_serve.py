@@ -698,7 +698,8 @@ def test_structured_output_without_the_engine_is_a_clear_400(qwen2_micro_dir, tm
         r = httpx.post(s.url + "/v1/chat/completions", json={"messages": msgs, "max_tokens": 2})
         assert r.status_code == 200
         for extra, param in [({"response_format": {"type": "json_object"}}, "response_format"),
-                             ({"tools": [ADD], "tool_choice": "required"}, "tools")]:
+                             ({"tools": [ADD], "tool_choice": "required"}, "tools"),
+                             ({"grammar": 'root ::= "a"'}, "grammar"), ({"guided_choice": ["a"]}, "guided_choice")]:
             r = httpx.post(s.url + "/v1/chat/completions", json={"messages": msgs, "max_tokens": 2, **extra})
             assert "pip install 'plm[serve]'" in _err(r, 400, "unsupported_parameter", param)
     finally:

@@ -91,6 +91,7 @@ class Grammar:
     def gbnf(cls, text: str, tokenizer) -> "Grammar":
         """Replies in the language of a GBNF grammar (llama.cpp's format, `root` the top rule),
         translated to Lark by llguidance."""
+        _llg()  # a clear error when the engine is missing
         from llguidance.gbnf_to_lark import gbnf_to_lark
         try:
             lark = gbnf_to_lark(text)
