@@ -471,7 +471,12 @@ def test_llama_cpp_and_vllm_constraint_fields(server, truth_model):
              ("guided_regex", r"[A-Z][a-z]{2,6}-[0-9]{2}", Grammar.regex(r"[A-Z][a-z]{2,6}-[0-9]{2}", tok),
               r"[A-Z][a-z]{2,6}-[0-9]{2}"),
              ("guided_choice", choices, Grammar.choice(choices, tok), "|".join(re.escape(c) for c in choices)),
-             ("guided_json", json.dumps(PERSON), Grammar.json_schema(PERSON, tok), None)]
+             ("guided_json", json.dumps(PERSON), Grammar.json_schema(PERSON, tok), None),
+             # vLLM's newer form of the same
+             ("structured_outputs", {"choice": choices}, Grammar.choice(choices, tok),
+              "|".join(re.escape(c) for c in choices)),
+             ("structured_outputs", {"grammar": gbnf}, Grammar.gbnf(gbnf, tok), r"(yes|no), [0-9]{1,3}\."),
+             ("structured_outputs", {"json": PERSON}, Grammar.json_schema(PERSON, tok), None)]
     for name, value, grammar, pattern in cases:
         want = truth(truth_model, PROMPTS[2], n=60, grammar=grammar)
         r = client.completions.create(model="micro", prompt=PROMPTS[2], max_tokens=60, temperature=0,
@@ -486,6 +491,9 @@ def test_llama_cpp_and_vllm_constraint_fields(server, truth_model):
         r = client.chat.completions.create(model="micro", messages=msgs, max_tokens=60, temperature=0,
                                            extra_body={name: value})
         assert r.choices[0].message.content == want, name
+    r = client.completions.create(model="micro", prompt=PROMPTS[2], max_tokens=8, temperature=0,
+                                  extra_body={"structured_outputs": {"json_object": True}})
+    assert r.choices[0].text.startswith("{")
     url = server.url + "/v1/completions"
     for body, param, code in [
             ({"grammar": gbnf, "guided_regex": "a+"}, "guided_regex", None),
@@ -496,7 +504,12 @@ def test_llama_cpp_and_vllm_constraint_fields(server, truth_model):
             ({"guided_choice": []}, "guided_choice", None),
             ({"guided_choice": ["a", 5]}, "guided_choice", None),
             ({"guided_json": "{not json"}, "guided_json", None),
-            ({"guided_json": [1]}, "guided_json", None)]:
+            ({"guided_json": [1]}, "guided_json", None),
+            ({"structured_outputs": {}}, "structured_outputs", None),
+            ({"structured_outputs": {"regex": "a+", "choice": ["b"]}}, "structured_outputs", None),
+            ({"structured_outputs": "json"}, "structured_outputs", None),
+            ({"structured_outputs": {"regex": "a+"}, "guided_regex": "b+"}, "structured_outputs.regex", None),
+            ({"structured_outputs": {"regex": "(unclosed"}}, "structured_outputs.regex", "invalid_schema")]:
         _err(httpx.post(url, json={"prompt": "x", "max_tokens": 4, **body}), 400, code=code, param=param)
     _err(httpx.post(server.url + "/v1/chat/completions", json={
         "messages": [{"role": "user", "content": "x"}], "tools": [ADD], "grammar": gbnf}), 400,

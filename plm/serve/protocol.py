@@ -193,24 +193,33 @@ def _response_format(body: dict) -> tuple[str, dict | None]:
 
 # Constraint fields of other servers, beside OpenAI's response_format: llama.cpp's `grammar`
 # (GBNF) and vLLM's guided decoding (`guided_grammar` read as GBNF, as its xgrammar backend
-# does); field -> kind.
+# does); field -> kind. vLLM's newer `structured_outputs` object holds the same under its keys.
 EXTRA_CONSTRAINTS = {"grammar": "gbnf", "guided_grammar": "gbnf", "guided_json": "json", "guided_regex": "regex",
                      "guided_choice": "choice"}
+STRUCTURED_OUTPUTS = {"json": "json", "regex": "regex", "choice": "choice", "grammar": "gbnf", "json_object": "json"}
 
 
 def _constraint(body: dict, response_format: tuple[str, dict | None], tools: bool) -> tuple[str, str, Any] | None:
     """(field, kind, value) of the one extension constraint set (None: none set)."""
-    given = [k for k in EXTRA_CONSTRAINTS if body.get(k) is not None]
+    given = [(k, kind, body[k]) for k, kind in EXTRA_CONSTRAINTS.items() if body.get(k) is not None]
+    so = body.get("structured_outputs")
+    if so is not None:
+        keys = [k for k in STRUCTURED_OUTPUTS if so.get(k) not in (None, False)] if isinstance(so, dict) else []
+        if len(keys) != 1:
+            raise bad(f"'structured_outputs' must be an object setting one of {', '.join(STRUCTURED_OUTPUTS)}, "
+                      f"got {json.dumps(so)[:200]}", "structured_outputs")
+        k = keys[0]
+        given.append((f"structured_outputs.{k}", STRUCTURED_OUTPUTS[k],
+                      {"type": "object"} if k == "json_object" else so[k]))
     if not given:
         return None
-    name = given[0]
+    name, kind, v = given[0]
     if len(given) > 1 or response_format[0] != "text":
-        others = given[1:] + (["response_format"] if response_format[0] != "text" else [])
-        raise bad(f"'{name}' and '{others[0]}' both constrain the reply: set one", others[0])
+        other = given[1][0] if len(given) > 1 else "response_format"
+        raise bad(f"'{name}' and '{other}' both constrain the reply: set one", other)
     if tools:
         raise bad(f"'{name}' with 'tools' is not supported: use 'response_format' for the text beside tool calls",
                   name, "unsupported_parameter")
-    kind, v = EXTRA_CONSTRAINTS[name], body[name]
     if kind == "json" and isinstance(v, str):
         try:
             v = json.loads(v)
