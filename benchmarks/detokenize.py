@@ -87,22 +87,13 @@ def main() -> int:
 
 
 def _plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    x = [r["tokens"] for r in rows]
-    ax.plot(x, [r["whole_us_per_token"] for r in rows], "o-", label="decode the whole reply")
-    ax.plot(x, [r["incremental_us_per_token"] for r in rows], "o-", label="IncrementalText")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("reply length (tokens)")
-    ax.set_ylabel("µs per token (mean over the reply)")
-    ax.legend()
-    ax.set_title("Streaming text: cost per token (Qwen2 tokenizer)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    from plm.bench.plot import png
+    with png(path, title="Streaming text: cost per token (Qwen2 tokenizer)") as ax:
+        x = [r["tokens"] for r in rows]
+        ax.plot(x, [r["whole_us_per_token"] for r in rows], "o-", label="decode the whole reply")
+        ax.plot(x, [r["incremental_us_per_token"] for r in rows], "o-", label="IncrementalText")
+        ax.set(xscale="log", yscale="log", xlabel="reply length (tokens)", ylabel="µs per token (mean over the reply)")
+        ax.legend()
 
 
 if __name__ == "__main__":

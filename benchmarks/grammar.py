@@ -203,20 +203,14 @@ def _counter(text: str, name: str) -> float:
 
 
 def _plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(8, 3.5))
-    y = range(len(rows))
-    ax.barh([i + 0.2 for i in y], [r["grammar_us"] for r in rows], height=0.4, label="constrained (p50)")
-    ax.barh([i - 0.2 for i in y], [r["plain_us"] for r in rows], height=0.4, label="plain sampling (p50)")
-    ax.set_yticks(list(y), [r["grammar"] for r in rows])
-    ax.set_xlabel("µs per token")
-    ax.legend()
-    ax.set_title("Constrained decoding: cost per token (Qwen2 vocabulary)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    from plm.bench.plot import png
+    with png(path, figsize=(8, 3.5), title="Constrained decoding: cost per token (Qwen2 vocabulary)") as ax:
+        y = range(len(rows))
+        ax.barh([i + 0.2 for i in y], [r["grammar_us"] for r in rows], height=0.4, label="constrained (p50)")
+        ax.barh([i - 0.2 for i in y], [r["plain_us"] for r in rows], height=0.4, label="plain sampling (p50)")
+        ax.set_yticks(list(y), [r["grammar"] for r in rows])
+        ax.set_xlabel("µs per token")
+        ax.legend()
 
 
 if __name__ == "__main__":

@@ -404,10 +404,13 @@ def markdown(res: dict) -> str:
 
 
 def plot(res: dict, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    from plm.bench.plot import png
+    with png(path, 3, (15, 4.2), f"plm serve vs llama.cpp servers: {res['model']}, {res['threads']} threads",
+             dpi=110) as axes:
+        _draw(res, axes)
+
+
+def _draw(res: dict, axes) -> None:
     for name, e in res["engines"].items():
         lv = e.get("levels") or []
         if not lv:
@@ -423,10 +426,6 @@ def plot(res: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[2].set_yscale("log")  # a server that queues has TTFTs orders of magnitude longer
     axes[0].legend()
-    fig.suptitle(f"plm serve vs llama.cpp servers: {res['model']}, {res['threads']} threads")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def keep_earlier(earlier: dict, res: dict) -> dict:

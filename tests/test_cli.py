@@ -51,6 +51,10 @@ def test_generate_is_deterministic_and_batched(micro):
     assert a.returncode == 0 and a.stdout == b.stdout and a.stdout.strip()
     r = plm("generate", micro, "--prompt", "Hello", "--prompt", "a longer second prompt", "--max-new-tokens", "4")
     assert r.returncode == 0 and r.stdout.count("### ") == 2
+    # --min-p 1 keeps only the best token: sampled at temperature 2, the greedy text
+    hot = plm("generate", micro, "--prompt", "Hello", "--max-new-tokens", "6", "--temperature", "2", "--min-p", "1",
+              "--seed", "5")
+    assert hot.returncode == 0 and hot.stdout == a.stdout
 
 
 def test_chat_multi_turn(qwen2_micro_dir):
@@ -82,6 +86,7 @@ def test_chat_multi_turn(qwen2_micro_dir):
     (["generate", "/no/such/dir", "--prompt", "x"], "not a checkpoint directory"),
     (["init", "--preset", "plm-micro", "--out", "{out}", "--set", "hidden_act=gelu"], "hidden_act 'gelu'"),
     (["generate", "{micro}", "--prompt", "x", "--top-p", "0"], "top_p must be in (0, 1]"),
+    (["generate", "{micro}", "--prompt", "x", "--min-p", "2"], "min_p must be in [0, 1]"),
     (["generate", "{micro}", "--prompt", "x", "--presence-penalty", "nan"], "presence_penalty must be a finite number"),
     (["export", "gguf", "/no/such/dir", "--out", "{out}/x.gguf"], "not a checkpoint directory"),
 ])

@@ -42,6 +42,9 @@ def test_generate_returns_prompt_and_continuation(qwen2_micro_dir):
         assert got[:len(want)] == want[:len(got)] and (len(want) == 6 or got[len(want)] in eos)
     sampled = [model.generate(**enc, max_new_tokens=5, do_sample=True, temperature=1.0, seed=3) for _ in range(2)]
     assert torch.equal(sampled[0], sampled[1])  # seeded
+    # min_p 1.0 keeps only the best token: sampling at any temperature is greedy
+    hot = model.generate(**enc, max_new_tokens=6, do_sample=True, temperature=2.0, min_p=1.0, seed=3)
+    assert torch.equal(hot, out)
 
 
 def test_tokenizer_is_callable(qwen2_micro_dir):

@@ -676,6 +676,8 @@ def test_wrong_field_types_are_400(server, body, param):
      "parallel_tool_calls"),
     ({"messages": [{"role": "user", "content": "x"}], "tools": [ADD],
       "response_format": {"type": "json_schema", "json_schema": {"schema": {"$ref": "#/nope"}}}}, "response_format"),
+    ({"messages": [{"role": "user", "content": "x"}], "tools": [ADD], "tool_choice": "required",
+      "response_format": {"type": "json_schema", "json_schema": {"schema": {"$ref": "#/nope"}}}}, "response_format"),
     ({"messages": [{"role": "assistant", "content": None, "tool_calls": "x"}]}, "messages[0].tool_calls"),
 ])
 def test_bad_chat_requests_are_400(server, body, param):

@@ -953,13 +953,14 @@ def markdown(results: dict) -> str:
 
 
 def plot(results: dict, out: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    eng = {k: v for k, v in results["engines"].items() if "stages" in v}
+    from plm.bench.plot import png
     n = 3 if results.get("budgets") else 2
-    fig, axes = plt.subplots(1, n, figsize=(5.5 * n, 4.2))
+    with png(out, n, (5.5 * n, 4.2), f"{results['model']}, {results['machine']['threads']} threads", dpi=110) as axes:
+        _draw(results, axes)
+
+
+def _draw(results: dict, axes) -> None:
+    eng = {k: v for k, v in results["engines"].items() if "stages" in v}
     for name, r in eng.items():
         c = [s["context"] for s in r["stages"]]
         ls = "--" if name.startswith("llama") else "-"
@@ -977,10 +978,6 @@ def plot(results: dict, out: Path) -> None:
             axes[2].annotate(b["budget_label"], (b["weight_bytes"] / 2**30, b["stages"][0]["decode_tok_s"]),
                              fontsize=7)
         axes[2].set(xlabel="resident weights (GiB)", ylabel="decode tokens/s", title="layer-wise loading")
-    fig.suptitle(f"{results['model']}, {results['machine']['threads']} threads")
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
 
 
 @dataclass

@@ -76,12 +76,21 @@ def _grammar(tokenizer, sp: Sampling):
             make = {"gbnf": Grammar.gbnf, "regex": Grammar.regex, "json": Grammar.json_schema, "choice": Grammar.choice}
             return make[how](value, tokenizer)
         if sp.calls_tools:
-            if kind != "text":  # a bad format schema is the format's fault, not the tools'
+            text_schema = schema if kind != "text" else None
+            # the format is compiled alone only to name its fault: on a failure, or where a
+            # calls-only grammar (tool_choice required or named) leaves it out
+            failed = None
+            try:
+                g = tool_call_grammar(sp.tools, tokenizer, sp.tool_choice, sp.parallel_tool_calls, text_schema)
+            except GrammarError as e:
+                failed = e
+            if text_schema is not None and (failed or sp.tool_choice != "auto"):
                 param = "response_format"
-                Grammar.json_schema(schema, tokenizer)
+                Grammar.json_schema(text_schema, tokenizer)
                 param = "tools"
-            return tool_call_grammar(sp.tools, tokenizer, sp.tool_choice, sp.parallel_tool_calls,
-                                     text_schema=schema if kind != "text" else None)
+            if failed:
+                raise failed
+            return g
         if kind != "text":
             return Grammar.json_schema(schema, tokenizer)
     except GrammarError as e:  # a schema the engine cannot compile
