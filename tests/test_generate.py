@@ -124,17 +124,44 @@ def test_repetition_penalty_by_hand():
 
 
 def test_presence_frequency_penalties_and_logit_bias_by_hand():
-    from plm.infer.generate import penalize, reply_counts
+    from plm.infer.generate import SequencePenalties, penalize
     cfg = GenerationConfig(presence_penalty=0.5, frequency_penalty=0.25, logit_bias={3: -1.0, 9: 100.0})
-    seen, counts = reply_counts([0, 1], [2, 2, 4], 5, cfg)
-    assert seen is None and counts.tolist() == [[0, 0, 2, 0, 1]]
-    out = penalize(torch.tensor([[1.0, 1.0, 1.0, 1.0, 1.0]]), cfg, seen, counts)
+    counts = torch.tensor([[0.0, 0.0, 2.0, 0.0, 1.0]])  # the reply [2, 2, 4]
+    out = penalize(torch.tensor([[1.0, 1.0, 1.0, 1.0, 1.0]]), cfg, None, counts)
     # token 2: 1 - 0.25 * 2 - 0.5; token 4: 1 - 0.25 - 0.5; token 3: 1 - 1; token 9 lies past V
     assert out.tolist() == [[1.0, 1.0, 0.0, 0.0, 0.25]]
+    assert SequencePenalties(cfg, [0, 1])(torch.ones(1, 5), [2, 2, 4]).tolist() == out.tolist()
     # the repetition penalty counts the prompt too
-    seen, _ = reply_counts([0], [2], 3, GenerationConfig(repetition_penalty=2.0))
-    assert penalize(torch.tensor([[2.0, 2.0, -2.0]]), GenerationConfig(repetition_penalty=2.0), seen).tolist() == \
-        [[1.0, 2.0, -4.0]]
+    rep = GenerationConfig(repetition_penalty=2.0)
+    want = [[1.0, 2.0, -4.0]]
+    assert penalize(torch.tensor([[2.0, 2.0, -2.0]]), rep, torch.tensor([[True, False, True]])).tolist() == want
+    assert SequencePenalties(rep, [0])(torch.tensor([[2.0, 2.0, -2.0]]), [2]).tolist() == want
+
+
+def test_sequence_penalties_equal_the_dense_rule_step_by_step():
+    """The server's incremental penalties against `penalize` over dense masks rebuilt from the
+    whole prompt and reply at every step: equal bit for bit, however the reply grows."""
+    from plm.infer.generate import SequencePenalties, penalize
+    g = torch.Generator().manual_seed(0)
+    V = 300
+    prompt = torch.randint(0, 40, (70,), generator=g).tolist()
+    reply = torch.randint(20, 200, (150,), generator=g).tolist()  # repeats, some shared with the prompt
+    for cfg in (GenerationConfig(repetition_penalty=1.3), GenerationConfig(frequency_penalty=0.7),
+                GenerationConfig(presence_penalty=-0.4, logit_bias={5: 3.0, 299: -2.5}),
+                GenerationConfig(repetition_penalty=0.8, frequency_penalty=0.3, presence_penalty=1.1)):
+        pen = SequencePenalties(cfg, prompt)
+        n = 0
+        for grow in [1, 1, 5, 1, 17, 1, 60, 1, 63]:  # a token a step, or several (forced tokens)
+            n += grow
+            logits = torch.randn(1, V, generator=g) * 4
+            seen = torch.zeros(1, V, dtype=torch.bool)
+            seen[0, prompt + reply[:n]] = True
+            counts = torch.bincount(torch.tensor(reply[:n]), minlength=V)[None].float()
+            dense = penalize(logits, cfg, seen if cfg.repetition_penalty != 1.0 else None, counts)
+            got = pen(logits, reply[:n])
+            assert torch.equal(got, dense), (cfg, n)
+            assert not torch.equal(got, logits)
+        assert n == len(reply)
 
 
 def test_generate_tokens_applies_the_frequency_penalty():

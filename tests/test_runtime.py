@@ -100,6 +100,19 @@ def test_batched_left_padded_generation_equals_reference(micro):
             assert run(edge_step_fn(rt)) == want, (kv, sparse)
 
 
+def test_quantised_batched_generation_equals_alone(micro):
+    """int8 / int4 batches: several rows attend at once, so o_proj gets a strided input."""
+    prompts = [[5, 6, 7, 8, 9, 10], [11, 12], [100, 200, 300, 400]]
+    cfg = GenerationConfig(max_new_tokens=12)
+    for quant in ("int8", "int4"):
+        rt = EdgeRuntime.from_model(micro, dtype="bfloat16", quant=quant, sparse="off")
+        batched = [[] for _ in prompts]
+        for r, t in generate_tokens(edge_step_fn(rt), prompts, cfg):
+            batched[r].append(t)
+        alone = [[t for _, t in generate_tokens(edge_step_fn(rt), [p], cfg)] for p in prompts]
+        assert batched == alone, quant
+
+
 def test_sparse_mlp_equals_dense(tiny):
     ids = torch.randint(0, 512, (1, 96), generator=torch.Generator().manual_seed(2))
     dense = EdgeRuntime.from_model(tiny, dtype="float32", sparse="off")
@@ -158,6 +171,11 @@ def test_quantised_linear_kernels():
     assert torch.allclose(q8.rows(idx, x).float(), q8(x).float()[:, idx], atol=1e-2)
     q4 = Int4Linear(w)
     assert _rel(q4(x), ref) < 0.12
+    # a strided input (the runtime's o_proj gets a transposed view in a batch) is taken as is
+    xt = x.t().contiguous().t()
+    assert not xt.is_contiguous()
+    assert torch.equal(q8(xt), q8(x)) and torch.equal(q4(xt), q4(x))
+    assert torch.equal(q8.rows(idx, xt), q8.rows(idx, x))
     assert isinstance(make_linear(torch.randn(10, 30), "int4"), Int8Linear)  # untileable shape: int8
 
 

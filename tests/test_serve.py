@@ -99,7 +99,8 @@ def chat_text(truth_model, content: str) -> str:
 @pytest.fixture(scope="module")
 def server(qwen2_micro_dir):
     """float32 (so the reference model is exact truth), 8 slots."""
-    s = Server(qwen2_micro_dir, "--runtime", "edge", "--dtype", "float32", "--max-batch", "8", "--model-name", "micro")
+    s = Server(qwen2_micro_dir, "--runtime", "edge", "--dtype", "float32", "--max-batch", "8", "--model-name", "micro",
+               "--allowed-origins", "https://chat.example.org,local")
     yield s
     s.stop()
 
@@ -756,6 +757,50 @@ def test_api_key(small_server):
 AUTH = {"Authorization": "Bearer sekrit"}
 
 
+def _preflight(url: str, origin: str) -> httpx.Response:
+    return httpx.options(url + "/v1/chat/completions", headers={
+        "Origin": origin, "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization, content-type"})
+
+
+def test_browser_pages_by_origin(server, small_server):
+    """CORS: a page's preflight is answered before the API key is asked for (a browser sends
+    none with it); replies carry Access-Control-Allow-Origin for allowed origins only."""
+    body = {"prompt": "Hi", "max_tokens": 2}
+    # default (local): pages served from this machine, any port
+    for origin in ("http://localhost:5173", "http://127.0.0.1:3000", "http://[::1]:8080"):
+        r = _preflight(small_server.url, origin)
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == origin
+        assert {"authorization", "content-type"} <= {h.strip() for h in r.headers["access-control-allow-headers"].split(",")}
+        assert "POST" in r.headers["access-control-allow-methods"]
+    r = httpx.post(small_server.url + "/v1/completions", json=body, headers={**AUTH, "Origin": "http://localhost:5173"})
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://localhost:5173"
+    r = httpx.get(small_server.url + "/v1/models", headers={"Origin": "http://localhost:5173"})
+    assert r.status_code == 401 and r.headers["access-control-allow-origin"] == "http://localhost:5173"  # readable error
+    for origin in ("https://chat.example.org", "http://localhost.evil.example", "https://evil.example"):
+        assert _preflight(small_server.url, origin).status_code == 400
+        r = httpx.post(small_server.url + "/v1/completions", json=body, headers={**AUTH, "Origin": origin})
+        assert "access-control-allow-origin" not in r.headers
+    # a list of origins plus local
+    for origin in ("https://chat.example.org", "http://localhost:5173"):
+        assert _preflight(server.url, origin).headers["access-control-allow-origin"] == origin
+        with httpx.stream("POST", server.url + "/v1/completions", json={**body, "stream": True},
+                          headers={"Origin": origin}) as r:
+            assert r.headers["access-control-allow-origin"] == origin and "data: [DONE]" in r.read().decode()
+    assert _preflight(server.url, "https://other.example.org").status_code == 400
+
+
+def test_allowed_origins_option():
+    from plm.serve.server import LOCAL_ORIGINS, ServeOptions, cors_origins
+    assert cors_origins("none") is None and cors_origins("*") == (["*"], None)
+    assert cors_origins("local") == ([], LOCAL_ORIGINS)
+    assert cors_origins(" http://localhost:3000, https://chat.example.org/ ") == \
+        (["http://localhost:3000", "https://chat.example.org"], None)
+    for bad in ("chat.example.org", "http://a.org/path", "", ",", "file:///x"):
+        with pytest.raises(PLMError, match="--allowed-origins"):
+            ServeOptions(model="m", allowed_origins=bad).validate()
+
+
 def _wait(cond, timeout: float = 20.0) -> bool:
     t = time.time() + timeout
     while time.time() < t:
@@ -1370,6 +1415,7 @@ def test_cli_errors_are_one_line(tmp_path, qwen2_micro_dir):
     assert main(["serve", str(qwen2_micro_dir), "--max-batch", "0"]) == 2
     assert main(["serve", str(qwen2_micro_dir), "--context", "100000"]) == 2
     assert main(["serve", str(qwen2_micro_dir), "--prompt-cache", "-1"]) == 2
+    assert main(["serve", str(qwen2_micro_dir), "--allowed-origins", "example.org"]) == 2
 
 
 # ---- benchmarks/serve.py helpers ------------------------------------------------------------

@@ -173,15 +173,17 @@ def test_incremental_text_with_other_decoders():
             assert inc(ids[:n]) == decode(ids[:n])
 
 
-def test_detokenize_benchmark_runs(tmp_path):
+def test_stream_overhead_benchmark_runs(tmp_path):
     import subprocess
     import sys
     from pathlib import Path
-    out = subprocess.run([sys.executable, "benchmarks/detokenize.py", "--lengths", "64,300", "--repeats", "1",
-                          "--out", str(tmp_path)], capture_output=True, text=True, timeout=300,
+    out = subprocess.run([sys.executable, "benchmarks/stream_overhead.py", "--lengths", "64,300", "--prompt", "50",
+                          "--repeats", "1", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300,
                          cwd=Path(__file__).resolve().parents[1])
-    assert out.returncode == 0, out.stderr  # the script asserts both paths give the same text
-    report = json.loads((tmp_path / "detokenize.json").read_text())
-    assert [r["tokens"] for r in report["rows"]] == [64, 300]
-    assert all(r["whole_us_per_token"] > 0 and r["incremental_us_per_token"] > 0 for r in report["rows"])
-    assert (tmp_path / "detokenize.png").stat().st_size > 0 and "| reply tokens |" in (tmp_path / "detokenize.md").read_text()
+    assert out.returncode == 0, out.stderr  # the script asserts each pair gives the same text / logits
+    report = json.loads((tmp_path / "stream_overhead.json").read_text())
+    assert [(r["work"], r["tokens"]) for r in report["rows"]] == \
+        [("text", 64), ("text", 300), ("penalties", 64), ("penalties", 300)]
+    assert all(r["before_us_per_token"] > 0 and r["incremental_us_per_token"] > 0 for r in report["rows"])
+    assert (tmp_path / "stream_overhead.png").stat().st_size > 0
+    assert "| work | reply tokens |" in (tmp_path / "stream_overhead.md").read_text()

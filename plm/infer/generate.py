@@ -15,7 +15,7 @@ from plm.errors import PLMError
 # generation API users import, so it names the core's pieces too
 from plm.model.generation import (NUCLEUS_CANDIDATES, GenerationConfig, IncrementalText, StepFn,  # noqa: F401
                                   apply_repetition_penalty, generate_tokens, left_pad, model_step_fn, penalize,
-                                  recompute_step_fn, reply_counts, sample_next)
+                                  SequencePenalties, recompute_step_fn, sample_next)
 
 
 @dataclass

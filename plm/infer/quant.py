@@ -53,6 +53,12 @@ class DenseLinear(Linear):
         return self.w.numel() * self.w.element_size()
 
 
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x as contiguous bf16 rows [M, K]: the int8 / int4 CPU kernels refuse a strided input, and
+    the runtime hands o_proj a transposed view when several rows attend at once."""
+    return x.reshape(-1, x.shape[-1]).to(torch.bfloat16).contiguous()
+
+
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-row int8: w ~ q * scale[:, None]; q in [-127, 127]."""
     w = w.float()
@@ -71,12 +77,12 @@ class Int8Linear(Linear):
         self.out_dtype = out_dtype
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+        x2 = _rows(x)
         y = torch._weight_int8pack_mm(x2, self.q, self.scale).to(self.out_dtype)
         return y.view(*x.shape[:-1], self.out_features)
 
     def rows(self, idx: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return torch._weight_int8pack_mm(x.to(torch.bfloat16), self.q.index_select(0, idx),
+        return torch._weight_int8pack_mm(_rows(x), self.q.index_select(0, idx),
                                          self.scale.index_select(0, idx)).to(self.out_dtype)
 
     def dequantize(self) -> torch.Tensor:
@@ -117,7 +123,7 @@ class Int4Linear(Linear):
         self.out_dtype = out_dtype
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+        x2 = _rows(x)
         y = torch._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.sz).to(self.out_dtype)
         return y.view(*x.shape[:-1], self.out_features)
 

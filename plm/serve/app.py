@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 from starlette.applications import Starlette
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request as HTTPRequest
 from starlette.responses import JSONResponse, PlainTextResponse
@@ -49,6 +50,7 @@ class AppState:
     api_key: str | None = None
     runtime: str = ""
     started: float = 0.0
+    cors: tuple[list[str], str | None] | None = None  # (origins, origin regex) browser pages may read replies from
 
     @property
     def metrics(self) -> Metrics:
@@ -501,5 +503,9 @@ def create_app(state: AppState) -> Starlette:
                                                        Exception: _server_error})
     app.state.plm = state
     app.add_middleware(Gate, state=state)
+    if state.cors is not None:  # outermost: a browser's preflight carries no API key, so it must not reach Gate
+        origins, regex = state.cors
+        app.add_middleware(CORSMiddleware, allow_origins=origins, allow_origin_regex=regex,
+                           allow_methods=["GET", "POST"], allow_headers=["*"], max_age=600)
     return app
 

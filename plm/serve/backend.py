@@ -85,7 +85,6 @@ class TorchBackend:
 
     @classmethod
     def edge(cls, runtime) -> "TorchBackend":
-        _contiguous_o_proj(runtime)
         return cls("edge", runtime.config, runtime.forward, runtime.new_cache)
 
     @classmethod
@@ -193,31 +192,6 @@ class TorchBackend:
             return [(b[:, 0], 0) for b in s.cache.bufs]
         r = old_row[q]
         return [(b[:, r], self.cache.length - s.length) for b in self.cache.bufs]
-
-
-class _ContiguousInput:
-    """A projection whose input is made contiguous first. The runtime hands o_proj a
-    transposed view when several rows attend at once (a batched decode step, an absorbed
-    prefill chunk); the int8/int4 CPU kernels refuse a non-contiguous input, so batching a
-    quantised model would fail without this. (plm.infer.quant's kernels should do it
-    themselves; until then the server wraps o_proj.)"""
-
-    def __init__(self, inner) -> None:
-        self.inner = inner
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.inner(x.contiguous())
-
-    def __getattr__(self, name: str):  # nbytes, rows, in/out_features, ... of the projection
-        return getattr(self.inner, name)
-
-
-def _contiguous_o_proj(runtime) -> None:
-    if runtime.opts.quant == "none":
-        return
-    for layer in runtime.layers.resident:  # streamed layers are dense bf16: no constraint
-        if not isinstance(layer.o, _ContiguousInput):
-            layer.o = _ContiguousInput(layer.o)
 
 
 # ---------------------------------------------------------------------------------------

@@ -15,6 +15,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model-name", default=None, help="the model id clients send (None: MODEL as given)")
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on every route but /health (also read from $PLM_API_KEY)")
+    p.add_argument("--allowed-origins", default="local",
+                   help="web pages whose scripts may call the server (CORS): local (pages served from this "
+                        "machine, any port), * (any page), none, or origins such as "
+                        "http://localhost:3000,https://chat.example.org")
     g = p.add_argument_group("batching")
     g.add_argument("--max-batch", type=int, default=16, help="sequences decoded together at most (slots)")
     g.add_argument("--max-queue", type=int, default=64,
@@ -56,5 +60,5 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                         sparse=args.sparse, quant=args.quant, memory_budget=args.memory_budget,
                         threads=args.threads, max_batch=args.max_batch, max_queue=args.max_queue,
                         prefill_chunk=args.prefill_chunk, prompt_cache=args.prompt_cache, context=args.context,
-                        log_level=args.log_level)
+                        log_level=args.log_level, allowed_origins=args.allowed_origins)
     return serve(opts)

@@ -48,7 +48,7 @@ from typing import Callable
 import torch
 
 from plm.errors import PLMError
-from plm.infer.generate import (GenerationConfig, IncrementalText, penalize, reply_counts, sample_next,
+from plm.infer.generate import (GenerationConfig, IncrementalText, SequencePenalties, sample_next,
                                 truncate_at_stop)
 from plm.serve.backend import common_prefix
 from plm.serve.metrics import BATCH_BUCKETS, Metrics
@@ -131,6 +131,7 @@ class Request:
     generator: torch.Generator | None = None
     pending: list[TokenLogprob] = field(default_factory=list)  # log-probabilities not yet emitted
     detok: IncrementalText | None = None  # decodes `tokens` as they grow
+    penalties: SequencePenalties | None = None  # the penalties and logit bias over `tokens` as they grow
     scored_next: torch.Tensor | None = None  # echo: log-probabilities of the next prompt token
     t_submit: float = 0.0
     t_first: float | None = None
@@ -198,6 +199,7 @@ class Scheduler:
             req.state = "waiting"
             req.t_submit = time.perf_counter()
             req.detok = IncrementalText(self.tok.decode)
+            req.penalties = SequencePenalties(req.cfg, req.prompt)
             seed = req.cfg.seed
             req.generator = torch.Generator()
             if seed is None:
@@ -389,7 +391,7 @@ class Scheduler:
         if logits.shape[-1] > self.vocab:
             logits[:, self.vocab:] = float("-inf")
         cfg = req.cfg
-        adjusted = penalize(logits, cfg, *reply_counts(req.prompt, req.tokens, logits.shape[-1], cfg))
+        adjusted = req.penalties(logits, req.tokens)
         if req.matcher is not None:
             adjusted = req.matcher.mask(adjusted)
         tok = int(sample_next(adjusted, cfg, req.generator)[0])

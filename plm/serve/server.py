@@ -6,6 +6,7 @@ included, and exits with status 0. A second Ctrl-C quits at once.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +38,7 @@ class ServeOptions:
     prompt_cache: int = 4  # native runtime: finished sequences whose caches a new prompt may reuse
     context: int | None = None  # default: the model's window
     log_level: str = "warning"
+    allowed_origins: str = "local"  # browser pages (CORS): local | * | none | comma-separated origins
 
     def validate(self) -> None:
         if self.runtime not in RUNTIMES:
@@ -55,6 +57,30 @@ class ServeOptions:
             raise PLMError(f"--port must be in 0..65535, got {self.port}")
         if self.api_key is not None and not self.api_key.strip():
             raise PLMError("--api-key must not be empty")
+        cors_origins(self.allowed_origins)  # raises on a malformed origin
+
+
+LOCAL_ORIGINS = r"https?://(localhost|127\.0\.0\.1|\[::1\])(:\d+)?"
+_ORIGIN = re.compile(r"https?://[^/\s:]+(:\d+)?")
+
+
+def cors_origins(spec: str) -> tuple[list[str], str | None] | None:
+    """--allowed-origins as (origins, origin regex) for Starlette's CORS middleware, or None
+    (none: no page of another origin may read a reply). local: pages served from this machine
+    (any port), as Ollama allows by default; *: any page, as vLLM allows by default."""
+    spec = spec.strip()
+    if spec == "none":
+        return None
+    if spec == "local":
+        return [], LOCAL_ORIGINS
+    if spec == "*":
+        return ["*"], None
+    origins = [o.strip().rstrip("/") for o in spec.split(",") if o.strip()]
+    bad = [o for o in origins if o != "local" and not _ORIGIN.fullmatch(o)]
+    if not origins or bad:
+        raise PLMError(f"--allowed-origins: {', '.join(map(repr, bad)) or repr(spec)} is not an origin; give "
+                       f"scheme://host[:port] (e.g. http://localhost:3000), comma-separated, or local, * or none")
+    return [o for o in origins if o != "local"], LOCAL_ORIGINS if "local" in origins else None
 
 
 def resolve_runtime(opts: ServeOptions) -> str:
@@ -113,7 +139,8 @@ def build(opts: ServeOptions):
     names = [opts.model_name or str(opts.model)]
     if opts.model_name and str(opts.model) not in names:
         names.append(str(opts.model))  # the path keeps working as an alias
-    state = AppState(scheduler, tok, names, opts.context or window, opts.api_key, kind)
+    state = AppState(scheduler, tok, names, opts.context or window, opts.api_key, kind,
+                     cors=cors_origins(opts.allowed_origins))
     return create_app(state), scheduler
 
 
