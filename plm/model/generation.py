@@ -197,7 +197,7 @@ StepFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 class IncrementalText:
     """decode(ids) of a token list that only grows, at the cost of a few tokens per call.
 
-    Streaming re-decoded the whole reply for every token: O(n) per token, 0.21 ms at 4096
+    Streaming re-decoded the whole reply for every token: O(n) per token, 0.21-0.25 ms at 4096
     tokens of prose with the Qwen2 tokenizer, paid on the server's scheduler thread for every
     stream (benchmarks/stream_overhead.py; this: 2-3 us at any length). Here the
     text of ids[:k] is kept once k ends on a whole character, and each call decodes only
