@@ -42,13 +42,23 @@ N = 24  # tokens per request in the equality checks
 
 # ---- live servers ------------------------------------------------------------------------------
 
+# `python -m plm ...` that Linux kills when the test process dies, even by a signal (a crashed
+# pytest left its servers running, each holding a model): prctl(PR_SET_PDEATHSIG, SIGKILL),
+# then plm's CLI. Not Popen's preexec_fn, which may deadlock in a process with threads.
+DIES_WITH_PARENT = ("import ctypes, os, runpy, sys; ppid = int(os.environ.pop('PLM_TEST_PPID'))\n"
+                    "if sys.platform == 'linux':\n"
+                    "    ctypes.CDLL(None, use_errno=True).prctl(1, 9, 0, 0, 0)\n"
+                    "    os.getppid() == ppid or os._exit(1)  # the parent died before prctl took effect\n"
+                    "sys.argv[0] = 'plm'; runpy.run_module('plm', run_name='__main__', alter_sys=True)")
+
+
 class Server:
     """`plm serve` in a subprocess on a free loopback port."""
 
     def __init__(self, model: Path, *args: str, env: dict | None = None) -> None:
-        cmd = [sys.executable, "-m", "plm", "serve", str(model), "--port", "0", "--threads", "1", *args]
+        cmd = [sys.executable, "-c", DIES_WITH_PARENT, "serve", str(model), "--port", "0", "--threads", "1", *args]
         self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     env={**os.environ, **(env or {})})
+                                     env={**os.environ, **(env or {}), "PLM_TEST_PPID": str(os.getpid())})
         self.lines: list[str] = []
         self.url = None
         deadline = time.time() + 120
