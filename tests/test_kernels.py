@@ -30,13 +30,14 @@ import numpy as np
 import pytest
 import torch
 
+from plm.errors import PLMError
 from plm.infer import native as nv
 
 pytestmark = pytest.mark.skipif(not nv.load(), reason="native kernels not built (plm kernels build)")
 
 REPO = Path(__file__).resolve().parents[1]
 ISAS = ("scalar", "avx2", "avx512")
-BLOCK_FORMATS = (nv.Q8_0, nv.Q4_0, nv.Q4_K, nv.Q6_K)
+BLOCK_FORMATS = (nv.Q8_0, nv.Q4_0, nv.Q4_K, nv.Q5_K, nv.Q6_K)
 FLOAT_FORMATS = (nv.F32, nv.F16, nv.BF16)
 
 
@@ -63,7 +64,7 @@ def random_blocks(fmt: int, N: int, K: int, rng: np.random.Generator) -> torch.T
 
     if fmt in (nv.Q8_0, nv.Q4_0):
         put_f16(0, -0.05, 0.05)
-    elif fmt == nv.Q4_K:
+    elif fmt in (nv.Q4_K, nv.Q5_K):
         put_f16(0, 0.0, 0.005)
         put_f16(2, 0.0, 0.005)
     else:  # Q6_K: d last
@@ -72,7 +73,7 @@ def random_blocks(fmt: int, N: int, K: int, rng: np.random.Generator) -> torch.T
 
 
 def act_block(fmt: int) -> int:
-    return 256 if fmt in (nv.Q4_K, nv.Q6_K) else 32
+    return 256 if fmt in nv.SUPER_BLOCK else 32
 
 
 def quant_act(x: torch.Tensor, bs: int) -> torch.Tensor:
@@ -223,6 +224,14 @@ def _check_sparse_down(fmt, N):
         assert torch.equal(y2, y_sparse)
 
 
+def test_q5_k_has_no_sparse_layout():
+    raw = random_blocks(nv.Q5_K, 64, 256, np.random.default_rng(0))
+    with pytest.raises(PLMError, match="Q5_K has no sparse layout"):
+        nv.PackedLinear(raw, nv.Q5_K, 64, 256, sparse=True)
+    with pytest.raises(RuntimeError, match="no sparse layout for Q5_K"):
+        torch.ops.plm.pack_sparse(raw.reshape(-1), nv.Q5_K, 64, 256)
+
+
 @pytest.mark.parametrize("fmt", (nv.Q8_0, nv.Q4_0))
 def test_quantisers_match_gguf(fmt):
     """Our Q8_0/Q4_0 quantisers write the same bytes as gguf-py's (ggml's reference)."""
@@ -288,6 +297,7 @@ FALLBACK_SCRIPT = """
 import numpy as np, torch, sys
 sys.path.insert(0, {tests!r})
 from test_kernels import random_blocks
+from plm.errors import PLMError
 from plm.infer import native as nv
 out = {{}}
 for fmt in (nv.Q8_0, nv.Q4_0, nv.Q6_K, nv.BF16, nv.F16):

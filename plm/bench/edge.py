@@ -51,6 +51,7 @@ OURS = {
     "ours-q8_0": dict(gguf="q8_0"),
     "ours-q4_0": dict(gguf="q4_0"),
     "ours-q4_k_m": dict(gguf="q4_k_m"),
+    "ours-q5_k_m": dict(gguf="q5_k_m"),
 }
 OURS.update({f"{k}-sparse": dict(v, sparse=True) for k, v in list(OURS.items())})
 TORCH = {
@@ -65,6 +66,7 @@ LLAMA = {
     "llama-q8_0": dict(gguf="q8_0", flash_attn=False),
     "llama-q4_0": dict(gguf="q4_0", flash_attn=False),
     "llama-q4_k_m": dict(gguf="q4_k_m", flash_attn=False),
+    "llama-q5_k_m": dict(gguf="q5_k_m", flash_attn=False),
     "llama-f16-fa": dict(gguf="f16", flash_attn=True),
     "llama-q8_0-fa": dict(gguf="q8_0", flash_attn=True),
 }
@@ -76,7 +78,8 @@ DEFAULT_ENGINES = ["ours-bf16", "ours-q8_0", "ours-q4_0", "ours-q4_k_m", "torch-
 SPARSE_ENGINES = ["ours-bf16-sparse", "ours-q8_0-sparse", "ours-q4_k_m-sparse"]  # added with --sparsity
 # the same weight format on both sides: (ours, llama.cpp, label)
 PAIRS = [("ours-bf16", "llama-f16", "16-bit (bf16 / F16)"), ("ours-q8_0", "llama-q8_0", "Q8_0"),
-         ("ours-q4_0", "llama-q4_0", "Q4_0"), ("ours-q4_k_m", "llama-q4_k_m", "Q4_K_M")]
+         ("ours-q4_0", "llama-q4_0", "Q4_0"), ("ours-q4_k_m", "llama-q4_k_m", "Q4_K_M"),
+         ("ours-q5_k_m", "llama-q5_k_m", "Q5_K_M")]  # Q5_K_M: --engines only
 ALL_ENGINES = {**OURS, **TORCH, **LLAMA}
 
 

@@ -15,7 +15,7 @@ Environment:
   PLM_KERNEL_EMULATE_AVX512=1       (tests only) build the AVX-512 kernels against SIMDe's
                                     portable emulation, to check them on a host without AVX-512
 
-Formats are GGML type ids (`F32`, `F16`, `BF16`, `Q8_0`, `Q4_0`, `Q4_K`, `Q6_K`); weights
+Formats are GGML type ids (`F32`, `F16`, `BF16`, `Q8_0`, `Q4_0`, `Q4_K`, `Q5_K`, `Q6_K`); weights
 arrive as GGUF blocks (`quantize` makes them from float weights) and are repacked by `pack`.
 """
 from __future__ import annotations
@@ -49,11 +49,15 @@ EMULATE_CFLAGS = ("-DPLM_SIMDE", "-DPLM_EMULATED_AVX512")
 LIB = "plm_native.so"
 
 # GGML type ids
-F32, F16, Q4_0, Q8_0, Q4_K, Q6_K, BF16 = 0, 1, 2, 8, 12, 14, 30
-FORMATS = {"f32": F32, "f16": F16, "bf16": BF16, "q8_0": Q8_0, "q4_0": Q4_0, "q4_k": Q4_K, "q6_k": Q6_K}
+F32, F16, Q4_0, Q8_0, Q4_K, Q5_K, Q6_K, BF16 = 0, 1, 2, 8, 12, 13, 14, 30
+FORMATS = {"f32": F32, "f16": F16, "bf16": BF16, "q8_0": Q8_0, "q4_0": Q4_0, "q4_k": Q4_K, "q5_k": Q5_K,
+           "q6_k": Q6_K}
 FORMAT_NAMES = {v: k.upper() for k, v in FORMATS.items()}
-BLOCK = {F32: (1, 4), F16: (1, 2), BF16: (1, 2), Q8_0: (32, 34), Q4_0: (32, 18), Q4_K: (256, 144), Q6_K: (256, 210)}
-QUANTISABLE = (F32, F16, BF16, Q8_0, Q4_0, Q4_K)  # float -> GGUF blocks (no Q6_K quantiser)
+BLOCK = {F32: (1, 4), F16: (1, 2), BF16: (1, 2), Q8_0: (32, 34), Q4_0: (32, 18), Q4_K: (256, 144), Q5_K: (256, 176),
+         Q6_K: (256, 210)}
+SUPER_BLOCK = (Q4_K, Q5_K, Q6_K)  # K-quants: 256 inputs a block, activations quantised per 256
+QUANTISABLE = (F32, F16, BF16, Q8_0, Q4_0, Q4_K)  # float -> GGUF blocks (no Q5_K / Q6_K quantiser)
+NO_SPARSE = (Q5_K,)  # block formats without the neuron-major sparse layout
 
 _state: dict = {"tried": False, "loaded": False, "reason": None, "path": None}
 
@@ -291,7 +295,7 @@ def _fallback_linear(raw: torch.Tensor, fmt: int, N: int, K: int, x: torch.Tenso
         return (x.double() @ w.T).float()
     if fmt == BF16:
         return (x.to(torch.bfloat16).double() @ w.T).float()
-    bs = 256 if fmt in (Q4_K, Q6_K) else 32
+    bs = 256 if fmt in SUPER_BLOCK else 32
     q, d = _quant_act(x, bs)
     # integer dots per activation block against the exactly dequantised weights: the same
     # numbers as the kernels up to the order of fp32 rounding
@@ -319,6 +323,8 @@ class PackedLinear:
             raise PLMError(f"{name}: {FORMAT_NAMES[self.fmt]} [{N}, {K}] needs {expect} bytes, got {raw.numel()}")
         if groups < 1 or N % groups:
             raise PLMError(f"{name}: {N} rows do not split into {groups} groups")
+        if sparse and self.fmt in NO_SPARSE:
+            raise PLMError(f"{name}: {FORMAT_NAMES[self.fmt]} has no sparse layout; quantise the matrix to Q8_0 for it")
         self.raw = raw.contiguous().view(torch.uint8).reshape(N, -1)
         self.native = load()
         self.data: torch.Tensor | None = None

@@ -1,5 +1,5 @@
 """NativeDecoder: the whole PLM forward in C++ (torch.classes.plm.Decoder), one call per
-decode step, on weights in GGUF formats (BF16/F16/F32, Q8_0, Q4_0, Q4_K, Q6_K).
+decode step, on weights in GGUF formats (BF16/F16/F32, Q8_0, Q4_0, Q4_K, Q5_K, Q6_K).
 
 Build it from our Hugging Face checkpoints (`from_state_dict`, quantising at load) or from a
 `plm`-architecture GGUF, ours or llama.cpp's (`from_gguf`: tensors stay in their blocks and
@@ -40,7 +40,7 @@ from plm.model.config import PLMConfig
 
 LAYER_MATS = ("q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "up_proj", "down_proj")
 # GGUF tensor types the decoder reads (GGML ids); anything else is rejected by name
-GGUF_TYPES = (nv.F32, nv.F16, nv.BF16, nv.Q8_0, nv.Q4_0, nv.Q4_K, nv.Q6_K)
+GGUF_TYPES = (nv.F32, nv.F16, nv.BF16, nv.Q8_0, nv.Q4_0, nv.Q4_K, nv.Q5_K, nv.Q6_K)
 
 
 def _fmt_for(requested: int, K: int) -> int:
@@ -81,6 +81,10 @@ class NativeDecoder:
     def _add(self, layer: int, name: str, raw: torch.Tensor, fmt: int, N: int, K: int, groups: int = 1,
              sparse: bool = False, label: str = "") -> None:
         raw = raw.contiguous().view(torch.uint8).reshape(-1)
+        if sparse and fmt in nv.NO_SPARSE:  # no neuron-major layout for it: hold it as Q8_0
+            self.converted[label or f"{layer}.{name}"] = f"{nv.FORMAT_NAMES[fmt]} (sparse down projection)"
+            raw = nv.quantize(nv.dequantize_blocks(raw, fmt, N, K), nv.Q8_0).reshape(-1)
+            fmt = nv.Q8_0
         packed = torch.ops.plm.pack_sparse(raw, fmt, N, K) if sparse else torch.ops.plm.pack(raw, fmt, N, K, groups)
         self.impl.add_matrix(layer, name, packed, fmt, N, K, groups, sparse)
         self.formats[label or f"{layer}.{name}"] = nv.FORMAT_NAMES[fmt] + (" sparse" if sparse else "")
@@ -102,8 +106,8 @@ class NativeDecoder:
         its output matrix at 6+ bits)."""
         c = config
         want = nv.format_id(fmt)
-        if want == nv.Q6_K:
-            raise PLMError("q6_k weights can only be read from GGUF files (no quantiser)")
+        if want in (nv.Q5_K, nv.Q6_K):
+            raise PLMError(f"{fmt} weights can only be read from GGUF files (no quantiser)")
         dec = cls(c, cache_dtype, capacity)
         dec.sparse = sparse
         quantised = want in (nv.Q8_0, nv.Q4_0, nv.Q4_K)

@@ -201,34 +201,53 @@ PLM_ALWAYS_INLINE void pair_terms(__m256i (&lo)[MB], __m256i (&hi)[MB], const ui
   }
 }
 
-// ---- Q4_K ---------------------------------------------------------------------------------
-template <int MT, int MB>
+// ---- Q4_K, Q5_K -----------------------------------------------------------------------------
+// Q5_K: bits 0 and 1 of each byte of a fifth-bit plane to 16 (for the low and high nibbles),
+// then the plane moves on to the next group's two bits (what a 16-bit shift carries in from
+// the neighbouring byte lands at bits 6-7 and is never read: at most 3 shifts)
+inline void fifth_bits(__m256i& plane, __m256i& lo, __m256i& hi) {
+  const __m256i v16 = _mm256_set1_epi8(16);
+  lo = _mm256_or_si256(lo, _mm256_and_si256(_mm256_slli_epi16(plane, 4), v16));
+  hi = _mm256_or_si256(hi, _mm256_and_si256(_mm256_slli_epi16(plane, 3), v16));
+  plane = _mm256_srli_epi16(plane, 2);
+}
+
+// Five (Q5_K): each nibble gains its fifth bit from the sub-block's plane after the Q4_K
+// layout; its values reach 31, so the int16 pair sums go to int32 every two groups, not four.
+template <int MT, int MB, bool Five = false>
 void q4_k_rows(const uint8_t* const* wts, int64_t K, const QAct& x, int64_t m0, float* y, int64_t ldy,
                const int64_t* row0, int64_t N) {
-  const int64_t nb = K / 256, nd = K / x.bs;
+  const int64_t nb = K / 256, nd = K / x.bs, TB = Five ? Q5_K_TB : Q4_K_TB;
   const __m256 neg = _mm256_castsi256_ps(_mm256_set1_epi32((int)0x80000000));
   __m256 al[MT][MB], ah[MT][MB];
   for (int t = 0; t < MT; t++)
     for (int i = 0; i < MB; i++) al[t][i] = ah[t][i] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; b++) {
     for (int t = 0; t < MT; t++) {
-      const uint8_t* blk = wts[t] + b * Q4_K_TB;
+      const uint8_t* blk = wts[t] + b * TB;
       __m256i cl[MB], ch[MB], nl[MB], nh[MB];  // sum sc*dot and sum m*s32, per half
       for (int i = 0; i < MB; i++) cl[i] = ch[i] = nl[i] = nh[i] = _mm256_setzero_si256();
       for (int j = 0; j < 8; j++) {
-        __m256i sl[MB], sh[MB];
+        const __m256i scl = pairs_u8(blk + 64 + 16 * j), sch = pairs_u8(blk + 72 + 16 * j);
+        __m256i sl[MB], sh[MB], p0, p1;
         for (int i = 0; i < MB; i++) sl[i] = sh[i] = _mm256_setzero_si256();
+        if constexpr (Five) p0 = ld256(blk + qk_sub(true, j) + 256), p1 = ld256(blk + qk_sub(true, j) + 288);
         for (int g = 0; g < 4; g++) {  // each nibble group unpacked once for the call's rows
-          const Nib n = nib_unpack(blk + 320 + 256 * j + 64 * g);
+          Nib n = nib_unpack(blk + qk_sub(Five, j) + 64 * g);
+          if constexpr (Five) {  // rows 0-7 in p0, rows 8-15 in p1, as the nibble halves
+            fifth_bits(p0, n.ll, n.lh);
+            fifth_bits(p1, n.hl, n.hh);
+          }
           for (int i = 0; i < MB; i++) {
             const int8_t* xq = x.q + (m0 + i) * K + 256 * b + 32 * j + 8 * g;
             nib_madd(n, _mm256_set1_epi32(ld32(xq)), _mm256_set1_epi32(ld32(xq + 4)), sl[i], sh[i]);
           }
-        }
-        const __m256i scl = pairs_u8(blk + 64 + 16 * j), sch = pairs_u8(blk + 72 + 16 * j);
-        for (int i = 0; i < MB; i++) {
-          cl[i] = _mm256_add_epi32(cl[i], _mm256_madd_epi16(sl[i], scl));
-          ch[i] = _mm256_add_epi32(ch[i], _mm256_madd_epi16(sh[i], sch));
+          if (g == 3 || (Five && g == 1))
+            for (int i = 0; i < MB; i++) {
+              cl[i] = _mm256_add_epi32(cl[i], _mm256_madd_epi16(sl[i], scl));
+              ch[i] = _mm256_add_epi32(ch[i], _mm256_madd_epi16(sh[i], sch));
+              sl[i] = sh[i] = _mm256_setzero_si256();
+            }
         }
       }
       pair_terms<MB, false, 2>(nl, nh, blk + 192, x, m0, K, b);  // the min term
@@ -309,7 +328,7 @@ void q6_k_rows(const uint8_t* const* wts, int64_t K, const QAct& x, int64_t m0, 
 #define PLM_TILE_DRIVER(NAME, ROWS, TB)                                                                \
   void NAME(const uint8_t* W, int64_t K, int64_t t0, int64_t t1, const QAct& x, int64_t M, float* y, \
             int64_t ldy, int64_t N) {                                                                 \
-    const int64_t bs = TB == Q4_K_TB || TB == Q6_K_TB ? 256 : 32;                                    \
+    const int64_t bs = TB == Q4_K_TB || TB == Q5_K_TB || TB == Q6_K_TB ? 256 : 32;                  \
     tile_driver<2>(W, (K / bs) * TB, t0, t1, M, [&](auto mt, auto mb, const uint8_t* const* w, int64_t m, const int64_t* r) { \
       ROWS<decltype(mt)::value, decltype(mb)::value>(w, K, x, m, y, ldy, r, N);                      \
     });                                                                                             \
@@ -318,6 +337,12 @@ PLM_TILE_DRIVER(gemv_q8_0, q8_0_rows, Q8_0_TB)
 PLM_TILE_DRIVER(gemv_q4_0, q4_0_rows, Q4_0_TB)
 PLM_TILE_DRIVER(gemv_q4_k, q4_k_rows, Q4_K_TB)
 PLM_TILE_DRIVER(gemv_q6_k, q6_k_rows, Q6_K_TB)
+template <int MT, int MB>
+void q5_k_rows(const uint8_t* const* wts, int64_t K, const QAct& x, int64_t m0, float* y, int64_t ldy,
+               const int64_t* row0, int64_t N) {
+  q4_k_rows<MT, MB, true>(wts, K, x, m0, y, ldy, row0, N);
+}
+PLM_TILE_DRIVER(gemv_q5_k, q5_k_rows, Q5_K_TB)
 #undef PLM_TILE_DRIVER
 
 // ---- float weights ------------------------------------------------------------------------
@@ -802,7 +827,7 @@ void attention(const float* q, int64_t nh, int64_t D, int64_t rank, const void* 
 }  // namespace
 
 extern const Kernels kernels_avx2 = {
-    "avx2", quantize_act, gemv_q8_0, gemv_q4_0, gemv_q4_k, gemv_q6_k, gemv_f, sparse_q, sparse_f, attention,
+    "avx2", quantize_act, gemv_q8_0, gemv_q4_0, gemv_q4_k, gemv_q6_k, gemv_q5_k, gemv_f, sparse_q, sparse_f, attention,
 };
 
 }  // namespace plm

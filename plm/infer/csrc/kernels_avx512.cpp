@@ -138,27 +138,36 @@ inline void pair_terms(__m512i (&acc)[MB], const uint8_t* bytes, const QAct& x, 
 
 // Q4_K: per sub-block of 32 inputs the nibble dot (weights unpacked once per tile, shared by
 // the activation rows) times the 6-bit scale; the min term sum_j m_j * sum(x_j) two sub-blocks
-// per `vpdpwssd` (pair_terms): the same int32 sums as every path's.
-template <int MT, int MB>
+// per `vpdpwssd` (pair_terms): the same int32 sums as every path's. Five (Q5_K): each unpacked
+// nibble vector gains its fifth bits from the sub-block's plane after the Q4_K layout.
+template <int MT, int MB, bool Five = false>
 void q4_k_rows(const uint8_t* const* wt, int64_t K, const QAct& x, int64_t m0, float* y, int64_t ldy,
                const int64_t* row0, int64_t N) {
-  const int64_t nb = K / 256, nd = K / x.bs;
-  const __m512i m4 = _mm512_set1_epi8(15);
+  const int64_t nb = K / 256, nd = K / x.bs, TB = Five ? Q5_K_TB : Q4_K_TB;
+  const __m512i m4 = _mm512_set1_epi8(15), v16 = _mm512_set1_epi8(16);
   const __m512 neg = _mm512_castsi512_ps(_mm512_set1_epi32((int)0x80000000));
   __m512 acc[MT][MB];
   for (int j = 0; j < MT; j++)
     for (int i = 0; i < MB; i++) acc[j][i] = _mm512_setzero_ps();
   for (int64_t b = 0; b < nb; b++) {
     for (int t = 0; t < MT; t++) {
-      const uint8_t* blk = wt[t] + b * Q4_K_TB;
+      const uint8_t* blk = wt[t] + b * TB;
       __m512i isc[MB], imin[MB];
       for (int i = 0; i < MB; i++) isc[i] = imin[i] = _mm512_setzero_si512();
       for (int j = 0; j < 8; j++) {
-        __m512i dj[MB];
+        __m512i dj[MB], plane;
         for (int i = 0; i < MB; i++) dj[i] = _mm512_setzero_si512();
+        if constexpr (Five) plane = ld512(blk + qk_sub(true, j) + 256);
         for (int g = 0; g < 4; g++) {
-          const __m512i v = ld512(blk + 320 + 256 * j + 64 * g);
-          const __m512i lo = _mm512_and_si512(v, m4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+          const __m512i v = ld512(blk + qk_sub(Five, j) + 64 * g);
+          __m512i lo = _mm512_and_si512(v, m4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+          if constexpr (Five) {  // lo | ((plane << 4) & 16), hi | ((plane << 3) & 16): bits 0 and 1 to bit 4
+            lo = _mm512_ternarylogic_epi32(lo, _mm512_slli_epi16(plane, 4), v16, 0xF8);
+            hi = _mm512_ternarylogic_epi32(hi, _mm512_slli_epi16(plane, 3), v16, 0xF8);
+            // the next group's bits to bits 0 and 1 (what a 16-bit shift carries in from the
+            // neighbouring byte lands at bits 6-7 and is never read: at most 3 shifts)
+            plane = _mm512_srli_epi16(plane, 2);
+          }
           for (int i = 0; i < MB; i++) {
             const int8_t* xq = x.q + (m0 + i) * K + 256 * b + 32 * j + 8 * g;
             dj[i] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(dj[i], lo, _mm512_set1_epi32(ld32(xq))), hi,
@@ -252,6 +261,12 @@ PLM_TILE_DRIVER(gemv_q8_0, q8_0_rows, 32, Q8_0_TB, 2)
 PLM_TILE_DRIVER(gemv_q4_0, q4_0_rows, 32, Q4_0_TB, 2)
 PLM_TILE_DRIVER(gemv_q4_k, q4_k_rows, 256, Q4_K_TB, 1)
 PLM_TILE_DRIVER(gemv_q6_k, q6_k_rows, 256, Q6_K_TB, 1)
+template <int MT, int MB>
+void q5_k_rows(const uint8_t* const* wt, int64_t K, const QAct& x, int64_t m0, float* y, int64_t ldy,
+               const int64_t* row0, int64_t N) {
+  q4_k_rows<MT, MB, true>(wt, K, x, m0, y, ldy, row0, N);
+}
+PLM_TILE_DRIVER(gemv_q5_k, q5_k_rows, 256, Q5_K_TB, 1)
 #undef PLM_TILE_DRIVER
 
 // ---- float weights (convert + FMA; BF16 with vdpbf16ps lives in kernels_avx512bf16.cpp) ----
@@ -407,7 +422,7 @@ double vnni_loop_seconds(int64_t iters, int64_t* macs) {
 
 // Entries left null fall back to the AVX2 kernels (see ops.cpp).
 extern const Kernels kernels_avx512 = {
-    "avx512", nullptr, gemv_q8_0, gemv_q4_0, gemv_q4_k, gemv_q6_k, gemv_f, nullptr, nullptr, nullptr,
+    "avx512", nullptr, gemv_q8_0, gemv_q4_0, gemv_q4_k, gemv_q6_k, gemv_q5_k, gemv_f, nullptr, nullptr, nullptr,
 };
 
 }  // namespace plm

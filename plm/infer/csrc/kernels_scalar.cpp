@@ -31,12 +31,21 @@ inline void store_rows(float* y, int64_t ldy, int64_t m, int64_t row0, int64_t N
   for (int r = 0; r < TILE && row0 + r < N; r++) y[m * ldy + row0 + r] = acc[r];
 }
 
-// Q4_0-style nibble group (64 bytes, 16 rows x 8 inputs) dotted with 8 activation bytes.
-inline void nib_group_dot(const uint8_t* g, const int8_t* xq, int32_t* isum) {
+// Q4_0-style nibble group (64 bytes, 16 rows x 8 inputs) dotted with 8 activation bytes; with
+// `plane` (Q5_K), the value in byte p's low / high nibble gains 16 from bit 2 gi / 2 gi + 1 of
+// plane[p] (gi: the group's index in its sub-block).
+inline void nib_group_dot(const uint8_t* g, const int8_t* xq, int32_t* isum, const uint8_t* plane = nullptr,
+                          int gi = 0) {
   for (int r = 0; r < TILE; r++)
     for (int j = 0; j < 4; j++) {
-      const uint8_t b = g[4 * r + j];
-      isum[r] += (b & 15) * xq[j] + (b >> 4) * xq[4 + j];
+      const int p = 4 * r + j;
+      const uint8_t b = g[p];
+      int lo = b & 15, hi = b >> 4;
+      if (plane) {
+        lo |= ((plane[p] >> (2 * gi)) & 1) << 4;
+        hi |= ((plane[p] >> (2 * gi + 1)) & 1) << 4;
+      }
+      isum[r] += lo * xq[j] + hi * xq[4 + j];
     }
 }
 
@@ -81,14 +90,16 @@ void gemv_q4_0(const uint8_t* W, int64_t K, int64_t t0, int64_t t1, const QAct& 
   }
 }
 
-void gemv_q4_k(const uint8_t* W, int64_t K, int64_t t0, int64_t t1, const QAct& x, int64_t M, float* y,
-               int64_t ldy, int64_t N) {
-  const int64_t nb = K / 256;
+// Q4_K, and Q5_K (Five: the nibbles' fifth bits from the masks after the Q4_K layout)
+template <bool Five>
+void gemv_qk(const uint8_t* W, int64_t K, int64_t t0, int64_t t1, const QAct& x, int64_t M, float* y,
+             int64_t ldy, int64_t N) {
+  const int64_t nb = K / 256, TB = Five ? Q5_K_TB : Q4_K_TB;
   for (int64_t t = t0; t < t1; t++) {
     for (int64_t m = 0; m < M; m++) {
       float acc[TILE] = {0};
       for (int64_t b = 0; b < nb; b++) {
-        const uint8_t* blk = W + (t * nb + b) * Q4_K_TB;
+        const uint8_t* blk = W + (t * nb + b) * TB;
         const uint8_t* sc = blk + 64;
         const uint8_t* mn = blk + 192;
         const int8_t* xq = x.q + m * K + b * 256;
@@ -97,7 +108,9 @@ void gemv_q4_k(const uint8_t* W, int64_t K, int64_t t0, int64_t t1, const QAct& 
         int32_t isc[TILE] = {0}, imin[TILE] = {0};
         for (int j = 0; j < 8; j++) {
           int32_t dot[TILE] = {0};
-          for (int g = 0; g < 4; g++) nib_group_dot(blk + 320 + 256 * j + 64 * g, xq + 32 * j + 8 * g, dot);
+          for (int g = 0; g < 4; g++)
+            nib_group_dot(blk + qk_sub(Five, j) + 64 * g, xq + 32 * j + 8 * g, dot,
+                          Five ? blk + qk_sub(true, j) + 256 : nullptr, g);
           const int32_t s32 = s16[2 * j] + s16[2 * j + 1];
           for (int r = 0; r < TILE; r++) {
             isc[r] += sc[16 * j + r] * dot[r];
@@ -112,6 +125,16 @@ void gemv_q4_k(const uint8_t* W, int64_t K, int64_t t0, int64_t t1, const QAct& 
       store_rows(y, ldy, m, t * TILE, N, acc);
     }
   }
+}
+
+void gemv_q4_k(const uint8_t* W, int64_t K, int64_t t0, int64_t t1, const QAct& x, int64_t M, float* y,
+               int64_t ldy, int64_t N) {
+  gemv_qk<false>(W, K, t0, t1, x, M, y, ldy, N);
+}
+
+void gemv_q5_k(const uint8_t* W, int64_t K, int64_t t0, int64_t t1, const QAct& x, int64_t M, float* y,
+               int64_t ldy, int64_t N) {
+  gemv_qk<true>(W, K, t0, t1, x, M, y, ldy, N);
 }
 
 void gemv_q6_k(const uint8_t* W, int64_t K, int64_t t0, int64_t t1, const QAct& x, int64_t M, float* y,
@@ -319,7 +342,7 @@ void attention(const float* q, int64_t nh, int64_t D, int64_t rank, const void* 
 }  // namespace
 
 extern const Kernels kernels_scalar = {
-    "scalar", quantize_act, gemv_q8_0, gemv_q4_0, gemv_q4_k, gemv_q6_k, gemv_f, sparse_q, sparse_f, attention,
+    "scalar", quantize_act, gemv_q8_0, gemv_q4_0, gemv_q4_k, gemv_q6_k, gemv_q5_k, gemv_f, sparse_q, sparse_f, attention,
 };
 
 }  // namespace plm

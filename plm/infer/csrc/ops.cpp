@@ -77,6 +77,7 @@ Dispatch make_dispatch(const std::string& isa) {
     if (z.gemv_q4_0) dp.k.gemv_q4_0 = z.gemv_q4_0;
     if (z.gemv_q4_k) dp.k.gemv_q4_k = z.gemv_q4_k;
     if (z.gemv_q6_k) dp.k.gemv_q6_k = z.gemv_q6_k;
+    if (z.gemv_q5_k) dp.k.gemv_q5_k = z.gemv_q5_k;
     if (z.gemv_f) dp.k.gemv_f = z.gemv_f;
     dp.bf16_dp = kEmulated || features().bf16;
   }
@@ -142,6 +143,7 @@ GemvFn tile_fn(const Kernels& k, int fmt) {
     case Q8_0: return k.gemv_q8_0;
     case Q4_0: return k.gemv_q4_0;
     case Q4_K: return k.gemv_q4_k;
+    case Q5_K: return k.gemv_q5_k;
     case Q6_K: return k.gemv_q6_k;
   }
   return nullptr;
@@ -203,6 +205,7 @@ Mat make_mat(const at::Tensor& data, int64_t fmt, int64_t N, int64_t K, int64_t 
   int64_t expect;
   if (sparse) {
     TORCH_CHECK(groups == 1, "plm: the sparse layout has no groups");
+    TORCH_CHECK(fmt != Q5_K, "plm: no sparse layout for Q5_K");
     const int64_t Np = ceil_div(N, 64) * 64, nb = K / 32, ns = K / 256;
     expect = is_float((int)fmt) ? row_bytes((int)fmt, K) * N
              : fmt == Q8_0     ? K * Np + 2 * nb * Np

@@ -10,10 +10,11 @@
 
 namespace plm {
 
-bool is_block(int fmt) { return fmt == Q8_0 || fmt == Q4_0 || fmt == Q4_K || fmt == Q6_K; }
+bool is_block(int fmt) { return fmt == Q8_0 || fmt == Q4_0 || fmt == Q4_K || fmt == Q5_K || fmt == Q6_K; }
+static bool is_super(int fmt) { return fmt == Q4_K || fmt == Q5_K || fmt == Q6_K; }
 bool is_float(int fmt) { return fmt == F32 || fmt == F16 || fmt == BF16; }
-int block_size(int fmt) { return fmt == Q4_K || fmt == Q6_K ? 256 : is_block(fmt) ? 32 : 1; }
-int act_block(int fmt) { return fmt == Q4_K || fmt == Q6_K ? 256 : 32; }
+int block_size(int fmt) { return is_super(fmt) ? 256 : is_block(fmt) ? 32 : 1; }
+int act_block(int fmt) { return is_super(fmt) ? 256 : 32; }
 
 int64_t row_bytes(int fmt, int64_t K) {
   switch (fmt) {
@@ -22,6 +23,7 @@ int64_t row_bytes(int fmt, int64_t K) {
     case Q8_0: return K / 32 * 34;
     case Q4_0: return K / 32 * 18;
     case Q4_K: return K / 256 * 144;
+    case Q5_K: return K / 256 * 176;
     case Q6_K: return K / 256 * 210;
   }
   TORCH_CHECK(false, "plm: unsupported format ", fmt);
@@ -30,7 +32,7 @@ int64_t row_bytes(int fmt, int64_t K) {
 std::string format_name(int fmt) {
   switch (fmt) {
     case F32: return "F32"; case F16: return "F16"; case BF16: return "BF16"; case Q8_0: return "Q8_0";
-    case Q4_0: return "Q4_0"; case Q4_K: return "Q4_K"; case Q6_K: return "Q6_K";
+    case Q4_0: return "Q4_0"; case Q4_K: return "Q4_K"; case Q5_K: return "Q5_K"; case Q6_K: return "Q6_K";
   }
   return "type " + std::to_string(fmt);
 }
@@ -61,7 +63,7 @@ void get_scale_min_k4(int j, const uint8_t* q, uint8_t* d, uint8_t* m) {
 struct Canon {
   int q[256];
   uint16_t d = 0, dmin = 0;
-  uint8_t sc[8] = {0}, mn[8] = {0};  // Q4_K
+  uint8_t sc[8] = {0}, mn[8] = {0};  // Q4_K, Q5_K
   int8_t sc6[16] = {0};              // Q6_K
 };
 
@@ -78,14 +80,16 @@ void decode_block(int fmt, const uint8_t* raw, Canon& c) {
         c.q[k + 16] = raw[2 + k] >> 4;
       }
       break;
-    case Q4_K: {
+    case Q4_K:
+    case Q5_K: {  // Q5_K: d, dmin, scales, then qh[32] (bit j of byte l: input 32j + l) before qs
       c.d = rd16(raw);
       c.dmin = rd16(raw + 2);
       for (int j = 0; j < 8; j++) get_scale_min_k4(j, raw + 4, &c.sc[j], &c.mn[j]);
-      const uint8_t* qs = raw + 16;
+      const uint8_t* qs = raw + (fmt == Q5_K ? 48 : 16);
       for (int k = 0; k < 256; k++) {
         const int ch = k / 64, l = k % 64;
         c.q[k] = l < 32 ? qs[32 * ch + l] & 15 : qs[32 * ch + l - 32] >> 4;
+        if (fmt == Q5_K) c.q[k] |= ((raw[16 + k % 32] >> (k / 32)) & 1) << 4;
       }
       break;
     }
@@ -109,10 +113,17 @@ inline int nib_byte(int k, int r) { return 64 * (k / 8) + 4 * r + (k & 3); }
 inline bool nib_high(int k) { return (k & 7) >= 4; }
 inline void put_nib(uint8_t* p, int k, int r, int v) { p[nib_byte(k, r)] |= (uint8_t)(v << (nib_high(k) ? 4 : 0)); }
 inline int get_nib(const uint8_t* p, int k, int r) { return (p[nib_byte(k, r)] >> (nib_high(k) ? 4 : 0)) & 15; }
+// Q5_K: the fifth bit of sub-block j's input k of row r sits in byte 4 r + (k & 3) of the
+// sub-block's 64-byte plane (after its nibbles), at bit 2 g + h (g = k / 8 its nibble group,
+// h = 1 for a high nibble): the same byte as its nibble in the group, so the kernels shift it
+// into place.
+inline int q5_byte(int j, int k, int r) { return (int)qk_sub(true, j) + 256 + 4 * r + (k & 3); }
+inline int q5_bit(int k) { return 2 * (k / 8) + (nib_high(k) ? 1 : 0); }
 
 int tile_block_bytes(int fmt) {
   switch (fmt) {
-    case Q8_0: return Q8_0_TB; case Q4_0: return Q4_0_TB; case Q4_K: return Q4_K_TB; case Q6_K: return Q6_K_TB;
+    case Q8_0: return Q8_0_TB; case Q4_0: return Q4_0_TB; case Q4_K: return Q4_K_TB; case Q5_K: return Q5_K_TB;
+    case Q6_K: return Q6_K_TB;
   }
   return 0;
 }
@@ -128,12 +139,16 @@ void encode_tile(int fmt, const Canon& c, int r, uint8_t* tb) {
       for (int k = 0; k < 32; k++) put_nib(tb + 32, k, r, c.q[k]);
       break;
     case Q4_K:
+    case Q5_K:
       wr16(tb + 2 * r, c.d);
       wr16(tb + 32 + 2 * r, c.dmin);
       for (int j = 0; j < 8; j++) {
         tb[64 + 16 * j + r] = c.sc[j];
         tb[192 + 16 * j + r] = c.mn[j];
-        for (int k = 0; k < 32; k++) put_nib(tb + 320 + 256 * j, k, r, c.q[32 * j + k]);
+        for (int k = 0; k < 32; k++) {
+          put_nib(tb + qk_sub(fmt == Q5_K, j), k, r, c.q[32 * j + k] & 15);
+          if (fmt == Q5_K) tb[q5_byte(j, k, r)] |= (uint8_t)(((c.q[32 * j + k] >> 4) & 1) << q5_bit(k));
+        }
       }
       break;
     case Q6_K:
@@ -160,11 +175,14 @@ float dequant_tile_value(int fmt, const uint8_t* tb, int r, int k) {
       return fp16_to_fp32(rd16(tb + 2 * r)) * (float)((int)tb[32 + 64 * (k / 4) + 4 * r + (k & 3)] - 128);
     case Q4_0:
       return fp16_to_fp32(rd16(tb + 2 * r)) * (float)(get_nib(tb + 32, k, r) - 8);
-    case Q4_K: {
-      const int j = k / 32;
+    case Q4_K:
+    case Q5_K: {
+      const int j = k / 32, kk = k % 32;
       const float d = fp16_to_fp32(rd16(tb + 2 * r)) * tb[64 + 16 * j + r];
       const float m = fp16_to_fp32(rd16(tb + 32 + 2 * r)) * tb[192 + 16 * j + r];
-      return d * (float)get_nib(tb + 320 + 256 * j, k % 32, r) - m;
+      int q = get_nib(tb + qk_sub(fmt == Q5_K, j), kk, r);
+      if (fmt == Q5_K) q |= ((tb[q5_byte(j, kk, r)] >> q5_bit(kk)) & 1) << 4;
+      return d * (float)q - m;
     }
     case Q6_K: {
       const int u = k / 32, kk = k % 32, p = 4 * r + (kk & 3);
@@ -351,6 +369,7 @@ void dequant_tile_row(int fmt, const uint8_t* tiles, int64_t K, int64_t row, flo
 
 at::Tensor pack_sparse(const at::Tensor& raw_in, int fmt, int64_t N, int64_t K) {
   check_shape(fmt, N, K, "pack_sparse");
+  TORCH_CHECK(fmt != Q5_K, "plm: pack_sparse: no sparse layout for Q5_K (hold the matrix as Q8_0)");
   const at::Tensor raw = raw_in.contiguous();
   TORCH_CHECK(raw.scalar_type() == at::kByte && raw.numel() == N * row_bytes(fmt, K), "plm: pack_sparse: expected ",
               N * row_bytes(fmt, K), " bytes of ", format_name(fmt), ", got ", raw.numel());

@@ -14,7 +14,7 @@ namespace plm {
 
 // GGML type ids (the GGUF file's tensor types), used as our format ids too.
 enum Format : int {
-  F32 = 0, F16 = 1, Q4_0 = 2, Q8_0 = 8, Q4_K = 12, Q6_K = 14, BF16 = 30,
+  F32 = 0, F16 = 1, Q4_0 = 2, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14, BF16 = 30,
 };
 
 // Packed ("tile") layout of the block formats: output rows in tiles of TILE rows; within a
@@ -23,19 +23,28 @@ enum Format : int {
 // (one 32-bit lane per row): `vpdpbusd`/`maddubs` against a broadcast of 4 activation bytes
 // then yields 16 per-row partial dots with no horizontal reduction. AVX2 handles the 64 bytes
 // as two 32-byte halves (rows 0-7, rows 8-15). Bytes per row equal the GGUF block sizes
-// except Q4_K (148 instead of 144: scales and mins stored as bytes).
+// except Q4_K (148 instead of 144: scales and mins stored as bytes) and Q5_K (180, likewise).
 //
 //  Q8_0, per block of 32 inputs:  fp16 d[16] | u8 q[8 chunks][16 rows][4]   (q = int8 + 128)
 //  Q4_0, per block of 32:         fp16 d[16] | u8 q[4 groups][16 rows][4]   (low nibble: inputs
 //                                  8g+j, high nibble: 8g+4+j; value (q - 8) * d)
 //  Q4_K, per super-block of 256:  fp16 d[16] | fp16 dmin[16] | u8 sc[8][16] | u8 m[8][16] |
 //                                  8 sub-blocks laid out as Q4_0's nibbles; value d*sc*q - dmin*m
+//  Q5_K, per super-block of 256:  as Q4_K (the low 4 bits in the nibbles), but each sub-block's
+//                                  256 nibble bytes followed by its 64-byte plane of fifth bits:
+//                                  byte p holds at bit 2g + h the fifth bit (16) of the value in
+//                                  byte p of nibble group g, low (h = 0) or high (h = 1) nibble
+//                                  (next to the nibbles: one read stream per tile, not two);
+//                                  value d*sc*q - dmin*m, q < 32
 //  Q6_K, per super-block of 256:  fp16 d[16] | i8 sc[16][16] | 8 units of 32 inputs, each
 //                                  u8 ql[4 groups][64] (low 4 bits, Q4_0 nibble layout) |
 //                                  u8 qh[4 groups][32] (high 2 bits, see pack.cpp); value
 //                                  d * sc * (q - 32)
 enum : int { TILE = 16 };
-enum : int { Q8_0_TB = 32 + 512, Q4_0_TB = 32 + 256, Q4_K_TB = 64 + 256 + 2048, Q6_K_TB = 32 + 256 + 8 * 384 };
+// Offset of sub-block j's nibbles in a Q4_K / Q5_K tile block (Q5_K: its plane 256 bytes on).
+static inline int64_t qk_sub(bool five, int j) { return 320 + (five ? 320 : 256) * j; }
+enum : int { Q8_0_TB = 32 + 512, Q4_0_TB = 32 + 256, Q4_K_TB = 64 + 256 + 2048, Q5_K_TB = Q4_K_TB + 512,
+             Q6_K_TB = 32 + 256 + 8 * 384 };
 
 // Activations quantised to int8 (llama.cpp's q8_0 / q8_K): per block of `bs` inputs (32 for
 // Q8_0/Q4_0 weights, 256 for the K-quants) d = max|x| / 127, q = round-to-even(x / d) as
@@ -88,6 +97,8 @@ struct Kernels {
   void (*gemv_q4_k)(const uint8_t* W, int64_t K, int64_t t0, int64_t t1, const QAct& x, int64_t M,
                     float* y, int64_t ldy, int64_t N);
   void (*gemv_q6_k)(const uint8_t* W, int64_t K, int64_t t0, int64_t t1, const QAct& x, int64_t M,
+                    float* y, int64_t ldy, int64_t N);
+  void (*gemv_q5_k)(const uint8_t* W, int64_t K, int64_t t0, int64_t t1, const QAct& x, int64_t M,
                     float* y, int64_t ldy, int64_t N);
   // float weights, row-major [N][K] of fmt (F32/F16/BF16), rows [n0, n1). x: fp32 [M][K]
   // (for BF16 weights already rounded to bf16 values), xb: the same as bf16 bits (BF16 only).

@@ -41,7 +41,7 @@ using ParallelFn = std::function<void(int64_t, int64_t, int)>;
 void parallel_run(int64_t total, int64_t grain, const ParallelFn& fn);
 
 // ---- formats --------------------------------------------------------------------------
-bool is_block(int fmt);            // Q8_0, Q4_0, Q4_K, Q6_K
+bool is_block(int fmt);            // Q8_0, Q4_0, Q4_K, Q5_K, Q6_K
 bool is_float(int fmt);            // F32, F16, BF16
 int block_size(int fmt);           // inputs per GGUF block (1 for float formats)
 int64_t row_bytes(int fmt, int64_t K);  // GGUF bytes of one row of K inputs
