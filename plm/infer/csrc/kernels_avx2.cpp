@@ -212,6 +212,18 @@ inline void fifth_bits(__m256i& plane, __m256i& lo, __m256i& hi) {
   plane = _mm256_srli_epi16(plane, 2);
 }
 
+// The int16 pair sums of a sub-block times its 6-bit scales, into the int32 sums; then cleared.
+template <int MB>
+PLM_ALWAYS_INLINE void sub_scale(__m256i (&sl)[MB], __m256i (&sh)[MB], __m256i (&cl)[MB], __m256i (&ch)[MB],
+                                 const uint8_t* sc) {
+  const __m256i scl = pairs_u8(sc), sch = pairs_u8(sc + 8);
+  for (int i = 0; i < MB; i++) {
+    cl[i] = _mm256_add_epi32(cl[i], _mm256_madd_epi16(sl[i], scl));
+    ch[i] = _mm256_add_epi32(ch[i], _mm256_madd_epi16(sh[i], sch));
+    sl[i] = sh[i] = _mm256_setzero_si256();
+  }
+}
+
 // Five (Q5_K): each nibble gains its fifth bit from the sub-block's plane after the Q4_K
 // layout; its values reach 31, so the int16 pair sums go to int32 every two groups, not four.
 template <int MT, int MB, bool Five = false>
@@ -228,7 +240,6 @@ void q4_k_rows(const uint8_t* const* wts, int64_t K, const QAct& x, int64_t m0, 
       __m256i cl[MB], ch[MB], nl[MB], nh[MB];  // sum sc*dot and sum m*s32, per half
       for (int i = 0; i < MB; i++) cl[i] = ch[i] = nl[i] = nh[i] = _mm256_setzero_si256();
       for (int j = 0; j < 8; j++) {
-        const __m256i scl = pairs_u8(blk + 64 + 16 * j), sch = pairs_u8(blk + 72 + 16 * j);
         __m256i sl[MB], sh[MB], p0, p1;
         for (int i = 0; i < MB; i++) sl[i] = sh[i] = _mm256_setzero_si256();
         if constexpr (Five) p0 = ld256(blk + qk_sub(true, j) + 256), p1 = ld256(blk + qk_sub(true, j) + 288);
@@ -242,13 +253,10 @@ void q4_k_rows(const uint8_t* const* wts, int64_t K, const QAct& x, int64_t m0, 
             const int8_t* xq = x.q + (m0 + i) * K + 256 * b + 32 * j + 8 * g;
             nib_madd(n, _mm256_set1_epi32(ld32(xq)), _mm256_set1_epi32(ld32(xq + 4)), sl[i], sh[i]);
           }
-          if (g == 3 || (Five && g == 1))
-            for (int i = 0; i < MB; i++) {
-              cl[i] = _mm256_add_epi32(cl[i], _mm256_madd_epi16(sl[i], scl));
-              ch[i] = _mm256_add_epi32(ch[i], _mm256_madd_epi16(sh[i], sch));
-              sl[i] = sh[i] = _mm256_setzero_si256();
-            }
+          if constexpr (Five)
+            if (g == 1) sub_scale<MB>(sl, sh, cl, ch, blk + 64 + 16 * j);
         }
+        sub_scale<MB>(sl, sh, cl, ch, blk + 64 + 16 * j);
       }
       pair_terms<MB, false, 2>(nl, nh, blk + 192, x, m0, K, b);  // the min term
       const __m256 dl = f16x8(blk), dh = f16x8(blk + 16), ml = f16x8(blk + 32), mh = f16x8(blk + 48);
