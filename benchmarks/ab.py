@@ -18,7 +18,7 @@ its library.
 
 Cases (comma-separated):
   matrix:FMT:M      an 8192 x 2048 matrix (PLM-1.8B's up projection) in FMT (bf16, q8_0, q4_0,
-                    q4_k, q6_k: random blocks) against M activation rows: G multiply-adds/s
+                    q4_k, q5_k, q6_k: random blocks) against M activation rows: G multiply-adds/s
                     (at 4-8 bits it can stay in a 32 MiB L3: a kernel rate, not a memory rate)
   step:B            the native decoder's batched decode step over B sequences, each prefilled
                     with --prompt tokens: ms (lower is better)
@@ -63,20 +63,26 @@ def seconds(fn, min_time: float = 0.5, max_calls: int = 1 << 30) -> float:
     return statistics.median(times)
 
 
-def random_q6_k(N: int, K: int, g):
-    """N rows of random Q6_K blocks (210 bytes per 256 values, the fp16 scale last): we have no
-    Q6_K quantiser. Here, not in plm/, because an older commit's plm may lack any helper."""
+# the K-quants we have no quantiser for: bytes per 256 values, (offset, low, high) of each fp16 scale
+RANDOM_BLOCKS = {"q6_k": (210, [(208, -0.001, 0.001)]), "q5_k": (176, [(0, 0.0, 0.002), (2, 0.0, 0.002)])}
+
+
+def random_blocks(fmt: str, N: int, K: int, g):
+    """N rows of random Q6_K / Q5_K blocks, the fp16 scales set small: we have no quantiser for
+    either. Here, not in plm/, because an older commit's plm may lack any helper."""
     import torch
-    raw = torch.randint(0, 256, (N, K // 256, 210), generator=g, dtype=torch.uint8)
-    d = (torch.rand(N, K // 256, generator=g) * 0.002 - 0.001).to(torch.float16)
-    raw[:, :, 208:] = d.view(torch.uint8).reshape(N, K // 256, 2)
+    nbytes, scales = RANDOM_BLOCKS[fmt]
+    raw = torch.randint(0, 256, (N, K // 256, nbytes), generator=g, dtype=torch.uint8)
+    for off, lo, hi in scales:
+        d = (torch.rand(N, K // 256, generator=g) * (hi - lo) + lo).to(torch.float16)
+        raw[:, :, off:off + 2] = d.view(torch.uint8).reshape(N, K // 256, 2)
     return raw.reshape(N, -1)
 
 
 def random_matrix(nv, fmt: str, N: int, K: int, g):
     import torch
-    if fmt == "q6_k":
-        return nv.PackedLinear(random_q6_k(N, K, g), nv.format_id("q6_k"), N, K)
+    if fmt in RANDOM_BLOCKS:
+        return nv.PackedLinear(random_blocks(fmt, N, K, g), nv.format_id(fmt), N, K)
     return nv.PackedLinear.from_float(torch.randn(N, K, generator=g) * 0.02, fmt)
 
 

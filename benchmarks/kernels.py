@@ -8,8 +8,8 @@ them values) at several cache lengths, one call on one thread: the kernel on a b
 `avx512+bf16` the heads-in-lanes `vdpbf16ps` kernel), on an f32 cache (fp32 FMAs per head), and
 PyTorch's softmax(q K^T) V on the same bf16 cache converted to fp32 (the naive path).
 Matrices: the up projection's shape (8192 x 2048) for one activation row (decode), 8 (a server's
-batched step) and 256 (a prefill chunk), in each format (Q6_K: random blocks, as llama.cpp's
-Q4_K_M stores its lm_head and half its down projections), against torch.nn.functional.linear
+batched step) and 256 (a prefill chunk), in each format (Q6_K and Q5_K: random blocks; llama.cpp's
+Q4_K_M stores its lm_head and half its down projections in Q6_K, its Q5_K_M most matrices in Q5_K), against torch.nn.functional.linear
 in bf16 (oneDNN). Rates are multiply-adds per second (G MAC/s). On AVX-512 VNNI hosts the run
 first measures what `vpdpbusd` issues on --threads threads (a register-only loop: the compute
 roofline of the int8 block formats) and gives each block-format row's share of it.
@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from ab import random_q6_k, seconds  # noqa: E402  (benchmarks/ab.py)
+from ab import RANDOM_BLOCKS, random_blocks, seconds  # noqa: E402  (benchmarks/ab.py)
 from plm.bench.edge import machine_info  # noqa: E402
 from plm.infer import native as nv  # noqa: E402
 
@@ -65,7 +65,8 @@ def matrix_rows(threads: int, rows_m: list[int]) -> list[dict]:
     g = torch.Generator().manual_seed(1)
     w = torch.randn(N, K, generator=g) * 0.02
     mats = {f: nv.PackedLinear.from_float(w, f) for f in ("bf16", "q8_0", "q4_0", "q4_k")}
-    mats["q6_k"] = nv.PackedLinear(random_q6_k(N, K, g), nv.format_id("q6_k"), N, K)
+    for f in RANDOM_BLOCKS:  # Q6_K, Q5_K: random blocks (no quantiser)
+        mats[f] = nv.PackedLinear(random_blocks(f, N, K, g), nv.format_id(f), N, K)
     wb = w.to(torch.bfloat16)
     out = []
     for M in rows_m:
@@ -91,8 +92,9 @@ def memory_rows(threads: int, formats: list[str], sparsity: float, memory_mb: in
             x[torch.rand(1, K, generator=g) < sparsity] = 0
         for f in formats:
             w = torch.randn(N, K, generator=g) * 0.02
-            raw = nv.quantize(w, f)
-            kinds = [("dense", False)] + ([("sparse", True)] if K == 8192 else [])
+            raw = random_blocks(f, N, K, g) if f in RANDOM_BLOCKS else nv.quantize(w, f)
+            sparse_too = K == 8192 and nv.format_id(f) not in nv.NO_SPARSE
+            kinds = [("dense", False)] + ([("sparse", True)] if sparse_too else [])
             for kind, sparse in kinds:
                 m = nv.PackedLinear(raw, f, N, K, sparse=sparse)
                 copies = [m] + [nv.PackedLinear.from_packed(m.data.clone(), m.fmt, N, K, sparse=sparse)
@@ -150,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     rows += matrix_rows(args.threads, [int(m) for m in args.rows.split(",")])
     peak = info["vnni_peak_gmac_s"]
     for r in rows:
-        block = r["kernel"] == "matrix" and r["case"].split()[-1] in ("q8_0", "q4_0", "q4_k", "q6_k")
+        block = r["kernel"] == "matrix" and r["case"].split()[-1] in ("q8_0", "q4_0", "q4_k", "q5_k", "q6_k")
         r["of_peak"] = r["gmac_s"] / peak if peak and block else None
     md = ["# Native kernels\n", f"CPU: {info['cpu']}, {info['cores']} cores; kernel path `{info['isa']}`; "
           f"torch {info['torch']}; attention on 1 thread, matrices on {args.threads}.\n"]

@@ -362,27 +362,29 @@ def test_info_names_the_path():
 def test_kernels_benchmark_runs(tmp_path):
     """benchmarks/kernels.py at toy sizes: every case of both tables, rates from real timings."""
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks/kernels.py"), "--threads", "1", "--lengths", "64",
-                           "--rows", "1,5", "--formats", "q8_0,bf16", "--memory-mb", "48", "--rounds", "2",
+                           "--rows", "1,5", "--formats", "q8_0,bf16,q5_k", "--memory-mb", "48", "--rounds", "2",
                            "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     res = json.loads((tmp_path / "kernels.json").read_text())
     cases = {(r["kernel"], r["case"], r["shape"]) for r in res["rows"]}
-    assert len(cases) == 3 + 2 * 6 and all(r["ms"] > 0 and r["gmac_s"] > 0 for r in res["rows"])
+    assert len(cases) == 3 + 2 * 7 and all(r["ms"] > 0 and r["gmac_s"] > 0 for r in res["rows"])
     assert res["machine"]["isa"] == torch.ops.plm.isa()
     assert "| attention | ours, bf16 cache |" in (tmp_path / "kernels.md").read_text()
     # the vpdpbusd roofline: measured on AVX-512 VNNI hosts, each block-format row's share of it
     peak = res["machine"]["vnni_peak_gmac_s"]
-    block = [r for r in res["rows"] if r["case"] in ("ours q8_0", "ours q4_0", "ours q4_k", "ours q6_k")]
-    assert len(block) == 2 * 4
+    block = [r for r in res["rows"] if r["case"] in ("ours q8_0", "ours q4_0", "ours q4_k", "ours q5_k", "ours q6_k")]
+    assert len(block) == 2 * 5
     if nv.isa_supported("avx512"):
         assert peak > 0 and all(r["of_peak"] == pytest.approx(r["gmac_s"] / peak) for r in block)
         assert "`vpdpbusd` issue rate" in (tmp_path / "kernels.md").read_text()
     else:
         assert peak is None and all(r["of_peak"] is None for r in res["rows"])
-    # decode from memory: both shapes dense, the down shape sparse too, against its own dense row
+    # decode from memory: both shapes dense, the down shape sparse too (not Q5_K: no sparse
+    # layout), against its own dense row
     mem = {(r["format"], r["shape"], r["kernel"]): r for r in res["memory"]}
     assert set(mem) == {(f, sh, k) for f in ("q8_0", "bf16") for sh, k in
-                        (("8192 x 2048", "dense"), ("2048 x 8192", "dense"), ("2048 x 8192", "sparse"))}
+                        (("8192 x 2048", "dense"), ("2048 x 8192", "dense"), ("2048 x 8192", "sparse"))} | \
+        {("q5_k", "8192 x 2048", "dense"), ("q5_k", "2048 x 8192", "dense")}
     for f in ("q8_0", "bf16"):
         sp, dn = mem[(f, "2048 x 8192", "sparse")], mem[(f, "2048 x 8192", "dense")]
         assert abs(sp["zeros"] - 0.909) < 0.02 and sp["vs_dense"] == pytest.approx(dn["ms"] / sp["ms"])
