@@ -73,6 +73,7 @@ def main() -> int:
     import torch
 
     from plm.bench.edge import machine_info
+    from plm.bench.report import save, table
     from plm.data.tokenizer import build_qwen2
     from plm.model.generation import GenerationConfig, sample_next
     from plm.model.grammar import _engine_tokenizer
@@ -118,32 +119,24 @@ def main() -> int:
               "vocab": 151936, "rows": rows}
     if args.serve:
         report["serve"] = _served(args.serve, args.threads, args.rounds)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "grammar.json").write_text(json.dumps(report, indent=2))
-    lines = [f"Command: `{report['command']}`  ",
-             f"Machine: {info['cpu']}, {info['cores']} cores; {args.threads} torch thread(s); torch {info['torch']}; "
+    lines = [f"Machine: {info['cpu']}, {info['cores']} cores; {args.threads} torch thread(s); torch {info['torch']}; "
              f"load average at start {info['loadavg_at_start'][0]:.2f}. "
              f"The engine's token trie for the Qwen2 tokenizer: built once per process in {trie_s:.2f} s.",
-             "",
-             "| grammar | reply tokens | compile ms | plain step µs (p50) | constrained step µs (p50) | p95 | max "
-             "| added µs (p50) |",
-             "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['grammar']} | {r['tokens']} | {r['compile_ms']} | {r['plain_us']} | {r['grammar_us']} | "
-              f"{r['grammar_p95_us']} | {r['grammar_max_us']} | {r['added_us']} |" for r in rows]
+             ""]
+    lines += table(["grammar", "reply tokens", "compile ms", "plain step µs (p50)", "constrained step µs (p50)", "p95",
+                    "max", "added µs (p50)"],
+                   [[r["grammar"], r["tokens"], r["compile_ms"], r["plain_us"], r["grammar_us"], r["grammar_p95_us"],
+                     r["grammar_max_us"], r["added_us"]] for r in rows])
     if args.serve:
         sv = report["serve"]
         lines += ["", f"`plm serve {args.serve}` ({sv['runtime']} runtime), a forced tool call of "
-                      f"{sv['tokens']} tokens, {args.rounds} requests per mode, alternating:", "",
-                  "| mode | seconds (median) | tokens/s | decode steps saved |", "|---|---|---|---|",
-                  f"| forced tokens fed in one forward | {sv['ff_s']} | {sv['ff_tok_s']} | "
-                  f"{sv['forced_tokens']} of {sv['tokens']} |",
-                  f"| every token its own step (`logprobs`) | {sv['plain_s']} | {sv['plain_tok_s']} | 0 |"]
-    table = "\n".join(lines)
-    (out / "grammar.md").write_text(table + "\n")
-    _plot(rows, out / "grammar.png")
-    print(table)
-    print(json.dumps(report))
+                      f"{sv['tokens']} tokens, {args.rounds} requests per mode, alternating:", ""]
+        lines += table(["mode", "seconds (median)", "tokens/s", "decode steps saved"],
+                       [["forced tokens fed in one forward", sv["ff_s"], sv["ff_tok_s"],
+                         f"{sv['forced_tokens']} of {sv['tokens']}"],
+                        ["every token its own step (`logprobs`)", sv["plain_s"], sv["plain_tok_s"], 0]])
+    save(args.out, "grammar", report, lines)
+    _plot(rows, Path(args.out) / "grammar.png")
     return 0
 
 

@@ -19,7 +19,6 @@ depends only on the tokens.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -95,6 +94,7 @@ def main() -> int:
     ap.add_argument("--out", default="runs/bench-stream-overhead")
     args = ap.parse_args()
     from plm.bench.edge import machine_info
+    from plm.bench.report import save, table
     from plm.data.tokenizer import build_qwen2
 
     tok = build_qwen2()
@@ -119,22 +119,15 @@ def main() -> int:
     info = machine_info(1)
     report = {"command": "python " + " ".join(sys.argv), "machine": info, "prompt_tokens": args.prompt,
               "penalties": PENALTIES, "rows": rows}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "stream_overhead.json").write_text(json.dumps(report, indent=2))
-    lines = [f"Command: `{report['command']}`  ",
-             f"Machine: {info['cpu']}, {info['cores']} cores; load average at start "
+    lines = [f"Machine: {info['cpu']}, {info['cores']} cores; load average at start "
              f"{info['loadavg_at_start'][0]:.2f}; median of {args.repeats} runs per path, alternating; "
-             f"penalties over a {args.prompt}-token prompt and the reply.", "",
-             "| work | reply tokens | before µs/token | incremental µs/token | before s/reply | incremental s/reply "
-             "| speed-up |", "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['work']} | {r['tokens']} | {r['before_us_per_token']} | {r['incremental_us_per_token']} | "
-              f"{r['before_s_per_reply']} | {r['incremental_s_per_reply']} | {r['speedup']}x |" for r in rows]
-    table = "\n".join(lines)
-    (out / "stream_overhead.md").write_text(table + "\n")
-    _plot(rows, out / "stream_overhead.png")
-    print(table)
-    print(json.dumps(report))
+             f"penalties over a {args.prompt}-token prompt and the reply.", ""]
+    lines += table(["work", "reply tokens", "before µs/token", "incremental µs/token", "before s/reply",
+                    "incremental s/reply", "speed-up"],
+                   [[r["work"], r["tokens"], r["before_us_per_token"], r["incremental_us_per_token"],
+                     r["before_s_per_reply"], r["incremental_s_per_reply"], f"{r['speedup']}x"] for r in rows])
+    save(args.out, "stream_overhead", report, lines)
+    _plot(rows, Path(args.out) / "stream_overhead.png")
     return 0
 
 

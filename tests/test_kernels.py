@@ -402,7 +402,7 @@ def test_ab_benchmark_alternates_two_paths(tmp_path, qwen2_micro_dir):
         pytest.skip("not a git checkout")
     gguf = export_gguf(qwen2_micro_dir, tmp_path / "micro-q8_0.gguf", "q8_0")
     base = "avx2" if nv.isa_supported("avx2") else "scalar"
-    cases = "matrix:q8_0:2,matrix:q6_k:1,step:2,decode:8,prefill:16"
+    cases = "matrix:q8_0:2,matrix:q6_k:1,matrix:q5_k:1,step:2,decode:8,prefill:16"
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks/ab.py"), "--base", f"HEAD@{base}", "--head", ".@scalar",
                            "--cases", cases, "--rounds", "2", "--prompt", "8", "--gguf", str(gguf), "--threads", "1",
                            "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=900, cwd=REPO)

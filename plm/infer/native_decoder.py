@@ -51,6 +51,13 @@ def _fmt_for(requested: int, K: int) -> int:
     return nv.Q8_0 if K % 32 == 0 else nv.BF16
 
 
+def _as_q8_0(w: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Float rows [N, K] as Q8_0 blocks (BF16 where rows are not whole 32-value blocks): how
+    GGUF tensors no kernel reads in their own format or layout are held."""
+    f = nv.Q8_0 if w.shape[1] % 32 == 0 else nv.BF16
+    return nv.quantize(w, f).view(torch.uint8).reshape(w.shape[0], -1), f
+
+
 # Cached rows per attention part in the C++ step (decoder.cpp's ATTN_PART): a decode step
 # spreads one sequence's parts over the threads.
 ATTN_PART = 256
@@ -83,8 +90,8 @@ class NativeDecoder:
         raw = raw.contiguous().view(torch.uint8).reshape(-1)
         if sparse and fmt in nv.NO_SPARSE:  # no neuron-major layout for it: hold it as Q8_0
             self.converted[label or f"{layer}.{name}"] = f"{nv.FORMAT_NAMES[fmt]} (sparse down projection)"
-            raw = nv.quantize(nv.dequantize_blocks(raw, fmt, N, K), nv.Q8_0).reshape(-1)
-            fmt = nv.Q8_0
+            raw, fmt = _as_q8_0(nv.dequantize_blocks(raw, fmt, N, K))
+            raw = raw.reshape(-1)
         packed = torch.ops.plm.pack_sparse(raw, fmt, N, K) if sparse else torch.ops.plm.pack(raw, fmt, N, K, groups)
         self.impl.add_matrix(layer, name, packed, fmt, N, K, groups, sparse)
         self.formats[label or f"{layer}.{name}"] = nv.FORMAT_NAMES[fmt] + (" sparse" if sparse else "")
@@ -183,10 +190,8 @@ class NativeDecoder:
                 # llama.cpp's K-quant mixes fall back to Q5_0/Q5_1/... where rows are not whole
                 # 256-value blocks: dequantise those few (gguf's decoder) and hold them as Q8_0
                 w = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32))
-                w = w.reshape(shape[0], -1)
-                f = nv.Q8_0 if w.shape[1] % 32 == 0 else nv.BF16
                 dec.converted[name] = t.tensor_type.name
-                return nv.quantize(w, f).view(torch.uint8).reshape(shape[0], -1), f
+                return _as_q8_0(w.reshape(shape[0], -1))
             with warnings.catch_warnings():  # the memmap is read-only; we only read it
                 warnings.simplefilter("ignore")
                 raw = torch.from_numpy(np.ascontiguousarray(t.data).view(np.uint8).reshape(shape[0], -1))

@@ -59,8 +59,18 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     """
     if penalty == 1.0:
         return logits
-    pen = torch.where(logits > 0, logits / penalty, logits * penalty)
-    return torch.where(seen, pen, logits)
+    return torch.where(seen, _repeated(logits, penalty), logits)
+
+
+# The penalty rules on the logits they apply to: `penalize` passes whole rows (with masks),
+# `SequencePenalties` only the seen tokens' logits, so both compute the same numbers.
+def _repeated(v: torch.Tensor, penalty: float) -> torch.Tensor:
+    return torch.where(v > 0, v / penalty, v * penalty)
+
+
+def _reoccurring(v: torch.Tensor, counts: torch.Tensor, cfg: GenerationConfig) -> torch.Tensor:
+    counts = counts.to(v.dtype)
+    return v - cfg.frequency_penalty * counts - cfg.presence_penalty * (counts > 0).to(v.dtype)
 
 
 def penalize(logits: torch.Tensor, cfg: GenerationConfig, seen: torch.Tensor | None = None,
@@ -70,9 +80,8 @@ def penalize(logits: torch.Tensor, cfg: GenerationConfig, seen: torch.Tensor | N
     over `counts` [B, V] (each token's occurrences in the reply), then the logit bias."""
     if seen is not None:
         logits = apply_repetition_penalty(logits, seen, cfg.repetition_penalty)
-    if counts is not None and (cfg.presence_penalty or cfg.frequency_penalty):
-        counts = counts.to(logits.dtype)
-        logits = logits - cfg.frequency_penalty * counts - cfg.presence_penalty * (counts > 0).to(logits.dtype)
+    if counts is not None and needs_counts(cfg):
+        logits = _reoccurring(logits, counts, cfg)
     return _add_logit_bias(logits, cfg)
 
 
@@ -143,13 +152,10 @@ class SequencePenalties:
             logits = logits.clone()
         if self.seen is not None:
             ids, _ = self.seen.view()
-            v = logits[:, ids]
-            p = cfg.repetition_penalty
-            logits[:, ids] = torch.where(v > 0, v / p, v * p)
+            logits[:, ids] = _repeated(logits[:, ids], cfg.repetition_penalty)
         if self.reply is not None:
-            ids, counts = self.reply.view()  # every count >= 1: the presence penalty applies to all
-            v = logits[:, ids]
-            logits[:, ids] = v - cfg.frequency_penalty * counts.to(v.dtype) - cfg.presence_penalty * torch.ones_like(v)
+            ids, counts = self.reply.view()
+            logits[:, ids] = _reoccurring(logits[:, ids], counts[None], cfg)
         return _add_logit_bias(logits, cfg)
 
 
