@@ -157,3 +157,39 @@ def test_edge_benchmark_merges_interleaved_rounds():
     assert merge_rounds([a]) is a  # one round: unchanged
     failed = {"engine": "ours-q8_0", "error": "worker died"}
     assert merge_rounds([a, failed]) is a and merge_rounds([failed]) is failed
+
+
+def test_edge_roofline_against_the_bandwidth_of_each_window():
+    """The decode steps cut at the probes taken between them (the warm-up step in no window),
+    each window against the mean of its two probes, the median over windows; hand-computed."""
+    from plm.bench.edge import decode_windows, merge_rounds, roofline
+    times = [0.5, 0.1, 0.1, 0.1, 0.2, 0.2, 0.2, 0.2, 0.05]  # the first: warm-up
+    probes = [(0, 30.0), (4, 50.0), (8, 40.0), (9, 40.0)]
+    win = decode_windows(times, probes)
+    assert [w["steps"] for w in win] == [3, 4, 1]
+    assert [w["tok_s"] for w in win] == pytest.approx([10.0, 5.0, 20.0])
+    assert [w["read_gb_s"] for w in win] == [40.0, 45.0, 40.0]
+    assert decode_windows(times, []) == [] and decode_windows(times, [(0, 30.0)]) == []
+    st = {"decode_tok_s": 1.0, "kv_bytes": 1e9, "windows": win}
+    r = {"weight_bytes": 3e9}  # 4 GB a token: rooflines 10, 11.25, 10 tok/s
+    roof, share = roofline({}, r, st)
+    assert roof == pytest.approx(10.0) and share == pytest.approx(1.0)  # median of 1.0, 0.444, 2.0
+    # no windows (a small model): the stage's one probe
+    assert roofline({}, r, {"decode_tok_s": 5.0, "kv_bytes": 1e9, "read_gb_s": 40.0}) == pytest.approx((10.0, 0.5))
+    # rounds pool their windows
+    a, b = _round({64: (0.5, [9.0, 5.0], 30.0)}, rss=1), _round({64: (0.5, [9.0, 5.0], 30.0)}, rss=1)
+    a["stages"][0]["windows"], b["stages"][0]["windows"] = win[:1], win[1:]
+    assert merge_rounds([a, b])["stages"][0]["windows"] == win
+
+
+def test_bandwidth_prober_answers_from_its_own_process():
+    """Probes come from a helper process (its CPU time reported, so contention checks can
+    count it as the measurement's own); closing it ends that process."""
+    from plm.bench.edge import Prober
+    p = Prober(1, 64 << 20)
+    try:
+        first, second = p(), p()
+        assert first > 0 and second > 0 and p.cpu_s > 0
+    finally:
+        p.close()
+    assert p.p.returncode == 0

@@ -3,8 +3,8 @@
 For a checkpoint (or a preset with random weights, optionally with a chosen relu² sparsity) it
 measures, for every engine, prefill and decode tokens/s at each context (the cache is filled to
 the context, then `--decode-tokens` greedy tokens are decoded), the engine's RSS and KV-cache
-bytes, the memory read bandwidth right after each decode (roofline = bandwidth / bytes read per
-token) and, for the native decoder, the step against its kernels timed apart (per-token
+bytes, the memory read bandwidth around every few decode steps (roofline = bandwidth / bytes read
+per token, at the moment: see measure_stages) and, for the native decoder, the step against its kernels timed apart (per-token
 overhead); then decode under memory budgets (the PyTorch runtime's layer-wise loading), the
 PyTorch sparse-MLP kernel sweep, and, on a given checkpoint, perplexity and KL to the float
 model of each weight format, ours and llama.cpp's. Engines: `ours-*` (native decoder; the block
@@ -99,9 +99,10 @@ class Quiet:
 
     HZ = os.sysconf("SC_CLK_TCK")
 
-    def __init__(self, limit: float = 0.1, retries: int = 3, max_wait: float = 600) -> None:
+    def __init__(self, limit: float = 0.1, retries: int = 3, max_wait: float = 600, helper=None) -> None:
         self.limit, self.retries, self.max_wait = limit, retries, max_wait
         self.ncpu = os.cpu_count() or 1
+        self.helper = helper  # a Prober: its CPU time is the measurement's own, not contention
 
     @staticmethod
     def _busy() -> float:
@@ -111,7 +112,7 @@ class Quiet:
 
     def snapshot(self) -> tuple[float, float, float]:
         t = os.times()
-        return time.perf_counter(), self._busy(), t.user + t.system
+        return time.perf_counter(), self._busy(), t.user + t.system + (self.helper.cpu_s if self.helper else 0.0)
 
     def other_share(self, s0, s1) -> float:
         wall = s1[0] - s0[0]
@@ -157,6 +158,9 @@ def warm_steps(times: list) -> list:
 def _stage_result(ctx: int, n_new: int, pre: dict, dec: dict, **extra) -> dict:
     times = dec["times"]
     warm = warm_steps(times)
+    win = decode_windows(times, dec.get("probes") or [])
+    if win:
+        extra = {**extra, "windows": win, "read_gb_s": float(np.median([w["read_gb_s"] for w in win]))}
     return {"context": ctx, "prefill_tokens": n_new, "prefill_s": pre["s"], "prefill_tok_s": n_new / pre["s"],
             "decode_tok_s": len(warm) / sum(warm), "decode_tok_s_median": 1 / float(np.median(warm)),
             "decode_ms": [round(t * 1e3, 2) for t in times], "greedy": dec["greedy"],
@@ -174,12 +178,46 @@ class Session:
     def kv_bytes(self) -> int | None: ...
 
 
+PROBE_EVERY = 4  # decode steps between two bandwidth probes
+PROBE_BYTES = 256 << 20  # each probe's buffer: 8x this host kind's 32 MiB L3
+PROBE_MIN_WEIGHTS = 256 << 20  # smaller models decode from the caches: no roofline, no probes
+
+
+def decode_windows(times: list[float], probes: list[tuple[int, float]]) -> list[dict]:
+    """The decode steps cut at the bandwidth probes taken between them: per window of steps
+    between two probes, its tok/s and the mean of the two probes (GB/s). probes: (number of
+    steps before the probe, GB/s). The warm-up step (warm_steps) counts in no window."""
+    first = len(times) - len(warm_steps(times))
+    out = []
+    for (i0, b0), (i1, b1) in zip(probes, probes[1:]):
+        steps = times[max(i0, first):i1]
+        if steps:
+            out.append({"steps": len(steps), "tok_s": len(steps) / sum(steps), "read_gb_s": (b0 + b1) / 2})
+    return out
+
+
 def measure_stages(a: dict, sess: Session, res: dict, extra=None) -> None:
     """For each context: prefill up to it (timed), then decode `decode_tokens` greedy tokens
     (timed per token), each redone while the machine is contended; `extra(ctx, decode)` adds
-    engine-specific fields to the stage."""
+    engine-specific fields to the stage.
+
+    The roofline needs the memory bandwidth of the moment: on a shared host it moves between
+    about 30 and 56 GB/s within minutes, often within seconds, so one probe per run, or one after
+    each decode, can land in another phase than the steps it is compared with. So for a model
+    that decodes from memory (weights >= PROBE_MIN_WEIGHTS) a short read probe runs before the
+    first step, after every PROBE_EVERY steps and after the last, outside the steps' timings,
+    and each window of steps is compared with the mean of the two probes around it
+    (decode_windows, roofline)."""
     tokens = np.load(a["tokens"]).tolist()
-    quiet = Quiet(a.get("contention", 0.1), a.get("retries", 3))
+    probe = Prober(a["threads"], PROBE_BYTES)
+    try:
+        _measure_stages(a, sess, res, extra, tokens, probe, (res.get("weight_bytes") or 0) >= PROBE_MIN_WEIGHTS)
+    finally:
+        probe.close()
+
+
+def _measure_stages(a: dict, sess: Session, res: dict, extra, tokens: list[int], probe, windows: bool) -> None:
+    quiet = Quiet(a.get("contention", 0.1), a.get("retries", 3), helper=probe)
     length = 0
     for ctx in a["contexts"]:
         start, state = length, {}
@@ -194,8 +232,10 @@ def measure_stages(a: dict, sess: Session, res: dict, extra=None) -> None:
 
         def decode():
             sess.truncate(ctx)
-            nxt, gen, times = state["first"], [], []
+            nxt, gen, times, probes = state["first"], [], [], []
             for i in range(a["decode_tokens"]):
+                if windows and i % PROBE_EVERY == 0:
+                    probes.append((i, probe()))
                 gen.append(nxt)
                 # teacher-forced: feed the text's next token (the argmax is still recorded), so the
                 # activations stay those of real text, not of a random model's degenerate output
@@ -203,13 +243,15 @@ def measure_stages(a: dict, sess: Session, res: dict, extra=None) -> None:
                 t0 = time.perf_counter()
                 nxt = sess.step(feed)
                 times.append(time.perf_counter() - t0)
-            return {"times": times, "greedy": gen}
+            if windows:
+                probes.append((len(times), probe()))
+            return {"times": times, "greedy": gen, "probes": probes}
 
         dec = quiet.measure(decode)
-        rss = rss_bytes()  # before the probes and kernel timings below allocate
-        bw = read_bandwidth(a["threads"], 1 << 30)  # right after: the bus a shared host gives varies by the minute
+        rss = rss_bytes()  # before the kernel timings below allocate
         length = ctx + a["decode_tokens"]
-        st = _stage_result(ctx, ctx - start, pre, dec, kv_bytes=kv, read_gb_s=bw, rss=rss, **(extra(ctx, dec) if extra else {}))
+        bw = {} if windows else {"read_gb_s": probe()}  # the windows' median, else one probe right after
+        st = _stage_result(ctx, ctx - start, pre, dec, kv_bytes=kv, rss=rss, **bw, **(extra(ctx, dec) if extra else {}))
         res["stages"].append(st)
         log(f"{a['engine']} ctx {ctx}: prefill {st['prefill_tok_s']:.1f} tok/s, decode {st['decode_tok_s']:.2f} tok/s"
             + (" (contended)" if st["contended"] else ""))
@@ -375,6 +417,12 @@ def worker_native(a: dict) -> dict:
     return res
 
 
+def gguf_tensor_bytes(path: str) -> int:
+    """The bytes of a GGUF file's tensors (the gguf package alone: llama.cpp's worker loads no torch)."""
+    import gguf
+    return int(sum(int(t.n_bytes) for t in gguf.GGUFReader(path).tensors))
+
+
 def worker_llama(a: dict) -> dict:
     import llama_cpp
 
@@ -386,7 +434,7 @@ def worker_llama(a: dict) -> dict:
                           logits_all=False)
     n_vocab = llm.n_vocab()
     res = {"engine": a["engine"], "load_s": time.perf_counter() - t0, "rss_after_load": rss_bytes(),
-           "n_ctx": n_ctx, "stages": []}
+           "n_ctx": n_ctx, "stages": [], "weight_bytes": gguf_tensor_bytes(a["gguf"])}
 
     def last() -> int:
         ptr = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
@@ -421,12 +469,59 @@ def worker_bandwidth(a: dict) -> dict:
     return {"buffer_bytes": nbytes, "threads": a["threads"], **r}
 
 
-def read_bandwidth(threads: int, nbytes: int) -> float:
-    """GB/s of the best of 3 sums over an nbytes buffer, on `threads` (the buffer is freed)."""
+def read_bandwidth(threads: int, nbytes: int, repeats: int = 3) -> float:
+    """GB/s over an nbytes buffer on `threads` (freed after): see read_speed."""
     import torch
     torch.set_num_threads(threads)
-    x = torch.ones(nbytes // 4, dtype=torch.float32)
-    return nbytes / min(_time_once(x.sum) for _ in range(3)) / 1e9
+    return read_speed(torch.ones(nbytes // 4, dtype=torch.float32), repeats)
+
+
+def read_speed(x, repeats: int) -> float:
+    """GB/s of the fastest of `repeats` passes each of two read kernels over tensor x
+    (PyTorch's sum and max: max reads 5-10% faster on the AMD EPYC hosts)."""
+    return x.nbytes / min(_time_once(f) for f in (x.sum, x.amax) for _ in range(repeats)) / 1e9
+
+
+class Prober:
+    """Read-bandwidth probes on demand from a helper process (worker_probe), so the measured
+    process keeps its own memory and imports (llama.cpp's worker loads no torch, and no probe
+    buffer counts in any engine's RSS). Its OpenMP threads sleep between probes (passive wait),
+    and `cpu_s`, its CPU time so far, lets Quiet count it as the measurement's own work."""
+
+    def __init__(self, threads: int, nbytes: int) -> None:
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads), OMP_WAIT_POLICY="PASSIVE")
+        self.p = subprocess.Popen([sys.executable, "-m", "plm.bench.edge", "--worker", "probe",
+                                   json.dumps({"threads": threads, "bytes": nbytes})],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        self.cpu_s = 0.0
+
+    def __call__(self) -> float:
+        self.p.stdin.write("probe\n")
+        self.p.stdin.flush()
+        line = self.p.stdout.readline().split()
+        if len(line) != 2:
+            raise PLMError(f"bandwidth probe process ended (rc {self.p.poll()})")
+        self.cpu_s = float(line[1])
+        return float(line[0])
+
+    def close(self) -> None:
+        self.p.stdin.close()
+        try:
+            self.p.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.p.kill()
+
+
+def worker_probe(a: dict) -> dict:
+    """Prober's helper: for each line on stdin, a probe of a["bytes"]; answers `GB/s CPU-seconds`."""
+    import torch
+    torch.set_num_threads(a["threads"])
+    x = torch.ones(a["bytes"] // 4, dtype=torch.float32)
+    for _ in sys.stdin:
+        gb_s = read_speed(x, 2)
+        t = os.times()
+        print(f"{gb_s} {t.user + t.system}", flush=True)
+    return {}
 
 
 def _time_once(fn) -> float:
@@ -566,7 +661,7 @@ def worker_quality(a: dict) -> dict:
 
 
 WORKERS = {"ours": worker_native, "torch": worker_torch, "llama": worker_llama, "mlp": worker_mlp_sweep,
-           "quality": worker_quality, "bandwidth": worker_bandwidth}
+           "quality": worker_quality, "bandwidth": worker_bandwidth, "probe": worker_probe}
 
 
 # ---------------------------------------------------------------------------------------
@@ -593,8 +688,6 @@ def run_worker(kind: str, args: dict, timeout: float) -> dict:
     res = json.loads(p.stdout.strip().splitlines()[-1])
     res["wall_s"] = time.time() - t0
     if kind == "llama":  # llama.cpp's own report of its KV cache
-        from plm.infer.native_decoder import open_gguf
-        res["weight_bytes"] = int(sum(int(t.n_bytes) for t in open_gguf(args["gguf"]).tensors))
         m = re.search(r"llama_kv_cache: size = +([\d.]+) MiB \( *(\d+) cells", p.stderr)
         if m:
             per_cell = float(m.group(1)) * 2**20 / int(m.group(2))
@@ -734,6 +827,7 @@ def merge_rounds(rounds: list[dict]) -> dict:
             decode_tok_s=1e3 * len(warm) / sum(warm), decode_tok_s_median=1e3 / float(np.median(warm)),
             contended=any(s["contended"] for s in same), rss=max(s["rss"] for s in same),
             read_gb_s=max((s.get("read_gb_s") or 0) for s in same) or None,
+            windows=[w for s in same for w in s.get("windows", [])],
             rounds=[{"prefill_tok_s": round(s["prefill_tok_s"], 2), "decode_tok_s": round(s["decode_tok_s"], 3)}
                     for s in same])
         out["stages"].append(merged)
@@ -748,11 +842,19 @@ def _stage(res: dict, ctx: int) -> dict | None:
 
 def roofline(results: dict, r: dict, st: dict) -> tuple[float | None, float | None]:
     """(tok/s the measured read bandwidth allows for this engine's bytes per token at this
-    context: weights + KV cache, the share of it reached)."""
-    bw = st.get("read_gb_s") or (results.get("bandwidth") or {}).get("read_gb_s")
-    if not bw or not r.get("weight_bytes"):
+    context: weights + KV cache, the share of it reached). With probes around the decode
+    windows (measure_stages): the medians over the windows of the roofline and of each
+    window's tok/s against its own; else the stage's one probe or the run's."""
+    if not r.get("weight_bytes"):
         return None, None
-    roof = bw * 1e9 / (r["weight_bytes"] + (st.get("kv_bytes") or 0))
+    per_token = r["weight_bytes"] + (st.get("kv_bytes") or 0)
+    if st.get("windows"):
+        roofs = [w["read_gb_s"] * 1e9 / per_token for w in st["windows"]]
+        return float(np.median(roofs)), float(np.median([w["tok_s"] / x for w, x in zip(st["windows"], roofs)]))
+    bw = st.get("read_gb_s") or (results.get("bandwidth") or {}).get("read_gb_s")
+    if not bw:
+        return None, None
+    roof = bw * 1e9 / per_token
     return roof, st["decode_tok_s"] / roof
 
 
@@ -837,11 +939,14 @@ def markdown(results: dict) -> str:
     bw = results.get("bandwidth") or {}
     if bw.get("read_gb_s"):
         again = " (at the start and end of the run: the best of both)" if bw.get("read_gb_s_at_end") else ""
-        L.append(f"Read bandwidth (STREAM-style sum over {bw['buffer_bytes'] / 2**30:.0f} GiB, {bw['threads']} threads, "
-                 f"same run{again}): **{bw['read_gb_s']:.1f} GB/s**. Roofline = that bandwidth / bytes read per token "
-                 "(weights + KV cache at the context); % = decode tok/s / roofline, with the bandwidth probed again "
-                 "(1 GiB) right after each decode measurement, since a shared host's memory bandwidth varies by the "
-                 "minute (the `GB/s` columns).")
+        L.append(f"Read bandwidth (STREAM-style: PyTorch's sum and max over {bw['buffer_bytes'] / 2**30:.0f} GiB, "
+                 f"the faster, {bw['threads']} threads, same run{again}): **{bw['read_gb_s']:.1f} GB/s**. Roofline = "
+                 "the bandwidth / bytes read per token (weights + KV cache at the context). A shared host's bandwidth "
+                 "moves between phases within seconds, so the decode is compared with the bandwidth of its moment: "
+                 f"a {PROBE_BYTES >> 20} MiB probe (from a helper process, the same for every engine) before the "
+                 f"first step, after every {PROBE_EVERY} steps and after the last, outside the steps' timings; "
+                 "% = the median over those windows of the window's tok/s / the roofline at the mean of its two "
+                 "probes; `GB/s` = the median of the windows' bandwidths.")
         L.append("")
     if results.get("sparsity") is not None:
         L.append(f"Weights: random, built with {results['sparsity']:g} relu² sparsity (plm.bench.synthetic: a constant "
