@@ -80,6 +80,47 @@ def _admits(tok, grammar: Grammar, text: str) -> bool:
     return m.accepting
 
 
+def test_a_grammar_sent_again_is_not_compiled_again(micro):
+    """The same grammar source reuses its compiled start state (agents send the same schema with
+    every request); the matchers made from it stay independent of each other."""
+    from plm.model import grammar as gm
+    tok = micro[1]
+    schema = {"type": "object", "properties": {"cached": {"type": "integer"}}, "required": ["cached"]}
+    a = Grammar.json_schema(schema, tok)
+    hits = gm._compiled.cache_info().hits
+    b = Grammar.json_schema(dict(schema), tok)
+    assert gm._compiled.cache_info().hits == hits + 1 and a._start is b._start
+    m1, m2 = a.matcher(), b.matcher()
+    for t in tok.encode('{"cached": 7}'):
+        m1.advance(t)
+    assert m1.accepting and not m2.accepting  # m2 is still at the start
+    assert _admits(tok, b, '{"cached": 12}') and not _admits(tok, a, '{"cached": "x"}')
+    for _ in range(2):  # a grammar that cannot compile fails every time it is sent
+        with pytest.raises(GrammarError, match="cannot be compiled"):
+            Grammar.lark("start: undefined_rule", tok)
+
+
+def test_json_whitespace_pattern(micro):
+    """vLLM's guided_whitespace_pattern: the expression is allowed around every separator and
+    bracket instead of the compact style; a schema's own x-guidance options still win."""
+    tok = micro[1]
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "array"}}, "required": ["a", "b"]}
+    loose = Grammar.json_schema(schema, tok, whitespace=r"[ \n]{0,2}")
+    compact = Grammar.json_schema(schema, tok)
+    for text in ['{"a":1,"b":[]}', '{ "a" : 1 , "b" : [ 2 ] }', '{\n "a": 1,\n "b": [\n 1\n ]\n}']:
+        assert _admits(tok, loose, text) and not _admits(tok, compact, text), text
+    for text in ['{"a":   1,"b":[]}', '{"a":1,"b":[]} ']:  # three spaces; whitespace after the document's end
+        assert not _admits(tok, loose, text), text
+    assert _admits(tok, compact, '{"a": 1, "b": []}') and not _admits(tok, loose, '{"a":\t1,"b":[]}')
+    own = {**schema, "x-guidance": {"whitespace_flexible": False, "whitespace_pattern": None,
+                                    "item_separator": ",", "key_separator": ":"}}
+    assert _admits(tok, Grammar.json_schema(own, tok, whitespace=r"[ ]*"), '{"a":1,"b":[]}')
+    assert not _admits(tok, Grammar.json_schema(own, tok, whitespace=r"[ ]*"), '{"a": 1,"b":[]}')
+    call = '<tool_call>\n{ "name": "add", "arguments": { "a": 2, "b": 3 } }\n</tool_call>'
+    assert _admits(tok, tool_call_grammar([ADD], tok, "required", whitespace=r"[ ]?"), call)
+    assert not _admits(tok, tool_call_grammar([ADD], tok, "required"), call)
+
+
 def test_any_json_object_and_a_regex(micro):
     tok = micro[1]
     anyobj = Grammar.json_schema(None, tok)

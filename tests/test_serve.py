@@ -525,6 +525,19 @@ def test_llama_cpp_and_vllm_constraint_fields(server, truth_model):
     _err(httpx.post(server.url + "/v1/chat/completions", json={
         "messages": [{"role": "user", "content": "x"}], "tools": [ADD], "grammar": gbnf}), 400,
         code="unsupported_parameter", param="grammar")
+    # vLLM's guided_whitespace_pattern: the JSON's whitespace, here beside guided_json and response_format
+    ws = r"[ \n]{0,2}"
+    want = truth(truth_model, PROMPTS[2], n=60, grammar=Grammar.json_schema(PERSON, tok, whitespace=ws))
+    assert want != truth(truth_model, PROMPTS[2], n=60, grammar=Grammar.json_schema(PERSON, tok))
+    for extra in ({"guided_json": PERSON}, {"response_format": {"type": "json_schema",
+                                                                "json_schema": {"name": "p", "schema": PERSON}}}):
+        r = client.completions.create(model="micro", prompt=PROMPTS[2], max_tokens=60, temperature=0,
+                                      extra_body={**extra, "guided_whitespace_pattern": ws})
+        assert r.choices[0].text == want and set(json.loads(want)) == set(PERSON["properties"]), extra
+    for pattern, code in [(5, None), ("", None), ("(unclosed", "invalid_schema")]:
+        _err(httpx.post(url, json={"prompt": "x", "max_tokens": 4, "guided_json": PERSON,
+                                   "guided_whitespace_pattern": pattern}), 400, code=code,
+             param="guided_whitespace_pattern")
 
 
 def test_tool_calls(server, truth_model):

@@ -49,11 +49,22 @@ def _engine_tokenizer(tokenizer) -> Any:
     return _llg().LLTokenizer(tokenizer.hf.to_str(), eos_token=list(tokenizer.stop_token_ids))
 
 
-def styled_schema(schema: dict) -> dict:
-    """`schema` with the compact JSON style, unless it sets its own `x-guidance` options."""
+@functools.lru_cache(maxsize=64)
+def _compiled(source: str, tokenizer) -> Any:
+    """The start state of `source` compiled for `tokenizer`, kept for the next request that
+    sends the same grammar (agents send the same tools and schemas every time; compiling costs
+    0.8-3 ms). Shared: only ever copied (Grammar.matcher), never advanced."""
+    return _llg().LLMatcher(_engine_tokenizer(tokenizer), source, log_level=0)
+
+
+def styled_schema(schema: dict, whitespace: str | None = None) -> dict:
+    """`schema` with the compact JSON style, or with `whitespace` (a regular expression) allowed
+    around every separator and bracket instead; the schema's own `x-guidance` options win."""
     if not isinstance(schema, dict):
         raise GrammarError(f"a JSON schema must be an object, got {type(schema).__name__}")
-    return {**schema, "x-guidance": {**JSON_STYLE, **(schema.get("x-guidance") or {})}}
+    style = JSON_STYLE if whitespace is None else {"whitespace_flexible": True, "whitespace_pattern": whitespace,
+                                                   "item_separator": ",", "key_separator": ":"}
+    return {**schema, "x-guidance": {**style, **(schema.get("x-guidance") or {})}}
 
 
 class Grammar:
@@ -62,16 +73,17 @@ class Grammar:
 
     def __init__(self, source: str, tokenizer, what: str = "grammar") -> None:
         self.source, self.what = source, what
-        self._start = _llg().LLMatcher(_engine_tokenizer(tokenizer), source, log_level=0)
+        self._start = _compiled(source, tokenizer)
         if self._start.is_error():
             raise GrammarError(f"the {what} cannot be compiled: {self._start.get_error().strip()}")
 
     @classmethod
-    def json_schema(cls, schema: dict | None, tokenizer) -> "Grammar":
-        """Replies that are JSON documents valid under `schema` (None: any JSON object)."""
+    def json_schema(cls, schema: dict | None, tokenizer, whitespace: str | None = None) -> "Grammar":
+        """Replies that are JSON documents valid under `schema` (None: any JSON object), compact,
+        or with `whitespace` (a regular expression) around separators and brackets."""
         schema = {"type": "object"} if schema is None else schema
         try:
-            source = _llg().LLMatcher.grammar_from_json_schema(styled_schema(schema))
+            source = _llg().LLMatcher.grammar_from_json_schema(styled_schema(schema, whitespace))
         except ValueError as e:
             raise GrammarError(f"the JSON schema cannot be compiled: {e}") from None
         return cls(source, tokenizer, "JSON schema")
@@ -174,14 +186,15 @@ def _not_starting_with(word: str) -> str:
 
 
 def tool_call_grammar(tools: list[dict], tokenizer, choice: str = "auto", parallel: bool = True,
-                      text_schema: dict | None = None) -> Grammar:
+                      text_schema: dict | None = None, whitespace: str | None = None) -> Grammar:
     """Replies that call `tools` (OpenAI's `[{"type": "function", "function": {name, parameters}}]`)
     in the <tool_call> format of plm.data.chat, the arguments valid under each function's
     `parameters` schema (no undeclared keys unless it allows them: `_arguments`). choice "auto":
     plain text (not starting with "<tool_call>") or calls; "required": calls only; a function's
     name: calls of that function only. `parallel`: one call or several. `text_schema` (a
     response format beside the tools, as agent frameworks send for a typed final answer): with
-    "auto", the reply that is not calls is a JSON document valid under it instead of free text."""
+    "auto", the reply that is not calls is a JSON document valid under it instead of free text.
+    `whitespace`: the JSON's whitespace, as Grammar.json_schema's."""
     from plm.data.chat import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
     fns = [t["function"] for t in tools]
     if choice not in ("auto", "required"):
@@ -190,11 +203,11 @@ def tool_call_grammar(tools: list[dict], tokenizer, choice: str = "auto", parall
                  "required": ["name", "arguments"], "additionalProperties": False} for f in fns]
     if not variants:
         raise GrammarError(f"no tool is named {choice!r}")
-    schema = styled_schema(variants[0] if len(variants) == 1 else {"anyOf": variants})
+    schema = styled_schema(variants[0] if len(variants) == 1 else {"anyOf": variants}, whitespace)
     if choice != "auto":
         start = "start: calls"
     elif text_schema is not None:  # JSON begins with "{", never with the call's "<"
-        start = f"start: calls | %json {json.dumps(styled_schema(text_schema), ensure_ascii=False)}"
+        start = f"start: calls | %json {json.dumps(styled_schema(text_schema, whitespace), ensure_ascii=False)}"
     else:
         start = "start: TEXT? | calls"
     lines = [

@@ -69,13 +69,21 @@ def _grammar(tokenizer, sp: Sampling):
     field's (`grammar`, `guided_*`), tool calls when tools may be called (tool_choice auto: text
     or calls, the text in the response format when one is set), else the response format's JSON."""
     from plm.model.grammar import Grammar, GrammarError, tool_call_grammar
-    param = "tools" if sp.calls_tools else sp.constraint[0] if sp.constraint else "response_format"
+    main = "tools" if sp.calls_tools else sp.constraint[0] if sp.constraint else "response_format"
+    param = main
     kind, schema = sp.response_format
     schema = {"type": "object"} if kind == "json_object" else schema
+    ws = sp.json_whitespace
     try:
+        if ws is not None:  # compiled alone first, so a bad expression is named as such
+            param = "guided_whitespace_pattern"
+            Grammar.regex(ws, tokenizer)
+            param = main
         if sp.constraint is not None:
             _, how, value = sp.constraint
-            make = {"gbnf": Grammar.gbnf, "regex": Grammar.regex, "json": Grammar.json_schema, "choice": Grammar.choice}
+            if how == "json":
+                return Grammar.json_schema(value, tokenizer, ws)
+            make = {"gbnf": Grammar.gbnf, "regex": Grammar.regex, "choice": Grammar.choice}
             return make[how](value, tokenizer)
         if sp.calls_tools:
             text_schema = schema if kind != "text" else None
@@ -83,18 +91,18 @@ def _grammar(tokenizer, sp: Sampling):
             # calls-only grammar (tool_choice required or named) leaves it out
             failed = None
             try:
-                g = tool_call_grammar(sp.tools, tokenizer, sp.tool_choice, sp.parallel_tool_calls, text_schema)
+                g = tool_call_grammar(sp.tools, tokenizer, sp.tool_choice, sp.parallel_tool_calls, text_schema, ws)
             except GrammarError as e:
                 failed = e
             if text_schema is not None and (failed or sp.tool_choice != "auto"):
                 param = "response_format"
-                Grammar.json_schema(text_schema, tokenizer)
+                Grammar.json_schema(text_schema, tokenizer, ws)
                 param = "tools"
             if failed:
                 raise failed
             return g
         if kind != "text":
-            return Grammar.json_schema(schema, tokenizer)
+            return Grammar.json_schema(schema, tokenizer, ws)
     except GrammarError as e:  # a schema the engine cannot compile
         raise APIError(400, str(e), param=param, code="invalid_schema") from None
     except PLMError as e:  # no engine installed

@@ -123,6 +123,7 @@ class Sampling:
     # structured output: ("text", None), ("json_object", None) or ("json_schema", schema)
     response_format: tuple[str, dict | None] = ("text", None)
     constraint: tuple[str, str, Any] | None = None  # (field, kind, value): `grammar`, `guided_*` (EXTRA_CONSTRAINTS)
+    json_whitespace: str | None = None  # vLLM's guided_whitespace_pattern: None = compact JSON
     tools: list[dict] = field(default_factory=list)  # chat: OpenAI function tools
     tool_choice: str = "auto"  # none | auto | required | a tool's name
     parallel_tool_calls: bool = True
@@ -234,6 +235,16 @@ def _constraint(body: dict, response_format: tuple[str, dict | None], tools: boo
     return name, kind, v
 
 
+def _json_whitespace(body: dict) -> str | None:
+    """vLLM's `guided_whitespace_pattern`: a regular expression for the whitespace of constrained
+    JSON (None: the compact style)."""
+    v = body.get("guided_whitespace_pattern")
+    if v is not None and not (isinstance(v, str) and v):
+        raise bad(f"'guided_whitespace_pattern' must be a non-empty regular expression, got {_type_name(v)}",
+                  "guided_whitespace_pattern")
+    return v
+
+
 TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 MAX_TOOLS = 128
 
@@ -318,6 +329,7 @@ def parse_sampling(body: dict, chat: bool = False) -> Sampling:
         n=n,
         response_format=response_format,
         constraint=constraint,
+        json_whitespace=_json_whitespace(body),
         tools=tools,
         tool_choice=tool_choice,
         parallel_tool_calls=parallel,
