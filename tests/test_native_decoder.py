@@ -401,6 +401,44 @@ def test_gguf_tokenizer(gguf_files, qwen2_micro_dir):
     assert ours.eos_token_id == ref.eos_token_id
 
 
+def test_gguf_reader_reads_what_the_gguf_package_reads(gguf_files, qwen2_micro_dir):
+    """open_gguf parses through a plain view of the file's map (fast); every field and tensor
+    equals the gguf package's own reader's, and load_gguf gives the decoder and tokenizer of
+    the file from one parse."""
+    import gguf
+
+    from plm.data.tokenizer import Tokenizer
+    from plm.infer.native_decoder import _field, load_gguf
+    path = gguf_files["q8_0"]
+    ours, ref = open_gguf(path), gguf.GGUFReader(str(path))
+    assert list(ours.fields) == list(ref.fields) and len(ours.fields) > 20
+    for k in ref.fields:
+        assert _field(ours, k) == _field(ref, k), k
+    assert [(t.name, t.tensor_type, list(t.shape)) for t in ours.tensors] == \
+        [(t.name, t.tensor_type, list(t.shape)) for t in ref.tensors]
+    assert all(np.array_equal(a.data, b.data) for a, b in zip(ours.tensors, ref.tensors))
+    dec, tok = load_gguf(path)
+    assert tok.encode("Hello world") == Tokenizer.from_dir(qwen2_micro_dir).encode("Hello world")
+    prompt = list(range(100, 120))
+    assert dec.greedy(prompt, 4) == NativeDecoder.from_gguf(path).greedy(prompt, 4)
+
+
+@pytest.mark.slow  # two parses of a Qwen2 vocabulary by the gguf package's reader: ~15 s
+def test_gguf_load_benchmark_runs(gguf_files, tmp_path):
+    """benchmarks/gguf_load.py: both load paths on one file (the script checks they decode alike)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+    out = subprocess.run([sys.executable, "benchmarks/gguf_load.py", str(gguf_files["q8_0"]), "--repeats", "1",
+                          "--out", str(tmp_path)], capture_output=True, text=True, timeout=600,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr
+    (row,) = json.loads((tmp_path / "gguf_load.json").read_text())["rows"]
+    assert row["file"] == gguf_files["q8_0"].name and row["before_s"] > 0 and row["now_s"] > 0
+    assert "| file | MiB |" in (tmp_path / "gguf_load.md").read_text()
+
+
 def test_gguf_errors(gguf_files, tmp_path, qwen2_micro_dir):
     with pytest.raises(CheckpointError, match="no such GGUF"):
         NativeDecoder.from_gguf(tmp_path / "missing.gguf")

@@ -92,7 +92,7 @@ class Engine:
 
     def _open_gguf(self, path: Path, edge) -> None:
         from plm.infer import native as nv
-        from plm.infer.native_decoder import NativeDecoder, open_gguf, tokenizer_from_gguf
+        from plm.infer.native_decoder import load_gguf
         if self.device.type != "cpu":
             raise PLMError(f"{path}: a GGUF runs on the CPU's native decoder, not on {self.device}")
         if not nv.load():
@@ -100,9 +100,8 @@ class Engine:
                            "build them with `plm kernels build`")
         if edge is not None and edge.threads:
             torch.set_num_threads(edge.threads)
-        self.native = NativeDecoder.from_gguf(path, sparse=edge is not None and edge.sparse == "on")
+        self.native, self.tokenizer = load_gguf(path, sparse=edge is not None and edge.sparse == "on")
         self.config = self.native.config
-        self.tokenizer = tokenizer_from_gguf(open_gguf(path))
         self.kind, self.backend = "edge", "native"
 
     def new_step(self) -> StepFn:

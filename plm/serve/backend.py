@@ -319,13 +319,13 @@ def load_native(path: str | Path, quant: str = "none", dtype: str | None = None,
     why = native_unavailable()
     if why:
         raise PLMError(f"the native runtime: {why}")
-    from plm.infer.native_decoder import NativeDecoder, open_gguf, tokenizer_from_gguf
+    from plm.infer.native_decoder import NativeDecoder, load_gguf
 
     f32 = dtype in ("float32", "fp32")
     cache = "f32" if f32 else "bf16"
     if str(path).endswith(".gguf"):
-        dec = NativeDecoder.from_gguf(Path(path), sparse=sparse, cache_dtype=cache)
-        return NativeBackend(dec, keep=keep), tokenizer_from_gguf(open_gguf(Path(path)))
+        dec, tok = load_gguf(Path(path), sparse=sparse, cache_dtype=cache)
+        return NativeBackend(dec, keep=keep), tok
     from plm.data.tokenizer import Tokenizer
     from plm.infer.layerwise import MappedCheckpoint
     from plm.model.checkpoint import load_config, read_headers, validate_checkpoint
