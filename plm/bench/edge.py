@@ -417,12 +417,6 @@ def worker_native(a: dict) -> dict:
     return res
 
 
-def gguf_tensor_bytes(path: str) -> int:
-    """The bytes of a GGUF file's tensors (the gguf package alone: llama.cpp's worker loads no torch)."""
-    import gguf
-    return int(sum(int(t.n_bytes) for t in gguf.GGUFReader(path).tensors))
-
-
 def worker_llama(a: dict) -> dict:
     import llama_cpp
 
@@ -434,7 +428,7 @@ def worker_llama(a: dict) -> dict:
                           logits_all=False)
     n_vocab = llm.n_vocab()
     res = {"engine": a["engine"], "load_s": time.perf_counter() - t0, "rss_after_load": rss_bytes(),
-           "n_ctx": n_ctx, "stages": [], "weight_bytes": gguf_tensor_bytes(a["gguf"])}
+           "n_ctx": n_ctx, "stages": [], "weight_bytes": int(llama_cpp.llama_model_size(llm.model))}  # its tensors' bytes
 
     def last() -> int:
         ptr = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
