@@ -184,10 +184,12 @@ def test_edge_roofline_against_the_bandwidth_of_each_window():
 
 def test_bandwidth_prober_answers_from_its_own_process():
     """Probes come from a helper process (its CPU time reported, so contention checks can
-    count it as the measurement's own); closing it ends that process."""
+    count it as the measurement's own), started in full before the constructor returns (its
+    imports must not overlap a measurement); closing it ends that process."""
     from plm.bench.edge import Prober
     p = Prober(1, 64 << 20)
     try:
+        assert p.cpu_s > 0 and p.p.poll() is None  # ready: torch imported, buffer filled
         first, second = p(), p()
         assert first > 0 and second > 0 and p.cpu_s > 0
     finally:

@@ -488,10 +488,14 @@ class Prober:
                                    json.dumps({"threads": threads, "bytes": nbytes})],
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         self.cpu_s = 0.0
+        self._answer()  # its start (imports, the buffer filled) must not overlap a measurement
 
     def __call__(self) -> float:
         self.p.stdin.write("probe\n")
         self.p.stdin.flush()
+        return self._answer()
+
+    def _answer(self) -> float:
         line = self.p.stdout.readline().split()
         if len(line) != 2:
             raise PLMError(f"bandwidth probe process ended (rc {self.p.poll()})")
@@ -507,10 +511,13 @@ class Prober:
 
 
 def worker_probe(a: dict) -> dict:
-    """Prober's helper: for each line on stdin, a probe of a["bytes"]; answers `GB/s CPU-seconds`."""
+    """Prober's helper: `0 CPU-seconds` once ready, then for each line on stdin a probe of
+    a["bytes"], answered `GB/s CPU-seconds`."""
     import torch
     torch.set_num_threads(a["threads"])
     x = torch.ones(a["bytes"] // 4, dtype=torch.float32)
+    t = os.times()
+    print(f"0 {t.user + t.system}", flush=True)  # ready
     for _ in sys.stdin:
         gb_s = read_speed(x, 2)
         t = os.times()
