@@ -330,6 +330,7 @@ def test_grammar_benchmark_runs(tmp_path, qwen2_micro_dir):
     assert out.returncode == 0, out.stderr
     report = json.loads((tmp_path / "grammar.json").read_text())
     assert [r["tokens"] > 0 and r["grammar_us"] > 0 for r in report["rows"]] == [True] * 4
+    assert all(0 < r["again_ms"] < r["compile_ms"] for r in report["rows"])  # sent again: kept compiled
     sv = report["serve"]  # the same call with and without forced tokens (asserted by the script)
     assert sv["tokens"] > 0 and sv["call"]["name"] == "get_weather"
     assert (sv["forced_tokens"] > 0) == (sv["runtime"] == "native")

@@ -160,7 +160,7 @@ def _stage_result(ctx: int, n_new: int, pre: dict, dec: dict, **extra) -> dict:
     warm = warm_steps(times)
     win = decode_windows(times, dec.get("probes") or [])
     if win:
-        extra = {**extra, "windows": win, "read_gb_s": float(np.median([w["read_gb_s"] for w in win]))}
+        extra = {**extra, "windows": win, "read_gb_s": windows_gb_s(win)}
     return {"context": ctx, "prefill_tokens": n_new, "prefill_s": pre["s"], "prefill_tok_s": n_new / pre["s"],
             "decode_tok_s": len(warm) / sum(warm), "decode_tok_s_median": 1 / float(np.median(warm)),
             "decode_ms": [round(t * 1e3, 2) for t in times], "greedy": dec["greedy"],
@@ -194,6 +194,11 @@ def decode_windows(times: list[float], probes: list[tuple[int, float]]) -> list[
         if steps:
             out.append({"steps": len(steps), "tok_s": len(steps) / sum(steps), "read_gb_s": (b0 + b1) / 2})
     return out
+
+
+def windows_gb_s(windows: list[dict]) -> float:
+    """A stage's bandwidth when it has windows: the median of theirs."""
+    return float(np.median([w["read_gb_s"] for w in windows]))
 
 
 def measure_stages(a: dict, sess: Session, res: dict, extra=None) -> None:
@@ -463,11 +468,11 @@ def worker_bandwidth(a: dict) -> dict:
     return {"buffer_bytes": nbytes, "threads": a["threads"], **r}
 
 
-def read_bandwidth(threads: int, nbytes: int, repeats: int = 3) -> float:
+def read_bandwidth(threads: int, nbytes: int) -> float:
     """GB/s over an nbytes buffer on `threads` (freed after): see read_speed."""
     import torch
     torch.set_num_threads(threads)
-    return read_speed(torch.ones(nbytes // 4, dtype=torch.float32), repeats)
+    return read_speed(torch.ones(nbytes // 4, dtype=torch.float32), 3)
 
 
 def read_speed(x, repeats: int) -> float:
@@ -821,14 +826,15 @@ def merge_rounds(rounds: list[dict]) -> dict:
         same = [st] + [s for s in (_stage(r, st["context"]) for r in ok[1:]) if s]
         warm = [t for s in same for t in warm_steps(s["decode_ms"])]
         pre_s = sum(s["prefill_s"] for s in same)
+        windows = [w for s in same for w in s.get("windows", [])]
         merged = dict(st)
         merged.update(
             prefill_s=pre_s, prefill_tok_s=sum(s["prefill_tokens"] for s in same) / pre_s,
             decode_ms=[t for s in same for t in s["decode_ms"]],
             decode_tok_s=1e3 * len(warm) / sum(warm), decode_tok_s_median=1e3 / float(np.median(warm)),
             contended=any(s["contended"] for s in same), rss=max(s["rss"] for s in same),
-            read_gb_s=max((s.get("read_gb_s") or 0) for s in same) or None,
-            windows=[w for s in same for w in s.get("windows", [])],
+            read_gb_s=windows_gb_s(windows) if windows else max((s.get("read_gb_s") or 0) for s in same) or None,
+            windows=windows,
             rounds=[{"prefill_tok_s": round(s["prefill_tok_s"], 2), "decode_tok_s": round(s["decode_tok_s"], 3)}
                     for s in same])
         out["stages"].append(merged)
@@ -940,14 +946,20 @@ def markdown(results: dict) -> str:
     bw = results.get("bandwidth") or {}
     if bw.get("read_gb_s"):
         again = " (at the start and end of the run: the best of both)" if bw.get("read_gb_s_at_end") else ""
+        windowed = any(s.get("windows") for r in results["engines"].values() for s in r.get("stages", []))
+        how = ("the decode is compared with the bandwidth of its moment: "
+               f"a {PROBE_BYTES >> 20} MiB probe (from a helper process, the same for every engine) before the "
+               f"first step, after every {PROBE_EVERY} steps and after the last, outside the steps' timings; "
+               "% = the median over those windows of the window's tok/s / the roofline at the mean of its two "
+               "probes; `GB/s` = the median of the windows' bandwidths."
+               if windowed else
+               f"the bandwidth is probed ({PROBE_BYTES >> 20} MiB) right after each decode measurement; % = decode "
+               "tok/s / the roofline at that probe (the `GB/s` columns). (The weights here are small enough to be "
+               "read from the caches: the roofline says little.)")
         L.append(f"Read bandwidth (STREAM-style: PyTorch's sum and max over {bw['buffer_bytes'] / 2**30:.0f} GiB, "
                  f"the faster, {bw['threads']} threads, same run{again}): **{bw['read_gb_s']:.1f} GB/s**. Roofline = "
                  "the bandwidth / bytes read per token (weights + KV cache at the context). A shared host's bandwidth "
-                 "moves between phases within seconds, so the decode is compared with the bandwidth of its moment: "
-                 f"a {PROBE_BYTES >> 20} MiB probe (from a helper process, the same for every engine) before the "
-                 f"first step, after every {PROBE_EVERY} steps and after the last, outside the steps' timings; "
-                 "% = the median over those windows of the window's tok/s / the roofline at the mean of its two "
-                 "probes; `GB/s` = the median of the windows' bandwidths.")
+                 "moves between phases within seconds, so " + how)
         L.append("")
     if results.get("sparsity") is not None:
         L.append(f"Weights: random, built with {results['sparsity']:g} relu² sparsity (plm.bench.synthetic: a constant "
