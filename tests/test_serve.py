@@ -622,6 +622,206 @@ def test_tool_calls(server, truth_model):
     assert r.usage.prompt_tokens == len(tok.encode(tok.apply_chat_template(history, True)))
 
 
+# ---- the Responses API ---------------------------------------------------------------------------
+
+def _flat(tool: dict) -> dict:
+    """A chat-shaped tool in the Responses API's flat shape."""
+    return {"type": "function", **tool["function"]}
+
+
+def test_responses_api(server, truth_model):
+    """`/v1/responses` through the client's `responses` resource: the reply is the reference
+    model's greedy reply to the same conversation rendered as chat (instructions first), whole
+    and as the API's event stream (which the client's own accumulator rebuilds); usage; kept
+    responses continue with previous_response_id, can be fetched and deleted; log-probabilities
+    equal the chat route's."""
+    client, tok = server.client(), truth_model[1]
+
+    def want(msgs, n=N, **cfg):
+        return truth(truth_model, tok.apply_chat_template(msgs, add_generation_prompt=True), n=n, **cfg)
+
+    r = client.responses.create(model="micro", input="Hi there", max_output_tokens=N, temperature=0)
+    msgs = [{"role": "user", "content": "Hi there"}]
+    assert r.output_text == want(msgs) and r.object == "response" and r.id.startswith("resp_")
+    assert r.status == "incomplete" and r.incomplete_details.reason == "max_output_tokens"
+    assert [o.type for o in r.output] == ["message"] and r.output[0].role == "assistant"
+    assert r.usage.output_tokens == N and r.usage.input_tokens == len(tok.encode(chat_text(truth_model, "Hi there")))
+    assert r.usage.total_tokens == r.usage.input_tokens + N and r.max_output_tokens == N
+
+    # instructions and message items; a stop string (an extension) completes the reply
+    items = [{"role": "user", "content": [{"type": "input_text", "text": "Say something."}]}]
+    sys_msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say something."}]
+    full = want(sys_msgs)
+    stop = full[len(full) // 2:][:3]
+    cut = full[:full.index(stop)]
+    r = client.responses.create(model="micro", input=items, instructions="Be brief.", max_output_tokens=N,
+                                temperature=0, extra_body={"stop": [stop]})
+    assert r.output_text == cut and r.status == "completed" and r.instructions == "Be brief."
+    # streamed: the raw events in the API's order, and the client's accumulator
+    events = list(client.responses.create(model="micro", input=items, instructions="Be brief.", max_output_tokens=N,
+                                          temperature=0, stream=True, extra_body={"stop": [stop]}))
+    kinds = [e.type for e in events]
+    assert kinds[:4] == ["response.created", "response.in_progress", "response.output_item.added",
+                         "response.content_part.added"]
+    assert kinds[-4:] == ["response.output_text.done", "response.content_part.done", "response.output_item.done",
+                          "response.completed"]
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == cut
+    assert events[-1].response.output_text == cut and events[-1].response.usage.output_tokens > 0
+    with client.responses.stream(model="micro", input=items, instructions="Be brief.", max_output_tokens=N,
+                                 temperature=0, extra_body={"stop": [stop]}) as stream:
+        assert "".join(e.delta for e in stream if e.type == "response.output_text.delta") == cut
+        final = stream.get_final_response()
+    assert final.output_text == cut
+    # out of tokens while streaming: response.incomplete
+    events = list(client.responses.create(model="micro", input="Hi there", max_output_tokens=N, temperature=0,
+                                          stream=True))
+    assert events[-1].type == "response.incomplete" and events[-1].response.output_text == want(msgs)
+
+    # kept: fetched, continued (the conversation resent for us; instructions not inherited), deleted
+    first = client.responses.create(model="micro", input="Hi there", max_output_tokens=8, temperature=0)
+    assert client.responses.retrieve(first.id).output_text == first.output_text
+    nxt = client.responses.create(model="micro", input="And then?", previous_response_id=first.id,
+                                  max_output_tokens=8, temperature=0)
+    turns = msgs + [{"role": "assistant", "content": first.output_text}, {"role": "user", "content": "And then?"}]
+    assert nxt.output_text == want(turns, n=8) and nxt.previous_response_id == first.id
+    assert nxt.usage.input_tokens == len(tok.encode(tok.apply_chat_template(turns, add_generation_prompt=True)))
+    client.responses.delete(first.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(first.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.create(model="micro", input="x", previous_response_id=first.id, max_output_tokens=2)
+    unkept = client.responses.create(model="micro", input="Hi there", max_output_tokens=2, store=False)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(unkept.id)
+
+    # log-probabilities: the chat route's, in output_text's shape
+    r = client.responses.create(model="micro", input="Hi there", max_output_tokens=6, temperature=0, top_logprobs=2,
+                                include=["message.output_text.logprobs"])
+    c = client.chat.completions.create(model="micro", messages=msgs, max_tokens=6, temperature=0, logprobs=True,
+                                       top_logprobs=2)
+    got = [(e.token, e.logprob, [(t.token, t.logprob) for t in e.top_logprobs]) for e in r.output[0].content[0].logprobs]
+    assert got == [(e.token, e.logprob, [(t.token, t.logprob) for t in e.top_logprobs])
+                   for e in c.choices[0].logprobs.content]
+
+
+def test_responses_api_tools_and_formats(server, truth_model):
+    """Function tools in the flat shape: forced calls are function_call items equal to the
+    reference's constrained reply, whole and streamed; a function_call_output continues the
+    conversation (resent, or through previous_response_id: the same prompt); `text.format`'s
+    JSON schema gives the reference's constrained reply; the client's parse() fills a model."""
+    pytest.importorskip("llguidance")
+    from pydantic import BaseModel, Field
+    from plm.data.chat import parse_tool_calls
+    from plm.model.grammar import Grammar, tool_call_grammar
+    client, tok = server.client(), truth_model[1]
+    msgs = [{"role": "user", "content": "What is 2 + 3?"}]
+    prompt = tok.apply_chat_template(msgs, add_generation_prompt=True, tools=[WEATHER, ADD])
+    _, want_calls = parse_tool_calls(truth(truth_model, prompt, n=80,
+                                           grammar=tool_call_grammar([WEATHER, ADD], tok, "required")))
+    tools = [_flat(WEATHER), _flat(ADD)]
+    r = client.responses.create(model="micro", input=msgs, tools=tools, tool_choice="required", max_output_tokens=80,
+                                temperature=0)
+    calls = [o for o in r.output if o.type == "function_call"]
+    assert [{"name": c.name, "arguments": json.loads(c.arguments)} for c in calls] == want_calls
+    assert r.status == "completed" and all(c.call_id.startswith("call_") and c.id.startswith("fc_") for c in calls)
+    with client.responses.stream(model="micro", input=msgs, tools=tools, tool_choice="required", max_output_tokens=80,
+                                 temperature=0) as stream:
+        streamed = [o for o in stream.get_final_response().output if o.type == "function_call"]
+    assert [(c.name, json.loads(c.arguments)) for c in streamed] == [(c["name"], c["arguments"]) for c in want_calls]
+    # a named function
+    r2 = client.responses.create(model="micro", input=msgs, tools=tools, tool_choice={"type": "function", "name": "add"},
+                                 max_output_tokens=80, temperature=0)
+    assert {o.name for o in r2.output if o.type == "function_call"} == {"add"}
+    # the tool's result: resent by the client, or continued from the kept response
+    outputs = [{"type": "function_call_output", "call_id": c.call_id, "output": "5"} for c in calls]
+    resent = client.responses.create(model="micro", input=msgs + [c.model_dump() for c in calls] + outputs,
+                                     tools=tools, max_output_tokens=4, temperature=0)
+    history = msgs + [{"role": "assistant", "content": "", "tool_calls": [
+        {"id": c.call_id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}} for c in calls]}]
+    history += [{"role": "tool", "content": "5"} for _ in calls]
+    text = tok.apply_chat_template(history, add_generation_prompt=True, tools=[WEATHER, ADD])
+    assert resent.usage.input_tokens == len(tok.encode(text))
+    cont = client.responses.create(model="micro", input=outputs, previous_response_id=r.id, tools=tools,
+                                   max_output_tokens=4, temperature=0)
+    assert cont.usage.input_tokens == resent.usage.input_tokens and cont.output_text == resent.output_text
+    # text.format: a JSON schema
+    want = truth(truth_model, chat_text(truth_model, "Describe a person."), n=60,
+                 grammar=Grammar.json_schema(PERSON, tok))
+    fmt = {"format": {"type": "json_schema", "name": "person", "schema": PERSON, "strict": True}}
+    r = client.responses.create(model="micro", input="Describe a person.", text=fmt, max_output_tokens=60,
+                                temperature=0)
+    assert r.output_text == want and r.status == "completed" and r.text.format.type == "json_schema"
+
+    class Person(BaseModel):
+        name: str = Field(max_length=12)
+        age: int = Field(ge=0, le=150)
+    parsed = client.responses.parse(model="micro", input="Describe a person.", text_format=Person,
+                                    max_output_tokens=60, temperature=0.7).output_parsed
+    assert isinstance(parsed, Person) and 0 <= parsed.age <= 150
+
+
+def test_responses_events_of_an_empty_reply_and_a_failure():
+    """Edge cases of the event stream, without a model: a reply with no text is still a message
+    (added, done, empty text); a failed generation ends in response.failed with the error."""
+    from plm.serve.protocol import APIError
+    from plm.serve.responses import ResponsesReply
+    kept = []
+    usage = {"prompt_tokens": 3, "completion_tokens": 0, "total_tokens": 3, "prompt_tokens_details": {"cached_tokens": 0}}
+
+    def events(data: bytes) -> list[dict]:
+        out = []
+        for block in data.decode().strip().split("\n\n"):
+            kind, payload = block.split("\n")
+            assert kind == "event: " + json.loads(payload[6:])["type"]
+            out.append(json.loads(payload[6:]))
+        return out
+
+    r = ResponsesReply("m", lambda t: b"x", {"store": True}, kept.append)
+    evs = events(r.opening(1) + r.finish(0, "stop") + r.closing(usage))
+    assert [e["type"] for e in evs] == ["response.created", "response.in_progress", "response.output_item.added",
+                                        "response.content_part.added", "response.output_text.done",
+                                        "response.content_part.done", "response.output_item.done", "response.completed"]
+    assert [e["sequence_number"] for e in evs] == list(range(8))
+    done = evs[-1]["response"]
+    assert done["output"][0]["content"][0]["text"] == "" and done["status"] == "completed" and kept == [done]
+    assert done["usage"]["input_tokens"] == 3 and done["usage"]["output_tokens"] == 0
+    r = ResponsesReply("m", lambda t: b"x", {}, kept.append)
+    evs = events(r.opening(1) + r.piece("Hi", None) + r.failure(APIError(500, "boom", "server_error")))
+    assert evs[-1]["type"] == "response.failed" and evs[-1]["response"]["error"]["message"] == "boom"
+    assert evs[-1]["response"]["status"] == "failed" and len(kept) == 1  # a failed response is not kept
+
+
+@pytest.mark.parametrize("body, param", [
+    ({}, "input"),
+    ({"input": 3}, "input"),
+    ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "input[0].content"),
+    ({"input": [{"role": "robot", "content": "x"}]}, "input[0].role"),
+    ({"input": [{"type": "web_search_call", "id": "x"}]}, "input[0].type"),
+    ({"input": [{"type": "function_call", "call_id": "c", "name": "f"}]}, "input[0].arguments"),
+    ({"input": [{"type": "function_call_output", "call_id": "c", "output": 5}]}, "input[0].output"),
+    ({"input": "x", "tools": [{"type": "web_search"}]}, "tools"),
+    ({"input": "x", "tools": [{"type": "function", "name": "bad name"}]}, "tools"),
+    ({"input": "x", "tool_choice": {"type": "mcp"}}, "tool_choice"),
+    ({"input": "x", "text": {"format": {"type": "json_schema", "name": "x"}}}, "text.format"),
+    ({"input": "x", "text": "json"}, "text"),
+    ({"input": "x", "max_output_tokens": 0}, "max_output_tokens"),
+    ({"input": "x", "instructions": 5}, "instructions"),
+    ({"input": "x", "store": "yes"}, "store"),
+    ({"input": "x", "previous_response_id": 7}, "previous_response_id"),
+    ({"input": "x", "background": True}, "background"),
+    ({"input": "x", "truncation": "auto"}, "truncation"),
+    ({"input": "x", "n": 2}, "n"),
+    ({"input": "x", "temperature": 3}, "temperature"),
+    ({"input": "x", "include": "all"}, "include"),
+    ({"input": "x", "max_output_tokens": 10 ** 6}, "max_output_tokens"),
+    ({"input": "x", "text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "integer", "minimum": 5,
+                                                                                      "maximum": 1}}}}, "text.format"),
+])
+def test_bad_responses_requests_are_400(server, body, param):
+    _err(httpx.post(server.url + "/v1/responses", json=body), 400, param=param)
+
+
 # ---- errors ----------------------------------------------------------------------------------------
 
 def _err(r: httpx.Response, status: int, code: str | None = None, param: str | None = None) -> str:
@@ -970,6 +1170,12 @@ def test_native_runtime_server(qwen2_micro_dir):
             client.completions.create(model="micro", prompt=PROMPTS[i] + " again", max_tokens=2, temperature=0)
         again, _, cached = chat(second)
         assert cached == 0 and again == text  # prefilled from scratch: the same reply
+        # the Responses API: a continuation through previous_response_id finds the first turn cached
+        r1 = client.responses.create(model="micro", input=first, max_output_tokens=12, temperature=0)
+        r2 = client.responses.create(model="micro", input="And its cache?", previous_response_id=r1.id,
+                                     max_output_tokens=12, temperature=0)
+        assert (r1.output_text, r2.output_text) == (reply, text)
+        assert r1.usage.input_tokens <= r2.usage.input_tokens_details.cached_tokens < r2.usage.input_tokens == n2
 
         # n choices: choice j is the request with seed + j run alone, bit for bit
         kw = dict(model="micro", prompt=PROMPTS[2], max_tokens=12, temperature=0.9, top_p=0.95)

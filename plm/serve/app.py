@@ -4,6 +4,8 @@
   GET  /v1/models            the served model
   POST /v1/completions       prompt -> text, streamed (SSE) or not
   POST /v1/chat/completions  messages (ChatML) -> assistant message, streamed or not
+  POST /v1/responses         OpenAI's Responses API over the same (plm.serve.responses);
+  GET, DELETE /v1/responses/{id}   the responses kept for previous_response_id
   GET  /metrics              Prometheus text
   POST /tokenize             text (or chat messages) -> token ids  (vLLM's shape; lm-eval's
   POST /detokenize           token ids -> text                      "remote" tokenizer uses
@@ -18,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from starlette.applications import Starlette
 from starlette.datastructures import Headers
@@ -33,12 +35,13 @@ from plm.data.chat import CHATML_TEMPLATE_PLAIN, TOOL_CALL_OPEN, parse_tool_call
 from plm.errors import PLMError
 from plm.infer.generate import GenerationConfig
 from plm.serve.metrics import Metrics
+from plm.serve.responses import ResponsesReply, ResponseStore, assistant_turn, parse_request
 from plm.serve.protocol import (APIError, Reply, Sampling, bool_field, parse_json, parse_messages,
-                                parse_model, parse_prompts, parse_sampling, parse_tools, sse)
+                                parse_model, parse_prompts, parse_sampling, parse_tools)
 from plm.serve.scheduler import Draining, Event, QueueFull, Request, Scheduler
 
-ROUTES = ("/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize",
-          "/tokenizer_info")
+ROUTES = ("/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/responses", "/tokenize",
+          "/detokenize", "/tokenizer_info")
 
 
 @dataclass
@@ -51,6 +54,7 @@ class AppState:
     runtime: str = ""
     started: float = 0.0
     cors: tuple[list[str], str | None] | None = None  # (origins, origin regex) browser pages may read replies from
+    responses: ResponseStore = field(default_factory=ResponseStore)  # kept for previous_response_id
 
     @property
     def metrics(self) -> Metrics:
@@ -111,8 +115,9 @@ def _grammar(tokenizer, sp: Sampling):
     return None
 
 
-def _config(state: AppState, prompt_tokens: int, sp: Sampling, grammar=None) -> GenerationConfig:
-    """The request's generation settings, after the context check."""
+def _config(state: AppState, prompt_tokens: int, sp: Sampling, grammar=None, budget: str = "max_tokens") -> GenerationConfig:
+    """The request's generation settings, after the context check (`budget`: the request's name
+    for max_tokens)."""
     ctx = state.context
     if sp.max_tokens is None:  # as much as the window leaves
         if prompt_tokens >= ctx:
@@ -125,9 +130,9 @@ def _config(state: AppState, prompt_tokens: int, sp: Sampling, grammar=None) -> 
         if prompt_tokens + max_new > ctx:
             over = prompt_tokens + max_new - ctx
             raise APIError(400, f"this model's context window is {ctx} tokens; the request needs {prompt_tokens + max_new} "
-                                f"({prompt_tokens} in the prompt + {max_new} max_tokens), {over} too many: lower "
-                                f"max_tokens or shorten the prompt",
-                           param="max_tokens", code="context_length_exceeded")
+                                f"({prompt_tokens} in the prompt + {max_new} {budget}), {over} too many: lower "
+                                f"{budget} or shorten the prompt",
+                           param=budget, code="context_length_exceeded")
     vocab = state.tokenizer.vocab_size
     outside = [t for t in sp.logit_bias if t >= vocab]
     if outside:
@@ -245,8 +250,8 @@ class GenerationResponse:
                                 (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]})
         left = len(self.reqs)
         try:
-            if self.reply.chat:  # the role comes first, as OpenAI sends it
-                data = b"".join(sse(self.reply.chunk(first=True, index=i)) for i in range(len(self.reqs)))
+            data = self.reply.opening(left)
+            if data:
                 await send({"type": "http.response.body", "body": data, "more_body": True})
             while True:
                 got = await self._next(gone)
@@ -256,24 +261,21 @@ class GenerationResponse:
                 if ev.kind == "text" and self.held[i] is not None:
                     data = self._hold(i, ev)
                 elif ev.kind == "text":
-                    data = sse(self.reply.chunk(self._text(i, ev.text), logprobs=ev.logprobs, index=i))
+                    data = self.reply.piece(self._text(i, ev.text), ev.logprobs, i)
                 elif ev.kind == "error":
-                    data = sse(APIError(500, f"generation failed: {ev.text}", "server_error").body())
+                    data = self.reply.failure(APIError(500, f"generation failed: {ev.text}", "server_error"))
                     left, self.failed = 0, True
                 else:
-                    data, reason = b"", ev.finish_reason
+                    data, reason, held = b"", ev.finish_reason, (None, None, None)
                     if self.echo[i] is not None:  # nothing was generated: the prompt still goes first
-                        data = sse(self.reply.chunk(self._text(i, ""), index=i))
+                        data = self.reply.piece(self._text(i, ""), None, i)
                     if self.held[i]:  # the held reply: tool calls, or text after all
                         content, reason, calls = self._calls(self.held[i], reason)
-                        data += sse(self.reply.chunk(content, logprobs=self._lps(i, self.held_lps[i]), index=i,
-                                                     calls=calls))
-                    data += sse(self.reply.chunk(finish_reason=reason, index=i))
+                        held = (content, calls, self._lps(i, self.held_lps[i]))
+                    data += self.reply.finish(i, reason, *held)
                     left -= 1
                     if not left:
-                        if self.sp.include_usage:
-                            data += sse(self.reply.usage_chunk(self.usage()))
-                        data += sse("[DONE]")
+                        data += self.reply.closing(self.usage(), self.sp.include_usage)
                 if data:
                     await send({"type": "http.response.body", "body": data, "more_body": left > 0})
                 if not left:
@@ -291,17 +293,17 @@ class GenerationResponse:
             return b""
         text, lps = self.held[i], self._lps(i, self.held_lps[i])
         self.held[i] = None
-        return sse(self.reply.chunk(text, logprobs=lps, index=i))
+        return self.reply.piece(text, lps, i)
 
 
-async def _submit(state: AppState, prompts: list[list[int]], sp: Sampling, reply: Reply, route: str,
-                  echo: list[str | None] | None = None) -> GenerationResponse:
+async def _submit(state: AppState, prompts: list[list[int]], sp: Sampling, reply: Reply | ResponsesReply, route: str,
+                  echo: list[str | None] | None = None, budget: str = "max_tokens") -> GenerationResponse:
     """One request per choice (each prompt n times, choice i = prompt i // n); all queued, or
     none (429 / 503)."""
     echo = echo or [None] * len(prompts)
     # compiled off the event loop (the first grammar also builds the engine's token trie: ~1 s)
     grammar = await run_in_threadpool(_grammar, state.tokenizer, sp) if sp.constrained else None
-    cfgs = [_config(state, len(p), sp, grammar) for p in prompts]  # the window check before anything runs
+    cfgs = [_config(state, len(p), sp, grammar, budget) for p in prompts]  # the window check before anything runs
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
 
@@ -386,6 +388,40 @@ async def chat_completions(http: HTTPRequest):
                                                tools=sp.tools if sp.calls_tools else None)
     ids = await _encode(state, text)
     return await _submit(state, [ids], sp, Reply(model, chat=True, token_bytes=state.tokenizer.token_bytes), "chat")
+
+
+async def responses(http: HTTPRequest):
+    """OpenAI's Responses API: the request becomes a chat request (plm.serve.responses), the
+    reply a Response; completed ones are kept (store) for previous_response_id."""
+    state: AppState = http.app.state.plm
+    body = await _body(http)
+    model = parse_model(body, state.model_names)
+    req = parse_request(body, state.responses)
+    sp = parse_sampling(req.chat, chat=True)
+    text = state.tokenizer.apply_chat_template(req.messages, add_generation_prompt=True,
+                                               tools=sp.tools if sp.calls_tools else None)
+    ids = await _encode(state, text)
+
+    def keep(response: dict) -> None:
+        state.responses.put(response["id"], response, req.conversation + [assistant_turn(response)])
+
+    reply = ResponsesReply(model, state.tokenizer.token_bytes, req.echo, keep if req.store else None)
+    try:
+        return await _submit(state, [ids], sp, reply, "responses", budget="max_output_tokens")
+    except APIError as e:  # the format's fault under the Responses API's name for it
+        if e.param == "response_format":
+            e.param = "text.format"
+        raise
+
+
+async def kept_response(http: HTTPRequest):
+    """GET /v1/responses/{id}: a kept Response; DELETE: forget it."""
+    state: AppState = http.app.state.plm
+    rid = http.path_params["rid"]
+    if http.method == "DELETE":
+        state.responses.delete(rid)
+        return JSONResponse({"id": rid, "object": "response.deleted", "deleted": True})
+    return JSONResponse(state.responses.get(rid)[0])
 
 
 # ---- the tokenizer (vLLM's routes) -------------------------------------------------------------
@@ -505,6 +541,8 @@ def create_app(state: AppState) -> Starlette:
     routes = [Route("/health", health), Route("/metrics", metrics), Route("/v1/models", models),
               Route("/v1/completions", completions, methods=["POST"]),
               Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+              Route("/v1/responses", responses, methods=["POST"]),
+              Route("/v1/responses/{rid}", kept_response, methods=["GET", "DELETE"]),
               Route("/tokenize", tokenize, methods=["POST"]), Route("/detokenize", detokenize, methods=["POST"]),
               Route("/tokenizer_info", tokenizer_info)]
     app = Starlette(routes=routes, exception_handlers={APIError: _api_error, HTTPException: _http_error,

@@ -515,6 +515,28 @@ class Reply:
         obj = "chat.completion.chunk" if self.chat else "text_completion"
         return {**self._head(obj), "choices": [], "usage": usage}
 
+    # The stream, as plm.serve.app.GenerationResponse writes it (plm.serve.responses.ResponsesReply
+    # has the same methods for the Responses API's events).
+    def opening(self, k: int) -> bytes:
+        """Before any text: chat sends each choice's role first, as OpenAI does."""
+        return b"".join(sse(self.chunk(first=True, index=i)) for i in range(k)) if self.chat else b""
+
+    def piece(self, text: str, logprobs: list | None, index: int = 0) -> bytes:
+        return sse(self.chunk(text, logprobs=logprobs, index=index))
+
+    def finish(self, index: int, reason: str, content: str | None = None, calls: list | None = None,
+               logprobs: list | None = None) -> bytes:
+        """A choice's end: the text held back until now (tool calls, or text after all), then
+        its finish reason."""
+        held = sse(self.chunk(content, logprobs=logprobs, index=index, calls=calls)) if content or calls else b""
+        return held + sse(self.chunk(finish_reason=reason, index=index))
+
+    def closing(self, usage: dict, include_usage: bool) -> bytes:
+        return (sse(self.usage_chunk(usage)) if include_usage else b"") + sse("[DONE]")
+
+    def failure(self, e: APIError) -> bytes:
+        return sse(e.body())
+
 
 def sse(data: dict | str) -> bytes:
     """One server-sent event: `data: <json>` and a blank line."""

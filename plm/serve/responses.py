@@ -1,0 +1,360 @@
+"""OpenAI's Responses API (`POST /v1/responses`) over the chat machinery.
+
+A request's `input` items (messages, earlier function calls and their outputs), `instructions`,
+function `tools` and `text.format` become a chat request (ChatML messages, chat-shaped tools, a
+`response_format`), which runs exactly as `/v1/chat/completions` does; the reply comes back as
+a Response: output items (an assistant message of `output_text`, function calls), `status`
+completed or incomplete, and, streamed, the API's typed events (`response.created`,
+`response.output_text.delta`, ..., `response.completed`). Completed responses are kept in
+memory (the last `ResponseStore.keep`, unless `store` is false) for `previous_response_id` and
+`GET /v1/responses/{id}`.
+"""
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from plm.serve.protocol import APIError, _entry, _int, _type_name, bad, parse_messages
+
+# Fields of a Responses request that have no chat counterpart or a different name; the rest
+# (temperature, top_p, stream, parallel_tool_calls and the extensions: seed, stop, top_k, ...)
+# pass to the chat parser unchanged.
+OWN_FIELDS = ("input", "instructions", "tools", "tool_choice", "text", "max_output_tokens", "include", "top_logprobs",
+              "previous_response_id", "store", "metadata", "reasoning", "truncation", "user", "background",
+              "stream_options", "service_tier", "prompt_cache_key", "safety_identifier", "max_tool_calls",
+              "conversation", "prompt", "n", "messages", "max_tokens", "max_completion_tokens", "logprobs",
+              "response_format")
+LOGPROBS_INCLUDE = "message.output_text.logprobs"
+
+
+def _hex() -> str:
+    return uuid.uuid4().hex[:24]
+
+
+class ResponseStore:
+    """The last `keep` completed responses: id -> (the Response object, the conversation so far
+    as chat messages, without the request's instructions, which a continuation does not inherit)."""
+
+    def __init__(self, keep: int = 256) -> None:
+        self.keep = keep
+        self._items: OrderedDict[str, tuple[dict, list[dict]]] = OrderedDict()
+
+    def put(self, rid: str, response: dict, conversation: list[dict]) -> None:
+        self._items[rid] = (response, conversation)
+        self._items.move_to_end(rid)
+        while len(self._items) > self.keep:
+            self._items.popitem(last=False)
+
+    def get(self, rid: str, param: str = "response_id") -> tuple[dict, list[dict]]:
+        if rid not in self._items:
+            raise APIError(404, f"no response with id {rid!r} is kept on this server (it keeps the last {self.keep} "
+                                f"with store true, in memory, until it restarts)", param=param, code="not_found")
+        return self._items[rid]
+
+    def delete(self, rid: str) -> None:
+        self.get(rid)
+        del self._items[rid]
+
+
+def _text_parts(content: Any, where: str) -> str:
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise bad(f"'{where}.content' must be a string or an array of text parts, got {_type_name(content)}",
+                  f"{where}.content")
+    parts = []
+    for j, p in enumerate(content):
+        kind = p.get("type") if isinstance(p, dict) else None
+        key = "refusal" if kind == "refusal" else "text"
+        if kind not in ("input_text", "output_text", "text", "refusal") or not isinstance(p.get(key), str):
+            raise bad(f"'{where}.content[{j}]' must be a text part ({{\"type\": \"input_text\", \"text\": ...}} or "
+                      f"output_text; this model reads text only)", f"{where}.content")
+        parts.append(p[key])
+    return "".join(parts)
+
+
+def input_messages(items: Any) -> list[dict]:
+    """Chat messages of a Responses `input`: a string (one user message) or an array of items:
+    messages (role user / assistant / system / developer, text content), `function_call` items
+    (joined to the assistant turn they follow) and `function_call_output` items (tool messages).
+    `reasoning` items are skipped: this model writes none."""
+    if isinstance(items, str):
+        return [{"role": "user", "content": items}]
+    if not isinstance(items, list):
+        raise bad(f"'input' must be a string or an array of items, got {_type_name(items)}", "input")
+    msgs: list[dict] = []
+    for i, item in enumerate(items):
+        where = f"input[{i}]"
+        if not isinstance(item, dict):
+            raise bad(f"'{where}' must be an object, got {_type_name(item)}", where)
+        kind = item.get("type", "message")
+        if kind == "message":
+            role = item.get("role")
+            if role not in ("user", "assistant", "system", "developer"):
+                raise bad(f"'{where}.role' must be user, assistant, system or developer, got {role!r}", f"{where}.role")
+            msgs.append({"role": role, "content": _text_parts(item.get("content"), where)})
+        elif kind == "function_call":
+            fields = {k: item.get(k) for k in ("call_id", "name", "arguments")}
+            for k, v in fields.items():
+                if not isinstance(v, str):
+                    raise bad(f"'{where}.{k}' must be a string, got {_type_name(v)}", f"{where}.{k}")
+            call = {"id": fields["call_id"], "type": "function",
+                    "function": {"name": fields["name"], "arguments": fields["arguments"]}}
+            if msgs and msgs[-1]["role"] == "assistant":  # the same turn: its text, then its calls
+                msgs[-1].setdefault("tool_calls", []).append(call)
+            else:
+                msgs.append({"role": "assistant", "content": "", "tool_calls": [call]})
+        elif kind == "function_call_output":
+            if not isinstance(item.get("call_id"), str):
+                raise bad(f"'{where}.call_id' must be a string", f"{where}.call_id")
+            output = item.get("output")
+            text = output if isinstance(output, str) else _text_parts(output, where) if isinstance(output, list) else None
+            if text is None:
+                raise bad(f"'{where}.output' must be a string or an array of text parts", f"{where}.output")
+            msgs.append({"role": "tool", "content": text, "tool_call_id": item["call_id"]})
+        elif kind != "reasoning":
+            raise bad(f"'{where}.type' {kind!r} is not supported: message, function_call or function_call_output",
+                      f"{where}.type", "unsupported_parameter")
+    return msgs
+
+
+def _tools(body: dict) -> tuple[list[dict] | None, Any]:
+    """Function tools and tool_choice in the chat shape ({"type": "function", "function": {...}})."""
+    tools = body.get("tools")
+    if tools is not None:
+        if not isinstance(tools, list):
+            raise bad(f"'tools' must be an array, got {_type_name(tools)}", "tools")
+        out = []
+        for i, t in enumerate(tools):
+            if not isinstance(t, dict) or t.get("type") != "function":
+                kind = t.get("type") if isinstance(t, dict) else t
+                raise bad(f"'tools[{i}]': only function tools are supported here, got {kind!r}", "tools",
+                          "unsupported_parameter")
+            out.append({"type": "function", "function": {k: t[k] for k in ("name", "description", "parameters")
+                                                         if t.get(k) is not None}})
+        tools = out
+    choice = body.get("tool_choice")
+    if isinstance(choice, dict):
+        if choice.get("type") != "function" or not isinstance(choice.get("name"), str):
+            raise bad("'tool_choice' must be none, auto, required or {\"type\": \"function\", \"name\": ...}",
+                      "tool_choice")
+        choice = {"type": "function", "function": {"name": choice["name"]}}
+    return tools, choice
+
+
+def _format(body: dict) -> dict | None:
+    """`text.format` as a chat response_format."""
+    text = body.get("text")
+    if text is None:
+        return None
+    if not isinstance(text, dict):
+        raise bad(f"'text' must be an object {{\"format\": ...}}, got {_type_name(text)}", "text")
+    fmt = text.get("format")
+    if fmt is None:
+        return None
+    if not isinstance(fmt, dict) or fmt.get("type") not in ("text", "json_object", "json_schema"):
+        raise bad("'text.format' must be {\"type\": \"text\"}, {\"type\": \"json_object\"} or {\"type\": "
+                  "\"json_schema\", \"name\", \"schema\"}", "text.format")
+    if fmt["type"] != "json_schema":
+        return {"type": fmt["type"]}
+    schema = fmt.get("schema")
+    if not isinstance(schema, dict):
+        raise bad(f"'text.format.schema' must be a JSON schema object, got {_type_name(schema)}", "text.format")
+    return {"type": "json_schema", "json_schema": {"name": fmt.get("name"), "schema": schema,
+                                                   "strict": fmt.get("strict")}}
+
+
+@dataclass
+class ResponsesRequest:
+    chat: dict  # the equivalent chat request body (for parse_sampling)
+    messages: list[dict]  # the prompt's messages, instructions first
+    conversation: list[dict]  # the same without the instructions: what a continuation resends
+    echo: dict  # the request's settings a Response repeats
+    store: bool
+
+
+def parse_request(body: dict, store: ResponseStore) -> ResponsesRequest:
+    """A Responses request checked and turned into a chat request."""
+    if "input" not in body:
+        raise bad("'input' is required: a string or an array of items", "input")
+    for name, neutral, what in [("background", (None, False), "replies are not run in the background"),
+                                ("truncation", (None, "disabled"), "a prompt past the window is a 400, not cut"),
+                                ("conversation", (None,), "no stored conversations; use previous_response_id"),
+                                ("prompt", (None,), "no stored prompt templates"), ("n", (None, 1), "one output")]:
+        if body.get(name) not in neutral:
+            raise bad(f"'{name}' is not supported by this server ({what})", name, "unsupported_parameter")
+    instructions = body.get("instructions")
+    if instructions is not None and not isinstance(instructions, str):
+        raise bad(f"'instructions' must be a string, got {_type_name(instructions)}", "instructions")
+    keep = body.get("store", True)
+    if not isinstance(keep, bool):
+        raise bad(f"'store' must be a boolean, got {_type_name(keep)}", "store")
+    history: list[dict] = []
+    prev = body.get("previous_response_id")
+    if prev is not None:
+        if not isinstance(prev, str):
+            raise bad(f"'previous_response_id' must be a string, got {_type_name(prev)}", "previous_response_id")
+        history = store.get(prev, "previous_response_id")[1]
+    conversation = history + input_messages(body["input"])
+    messages = ([{"role": "system", "content": instructions}] if instructions else []) + conversation
+    if not messages:
+        raise bad("'input' is empty: give at least one message", "input")
+    include = body.get("include") or []
+    if not isinstance(include, list) or not all(isinstance(x, str) for x in include):
+        raise bad("'include' must be an array of strings", "include")
+    tools, choice = _tools(body)
+    chat = {k: v for k, v in body.items() if k not in OWN_FIELDS}
+    chat.update({"messages": parse_messages({"messages": messages}), "tools": tools, "tool_choice": choice,
+                 "response_format": _format(body), "max_completion_tokens": _int(body, "max_output_tokens", None, lo=1)})
+    if LOGPROBS_INCLUDE in include:
+        chat.update(logprobs=True, top_logprobs=body.get("top_logprobs"))
+    metadata = body.get("metadata")
+    if metadata is not None and not isinstance(metadata, dict):
+        raise bad(f"'metadata' must be an object, got {_type_name(metadata)}", "metadata")
+    echo = {"instructions": instructions, "max_output_tokens": body.get("max_output_tokens"),
+            "metadata": metadata or {}, "parallel_tool_calls": body.get("parallel_tool_calls") is not False,
+            "previous_response_id": prev, "store": keep, "temperature": body.get("temperature", 1.0),
+            "text": {"format": (body.get("text") or {}).get("format") or {"type": "text"}},
+            "tool_choice": body.get("tool_choice", "auto"), "tools": body.get("tools") or [],
+            "top_logprobs": body.get("top_logprobs"), "top_p": body.get("top_p", 1.0), "truncation": "disabled",
+            "user": body.get("user"), "reasoning": {"effort": None, "summary": None}}
+    return ResponsesRequest(chat, messages, conversation, echo, keep)
+
+
+def _usage(u: dict) -> dict:
+    return {"input_tokens": u["prompt_tokens"], "input_tokens_details": u["prompt_tokens_details"],
+            "output_tokens": u["completion_tokens"], "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": u["total_tokens"]}
+
+
+class ResponsesReply:
+    """One Response, whole or as its event stream: the reply interface of
+    plm.serve.app.GenerationResponse (one choice). `on_done(response)` runs when it completes."""
+
+    chat = True  # replies are assistant messages; tool calls are parsed out of them
+
+    def __init__(self, model: str, token_bytes: Callable[[int], bytes], echo: dict,
+                 on_done: Callable[[dict], None] | None = None) -> None:
+        self.model, self.token_bytes, self.echo, self.on_done = model, token_bytes, echo, on_done
+        self.id = "resp_" + _hex()
+        self.created = int(time.time())
+        self.seq = 0  # events' sequence_number
+        self.output: list[dict] = []  # finished output items (streamed)
+        self.msg: dict | None = None  # the message being streamed: {"id", "text", "logprobs"}
+        self.reason = "stop"
+
+    def _object(self, status: str, output: list[dict], usage: dict | None = None, error: dict | None = None) -> dict:
+        done = status in ("completed", "incomplete")
+        return {"id": self.id, "object": "response", "created_at": self.created, "status": status,
+                "completed_at": int(time.time()) if status == "completed" else None, "error": error,
+                "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
+                "model": self.model, "output": output, **self.echo, "usage": _usage(usage) if done else None}
+
+    def _final(self, output: list[dict], usage: dict, reason: str) -> dict:
+        obj = self._object("incomplete" if reason == "length" else "completed", output, usage)
+        if self.on_done is not None:
+            self.on_done(obj)
+        return obj
+
+    def _event(self, kind: str, **fields) -> bytes:
+        data = json.dumps({"type": kind, "sequence_number": self.seq, **fields}, ensure_ascii=False,
+                          separators=(",", ":"))
+        self.seq += 1
+        return f"event: {kind}\ndata: {data}\n\n".encode()
+
+    def _logprobs(self, entries: list | None) -> list[dict]:
+        tb = self.token_bytes
+        return [{**_entry(tb, e.token, e.logprob), "top_logprobs": [_entry(tb, t, v) for t, v in e.top]}
+                for e in entries or []]
+
+    @staticmethod
+    def _message(mid: str, text: str, logprobs: list[dict], status: str) -> dict:
+        return {"id": mid, "type": "message", "status": status, "role": "assistant",
+                "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs}]}
+
+    @staticmethod
+    def _calls(calls: list[dict] | None) -> list[dict]:
+        return [{"id": "fc_" + _hex(), "type": "function_call", "status": "completed", "call_id": "call_" + _hex(),
+                 "name": c["name"], "arguments": json.dumps(c["arguments"], ensure_ascii=False)} for c in calls or []]
+
+    # ---- whole --------------------------------------------------------------------------------
+
+    def full(self, choices: list[tuple[str, str, list | None, list | None]], usage: dict) -> dict:
+        text, reason, lps, calls = choices[0]
+        status = "incomplete" if reason == "length" else "completed"
+        output = [self._message("msg_" + _hex(), text, self._logprobs(lps), status)] if text or not calls else []
+        return self._final(output + self._calls(calls), usage, reason)
+
+    # ---- streamed -----------------------------------------------------------------------------
+
+    def opening(self, k: int) -> bytes:
+        r = self._object("in_progress", [])
+        return self._event("response.created", response=r) + self._event("response.in_progress", response=r)
+
+    def _open(self) -> bytes:
+        """The message item's start: its added events, before its first text."""
+        self.msg = {"id": "msg_" + _hex(), "text": "", "logprobs": []}
+        at = len(self.output)
+        return (self._event("response.output_item.added", output_index=at,
+                            item={**self._message(self.msg["id"], "", [], "in_progress"), "content": []})
+                + self._event("response.content_part.added", item_id=self.msg["id"], output_index=at, content_index=0,
+                              part={"type": "output_text", "text": "", "annotations": [], "logprobs": []}))
+
+    def piece(self, text: str, logprobs: list | None, index: int = 0) -> bytes:
+        if not text and not logprobs:
+            return b""
+        at = len(self.output)
+        data = self._open() if self.msg is None else b""
+        entries = self._logprobs(logprobs)
+        self.msg["text"] += text
+        self.msg["logprobs"] += entries
+        return data + self._event("response.output_text.delta", item_id=self.msg["id"], output_index=at,
+                                  content_index=0, delta=text, logprobs=entries)
+
+    def finish(self, index: int, reason: str, content: str | None = None, calls: list | None = None,
+               logprobs: list | None = None) -> bytes:
+        self.reason = reason
+        data = self.piece(content, logprobs) if content else b""
+        if self.msg is None and not calls:  # an empty reply is still a message
+            data += self._open()
+        if self.msg is not None:
+            m, at = self.msg, len(self.output)
+            item = self._message(m["id"], m["text"], m["logprobs"], "incomplete" if reason == "length" else "completed")
+            data += self._event("response.output_text.done", item_id=m["id"], output_index=at, content_index=0,
+                                text=m["text"], logprobs=m["logprobs"])
+            data += self._event("response.content_part.done", item_id=m["id"], output_index=at, content_index=0,
+                                part=item["content"][0])
+            data += self._event("response.output_item.done", output_index=at, item=item)
+            self.output.append(item)
+            self.msg = None
+        for c in self._calls(calls):
+            at = len(self.output)
+            data += self._event("response.output_item.added", output_index=at,
+                                item={**c, "arguments": "", "status": "in_progress"})
+            data += self._event("response.function_call_arguments.delta", item_id=c["id"], output_index=at,
+                                delta=c["arguments"])
+            data += self._event("response.function_call_arguments.done", item_id=c["id"], output_index=at,
+                                name=c["name"], arguments=c["arguments"])
+            data += self._event("response.output_item.done", output_index=at, item=c)
+            self.output.append(c)
+        return data
+
+    def closing(self, usage: dict, include_usage: bool = False) -> bytes:
+        obj = self._final(self.output, usage, self.reason)
+        return self._event("response." + obj["status"], response=obj)
+
+    def failure(self, e: APIError) -> bytes:
+        err = {"code": "server_error", "message": e.message}
+        return self._event("response.failed", response=self._object("failed", self.output, error=err))
+
+
+def assistant_turn(response: dict) -> dict:
+    """A Response's output as the chat message a continuation renders."""
+    text = "".join(p["text"] for item in response["output"] if item["type"] == "message" for p in item["content"])
+    calls = [{"id": it["call_id"], "type": "function", "function": {"name": it["name"], "arguments": it["arguments"]}}
+             for it in response["output"] if it["type"] == "function_call"]
+    return {"role": "assistant", "content": text, **({"tool_calls": calls} if calls else {})}
