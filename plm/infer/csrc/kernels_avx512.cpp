@@ -150,39 +150,50 @@ void q4_k_rows(const uint8_t* const* wt, int64_t K, const QAct& x, int64_t m0, f
   for (int j = 0; j < MT; j++)
     for (int i = 0; i < MB; i++) acc[j][i] = _mm512_setzero_ps();
   for (int64_t b = 0; b < nb; b++) {
-    for (int t = 0; t < MT; t++) {
-      const uint8_t* blk = wt[t] + b * TB;
-      __m512i isc[MB], imin[MB];
-      for (int i = 0; i < MB; i++) isc[i] = imin[i] = _mm512_setzero_si512();
-      for (int j = 0; j < 8; j++) {
-        __m512i dj[MB], plane;
-        for (int i = 0; i < MB; i++) dj[i] = _mm512_setzero_si512();
-        if constexpr (Five) plane = ld512(blk + qk_sub(true, j) + 256);
-        for (int g = 0; g < 4; g++) {
-          const __m512i v = ld512(blk + qk_sub(Five, j) + 64 * g);
+    // sub-block by sub-block across the tiles: each activation broadcast feeds every tile, and
+    // the tiles' streams advance together
+    __m512i isc[MT][MB], imin[MT][MB];
+    for (int t = 0; t < MT; t++)
+      for (int i = 0; i < MB; i++) isc[t][i] = imin[t][i] = _mm512_setzero_si512();
+    for (int j = 0; j < 8; j++) {
+      __m512i dj[MT][MB], plane[MT];
+      for (int t = 0; t < MT; t++) {
+        for (int i = 0; i < MB; i++) dj[t][i] = _mm512_setzero_si512();
+        if constexpr (Five) plane[t] = ld512(wt[t] + b * TB + qk_sub(true, j) + 256);
+      }
+      for (int g = 0; g < 4; g++) {
+        __m512i xa[MB], xb[MB];
+        for (int i = 0; i < MB; i++) {
+          const int8_t* xq = x.q + (m0 + i) * K + 256 * b + 32 * j + 8 * g;
+          xa[i] = _mm512_set1_epi32(ld32(xq));
+          xb[i] = _mm512_set1_epi32(ld32(xq + 4));
+        }
+        for (int t = 0; t < MT; t++) {
+          const __m512i v = ld512(wt[t] + b * TB + qk_sub(Five, j) + 64 * g);
           __m512i lo = _mm512_and_si512(v, m4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
           if constexpr (Five) {  // lo | ((plane << 4) & 16), hi | ((plane << 3) & 16): bits 0 and 1 to bit 4
-            lo = _mm512_ternarylogic_epi32(lo, _mm512_slli_epi16(plane, 4), v16, 0xF8);
-            hi = _mm512_ternarylogic_epi32(hi, _mm512_slli_epi16(plane, 3), v16, 0xF8);
+            lo = _mm512_ternarylogic_epi32(lo, _mm512_slli_epi16(plane[t], 4), v16, 0xF8);
+            hi = _mm512_ternarylogic_epi32(hi, _mm512_slli_epi16(plane[t], 3), v16, 0xF8);
             // the next group's bits to bits 0 and 1 (what a 16-bit shift carries in from the
             // neighbouring byte lands at bits 6-7 and is never read: at most 3 shifts)
-            plane = _mm512_srli_epi16(plane, 2);
+            plane[t] = _mm512_srli_epi16(plane[t], 2);
           }
-          for (int i = 0; i < MB; i++) {
-            const int8_t* xq = x.q + (m0 + i) * K + 256 * b + 32 * j + 8 * g;
-            dj[i] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(dj[i], lo, _mm512_set1_epi32(ld32(xq))), hi,
-                                        _mm512_set1_epi32(ld32(xq + 4)));
-          }
+          for (int i = 0; i < MB; i++) dj[t][i] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(dj[t][i], lo, xa[i]), hi, xb[i]);
         }
-        const __m512i sc = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(blk + 64 + 16 * j)));
-        for (int i = 0; i < MB; i++) isc[i] = _mm512_add_epi32(isc[i], _mm512_mullo_epi32(dj[i], sc));
       }
-      pair_terms<MB, false, 2>(imin, blk + 192, x, m0, K, b);
+      for (int t = 0; t < MT; t++) {
+        const __m512i sc = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(wt[t] + b * TB + 64 + 16 * j)));
+        for (int i = 0; i < MB; i++) isc[t][i] = _mm512_add_epi32(isc[t][i], _mm512_mullo_epi32(dj[t][i], sc));
+      }
+    }
+    for (int t = 0; t < MT; t++) {
+      const uint8_t* blk = wt[t] + b * TB;
+      pair_terms<MB, false, 2>(imin[t], blk + 192, x, m0, K, b);
       const __m512 d = f16x16(blk), dm = f16x16(blk + 32);
       for (int i = 0; i < MB; i++) {
         const __m512 dx = _mm512_set1_ps(x.d[(m0 + i) * nd + b]);
-        acc[t][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isc[i]), _mm512_mul_ps(d, dx), acc[t][i]);
-        acc[t][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(imin[i]), _mm512_xor_ps(_mm512_mul_ps(dm, dx), neg), acc[t][i]);
+        acc[t][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isc[t][i]), _mm512_mul_ps(d, dx), acc[t][i]);
+        acc[t][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(imin[t][i]), _mm512_xor_ps(_mm512_mul_ps(dm, dx), neg), acc[t][i]);
       }
     }
   }
