@@ -219,28 +219,31 @@ void q6_k_rows(const uint8_t* const* wt, int64_t K, const QAct& x, int64_t m0, f
     for (int t = 0; t < MT; t++)
       for (int i = 0; i < MB; i++) isum[t][i] = _mm512_setzero_si512();
     for (int u = 0; u < 8; u++) {
-      for (int t = 0; t < MT; t++) {
-        const uint8_t* blk = wt[t] + b * Q6_K_TB;
-        const uint8_t* ql = blk + 288 + 384 * u;
-        const uint8_t* qh = ql + 256;
-        for (int h = 0; h < 2; h++) {  // sub-blocks of 16 inputs: groups 2h, 2h+1 of the unit
-          const int g16 = 2 * u + h;
-          __m512i dot[MB];
-          for (int i = 0; i < MB; i++) dot[i] = _mm512_setzero_si512();
-          for (int g = 2 * h; g < 2 * h + 2; g++) {
+      for (int h = 0; h < 2; h++) {  // sub-blocks of 16 inputs: groups 2h, 2h+1 of the unit
+        __m512i dot[MT][MB];
+        for (int t = 0; t < MT; t++)
+          for (int i = 0; i < MB; i++) dot[t][i] = _mm512_setzero_si512();
+        for (int g = 2 * h; g < 2 * h + 2; g++) {
+          __m512i xa[MB], xb[MB];  // each activation broadcast feeds every tile
+          for (int i = 0; i < MB; i++) {
+            const int8_t* xq = x.q + (m0 + i) * K + 256 * b + 32 * u + 8 * g;
+            xa[i] = _mm512_set1_epi32(ld32(xq));
+            xb[i] = _mm512_set1_epi32(ld32(xq + 4));
+          }
+          for (int t = 0; t < MT; t++) {
+            const uint8_t* ql = wt[t] + b * Q6_K_TB + 288 + 384 * u;
             const __m512i v = ld512(ql + 64 * g);
-            const __m256i pl = _mm256_loadu_si256((const __m256i*)(qh + 32 * g));
+            const __m256i pl = _mm256_loadu_si256((const __m256i*)(ql + 256 + 32 * g));
             const __m512i p = _mm512_inserti64x4(_mm512_castsi256_si512(pl), _mm256_srli_epi16(pl, 2), 1);
             const __m512i lo = _mm512_or_si512(_mm512_and_si512(v, m4), _mm512_and_si512(_mm512_slli_epi16(p, 4), m30));
             const __m512i hi = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(v, 4), m4), _mm512_and_si512(p, m30));
-            for (int i = 0; i < MB; i++) {
-              const int8_t* xq = x.q + (m0 + i) * K + 256 * b + 32 * u + 8 * g;
-              dot[i] = _mm512_dpbusd_epi32(dot[i], lo, _mm512_set1_epi32(ld32(xq)));
-              dot[i] = _mm512_dpbusd_epi32(dot[i], hi, _mm512_set1_epi32(ld32(xq + 4)));
-            }
+            for (int i = 0; i < MB; i++)
+              dot[t][i] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(dot[t][i], lo, xa[i]), hi, xb[i]);
           }
-          const __m512i sc = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(blk + 32 + 16 * g16)));
-          for (int i = 0; i < MB; i++) isum[t][i] = _mm512_add_epi32(isum[t][i], _mm512_mullo_epi32(sc, dot[i]));
+        }
+        for (int t = 0; t < MT; t++) {
+          const __m512i sc = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(wt[t] + b * Q6_K_TB + 32 + 16 * (2 * u + h))));
+          for (int i = 0; i < MB; i++) isum[t][i] = _mm512_add_epi32(isum[t][i], _mm512_mullo_epi32(sc, dot[t][i]));
         }
       }
     }
