@@ -274,7 +274,7 @@ void q6_k_rows(const uint8_t* const* wt, int64_t K, const QAct& x, int64_t m0, f
 PLM_TILE_DRIVER(gemv_q8_0, q8_0_rows, 32, Q8_0_TB, 2)
 PLM_TILE_DRIVER(gemv_q4_0, q4_0_rows, 32, Q4_0_TB, 2)
 PLM_TILE_DRIVER(gemv_q4_k, q4_k_rows, 256, Q4_K_TB, 1)
-PLM_TILE_DRIVER(gemv_q6_k, q6_k_rows, 256, Q6_K_TB, 1)
+PLM_TILE_DRIVER(gemv_q6_k, q6_k_rows, 256, Q6_K_TB, 2)
 template <int MT, int MB>
 void q5_k_rows(const uint8_t* const* wt, int64_t K, const QAct& x, int64_t m0, float* y, int64_t ldy,
                const int64_t* row0, int64_t N) {

@@ -206,7 +206,8 @@ struct IntC {  // a compile-time int for the generic lambdas below (no <type_tra
 // memory bandwidth unused (bf16 decode went from 0.79-0.83x llama.cpp's F16 to 1.28-1.30x with
 // this in benchmarks/edge.py's interleaved runs on an AMD EPYC host). Several activation rows
 // are compute-bound: up to MBMAX rows per call; with BT > 1 (kernels whose activation
-// broadcasts then feed every tile of the call: Q8_0 and Q4_0 on AVX-512) from 4 rows on BT tiles
+// broadcasts then feed every tile of the call: Q8_0, Q4_0 and Q6_K on AVX-512; Q4_K's sums do
+// not fit the registers twice over, 0.95x at 8 and 64 rows) from 4 rows on BT tiles
 // per call, one from each BT-th of the range (BT read streams), 8 / BT rows at a time. Measured
 // by benchmarks/ab.py on an AMD EPYC host (2 threads, builds alternated): BT = 2 against one tile
 // per call, Q8_0 at 8 rows 1.33x and the 8-sequence PLM-1.8B step 100 -> 91 ms; BT = 4 against
