@@ -681,6 +681,8 @@ def test_responses_api(server, truth_model):
     # kept: fetched, continued (the conversation resent for us; instructions not inherited), deleted
     first = client.responses.create(model="micro", input="Hi there", max_output_tokens=8, temperature=0)
     assert client.responses.retrieve(first.id).output_text == first.output_text
+    listed = client.responses.input_items.list(first.id).data
+    assert [(i.type, i.role, i.content[0].text) for i in listed] == [("message", "user", "Hi there")]
     nxt = client.responses.create(model="micro", input="And then?", previous_response_id=first.id,
                                   max_output_tokens=8, temperature=0)
     turns = msgs + [{"role": "assistant", "content": first.output_text}, {"role": "user", "content": "And then?"}]
@@ -742,6 +744,17 @@ def test_responses_api_tools_and_formats(server, truth_model):
     history += [{"role": "tool", "content": "5"} for _ in calls]
     text = tok.apply_chat_template(history, add_generation_prompt=True, tools=[WEATHER, ADD])
     assert resent.usage.input_tokens == len(tok.encode(text))
+    # its input items listed back in order, a page at a time
+    sent = msgs + [c.model_dump() for c in calls] + outputs
+    page = client.responses.input_items.list(resent.id, order="asc", limit=1)
+    assert page.has_more and page.data[0].type == "message" and page.data[0].content[0].text == msgs[0]["content"]
+    rest = client.responses.input_items.list(resent.id, order="asc", after=page.data[0].id).data
+    assert [i.type for i in rest] == [i["type"] for i in sent[1:]] and not rest[-1].model_dump().get("role")
+    newest = client.responses.input_items.list(resent.id).data  # desc by default
+    assert [i.id for i in newest] == [i.id for i in rest][::-1] + [page.data[0].id]
+    assert [c.call_id for c in rest if c.type == "function_call_output"] == [c.call_id for c in calls]
+    for query, param in [({"order": "up"}, "order"), ({"limit": "0"}, "limit"), ({"after": "x"}, "after")]:
+        _err(httpx.get(f"{server.url}/v1/responses/{resent.id}/input_items", params=query), 400, param=param)
     cont = client.responses.create(model="micro", input=outputs, previous_response_id=r.id, tools=tools,
                                    max_output_tokens=4, temperature=0)
     assert cont.usage.input_tokens == resent.usage.input_tokens and cont.output_text == resent.output_text

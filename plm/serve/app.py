@@ -5,7 +5,8 @@
   POST /v1/completions       prompt -> text, streamed (SSE) or not
   POST /v1/chat/completions  messages (ChatML) -> assistant message, streamed or not
   POST /v1/responses         OpenAI's Responses API over the same (plm.serve.responses);
-  GET, DELETE /v1/responses/{id}   the responses kept for previous_response_id
+  GET, DELETE /v1/responses/{id}   the responses kept for previous_response_id (and
+  GET /v1/responses/{id}/input_items   their input items)
   GET  /metrics              Prometheus text
   POST /tokenize             text (or chat messages) -> token ids  (vLLM's shape; lm-eval's
   POST /detokenize           token ids -> text                      "remote" tokenizer uses
@@ -35,7 +36,7 @@ from plm.data.chat import CHATML_TEMPLATE_PLAIN, TOOL_CALL_OPEN, parse_tool_call
 from plm.errors import PLMError
 from plm.infer.generate import GenerationConfig
 from plm.serve.metrics import Metrics
-from plm.serve.responses import ResponsesReply, ResponseStore, assistant_turn, parse_request
+from plm.serve.responses import ResponsesReply, ResponseStore, assistant_turn, list_items, parse_request
 from plm.serve.protocol import (APIError, Reply, Sampling, bool_field, parse_json, parse_messages,
                                 parse_model, parse_prompts, parse_sampling, parse_tools)
 from plm.serve.scheduler import Draining, Event, QueueFull, Request, Scheduler
@@ -403,7 +404,7 @@ async def responses(http: HTTPRequest):
     ids = await _encode(state, text)
 
     def keep(response: dict) -> None:
-        state.responses.put(response["id"], response, req.conversation + [assistant_turn(response)])
+        state.responses.put(response["id"], response, req.conversation + [assistant_turn(response)], req.items)
 
     reply = ResponsesReply(model, state.tokenizer.token_bytes, req.echo, keep if req.store else None)
     try:
@@ -415,9 +416,12 @@ async def responses(http: HTTPRequest):
 
 
 async def kept_response(http: HTTPRequest):
-    """GET /v1/responses/{id}: a kept Response; DELETE: forget it."""
+    """GET /v1/responses/{id}: a kept Response; DELETE: forget it; GET .../input_items: the
+    request's input items, a list page."""
     state: AppState = http.app.state.plm
     rid = http.path_params["rid"]
+    if http.url.path.endswith("/input_items"):
+        return JSONResponse(list_items(state.responses.get(rid)[2], dict(http.query_params)))
     if http.method == "DELETE":
         state.responses.delete(rid)
         return JSONResponse({"id": rid, "object": "response.deleted", "deleted": True})
@@ -543,6 +547,7 @@ def create_app(state: AppState) -> Starlette:
               Route("/v1/chat/completions", chat_completions, methods=["POST"]),
               Route("/v1/responses", responses, methods=["POST"]),
               Route("/v1/responses/{rid}", kept_response, methods=["GET", "DELETE"]),
+              Route("/v1/responses/{rid}/input_items", kept_response, methods=["GET"]),
               Route("/tokenize", tokenize, methods=["POST"]), Route("/detokenize", detokenize, methods=["POST"]),
               Route("/tokenizer_info", tokenizer_info)]
     app = Starlette(routes=routes, exception_handlers={APIError: _api_error, HTTPException: _http_error,

@@ -37,19 +37,20 @@ def _hex() -> str:
 
 class ResponseStore:
     """The last `keep` completed responses: id -> (the Response object, the conversation so far
-    as chat messages, without the request's instructions, which a continuation does not inherit)."""
+    as chat messages, without the request's instructions, which a continuation does not inherit,
+    and the request's own input items, for GET /v1/responses/{id}/input_items)."""
 
     def __init__(self, keep: int = 256) -> None:
         self.keep = keep
-        self._items: OrderedDict[str, tuple[dict, list[dict]]] = OrderedDict()
+        self._items: OrderedDict[str, tuple[dict, list[dict], list[dict]]] = OrderedDict()
 
-    def put(self, rid: str, response: dict, conversation: list[dict]) -> None:
-        self._items[rid] = (response, conversation)
+    def put(self, rid: str, response: dict, conversation: list[dict], items: list[dict] | None = None) -> None:
+        self._items[rid] = (response, conversation, items or [])
         self._items.move_to_end(rid)
         while len(self._items) > self.keep:
             self._items.popitem(last=False)
 
-    def get(self, rid: str, param: str = "response_id") -> tuple[dict, list[dict]]:
+    def get(self, rid: str, param: str = "response_id") -> tuple[dict, list[dict], list[dict]]:
         if rid not in self._items:
             raise APIError(404, f"no response with id {rid!r} is kept on this server (it keeps the last {self.keep} "
                                 f"with store true, in memory, until it restarts)", param=param, code="not_found")
@@ -75,6 +76,45 @@ def _text_parts(content: Any, where: str) -> str:
                       f"output_text; this model reads text only)", f"{where}.content")
         parts.append(p[key])
     return "".join(parts)
+
+
+def input_items(items: Any) -> list[dict]:
+    """A request's `input` as the API lists it back: items with a type and an id (a string is
+    one user message of one `input_text` part). Call after input_messages has checked it."""
+    if isinstance(items, str):
+        items = [{"role": "user", "content": [{"type": "input_text", "text": items}]}]
+    prefix = {"message": "msg_", "function_call": "fc_", "function_call_output": "fco_", "reasoning": "rs_"}
+    out = []
+    for item in items:
+        kind = item.get("type", "message")
+        it = {"type": kind, "id": item.get("id") or prefix[kind] + _hex(), **{k: v for k, v in item.items()
+                                                                           if k not in ("type", "id")}}
+        if kind == "message" and isinstance(it.get("content"), str):
+            part = "output_text" if it.get("role") == "assistant" else "input_text"
+            it["content"] = [{"type": part, "text": it["content"]}]
+        out.append(it)
+    return out
+
+
+def list_items(items: list[dict], query: dict) -> dict:
+    """GET /v1/responses/{id}/input_items: OpenAI's list page (`order` asc | desc, the default
+    desc; `limit` 1-100, default 20; `after` an item id)."""
+    order = query.get("order", "desc")
+    if order not in ("asc", "desc"):
+        raise bad(f"'order' must be asc or desc, got {order!r}", "order")
+    limit = query.get("limit", "20")
+    if not (limit.isdigit() and 1 <= int(limit) <= 100):
+        raise bad(f"'limit' must be an integer from 1 to 100, got {limit!r}", "limit")
+    seq = items if order == "asc" else items[::-1]
+    after = query.get("after")
+    if after is not None:
+        ids = [it["id"] for it in seq]
+        if after not in ids:
+            raise bad(f"'after' names no input item of this response: {after!r}", "after")
+        seq = seq[ids.index(after) + 1:]
+    page = seq[:int(limit)]
+    return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None, "has_more": len(seq) > len(page)}
 
 
 def input_messages(items: Any) -> list[dict]:
@@ -173,6 +213,7 @@ class ResponsesRequest:
     chat: dict  # the equivalent chat request body (for parse_sampling)
     messages: list[dict]  # the prompt's messages, instructions first
     conversation: list[dict]  # the same without the instructions: what a continuation resends
+    items: list[dict]  # this request's input items, as GET .../input_items lists them
     echo: dict  # the request's settings a Response repeats
     store: bool
 
@@ -222,7 +263,7 @@ def parse_request(body: dict, store: ResponseStore) -> ResponsesRequest:
             "tool_choice": body.get("tool_choice", "auto"), "tools": body.get("tools") or [],
             "top_logprobs": body.get("top_logprobs"), "top_p": body.get("top_p", 1.0), "truncation": "disabled",
             "user": body.get("user"), "reasoning": {"effort": None, "summary": None}}
-    return ResponsesRequest(chat, messages, conversation, echo, keep)
+    return ResponsesRequest(chat, messages, conversation, input_items(body["input"]), echo, keep)
 
 
 def _usage(u: dict) -> dict:
