@@ -416,16 +416,19 @@ async def responses(http: HTTPRequest):
 
 
 async def kept_response(http: HTTPRequest):
-    """GET /v1/responses/{id}: a kept Response; DELETE: forget it; GET .../input_items: the
-    request's input items, a list page."""
+    """GET /v1/responses/{id}: a kept Response; DELETE: forget it."""
     state: AppState = http.app.state.plm
     rid = http.path_params["rid"]
-    if http.url.path.endswith("/input_items"):
-        return JSONResponse(list_items(state.responses.get(rid)[2], dict(http.query_params)))
     if http.method == "DELETE":
         state.responses.delete(rid)
         return JSONResponse({"id": rid, "object": "response.deleted", "deleted": True})
     return JSONResponse(state.responses.get(rid)[0])
+
+
+async def kept_input_items(http: HTTPRequest):
+    """GET /v1/responses/{id}/input_items: a kept request's input items, a list page."""
+    state: AppState = http.app.state.plm
+    return JSONResponse(list_items(state.responses.get(http.path_params["rid"])[2], dict(http.query_params)))
 
 
 # ---- the tokenizer (vLLM's routes) -------------------------------------------------------------
@@ -547,7 +550,7 @@ def create_app(state: AppState) -> Starlette:
               Route("/v1/chat/completions", chat_completions, methods=["POST"]),
               Route("/v1/responses", responses, methods=["POST"]),
               Route("/v1/responses/{rid}", kept_response, methods=["GET", "DELETE"]),
-              Route("/v1/responses/{rid}/input_items", kept_response, methods=["GET"]),
+              Route("/v1/responses/{rid}/input_items", kept_input_items, methods=["GET"]),
               Route("/tokenize", tokenize, methods=["POST"]), Route("/detokenize", detokenize, methods=["POST"]),
               Route("/tokenizer_info", tokenizer_info)]
     app = Starlette(routes=routes, exception_handlers={APIError: _api_error, HTTPException: _http_error,

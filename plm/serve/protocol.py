@@ -431,6 +431,12 @@ def _entry(token_bytes: Callable[[int], bytes], t: int, lp: float) -> dict:
     return {"token": b.decode("utf-8", "replace"), "logprob": lp, "bytes": list(b)}
 
 
+def logprob_entries(token_bytes: Callable[[int], bytes], entries: list) -> list[dict]:
+    """Chat's (and the Responses API's) per-token entries: {token, logprob, bytes, top_logprobs}."""
+    return [{**_entry(token_bytes, e.token, e.logprob), "top_logprobs": [_entry(token_bytes, t, v) for t, v in e.top]}
+            for e in entries]
+
+
 def _token_text(token_bytes: Callable[[int], bytes], t: int) -> str:
     return _entry(token_bytes, t, 0.0)["token"]
 
@@ -460,8 +466,7 @@ class Reply:
             return None
         tb = self.token_bytes
         if self.chat:
-            return {"content": [{**_entry(tb, e.token, e.logprob), "top_logprobs": [_entry(tb, t, v) for t, v in e.top]}
-                                for e in entries], "refusal": None}
+            return {"content": logprob_entries(tb, entries), "refusal": None}
         tokens = [_token_text(tb, e.token) for e in entries]
         offsets, at = [], self.offsets.get(index, 0)
         for t in tokens:

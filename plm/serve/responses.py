@@ -18,7 +18,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from plm.serve.protocol import APIError, _entry, _int, _type_name, bad, parse_messages
+from plm.serve.protocol import APIError, Reply, _int, _type_name, bad, logprob_entries, parse_messages
 
 # Fields of a Responses request that have no chat counterpart or a different name; the rest
 # (temperature, top_p, stream, parallel_tool_calls and the extensions: seed, stop, top_k, ...)
@@ -44,8 +44,8 @@ class ResponseStore:
         self.keep = keep
         self._items: OrderedDict[str, tuple[dict, list[dict], list[dict]]] = OrderedDict()
 
-    def put(self, rid: str, response: dict, conversation: list[dict], items: list[dict] | None = None) -> None:
-        self._items[rid] = (response, conversation, items or [])
+    def put(self, rid: str, response: dict, conversation: list[dict], items: list[dict]) -> None:
+        self._items[rid] = (response, conversation, items)
         self._items.move_to_end(rid)
         while len(self._items) > self.keep:
             self._items.popitem(last=False)
@@ -272,11 +272,13 @@ def _usage(u: dict) -> dict:
             "total_tokens": u["total_tokens"]}
 
 
+def _status(finish_reason: str) -> str:
+    return "incomplete" if finish_reason == "length" else "completed"
+
+
 class ResponsesReply:
     """One Response, whole or as its event stream: the reply interface of
     plm.serve.app.GenerationResponse (one choice). `on_done(response)` runs when it completes."""
-
-    chat = True  # replies are assistant messages; tool calls are parsed out of them
 
     def __init__(self, model: str, token_bytes: Callable[[int], bytes], echo: dict,
                  on_done: Callable[[dict], None] | None = None) -> None:
@@ -296,7 +298,7 @@ class ResponsesReply:
                 "model": self.model, "output": output, **self.echo, "usage": _usage(usage) if done else None}
 
     def _final(self, output: list[dict], usage: dict, reason: str) -> dict:
-        obj = self._object("incomplete" if reason == "length" else "completed", output, usage)
+        obj = self._object(_status(reason), output, usage)
         if self.on_done is not None:
             self.on_done(obj)
         return obj
@@ -308,9 +310,7 @@ class ResponsesReply:
         return f"event: {kind}\ndata: {data}\n\n".encode()
 
     def _logprobs(self, entries: list | None) -> list[dict]:
-        tb = self.token_bytes
-        return [{**_entry(tb, e.token, e.logprob), "top_logprobs": [_entry(tb, t, v) for t, v in e.top]}
-                for e in entries or []]
+        return logprob_entries(self.token_bytes, entries or [])
 
     @staticmethod
     def _message(mid: str, text: str, logprobs: list[dict], status: str) -> dict:
@@ -319,15 +319,16 @@ class ResponsesReply:
 
     @staticmethod
     def _calls(calls: list[dict] | None) -> list[dict]:
-        return [{"id": "fc_" + _hex(), "type": "function_call", "status": "completed", "call_id": "call_" + _hex(),
-                 "name": c["name"], "arguments": json.dumps(c["arguments"], ensure_ascii=False)} for c in calls or []]
+        """function_call items of parsed calls (ids and arguments as chat's tool_calls have them)."""
+        return [{"id": "fc_" + _hex(), "type": "function_call", "status": "completed", "call_id": c["id"],
+                 "name": c["function"]["name"], "arguments": c["function"]["arguments"]}
+                for c in Reply.tool_calls(calls or [])]
 
     # ---- whole --------------------------------------------------------------------------------
 
     def full(self, choices: list[tuple[str, str, list | None, list | None]], usage: dict) -> dict:
         text, reason, lps, calls = choices[0]
-        status = "incomplete" if reason == "length" else "completed"
-        output = [self._message("msg_" + _hex(), text, self._logprobs(lps), status)] if text or not calls else []
+        output = [self._message("msg_" + _hex(), text, self._logprobs(lps), _status(reason))] if text or not calls else []
         return self._final(output + self._calls(calls), usage, reason)
 
     # ---- streamed -----------------------------------------------------------------------------
@@ -364,7 +365,7 @@ class ResponsesReply:
             data += self._open()
         if self.msg is not None:
             m, at = self.msg, len(self.output)
-            item = self._message(m["id"], m["text"], m["logprobs"], "incomplete" if reason == "length" else "completed")
+            item = self._message(m["id"], m["text"], m["logprobs"], _status(reason))
             data += self._event("response.output_text.done", item_id=m["id"], output_index=at, content_index=0,
                                 text=m["text"], logprobs=m["logprobs"])
             data += self._event("response.content_part.done", item_id=m["id"], output_index=at, content_index=0,
