@@ -688,7 +688,19 @@ def test_responses_api(server, truth_model):
     turns = msgs + [{"role": "assistant", "content": first.output_text}, {"role": "user", "content": "And then?"}]
     assert nxt.output_text == want(turns, n=8) and nxt.previous_response_id == first.id
     assert nxt.usage.input_tokens == len(tok.encode(tok.apply_chat_template(turns, add_generation_prompt=True)))
+    # the same turns through item references to the kept input and output items (typed, and
+    # the bare-id shorthand), listed back as the items they name
+    refs = [{"type": "item_reference", "id": listed[0].id}, {"id": first.output[0].id},
+            {"role": "user", "content": "And then?"}]
+    again = client.responses.create(model="micro", input=refs, max_output_tokens=8, temperature=0)
+    assert again.output_text == nxt.output_text and again.usage.input_tokens == nxt.usage.input_tokens
+    assert [i.id for i in client.responses.input_items.list(again.id, order="asc").data[:2]] == \
+        [listed[0].id, first.output[0].id]
     client.responses.delete(first.id)
+    assert client.responses.create(model="micro", input=refs[1:2], max_output_tokens=2, store=False)  # in again's input
+    client.responses.delete(again.id)
+    with pytest.raises(openai.NotFoundError):  # gone with the last response that held it
+        client.responses.create(model="micro", input=refs[1:2], max_output_tokens=2, store=False)
     with pytest.raises(openai.NotFoundError):
         client.responses.retrieve(first.id)
     with pytest.raises(openai.NotFoundError):
@@ -811,6 +823,7 @@ def test_responses_events_of_an_empty_reply_and_a_failure():
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "input[0].content"),
     ({"input": [{"role": "robot", "content": "x"}]}, "input[0].role"),
     ({"input": [{"type": "web_search_call", "id": "x"}]}, "input[0].type"),
+    ({"input": [{"type": "item_reference", "id": 5}]}, "input[0].id"),
     ({"input": [{"type": "function_call", "call_id": "c", "name": "f"}]}, "input[0].arguments"),
     ({"input": [{"type": "function_call_output", "call_id": "c", "output": 5}]}, "input[0].output"),
     ({"input": "x", "tools": [{"type": "web_search"}]}, "tools"),

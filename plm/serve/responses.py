@@ -6,8 +6,8 @@ function `tools` and `text.format` become a chat request (ChatML messages, chat-
 a Response: output items (an assistant message of `output_text`, function calls), `status`
 completed or incomplete, and, streamed, the API's typed events (`response.created`,
 `response.output_text.delta`, ..., `response.completed`). Completed responses are kept in
-memory (the last `ResponseStore.keep`, unless `store` is false) for `previous_response_id` and
-`GET /v1/responses/{id}`.
+memory (the last `ResponseStore.keep`, unless `store` is false) for `previous_response_id`,
+`item_reference` input items and `GET /v1/responses/{id}`.
 """
 from __future__ import annotations
 
@@ -59,6 +59,35 @@ class ResponseStore:
     def delete(self, rid: str) -> None:
         self.get(rid)
         del self._items[rid]
+
+    def find_item(self, iid: str) -> dict | None:
+        """The item with id `iid` among the kept responses' output and input items, newest first."""
+        for response, _, items in reversed(self._items.values()):
+            for it in response["output"] + items:
+                if it.get("id") == iid:
+                    return it
+        return None
+
+
+def resolve_references(items: Any, store: ResponseStore) -> Any:
+    """A request's `input` with each item reference (`{"type": "item_reference", "id": ...}`, or
+    an object with an `id` and neither `type` nor `role`) replaced by the item it names: an
+    output or input item of a response this server keeps."""
+    if not isinstance(items, list):
+        return items
+    out = []
+    for i, item in enumerate(items):
+        if isinstance(item, dict) and (item.get("type") == "item_reference"
+                                       or ("type" not in item and "role" not in item and "id" in item)):
+            iid = item.get("id")
+            if not isinstance(iid, str):
+                raise bad(f"'input[{i}].id' must be a string, got {_type_name(iid)}", f"input[{i}].id")
+            item = store.find_item(iid)
+            if item is None:
+                raise APIError(404, f"'input[{i}]' refers to item {iid!r}, which no response kept on this server "
+                                    f"holds", param=f"input[{i}].id", code="not_found")
+        out.append(item)
+    return out
 
 
 def _text_parts(content: Any, where: str) -> str:
@@ -157,8 +186,8 @@ def input_messages(items: Any) -> list[dict]:
                 raise bad(f"'{where}.output' must be a string or an array of text parts", f"{where}.output")
             msgs.append({"role": "tool", "content": text, "tool_call_id": item["call_id"]})
         elif kind != "reasoning":
-            raise bad(f"'{where}.type' {kind!r} is not supported: message, function_call or function_call_output",
-                      f"{where}.type", "unsupported_parameter")
+            raise bad(f"'{where}.type' {kind!r} is not supported: message, function_call, function_call_output or "
+                      f"item_reference", f"{where}.type", "unsupported_parameter")
     return msgs
 
 
@@ -240,7 +269,8 @@ def parse_request(body: dict, store: ResponseStore) -> ResponsesRequest:
         if not isinstance(prev, str):
             raise bad(f"'previous_response_id' must be a string, got {_type_name(prev)}", "previous_response_id")
         history = store.get(prev, "previous_response_id")[1]
-    conversation = history + input_messages(body["input"])
+    given = resolve_references(body["input"], store)
+    conversation = history + input_messages(given)
     messages = ([{"role": "system", "content": instructions}] if instructions else []) + conversation
     if not messages:
         raise bad("'input' is empty: give at least one message", "input")
@@ -263,7 +293,7 @@ def parse_request(body: dict, store: ResponseStore) -> ResponsesRequest:
             "tool_choice": body.get("tool_choice", "auto"), "tools": body.get("tools") or [],
             "top_logprobs": body.get("top_logprobs"), "top_p": body.get("top_p", 1.0), "truncation": "disabled",
             "user": body.get("user"), "reasoning": {"effort": None, "summary": None}}
-    return ResponsesRequest(chat, messages, conversation, input_items(body["input"]), echo, keep)
+    return ResponsesRequest(chat, messages, conversation, input_items(given), echo, keep)
 
 
 def _usage(u: dict) -> dict:
