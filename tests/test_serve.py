@@ -786,6 +786,15 @@ def test_responses_api_tools_and_formats(server, truth_model):
     assert isinstance(parsed, Person) and 0 <= parsed.age <= 150
 
 
+def test_responses_errors_name_the_responses_fields():
+    """An error the chat machinery raises names the field as the Responses request has it."""
+    from plm.serve.responses import api_param
+    assert [api_param(p) for p in ("response_format", "max_completion_tokens", "messages[3].content", "messages",
+                                   "logprobs", "temperature", "input[0].id", "messages_extra", None)] == \
+        ["text.format", "max_output_tokens", "input", "input", "include", "temperature", "input[0].id",
+         "messages_extra", None]
+
+
 def test_responses_events_of_an_empty_reply_and_a_failure():
     """Edge cases of the event stream, without a model: a reply with no text is still a message
     (added, done, empty text); a failed generation ends in response.failed with the error."""

@@ -36,7 +36,7 @@ from plm.data.chat import CHATML_TEMPLATE_PLAIN, TOOL_CALL_OPEN, parse_tool_call
 from plm.errors import PLMError
 from plm.infer.generate import GenerationConfig
 from plm.serve.metrics import Metrics
-from plm.serve.responses import ResponsesReply, ResponseStore, assistant_turn, list_items, parse_request
+from plm.serve.responses import ResponsesReply, ResponseStore, api_param, assistant_turn, list_items, parse_request
 from plm.serve.protocol import (APIError, Reply, Sampling, bool_field, parse_json, parse_messages,
                                 parse_model, parse_prompts, parse_sampling, parse_tools)
 from plm.serve.scheduler import Draining, Event, QueueFull, Request, Scheduler
@@ -397,21 +397,20 @@ async def responses(http: HTTPRequest):
     state: AppState = http.app.state.plm
     body = await _body(http)
     model = parse_model(body, state.model_names)
-    req = parse_request(body, state.responses)
-    sp = parse_sampling(req.chat, chat=True)
-    text = state.tokenizer.apply_chat_template(req.messages, add_generation_prompt=True,
-                                               tools=sp.tools if sp.calls_tools else None)
-    ids = await _encode(state, text)
-
-    def keep(response: dict) -> None:
-        state.responses.put(response["id"], response, req.conversation + [assistant_turn(response)], req.items)
-
-    reply = ResponsesReply(model, state.tokenizer.token_bytes, req.echo, keep if req.store else None)
     try:
+        req = parse_request(body, state.responses)
+        sp = parse_sampling(req.chat, chat=True)
+        text = state.tokenizer.apply_chat_template(req.messages, add_generation_prompt=True,
+                                                   tools=sp.tools if sp.calls_tools else None)
+        ids = await _encode(state, text)
+
+        def keep(response: dict) -> None:
+            state.responses.put(response["id"], response, req.conversation + [assistant_turn(response)], req.items)
+
+        reply = ResponsesReply(model, state.tokenizer.token_bytes, req.echo, keep if req.store else None)
         return await _submit(state, [ids], sp, reply, "responses", budget="max_output_tokens")
-    except APIError as e:  # the format's fault under the Responses API's name for it
-        if e.param == "response_format":
-            e.param = "text.format"
+    except APIError as e:  # the chat machinery's errors under the Responses API's names
+        e.param = api_param(e.param)
         raise
 
 

@@ -29,6 +29,20 @@ OWN_FIELDS = ("input", "instructions", "tools", "tool_choice", "text", "max_outp
               "conversation", "prompt", "n", "messages", "max_tokens", "max_completion_tokens", "logprobs",
               "response_format")
 LOGPROBS_INCLUDE = "message.output_text.logprobs"
+# The Responses API's names for the chat request's fields, for errors the chat machinery raises
+CHAT_NAMES = {"response_format": "text.format", "max_completion_tokens": "max_output_tokens",
+              "messages": "input", "logprobs": "include"}
+
+
+def api_param(param: str | None) -> str | None:
+    """An error's `param` as the Responses request names it (a message's index under `messages`
+    does not map to one of `input`: instructions and earlier turns come first)."""
+    if param is None:
+        return None
+    for chat, own in CHAT_NAMES.items():
+        if param == chat or param.startswith((chat + "[", chat + ".")):
+            return own
+    return param
 
 
 def _hex() -> str:
