@@ -349,6 +349,14 @@ def targets(res: dict) -> list[dict]:
                 rows.append({"target": f"{ours} vs {other}, decode throughput at c=8: >= {bar}x", "measured":
                              f"{a8['decode_tok_s']:.1f} vs {b8['decode_tok_s']:.1f} tok/s = {r:.3f}x",
                              "met": r >= bar})
+        # llama-server's target names "aggregate throughput": every token over the level's wall
+        # time as well, where its holding streams until all prompts are in counts against it
+        b8 = level("llama-server", 8)
+        if b8 and b8.get("tok_s") and a8.get("tok_s") is not None:
+            r = a8["tok_s"] / b8["tok_s"]
+            rows.append({"target": f"{ours} vs llama-server, output throughput (all tokens / wall time) at c=8: "
+                                   f">= 1.0x", "measured": f"{a8['tok_s']:.1f} vs {b8['tok_s']:.1f} tok/s = {r:.3f}x",
+                         "met": r >= 1.0})
     return rows
 
 

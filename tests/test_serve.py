@@ -1692,8 +1692,8 @@ def _serve_bench():
     return mod
 
 
-def _level(c: int, tok_s: float, itl: float) -> dict:
-    return {"concurrency": c, "decode_tok_s": tok_s, "itl_p95": itl}
+def _level(c: int, tok_s: float, itl: float, out_s: float | None = None) -> dict:
+    return {"concurrency": c, "decode_tok_s": tok_s, "itl_p95": itl, **({"tok_s": out_s} if out_s else {})}
 
 
 def test_serve_bench_keep_merges_an_earlier_run():
@@ -1701,14 +1701,16 @@ def test_serve_bench_keep_merges_an_earlier_run():
     replace a measurement), in the usual order, and the targets are recomputed over both."""
     sb = _serve_bench()
     earlier = {"command": "first", "engines": {"ours-native": {"skipped": "not built"},
-                                               "llama-server": {"levels": [_level(1, 10, 0.1), _level(8, 40, 0.2)]}}}
-    new = {"command": "second", "engines": {"ours-native": {"levels": [_level(1, 15, 0.07), _level(8, 48, 0.2)]}}}
+                                               "llama-server": {"levels": [_level(1, 10, 0.1), _level(8, 40, 0.2, 30)]}}}
+    new = {"command": "second", "engines": {"ours-native": {"levels": [_level(1, 15, 0.07), _level(8, 48, 0.2, 29)]}}}
     res = sb.keep_earlier(earlier, new)
     assert list(res["engines"]) == ["ours-native", "llama-server"] and res["command"] == "first; then second"
     got = {t["target"]: t["met"] for t in res["targets"]}
     assert got == {"ours-native: decode throughput at c=8 >= 3x c=1": True,  # 48 / 15 = 3.2
                    "ours-native: p95 inter-token latency at c=8 <= 3x c=1": True,  # 0.2 / 0.07 = 2.86
-                   "ours-native vs llama-server, decode throughput at c=8: >= 1.0x": True}  # 48 / 40
+                   "ours-native vs llama-server, decode throughput at c=8: >= 1.0x": True,  # 48 / 40
+                   "ours-native vs llama-server, output throughput (all tokens / wall time) at c=8: >= 1.0x":
+                       False}  # 29 / 30
     assert "levels" in sb.keep_earlier({"command": "a", "engines": {"ours-native": new["engines"]["ours-native"]}},
                                        {"command": "b", "engines": {"ours-native": {"skipped": "x"}}})["engines"]["ours-native"]
 
