@@ -24,6 +24,10 @@ Cases (comma-separated):
                     with --prompt tokens: ms (lower is better)
   prefill:T         one sequence's prefill of T tokens in chunks of 512: tokens/s
   decode:T          one sequence's decode step after a T-token prefill: ms
+  sparse:FMT[:Z]    the down projection's shape (2048 x 8192) in FMT (q8_0, q4_0, q4_k, q6_k,
+                    bf16), the exact sparse kernel on one row of relu² activations with a share Z
+                    of them zero (default 0.909, PLM-1.8B's), the weights from memory (copies
+                    past the caches, called in turn): ms per call (lower is better)
 The decoder cases load --gguf (default: PLM-1.8B's shape with random weights as Q8_0, made in
 runs/edge like benchmarks/serve.py's, created when missing).
 """
@@ -86,6 +90,28 @@ def random_matrix(nv, fmt: str, N: int, K: int, g):
     return nv.PackedLinear.from_float(torch.randn(N, K, generator=g) * 0.02, fmt)
 
 
+def sparse_seconds(nv, fmt: str, zeros: float, g, memory: int = 256 << 20) -> float:
+    """Seconds per call of the exact sparse down projection (2048 x 8192, neuron-major) on one
+    row of relu² activations, a share `zeros` of them exactly zero, cycling through copies of
+    the matrix that fill `memory` bytes, so the weights come from memory as in a decode step."""
+    import torch
+    N, K = 2048, 8192
+    x = (torch.randn(1, K, generator=g).abs() + 0.05) ** 2
+    x[torch.rand(1, K, generator=g) < zeros] = 0
+    if fmt in RANDOM_BLOCKS:
+        raw = random_blocks(fmt, N, K, g)
+    else:
+        raw = nv.quantize(torch.randn(N, K, generator=g) * 0.02, fmt)
+    m = nv.PackedLinear(raw, fmt, N, K, sparse=True)
+    copies = [m] + [nv.PackedLinear.from_packed(m.data.clone(), m.fmt, N, K, sparse=True)
+                    for _ in range(max(1, memory // m.nbytes()) - 1)]
+
+    def cycle() -> None:
+        for c in copies:
+            c(x)
+    return seconds(cycle) / len(copies)
+
+
 def worker(cases: list[str], gguf: str | None, prompt: int, threads: int) -> dict:
     import torch
 
@@ -106,6 +132,9 @@ def worker(cases: list[str], gguf: str | None, prompt: int, threads: int) -> dic
             m = random_matrix(nv, fmt, N, K, g)
             x = torch.randn(M, K, generator=g)
             out["cases"][case] = M * N * K / seconds(lambda: m(x)) / 1e9
+            continue
+        if kind == "sparse":
+            out["cases"][case] = 1e3 * sparse_seconds(nv, arg[0], float(arg[1]) if len(arg) > 1 else 0.909, g)
             continue
         if dec is None:
             from plm.infer.native_decoder import NativeDecoder
@@ -132,7 +161,7 @@ def worker(cases: list[str], gguf: str | None, prompt: int, threads: int) -> dic
                 dec.prefill(seqs[0], tokens, chunk=512)
             out["cases"][case] = T / seconds(once, 1.0)
         else:
-            raise SystemExit(f"unknown case {case!r} (matrix:FMT:M, step:B, prefill:T, decode:T)")
+            raise SystemExit(f"unknown case {case!r} (matrix:FMT:M, step:B, prefill:T, decode:T, sparse:FMT[:Z])")
         for s in seqs:
             dec.free(s)
     return out
@@ -140,7 +169,8 @@ def worker(cases: list[str], gguf: str | None, prompt: int, threads: int) -> dic
 
 # ---- driver ------------------------------------------------------------------------------------
 
-UNITS = {"matrix": ("G MAC/s", True), "step": ("ms", False), "decode": ("ms", False), "prefill": ("tok/s", True)}
+UNITS = {"matrix": ("G MAC/s", True), "step": ("ms", False), "decode": ("ms", False), "prefill": ("tok/s", True),
+         "sparse": ("ms", False)}
 
 
 def git(*args: str) -> str:
@@ -258,12 +288,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     bad = [c for c in cases if c.split(":")[0] not in UNITS]
     if bad:
-        ap.error(f"unknown case(s) {bad}: matrix:FMT:M, step:B, prefill:T, decode:T")
+        ap.error(f"unknown case(s) {bad}: matrix:FMT:M, step:B, prefill:T, decode:T, sparse:FMT[:Z]")
     if args.rounds < 1:
         ap.error("--rounds must be >= 1")
     sys.path.insert(0, str(REPO))
     from plm.bench.edge import machine_info
-    if args.gguf is None and any(c.split(":")[0] != "matrix" for c in cases):
+    if args.gguf is None and any(c.split(":")[0] not in ("matrix", "sparse") for c in cases):
         args.gguf = str(default_gguf())
     if args.gguf and not Path(args.gguf).is_file():
         ap.error(f"--gguf {args.gguf}: no such file")
