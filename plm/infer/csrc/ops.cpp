@@ -292,7 +292,9 @@ void Mat::forward_sparse(const float* a, int64_t M, float* y, int64_t ldy, Work&
     st->neurons += M * K;
   }
   const int64_t chunks = W.Np / 64;
-  parallel(chunks, 1, [&](int64_t c0, int64_t c1) {
+  // one activation row: a contiguous share of the outputs per thread, so each active neuron's
+  // row is read in one long segment (DRAM and the prefetchers favour few long runs)
+  parallel(chunks, M == 1 ? ceil_div(chunks, at::get_num_threads()) : 1, [&](int64_t c0, int64_t c1) {
     const int64_t j0 = c0 * 64, j1 = std::min(N, c1 * 64);
     for (int64_t m = 0; m < M; m++) {
       const int32_t* st_m = start + m * (nb + 1);
