@@ -402,7 +402,7 @@ def test_ab_benchmark_alternates_two_paths(tmp_path, qwen2_micro_dir):
         pytest.skip("not a git checkout")
     gguf = export_gguf(qwen2_micro_dir, tmp_path / "micro-q8_0.gguf", "q8_0")
     base = "avx2" if nv.isa_supported("avx2") else "scalar"
-    cases = "matrix:q8_0:2,matrix:q6_k:1,matrix:q5_k:1,step:2,decode:8,prefill:16"
+    cases = "matrix:q8_0:2,matrix:q6_k:1,matrix:q5_k:1,step:2,decode:8,prefill:16,sparse:q4_0:0.9"
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks/ab.py"), "--base", f"HEAD@{base}", "--head", ".@scalar",
                            "--cases", cases, "--rounds", "2", "--prompt", "8", "--gguf", str(gguf), "--threads", "1",
                            "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=900, cwd=REPO)
@@ -418,7 +418,7 @@ def test_ab_benchmark_alternates_two_paths(tmp_path, qwen2_micro_dir):
         assert r["base"] == pytest.approx(sum(r["base_rounds"]) / 2)  # median of two
         higher = r["unit"] != "ms"
         assert r["speedup"] == pytest.approx(r["head"] / r["base"] if higher else r["base"] / r["head"])
-    assert rows["step:2"]["unit"] == "ms" and rows["prefill:16"]["unit"] == "tok/s"
+    assert rows["step:2"]["unit"] == rows["sparse:q4_0:0.9"]["unit"] == "ms" and rows["prefill:16"]["unit"] == "tok/s"
     # the scalar path is the slow reference: the SIMD path beats it on the block matrices
     assert rows["matrix:q8_0:2"]["speedup"] < 1
     assert "| matrix:q8_0:2 | G MAC/s |" in (tmp_path / "out/ab.md").read_text()
