@@ -112,7 +112,7 @@ def sparse_seconds(nv, fmt: str, zeros: float, g, memory: int = 256 << 20) -> fl
     return seconds(cycle) / len(copies)
 
 
-def worker(cases: list[str], gguf: str | None, prompt: int, threads: int) -> dict:
+def worker(cases: list[str], gguf: str | None, prompt: int, threads: int, sparse: bool = False) -> dict:
     import torch
 
     import plm
@@ -139,7 +139,7 @@ def worker(cases: list[str], gguf: str | None, prompt: int, threads: int) -> dic
         if dec is None:
             from plm.infer.native_decoder import NativeDecoder
             lengths = [prompt] + [int(c.split(":")[1]) for c in cases if c.split(":")[0] in ("prefill", "decode")]
-            dec = NativeDecoder.from_gguf(gguf, capacity=max(lengths) + STEPS + 8)
+            dec = NativeDecoder.from_gguf(gguf, capacity=max(lengths) + STEPS + 8, sparse=sparse)
         ids = lambda n: torch.randint(0, 1000, (n,), generator=g).tolist()  # noqa: E731
         if kind == "step":
             seqs = [dec.new_sequence() for _ in range(int(arg[0]))]
@@ -222,7 +222,8 @@ def build_side(root: Path, env: dict) -> str:
 
 def run_side(root: Path, env: dict, args) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--cases", args.cases,
-           "--threads", str(args.threads), "--prompt", str(args.prompt)] + (["--gguf", str(args.gguf)] if args.gguf else [])
+           "--threads", str(args.threads), "--prompt", str(args.prompt)] + (["--gguf", str(args.gguf)] if args.gguf else []) \
+        + (["--sparse"] if args.sparse else [])
     p = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=1800)
     if p.returncode != 0:
         raise SystemExit(f"worker for {root} failed:\n{p.stderr[-2000:]}")
@@ -279,12 +280,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompt", type=int, default=65, help="prompt tokens per sequence of the step cases")
     ap.add_argument("--gguf", default=None, help="model for the decoder cases (default: PLM-1.8B shape, random, Q8_0)")
+    ap.add_argument("--sparse", action="store_true",
+                    help="the decoder cases with the exact sparse down projection (a model built with "
+                         "benchmarks/edge.py --sparsity gives it a real share of zeros)")
     ap.add_argument("--out", default=None, help="folder for ab.json and ab.md")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     cases = [c for c in args.cases.split(",") if c]
     if args.worker:
-        print(json.dumps(worker(cases, args.gguf, args.prompt, args.threads)))
+        print(json.dumps(worker(cases, args.gguf, args.prompt, args.threads, args.sparse)))
         return 0
     bad = [c for c in cases if c.split(":")[0] not in UNITS]
     if bad:
@@ -321,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
            "cpu": info["cpu"], "cores": info["cores"], "threads": args.threads, "torch": info["torch"],
            "base": args.base, "head": args.head, "base_commit": side_commit(args.base.partition("@")[0]),
            "head_commit": side_commit(args.head.partition("@")[0]), "base_isa": rounds[0]["base"]["isa"], "head_isa": rounds[0]["head"]["isa"],
-           "rounds": args.rounds, "gguf": args.gguf, "prompt": args.prompt, "rows": summarise(cases, rounds),
+           "rounds": args.rounds, "gguf": args.gguf, "sparse": args.sparse, "prompt": args.prompt, "rows": summarise(cases, rounds),
            "when": time.strftime("%Y-%m-%d %H:%M:%S")}
     md = markdown(res)
     print(json.dumps(res, indent=1))
