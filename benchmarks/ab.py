@@ -140,6 +140,7 @@ def worker(cases: list[str], gguf: str | None, prompt: int, threads: int, sparse
             from plm.infer.native_decoder import NativeDecoder
             lengths = [prompt] + [int(c.split(":")[1]) for c in cases if c.split(":")[0] in ("prefill", "decode")]
             dec = NativeDecoder.from_gguf(gguf, capacity=max(lengths) + STEPS + 8, sparse=sparse)
+            out["down"] = dec.formats.get("0.down")  # its layout, e.g. "Q8_0 sparse"
         ids = lambda n: torch.randint(0, 1000, (n,), generator=g).tolist()  # noqa: E731
         if kind == "step":
             seqs = [dec.new_sequence() for _ in range(int(arg[0]))]
@@ -325,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
            "cpu": info["cpu"], "cores": info["cores"], "threads": args.threads, "torch": info["torch"],
            "base": args.base, "head": args.head, "base_commit": side_commit(args.base.partition("@")[0]),
            "head_commit": side_commit(args.head.partition("@")[0]), "base_isa": rounds[0]["base"]["isa"], "head_isa": rounds[0]["head"]["isa"],
+           "base_down": rounds[0]["base"].get("down"), "head_down": rounds[0]["head"].get("down"),
            "rounds": args.rounds, "gguf": args.gguf, "sparse": args.sparse, "prompt": args.prompt, "rows": summarise(cases, rounds),
            "when": time.strftime("%Y-%m-%d %H:%M:%S")}
     md = markdown(res)

@@ -422,6 +422,16 @@ def test_ab_benchmark_alternates_two_paths(tmp_path, qwen2_micro_dir):
     # the scalar path is the slow reference: the SIMD path beats it on the block matrices
     assert rows["matrix:q8_0:2"]["speedup"] < 1
     assert "| matrix:q8_0:2 | G MAC/s |" in (tmp_path / "out/ab.md").read_text()
+    assert res["base_down"] == res["head_down"] == "Q8_0"
+    # --sparse: both sides' decoders hold the down projection in the neuron-major layout
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks/ab.py"), "--base", f"HEAD@{base}", "--head", ".@scalar",
+                           "--sparse", "--cases", "decode:8", "--rounds", "1", "--prompt", "8", "--gguf", str(gguf),
+                           "--threads", "1", "--out", str(tmp_path / "sparse")], capture_output=True, text=True,
+                          timeout=900, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads((tmp_path / "sparse/ab.json").read_text())
+    assert res["sparse"] and res["base_down"] == res["head_down"] == "Q8_0 sparse"
+    assert res["rows"][0]["case"] == "decode:8" and min(res["rows"][0]["base_rounds"] + res["rows"][0]["head_rounds"]) > 0
 
 
 def test_ab_benchmark_rejects_bad_input(tmp_path):
