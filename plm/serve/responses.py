@@ -85,14 +85,13 @@ class ResponseStore:
 
 def resolve_references(items: Any, store: ResponseStore) -> Any:
     """A request's `input` with each item reference (`{"type": "item_reference", "id": ...}`, or
-    an object with an `id` and neither `type` nor `role`) replaced by the item it names: an
-    output or input item of a response this server keeps."""
+    the shorthand `{"id": ...}`) replaced by the item it names: an output or input item of a
+    response this server keeps."""
     if not isinstance(items, list):
         return items
     out = []
     for i, item in enumerate(items):
-        if isinstance(item, dict) and (item.get("type") == "item_reference"
-                                       or ("type" not in item and "role" not in item and "id" in item)):
+        if isinstance(item, dict) and (item.get("type") == "item_reference" or set(item) == {"id"}):
             iid = item.get("id")
             if not isinstance(iid, str):
                 raise bad(f"'input[{i}].id' must be a string, got {_type_name(iid)}", f"input[{i}].id")
