@@ -688,6 +688,10 @@ def test_responses_api(server, truth_model):
     turns = msgs + [{"role": "assistant", "content": first.output_text}, {"role": "user", "content": "And then?"}]
     assert nxt.output_text == want(turns, n=8) and nxt.previous_response_id == first.id
     assert nxt.usage.input_tokens == len(tok.encode(tok.apply_chat_template(turns, add_generation_prompt=True)))
+    # its input items: the earlier turn's input and output, then its own
+    chain = client.responses.input_items.list(nxt.id, order="asc").data
+    assert [i.id for i in chain[:2]] == [listed[0].id, first.output[0].id] and chain[1].role == "assistant"
+    assert [i.content[0].text for i in chain] == ["Hi there", first.output_text, "And then?"]
     # the same turns through item references to the kept input and output items (typed, and
     # the bare-id shorthand), listed back as the items they name
     refs = [{"type": "item_reference", "id": listed[0].id}, {"id": first.output[0].id},
@@ -699,6 +703,8 @@ def test_responses_api(server, truth_model):
     client.responses.delete(first.id)
     assert client.responses.create(model="micro", input=refs[1:2], max_output_tokens=2, store=False)  # in again's input
     client.responses.delete(again.id)
+    assert client.responses.create(model="micro", input=refs[1:2], max_output_tokens=2, store=False)  # and nxt's
+    client.responses.delete(nxt.id)
     with pytest.raises(openai.NotFoundError):  # gone with the last response that held it
         client.responses.create(model="micro", input=refs[1:2], max_output_tokens=2, store=False)
     with pytest.raises(openai.NotFoundError):
@@ -765,11 +771,18 @@ def test_responses_api_tools_and_formats(server, truth_model):
     newest = client.responses.input_items.list(resent.id).data  # desc by default
     assert [i.id for i in newest] == [i.id for i in rest][::-1] + [page.data[0].id]
     assert [c.call_id for c in rest if c.type == "function_call_output"] == [c.call_id for c in calls]
-    for query, param in [({"order": "up"}, "order"), ({"limit": "0"}, "limit"), ({"after": "x"}, "after")]:
+    back = client.responses.input_items.list(resent.id, order="asc", limit=2, extra_query={"before": rest[-1].id})
+    assert [i.id for i in back.data] == [i.id for i in rest[-3:-1]] and back.has_more
+    for query, param in [({"order": "up"}, "order"), ({"limit": "0"}, "limit"), ({"after": "x"}, "after"),
+                         ({"before": "x"}, "before"),
+                         ({"order": "asc", "after": rest[-1].id, "before": rest[0].id}, "before")]:
         _err(httpx.get(f"{server.url}/v1/responses/{resent.id}/input_items", params=query), 400, param=param)
     cont = client.responses.create(model="micro", input=outputs, previous_response_id=r.id, tools=tools,
                                    max_output_tokens=4, temperature=0)
     assert cont.usage.input_tokens == resent.usage.input_tokens and cont.output_text == resent.output_text
+    # continued: the same items as resent (the kept request's input and its calls, then the outputs)
+    chained = client.responses.input_items.list(cont.id, order="asc").data
+    assert [i.type for i in chained] == [i.get("type", "message") for i in sent]
     # text.format: a JSON schema
     want = truth(truth_model, chat_text(truth_model, "Describe a person."), n=60,
                  grammar=Grammar.json_schema(PERSON, tok))

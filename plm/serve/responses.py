@@ -52,7 +52,8 @@ def _hex() -> str:
 class ResponseStore:
     """The last `keep` completed responses: id -> (the Response object, the conversation so far
     as chat messages, without the request's instructions, which a continuation does not inherit,
-    and the request's own input items, for GET /v1/responses/{id}/input_items)."""
+    and its input items, for GET /v1/responses/{id}/input_items: those of the earlier turns
+    chained by previous_response_id, their outputs, then the request's own)."""
 
     def __init__(self, keep: int = 256) -> None:
         self.keep = keep
@@ -140,23 +141,32 @@ def input_items(items: Any) -> list[dict]:
 
 def list_items(items: list[dict], query: dict) -> dict:
     """GET /v1/responses/{id}/input_items: OpenAI's list page (`order` asc | desc, the default
-    desc; `limit` 1-100, default 20; `after` an item id)."""
+    desc; `limit` 1-100, default 20; `after` / `before` an item id: the items past it / before it
+    in that order, the page the nearest `limit` of them)."""
     order = query.get("order", "desc")
     if order not in ("asc", "desc"):
         raise bad(f"'order' must be asc or desc, got {order!r}", "order")
     limit = query.get("limit", "20")
     if not (limit.isdigit() and 1 <= int(limit) <= 100):
         raise bad(f"'limit' must be an integer from 1 to 100, got {limit!r}", "limit")
+    n = int(limit)
     seq = items if order == "asc" else items[::-1]
-    after = query.get("after")
-    if after is not None:
-        ids = [it["id"] for it in seq]
-        if after not in ids:
-            raise bad(f"'after' names no input item of this response: {after!r}", "after")
-        seq = seq[ids.index(after) + 1:]
-    page = seq[:int(limit)]
+    ids = [it["id"] for it in seq]
+    for cursor in ("after", "before"):
+        if query.get(cursor) is not None and query[cursor] not in ids:
+            raise bad(f"'{cursor}' names no input item of this response: {query[cursor]!r}", cursor)
+    if query.get("after") is not None:
+        seq = seq[ids.index(query["after"]) + 1:]
+        ids = ids[ids.index(query["after"]) + 1:]
+    if query.get("before") is not None:
+        if query["before"] not in ids:
+            raise bad(f"'before' {query['before']!r} does not come after 'after' {query.get('after')!r}", "before")
+        seq = seq[:ids.index(query["before"])]
+        page, more = seq[-n:], len(seq) > n
+    else:
+        page, more = seq[:n], len(seq) > n
     return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
-            "last_id": page[-1]["id"] if page else None, "has_more": len(seq) > len(page)}
+            "last_id": page[-1]["id"] if page else None, "has_more": more}
 
 
 def input_messages(items: Any) -> list[dict]:
@@ -255,7 +265,7 @@ class ResponsesRequest:
     chat: dict  # the equivalent chat request body (for parse_sampling)
     messages: list[dict]  # the prompt's messages, instructions first
     conversation: list[dict]  # the same without the instructions: what a continuation resends
-    items: list[dict]  # this request's input items, as GET .../input_items lists them
+    items: list[dict]  # the input items, earlier turns' first, as GET .../input_items lists them
     echo: dict  # the request's settings a Response repeats
     store: bool
 
@@ -277,11 +287,13 @@ def parse_request(body: dict, store: ResponseStore) -> ResponsesRequest:
     if not isinstance(keep, bool):
         raise bad(f"'store' must be a boolean, got {_type_name(keep)}", "store")
     history: list[dict] = []
+    inherited: list[dict] = []  # the earlier turns' items: the kept response's input items and output
     prev = body.get("previous_response_id")
     if prev is not None:
         if not isinstance(prev, str):
             raise bad(f"'previous_response_id' must be a string, got {_type_name(prev)}", "previous_response_id")
-        history = store.get(prev, "previous_response_id")[1]
+        kept, history, kept_items = store.get(prev, "previous_response_id")
+        inherited = kept_items + kept["output"]
     given = resolve_references(body["input"], store)
     conversation = history + input_messages(given)
     messages = ([{"role": "system", "content": instructions}] if instructions else []) + conversation
@@ -306,7 +318,7 @@ def parse_request(body: dict, store: ResponseStore) -> ResponsesRequest:
             "tool_choice": body.get("tool_choice", "auto"), "tools": body.get("tools") or [],
             "top_logprobs": body.get("top_logprobs"), "top_p": body.get("top_p", 1.0), "truncation": "disabled",
             "user": body.get("user"), "reasoning": {"effort": None, "summary": None}}
-    return ResponsesRequest(chat, messages, conversation, input_items(given), echo, keep)
+    return ResponsesRequest(chat, messages, conversation, inherited + input_items(given), echo, keep)
 
 
 def _usage(u: dict) -> dict:
