@@ -36,7 +36,7 @@ from plm.data.chat import CHATML_TEMPLATE_PLAIN, TOOL_CALL_OPEN, parse_tool_call
 from plm.errors import PLMError
 from plm.infer.generate import GenerationConfig
 from plm.serve.metrics import Metrics
-from plm.serve.responses import ResponsesReply, ResponseStore, api_param, assistant_turn, list_items, parse_request
+from plm.serve.responses import ResponsesReply, ResponseStore, api_param, list_items, parse_request
 from plm.serve.protocol import (APIError, Reply, Sampling, bool_field, parse_json, parse_messages,
                                 parse_model, parse_prompts, parse_sampling, parse_tools)
 from plm.serve.scheduler import Draining, Event, QueueFull, Request, Scheduler
@@ -405,7 +405,7 @@ async def responses(http: HTTPRequest):
         ids = await _encode(state, text)
 
         def keep(response: dict) -> None:
-            state.responses.put(response["id"], response, req.conversation + [assistant_turn(response)], req.items)
+            state.responses.put(response["id"], response, req.items)
 
         reply = ResponsesReply(model, state.tokenizer.token_bytes, req.echo, keep if req.store else None)
         return await _submit(state, [ids], sp, reply, "responses", budget="max_output_tokens")
@@ -427,7 +427,7 @@ async def kept_response(http: HTTPRequest):
 async def kept_input_items(http: HTTPRequest):
     """GET /v1/responses/{id}/input_items: a kept request's input items, a list page."""
     state: AppState = http.app.state.plm
-    return JSONResponse(list_items(state.responses.get(http.path_params["rid"])[2], dict(http.query_params)))
+    return JSONResponse(list_items(state.responses.get(http.path_params["rid"])[1], dict(http.query_params)))
 
 
 # ---- the tokenizer (vLLM's routes) -------------------------------------------------------------

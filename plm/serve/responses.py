@@ -50,22 +50,22 @@ def _hex() -> str:
 
 
 class ResponseStore:
-    """The last `keep` completed responses: id -> (the Response object, the conversation so far
-    as chat messages, without the request's instructions, which a continuation does not inherit,
-    and its input items, for GET /v1/responses/{id}/input_items: those of the earlier turns
-    chained by previous_response_id, their outputs, then the request's own)."""
+    """The last `keep` completed responses: id -> (the Response object, its input items: those of
+    the earlier turns chained by previous_response_id and their outputs, then the request's own).
+    A continuation's history is those items and the output, as chat messages; the instructions
+    are not among them, as a continuation does not inherit them."""
 
     def __init__(self, keep: int = 256) -> None:
         self.keep = keep
-        self._items: OrderedDict[str, tuple[dict, list[dict], list[dict]]] = OrderedDict()
+        self._items: OrderedDict[str, tuple[dict, list[dict]]] = OrderedDict()
 
-    def put(self, rid: str, response: dict, conversation: list[dict], items: list[dict]) -> None:
-        self._items[rid] = (response, conversation, items)
+    def put(self, rid: str, response: dict, items: list[dict]) -> None:
+        self._items[rid] = (response, items)
         self._items.move_to_end(rid)
         while len(self._items) > self.keep:
             self._items.popitem(last=False)
 
-    def get(self, rid: str, param: str = "response_id") -> tuple[dict, list[dict], list[dict]]:
+    def get(self, rid: str, param: str = "response_id") -> tuple[dict, list[dict]]:
         if rid not in self._items:
             raise APIError(404, f"no response with id {rid!r} is kept on this server (it keeps the last {self.keep} "
                                 f"with store true, in memory, until it restarts)", param=param, code="not_found")
@@ -77,7 +77,7 @@ class ResponseStore:
 
     def find_item(self, iid: str) -> dict | None:
         """The item with id `iid` among the kept responses' output and input items, newest first."""
-        for response, _, items in reversed(self._items.values()):
+        for response, items in reversed(self._items.values()):
             for it in response["output"] + items:
                 if it.get("id") == iid:
                     return it
@@ -264,7 +264,6 @@ def _format(body: dict) -> dict | None:
 class ResponsesRequest:
     chat: dict  # the equivalent chat request body (for parse_sampling)
     messages: list[dict]  # the prompt's messages, instructions first
-    conversation: list[dict]  # the same without the instructions: what a continuation resends
     items: list[dict]  # the input items, earlier turns' first, as GET .../input_items lists them
     echo: dict  # the request's settings a Response repeats
     store: bool
@@ -286,17 +285,16 @@ def parse_request(body: dict, store: ResponseStore) -> ResponsesRequest:
     keep = body.get("store", True)
     if not isinstance(keep, bool):
         raise bad(f"'store' must be a boolean, got {_type_name(keep)}", "store")
-    history: list[dict] = []
     inherited: list[dict] = []  # the earlier turns' items: the kept response's input items and output
     prev = body.get("previous_response_id")
     if prev is not None:
         if not isinstance(prev, str):
             raise bad(f"'previous_response_id' must be a string, got {_type_name(prev)}", "previous_response_id")
-        kept, history, kept_items = store.get(prev, "previous_response_id")
+        kept, kept_items = store.get(prev, "previous_response_id")
         inherited = kept_items + kept["output"]
     given = resolve_references(body["input"], store)
-    conversation = history + input_messages(given)
-    messages = ([{"role": "system", "content": instructions}] if instructions else []) + conversation
+    messages = ([{"role": "system", "content": instructions}] if instructions else []) + \
+        input_messages(inherited) + input_messages(given)
     if not messages:
         raise bad("'input' is empty: give at least one message", "input")
     include = body.get("include") or []
@@ -318,7 +316,7 @@ def parse_request(body: dict, store: ResponseStore) -> ResponsesRequest:
             "tool_choice": body.get("tool_choice", "auto"), "tools": body.get("tools") or [],
             "top_logprobs": body.get("top_logprobs"), "top_p": body.get("top_p", 1.0), "truncation": "disabled",
             "user": body.get("user"), "reasoning": {"effort": None, "summary": None}}
-    return ResponsesRequest(chat, messages, conversation, inherited + input_items(given), echo, keep)
+    return ResponsesRequest(chat, messages, inherited + input_items(given), echo, keep)
 
 
 def _usage(u: dict) -> dict:
@@ -447,11 +445,3 @@ class ResponsesReply:
     def failure(self, e: APIError) -> bytes:
         err = {"code": "server_error", "message": e.message}
         return self._event("response.failed", response=self._object("failed", self.output, error=err))
-
-
-def assistant_turn(response: dict) -> dict:
-    """A Response's output as the chat message a continuation renders."""
-    text = "".join(p["text"] for item in response["output"] if item["type"] == "message" for p in item["content"])
-    calls = [{"id": it["call_id"], "type": "function", "function": {"name": it["name"], "arguments": it["arguments"]}}
-             for it in response["output"] if it["type"] == "function_call"]
-    return {"role": "assistant", "content": text, **({"tool_calls": calls} if calls else {})}
