@@ -90,21 +90,32 @@ def random_matrix(nv, fmt: str, N: int, K: int, g):
     return nv.PackedLinear.from_float(torch.randn(N, K, generator=g) * 0.02, fmt)
 
 
-def sparse_seconds(nv, fmt: str, zeros: float, g, memory: int = 256 << 20) -> float:
-    """Seconds per call of the exact sparse down projection (2048 x 8192, neuron-major) on one
-    row of relu² activations, a share `zeros` of them exactly zero, cycling through copies of
-    the matrix that fill `memory` bytes, so the weights come from memory as in a decode step."""
+def relu2_row(K: int, zeros: float, g):
+    """One row of relu² activations, a share `zeros` of them exactly zero."""
     import torch
-    N, K = 2048, 8192
     x = (torch.randn(1, K, generator=g).abs() + 0.05) ** 2
     x[torch.rand(1, K, generator=g) < zeros] = 0
+    return x
+
+
+def copies_past_caches(nv, m, memory: int) -> list:
+    """m and copies of its packed weights filling `memory` bytes: called in turn, each call
+    reads its weights from memory, as a decode step does."""
+    return [m] + [nv.PackedLinear.from_packed(m.data.clone(), m.fmt, m.N, m.K, sparse=m.sparse)
+                  for _ in range(max(1, memory // m.nbytes()) - 1)]
+
+
+def sparse_seconds(nv, fmt: str, zeros: float, g, memory: int = 256 << 20) -> float:
+    """Seconds per call of the exact sparse down projection (2048 x 8192, neuron-major) on one
+    row of relu² activations, a share `zeros` of them exactly zero, the weights from memory."""
+    import torch
+    N, K = 2048, 8192
+    x = relu2_row(K, zeros, g)
     if fmt in RANDOM_BLOCKS:
         raw = random_blocks(fmt, N, K, g)
     else:
         raw = nv.quantize(torch.randn(N, K, generator=g) * 0.02, fmt)
-    m = nv.PackedLinear(raw, fmt, N, K, sparse=True)
-    copies = [m] + [nv.PackedLinear.from_packed(m.data.clone(), m.fmt, N, K, sparse=True)
-                    for _ in range(max(1, memory // m.nbytes()) - 1)]
+    copies = copies_past_caches(nv, nv.PackedLinear(raw, fmt, N, K, sparse=True), memory)
 
     def cycle() -> None:
         for c in copies:

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from ab import RANDOM_BLOCKS, random_blocks, seconds  # noqa: E402  (benchmarks/ab.py)
+from ab import RANDOM_BLOCKS, copies_past_caches, random_blocks, relu2_row, seconds  # noqa: E402  (benchmarks/ab.py)
 from plm.bench.edge import machine_info  # noqa: E402
 from plm.infer import native as nv  # noqa: E402
 
@@ -86,19 +86,15 @@ def memory_rows(threads: int, formats: list[str], sparsity: float, memory_mb: in
     g = torch.Generator().manual_seed(2)
     cases: dict[tuple[str, str, str], tuple[list, torch.Tensor, int]] = {}
     for N, K in ((8192, 2048), (2048, 8192)):
-        x = torch.randn(1, K, generator=g)
-        if K == 8192:  # relu² activations, a share `sparsity` of them exactly zero
-            x = (x.abs() + 0.05) ** 2
-            x[torch.rand(1, K, generator=g) < sparsity] = 0
+        # the down projection's input: relu² activations, a share `sparsity` of them exactly zero
+        x = relu2_row(K, sparsity, g) if K == 8192 else torch.randn(1, K, generator=g)
         for f in formats:
             w = torch.randn(N, K, generator=g) * 0.02
             raw = random_blocks(f, N, K, g) if f in RANDOM_BLOCKS else nv.quantize(w, f)
             sparse_too = K == 8192 and nv.format_id(f) not in nv.NO_SPARSE
             kinds = [("dense", False)] + ([("sparse", True)] if sparse_too else [])
             for kind, sparse in kinds:
-                m = nv.PackedLinear(raw, f, N, K, sparse=sparse)
-                copies = [m] + [nv.PackedLinear.from_packed(m.data.clone(), m.fmt, N, K, sparse=sparse)
-                                for _ in range(max(1, memory_mb * 2**20 // m.nbytes()) - 1)]
+                copies = copies_past_caches(nv, nv.PackedLinear(raw, f, N, K, sparse=sparse), memory_mb << 20)
                 cases[(f, f"{N} x {K}", kind)] = (copies, x, nv.PackedLinear(raw, f, N, K).nbytes())
     times: dict = {k: [] for k in cases}
     for _ in range(rounds):
