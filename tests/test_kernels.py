@@ -224,6 +224,37 @@ def _check_sparse_down(fmt, N):
         assert torch.equal(y2, y_sparse)
 
 
+@pytest.mark.parametrize("fmt", (nv.Q8_0, nv.Q4_0, nv.Q4_K, nv.Q6_K), ids=lambda f: nv.FORMAT_NAMES[f])
+@pytest.mark.parametrize("N", (64, 70, 1100))
+def test_sparse_down_of_many_rows_equals_dense(isa, fmt, N):
+    """From 6 activation rows on, the AVX-512 path multiplies the neuron-major Q8_0 / Q4_0
+    layout as a dense product (the rows transposed in registers, shared by every activation
+    row, only nonzero groups of 4 activations multiplied): bit for bit the dense kernel's
+    numbers, on every path, for row counts around its groups of 8 chunks, with negative
+    activations (Q8_0's weights, not its inputs, are made unsigned) and with a row that has
+    nothing active. A block of 32 neurons inactive in every row is never read."""
+    rng = np.random.default_rng(7 * N + fmt)
+    K = 1024
+    raw = random_blocks(fmt, N, K, rng)
+    dense = nv.PackedLinear(raw, fmt, N, K)
+    sparse = nv.PackedLinear(raw, fmt, N, K, sparse=True)
+    for M in (6, 7, 17, 64):
+        a = relu2_acts(rng, M, K, 0.9)
+        a[1] = 0
+        a[2, :40] = 1.0
+        a[3] = -a[3]
+        a[:, 64:96] = 0  # block 2: inactive in every row
+        y_sparse = sparse(a)
+        assert torch.equal(y_sparse, dense(a)), M
+        assert torch.equal(y_sparse[1], torch.zeros(N))
+        if fmt in (nv.Q8_0, nv.Q4_0):
+            np_ = (N + 63) // 64 * 64
+            row = np_ if fmt == nv.Q8_0 else np_ // 2
+            poisoned = sparse.data.clone().view(-1)
+            poisoned[: K * row].view(K, row)[64:96] = torch.randint(0, 256, (32, row), dtype=torch.uint8)
+            assert torch.equal(torch.ops.plm.sparse_gemv(poisoned, fmt, N, K, a), y_sparse)
+
+
 def test_q5_k_has_no_sparse_layout():
     raw = random_blocks(nv.Q5_K, 64, 256, np.random.default_rng(0))
     with pytest.raises(PLMError, match="Q5_K has no sparse layout"):

@@ -836,6 +836,7 @@ void attention(const float* q, int64_t nh, int64_t D, int64_t rank, const void* 
 
 extern const Kernels kernels_avx2 = {
     "avx2", quantize_act, gemv_q8_0, gemv_q4_0, gemv_q4_k, gemv_q6_k, gemv_q5_k, gemv_f, sparse_q, sparse_f, attention,
+    nullptr,
 };
 
 }  // namespace plm

@@ -1,7 +1,7 @@
 // AVX-512 (F, BW, VL, DQ, VNNI) kernels: one 16-row tile is one zmm, `vpdpbusd` multiplies
 // 4 unsigned weight bytes by 4 signed activation bytes per row and accumulates in int32, so a
 // block costs one instruction per 64 bytes of weights. Same integer sums and fp32 sequence as
-// kernels_scalar.cpp. Entries without a kernel here (sparse, attention, activation
+// kernels_scalar.cpp. Entries without a kernel here (one-row sparse, attention, activation
 // quantisation) use the AVX2 kernels, which run unchanged on these CPUs.
 //
 // PLM_SIMDE builds this file against SIMDe's portable AVX-512 emulation
@@ -402,6 +402,140 @@ void gemv_f(int fmt, const void* W, int64_t K, int64_t n0, int64_t n1, const flo
   }
 }
 
+// ---- sparse layout, several activation rows --------------------------------------------
+// The neuron-major Q8_0 / Q4_0 down projection for a batch of activation rows (a prompt chunk,
+// a batched step), as a dense product: across rows nearly every neuron is active somewhere,
+// and walking each row's own active list (sparse_q) re-reads the weights per row at a quarter
+// of `vpdpbusd`'s rate. Here 4 neuron rows x 64 outputs are transposed once into the dense
+// kernel's form (one dword = 4 neurons' bytes for one output) and used by every activation
+// row; blocks inactive in every row are skipped, unread. Per output the fp32 sequence is the
+// dense kernel's: acc = fma(float(isum), d_w * d_x, acc) over blocks in order.
+//
+// After the byte transpose, zmm k of a 64-output chunk holds in 128-bit lane L the outputs
+// 16L + 4k .. 16L + 4k + 3 (unpack works within lanes); the weight scales are permuted to the
+// same order once per block, the sums back to output order once per row.
+
+enum : int64_t { SR_MAXCH = 16 };  // chunks of 64 outputs transposed at a time
+
+// 4x4 transpose of 128-bit lanes: in k, lane L <-> out L, lane k (its own inverse).
+inline void lanes4x4(const __m512* in, __m512* out) {
+  const __m512 t0 = _mm512_shuffle_f32x4(in[0], in[1], 0x44), t1 = _mm512_shuffle_f32x4(in[0], in[1], 0xEE);
+  const __m512 t2 = _mm512_shuffle_f32x4(in[2], in[3], 0x44), t3 = _mm512_shuffle_f32x4(in[2], in[3], 0xEE);
+  out[0] = _mm512_shuffle_f32x4(t0, t2, 0x88);
+  out[1] = _mm512_shuffle_f32x4(t0, t2, 0xDD);
+  out[2] = _mm512_shuffle_f32x4(t1, t3, 0x88);
+  out[3] = _mm512_shuffle_f32x4(t1, t3, 0xDD);
+}
+
+// Neuron n's 64 outputs from c as unsigned bytes in output order: Q8_0 q + 128, Q4_0 nibbles.
+inline __m512i neuron_row(const SparseW& W, int64_t n, int64_t c) {
+  if (W.fmt == Q8_0)
+    return _mm512_xor_si512(ld512(W.base + n * W.Np + c), _mm512_set1_epi8((char)0x80));
+  const __m512i v = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i*)(W.base + n * (W.Np / 2) + c / 2)));
+  const __m512i sh = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);  // high half: >> 4
+  return _mm512_and_si512(_mm512_srlv_epi16(v, sh), _mm512_set1_epi8(15));
+}
+
+// Row m over the blocks [b0, b1) for NCH chunks: T and S hold the transposed weights
+// [block][chunk][group of 4 neurons][4] and the permuted scales [block][chunk][4], `bs` chunks
+// a block (T and S point at this call's first chunk); acc the row's accumulators [chunk][64].
+// Only the groups with a nonzero activation byte are multiplied (about 3 of a block's 8 at 91%
+// zeros), their weights from T in L1.
+template <int NCH>
+void sparse_rows_row(const QAct& x, int64_t m, int64_t b0, int64_t b1, const bool* live, const __m512i* T,
+                     const __m512* S, int64_t bs, int32_t off, float* acc) {
+  const int64_t K = x.K, nd = K / x.bs;
+  const int8_t* qrow = x.q + m * K;
+  for (int64_t b = b0; b < b1; b++) {
+    if (!live[b - b0]) continue;
+    const unsigned nz = _mm256_cmpneq_epi32_mask(_mm256_loadu_si256((const __m256i*)(qrow + 32 * b)), _mm256_setzero_si256());
+    if (!nz) continue;  // nothing active: the block adds exactly 0
+    const int32_t* s = x.s16 + m * (K / 16) + 2 * b;
+    const __m512i st = _mm512_set1_epi32(-off * (s[0] + s[1]));
+    __m512i is[NCH][4];
+    for (int c = 0; c < NCH; c++)
+      for (int k = 0; k < 4; k++) is[c][k] = st;
+    const __m512i* t = T + (b - b0) * bs * 32;
+    for (unsigned bits = nz; bits; bits &= bits - 1) {
+      const int g = __builtin_ctz(bits);
+      const __m512i xb = _mm512_set1_epi32(ld32(qrow + 32 * b + 4 * g));
+      for (int c = 0; c < NCH; c++)
+        for (int k = 0; k < 4; k++)
+          is[c][k] = _mm512_dpbusd_epi32(is[c][k], _mm512_load_si512((const void*)(t + c * 32 + 4 * g + k)), xb);
+    }
+    const __m512 dx = _mm512_set1_ps(x.d[m * nd + b]);
+    const __m512* sc = S + (b - b0) * bs * 4;
+    for (int c = 0; c < NCH; c++)
+      for (int k = 0; k < 4; k++) {
+        float* a = acc + c * 64 + 16 * k;
+        _mm512_store_ps(a, _mm512_fmadd_ps(_mm512_cvtepi32_ps(is[c][k]), _mm512_mul_ps(sc[4 * c + k], dx), _mm512_load_ps(a)));
+      }
+  }
+}
+
+// y[m][j] for every row m < M and the outputs of chunks [c0, c1), at most SR_MAXCH chunks at a
+// time (longer runs of each neuron row read in one piece); acc: 64-byte aligned scratch of
+// M * SR_MAXCH * 64 floats.
+void sparse_rows(const SparseW& W, const QAct& x, int64_t M, const int32_t* start, int64_t c0, int64_t c1, float* y,
+                 int64_t ldy, float* acc) {
+  const int64_t K = W.K, Np = W.Np, nb = K / 32;
+  const int32_t off = W.fmt == Q8_0 ? 128 : 8;
+  const uint8_t* dplane = W.base + K * (W.fmt == Q8_0 ? Np : Np / 2);
+  alignas(64) __m512i T[SR_MAXCH * 32];  // 32 KiB: one block of SR_MAXCH chunks, or more blocks of fewer
+  alignas(64) __m512 S[SR_MAXCH * 4];
+  bool live[SR_MAXCH];
+  for (int64_t ca = c0; ca < c1; ca += SR_MAXCH) {
+    const int64_t nch = c1 - ca < SR_MAXCH ? c1 - ca : SR_MAXCH, slab = SR_MAXCH / nch;
+    for (int64_t i = 0; i < M * nch * 64; i++) acc[i] = 0.f;
+    for (int64_t b0 = 0; b0 < nb; b0 += slab) {
+      const int64_t b1 = nb - b0 < slab ? nb : b0 + slab;
+      for (int64_t b = b0; b < b1; b++) {
+        bool any = false;
+        for (int64_t m = 0; m < M && !any; m++) any = start[m * (nb + 1) + b + 1] > start[m * (nb + 1) + b];
+        live[b - b0] = any;
+        if (!any) continue;  // no row uses these 32 neurons: never read
+        for (int64_t c = 0; c < nch; c++) {
+          const int64_t j = (ca + c) * 64;
+          __m512i* t = T + ((b - b0) * nch + c) * 32;
+          for (int g = 0; g < 8; g++) {
+            const int64_t n = 32 * b + 4 * g;
+            const __m512i r0 = neuron_row(W, n, j), r1 = neuron_row(W, n + 1, j), r2 = neuron_row(W, n + 2, j),
+                          r3 = neuron_row(W, n + 3, j);
+            const __m512i a = _mm512_unpacklo_epi8(r0, r1), bh = _mm512_unpackhi_epi8(r0, r1);
+            const __m512i cl = _mm512_unpacklo_epi8(r2, r3), dh = _mm512_unpackhi_epi8(r2, r3);
+            _mm512_store_si512((void*)(t + 4 * g + 0), _mm512_unpacklo_epi16(a, cl));
+            _mm512_store_si512((void*)(t + 4 * g + 1), _mm512_unpackhi_epi16(a, cl));
+            _mm512_store_si512((void*)(t + 4 * g + 2), _mm512_unpacklo_epi16(bh, dh));
+            _mm512_store_si512((void*)(t + 4 * g + 3), _mm512_unpackhi_epi16(bh, dh));
+          }
+          __m512 o[4];
+          for (int L = 0; L < 4; L++) o[L] = f16x16(dplane + 2 * (b * Np + j + 16 * L));
+          lanes4x4(o, S + ((b - b0) * nch + c) * 4);
+        }
+      }
+      for (int64_t m = 0; m < M; m++)
+        for (int64_t c = 0; c < nch; c += 4) {  // four chunks (16 zmm of sums) at a time
+          const __m512i* t = T + c * 32;
+          const __m512* sc = S + c * 4;
+          float* a = acc + (m * nch + c) * 64;
+          switch (nch - c < 4 ? nch - c : 4) {
+#define PLM_CASE(n) case n: sparse_rows_row<n>(x, m, b0, b1, live, t, sc, nch, off, a); break;
+            PLM_CASE(1) PLM_CASE(2) PLM_CASE(3) PLM_CASE(4)
+#undef PLM_CASE
+          }
+        }
+    }
+    for (int64_t m = 0; m < M; m++)
+      for (int64_t c = 0; c < nch; c++) {
+        const float* a = acc + (m * nch + c) * 64;
+        const __m512 in[4] = {_mm512_load_ps(a), _mm512_load_ps(a + 16), _mm512_load_ps(a + 32), _mm512_load_ps(a + 48)};
+        __m512 out[4];
+        lanes4x4(in, out);
+        for (int L = 0; L < 4 && (ca + c) * 64 + 16 * L < W.N; L++) store_tile(y, ldy, m, (ca + c) * 64 + 16 * L, W.N, out[L]);
+      }
+  }
+}
+
 }  // namespace
 
 // Eight independent accumulators cover the instruction's latency; the asm barrier keeps the
@@ -437,6 +571,7 @@ double vnni_loop_seconds(int64_t iters, int64_t* macs) {
 // Entries left null fall back to the AVX2 kernels (see ops.cpp).
 extern const Kernels kernels_avx512 = {
     "avx512", nullptr, gemv_q8_0, gemv_q4_0, gemv_q4_k, gemv_q6_k, gemv_q5_k, gemv_f, nullptr, nullptr, nullptr,
+    sparse_rows,
 };
 
 }  // namespace plm

@@ -79,6 +79,7 @@ Dispatch make_dispatch(const std::string& isa) {
     if (z.gemv_q6_k) dp.k.gemv_q6_k = z.gemv_q6_k;
     if (z.gemv_q5_k) dp.k.gemv_q5_k = z.gemv_q5_k;
     if (z.gemv_f) dp.k.gemv_f = z.gemv_f;
+    if (z.sparse_rows) dp.k.sparse_rows = z.sparse_rows;
     dp.bf16_dp = kEmulated || features().bf16;
   }
   return dp;
@@ -292,6 +293,18 @@ void Mat::forward_sparse(const float* a, int64_t M, float* y, int64_t ldy, Work&
     st->neurons += M * K;
   }
   const int64_t chunks = W.Np / 64;
+  if (M >= SPARSE_ROWS_MIN && dp.k.sparse_rows && (fmt == Q8_0 || fmt == Q4_0)) {
+    // several rows: their active neurons together cover most blocks, so the layout is read
+    // once as a dense product (blocks inactive in every row are still skipped)
+    const QAct qa{w.q.data(), w.d.data(), w.s16.data(), K, bs};
+    const int64_t per = M * 1024;  // floats of one thread's accumulators
+    float* acc = grow(w.acc, at::get_num_threads() * per + 16);
+    acc += (16 - ((uintptr_t)acc / 4) % 16) % 16;  // 64-byte aligned
+    parallel_run(chunks, 8, [&](int64_t c0, int64_t c1, int tid) {  // 512 outputs a task: 512-byte runs of each row
+      dp.k.sparse_rows(W, qa, M, start, c0, c1, y, ldy, acc + tid * per);
+    });
+    return;
+  }
   // one activation row: a contiguous share of the outputs per thread, so each active neuron's
   // row is read in one long segment (DRAM and the prefetchers favour few long runs)
   parallel(chunks, M == 1 ? ceil_div(chunks, at::get_num_threads()) : 1, [&](int64_t c0, int64_t c1) {

@@ -63,10 +63,14 @@ at::Tensor dequant_sparse(const at::Tensor& packed, int fmt, int64_t N, int64_t 
 // ---- matrices -------------------------------------------------------------------------
 struct Work {  // scratch reused across calls (grows, never shrinks)
   std::vector<int8_t> q;
-  std::vector<float> d, xf;
+  std::vector<float> d, xf, acc;
   std::vector<int32_t> s16, idx, start;
   std::vector<uint16_t> xb;
 };
+
+// From this many activation rows on, the sparse layout is multiplied as a dense product
+// (Kernels::sparse_rows); fewer rows walk their own active neurons, reading nothing else.
+constexpr int64_t SPARSE_ROWS_MIN = 6;
 
 struct SparseStats {
   int64_t rows = 0, active = 0, neurons = 0;
