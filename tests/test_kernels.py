@@ -227,8 +227,8 @@ def _check_sparse_down(fmt, N):
 @pytest.mark.parametrize("fmt", (nv.Q8_0, nv.Q4_0, nv.Q4_K, nv.Q6_K), ids=lambda f: nv.FORMAT_NAMES[f])
 @pytest.mark.parametrize("N", (64, 70, 1100))
 def test_sparse_down_of_many_rows_equals_dense(isa, fmt, N):
-    """From 6 activation rows on, the AVX-512 path multiplies the neuron-major Q8_0 / Q4_0
-    layout as a dense product (the rows transposed in registers, shared by every activation
+    """From 6 activation rows on, the AVX-512 path multiplies the neuron-major layout as a
+    dense product (the rows transposed in registers, shared by every activation
     row, only nonzero groups of 4 activations multiplied): bit for bit the dense kernel's
     numbers, on every path, for row counts around its groups of 8 chunks, with negative
     activations (Q8_0's weights, not its inputs, are made unsigned) and with a row that has
@@ -247,12 +247,11 @@ def test_sparse_down_of_many_rows_equals_dense(isa, fmt, N):
         y_sparse = sparse(a)
         assert torch.equal(y_sparse, dense(a)), M
         assert torch.equal(y_sparse[1], torch.zeros(N))
-        if fmt in (nv.Q8_0, nv.Q4_0):
-            np_ = (N + 63) // 64 * 64
-            row = np_ if fmt == nv.Q8_0 else np_ // 2
-            poisoned = sparse.data.clone().view(-1)
-            poisoned[: K * row].view(K, row)[64:96] = torch.randint(0, 256, (32, row), dtype=torch.uint8)
-            assert torch.equal(torch.ops.plm.sparse_gemv(poisoned, fmt, N, K, a), y_sparse)
+        np_ = (N + 63) // 64 * 64
+        row = np_ if fmt in (nv.Q8_0, nv.Q6_K) else np_ // 2
+        poisoned = sparse.data.clone().view(-1)
+        poisoned[: K * row].view(K, row)[64:96] = torch.randint(0, 256, (32, row), dtype=torch.uint8)
+        assert torch.equal(torch.ops.plm.sparse_gemv(poisoned, fmt, N, K, a), y_sparse)
 
 
 def test_q5_k_has_no_sparse_layout():

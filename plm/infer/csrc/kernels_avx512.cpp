@@ -403,19 +403,21 @@ void gemv_f(int fmt, const void* W, int64_t K, int64_t n0, int64_t n1, const flo
 }
 
 // ---- sparse layout, several activation rows --------------------------------------------
-// The neuron-major Q8_0 / Q4_0 down projection for a batch of activation rows (a prompt chunk,
-// a batched step), as a dense product: across rows nearly every neuron is active somewhere,
-// and walking each row's own active list (sparse_q) re-reads the weights per row at a quarter
-// of `vpdpbusd`'s rate. Here 4 neuron rows x 64 outputs are transposed once into the dense
-// kernel's form (one dword = 4 neurons' bytes for one output) and used by every activation
-// row; blocks inactive in every row are skipped, unread. Per output the fp32 sequence is the
-// dense kernel's: acc = fma(float(isum), d_w * d_x, acc) over blocks in order.
+// The neuron-major down projection for a batch of activation rows (a prompt chunk, a batched
+// step), as a dense product: across rows nearly every neuron is active somewhere, and walking
+// each row's own active list (sparse_q) re-reads the weights per row at a quarter of
+// `vpdpbusd`'s rate. Here 4 neuron rows x 64 outputs are transposed once into the dense
+// kernel's form (one dword = 4 neurons' bytes for one output) into an L1 buffer used by every
+// activation row, which multiplies only its groups of 4 activations that hold a nonzero byte;
+// blocks inactive in every row are skipped, unread. Per output the integer sums and the fp32
+// sequence are the dense kernel's (acc = fma(float(isum), d_w * d_x, acc) per block, or per
+// super-block for the K-quants), so the result is dense's bit for bit.
 //
 // After the byte transpose, zmm k of a 64-output chunk holds in 128-bit lane L the outputs
-// 16L + 4k .. 16L + 4k + 3 (unpack works within lanes); the weight scales are permuted to the
-// same order once per block, the sums back to output order once per row.
+// 16L + 4k .. 16L + 4k + 3 (unpack works within lanes); the per-output scales are permuted to
+// the same order once per block, the sums back to output order once per row.
 
-enum : int64_t { SR_MAXCH = 16 };  // chunks of 64 outputs transposed at a time
+enum : int64_t { SR_MAXCH = 16 };  // (block, chunk of 64 outputs) pairs the buffer holds
 
 // 4x4 transpose of 128-bit lanes: in k, lane L <-> out L, lane k (its own inverse).
 inline void lanes4x4(const __m512* in, __m512* out) {
@@ -427,44 +429,87 @@ inline void lanes4x4(const __m512* in, __m512* out) {
   out[3] = _mm512_shuffle_f32x4(t1, t3, 0xDD);
 }
 
-// Neuron n's 64 outputs from c as unsigned bytes in output order: Q8_0 q + 128, Q4_0 nibbles.
+// 64 per-output fp16 values (a scale plane's row) as 4 fp32 zmm in the transposed order.
+inline void f16_lanes(const uint8_t* p, __m512* out) {
+  const __m512 o[4] = {f16x16(p), f16x16(p + 32), f16x16(p + 64), f16x16(p + 96)};
+  lanes4x4(o, out);
+}
+
+// 64 per-output bytes (K-quant sub-block scales, u8 or i8) as 4 int32 zmm in the transposed order.
+inline void bytes_lanes(const uint8_t* p, bool is_signed, __m512i* out) {
+  __m512 o[4], t[4];
+  for (int L = 0; L < 4; L++) {
+    const __m128i v = _mm_loadu_si128((const __m128i*)(p + 16 * L));
+    o[L] = _mm512_castsi512_ps(is_signed ? _mm512_cvtepi8_epi32(v) : _mm512_cvtepu8_epi32(v));
+  }
+  lanes4x4(o, t);
+  for (int k = 0; k < 4; k++) out[k] = _mm512_castps_si512(t[k]);
+}
+
+// Neuron n's 64 outputs from c as unsigned bytes in output order: Q8_0 q + 128 (the dense
+// kernel's offset form), Q6_K q (0..63), Q4_0 / Q4_K the nibbles.
 inline __m512i neuron_row(const SparseW& W, int64_t n, int64_t c) {
   if (W.fmt == Q8_0)
     return _mm512_xor_si512(ld512(W.base + n * W.Np + c), _mm512_set1_epi8((char)0x80));
+  if (W.fmt == Q6_K) return ld512(W.base + n * W.Np + c);
   const __m512i v = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i*)(W.base + n * (W.Np / 2) + c / 2)));
   const __m512i sh = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);  // high half: >> 4
   return _mm512_and_si512(_mm512_srlv_epi16(v, sh), _mm512_set1_epi8(15));
 }
 
-// Row m over the blocks [b0, b1) for NCH chunks: T and S hold the transposed weights
-// [block][chunk][group of 4 neurons][4] and the permuted scales [block][chunk][4], `bs` chunks
-// a block (T and S point at this call's first chunk); acc the row's accumulators [chunk][64].
-// Only the groups with a nonzero activation byte are multiplied (about 3 of a block's 8 at 91%
-// zeros), their weights from T in L1.
+// Block b's 32 neuron rows, outputs j .. j + 63, into t [8 groups of 4 neurons][4 zmm].
+inline void transpose_block(const SparseW& W, int64_t b, int64_t j, __m512i* t) {
+  for (int g = 0; g < 8; g++) {
+    const int64_t n = 32 * b + 4 * g;
+    const __m512i r0 = neuron_row(W, n, j), r1 = neuron_row(W, n + 1, j), r2 = neuron_row(W, n + 2, j),
+                  r3 = neuron_row(W, n + 3, j);
+    const __m512i a = _mm512_unpacklo_epi8(r0, r1), bh = _mm512_unpackhi_epi8(r0, r1);
+    const __m512i cl = _mm512_unpacklo_epi8(r2, r3), dh = _mm512_unpackhi_epi8(r2, r3);
+    _mm512_store_si512((void*)(t + 4 * g + 0), _mm512_unpacklo_epi16(a, cl));
+    _mm512_store_si512((void*)(t + 4 * g + 1), _mm512_unpackhi_epi16(a, cl));
+    _mm512_store_si512((void*)(t + 4 * g + 2), _mm512_unpacklo_epi16(bh, dh));
+    _mm512_store_si512((void*)(t + 4 * g + 3), _mm512_unpackhi_epi16(bh, dh));
+  }
+}
+
+// Bit g set: activation bytes 4g .. 4g + 3 of the block at q are not all zero.
+inline unsigned nonzero_groups(const int8_t* q) {
+  return _mm256_cmpneq_epi32_mask(_mm256_loadu_si256((const __m256i*)q), _mm256_setzero_si256());
+}
+
+// is[c][k] += the groups in `bits` of one block's transposed weights t (chunk stride 32 zmm)
+// times the activation bytes q of that block.
+template <int NCH>
+inline __attribute__((always_inline)) void group_sums(const __m512i* t, const int8_t* q, unsigned bits, __m512i (&is)[NCH][4]) {
+  for (; bits; bits &= bits - 1) {
+    const int g = __builtin_ctz(bits);
+    const __m512i xb = _mm512_set1_epi32(ld32(q + 4 * g));
+    for (int c = 0; c < NCH; c++)
+      for (int k = 0; k < 4; k++)
+        is[c][k] = _mm512_dpbusd_epi32(is[c][k], _mm512_load_si512((const void*)(t + c * 32 + 4 * g + k)), xb);
+  }
+}
+
+// Q8_0 / Q4_0, row m over the blocks [b0, b1) for NCH chunks: T and S hold the transposed
+// weights [block][chunk][group][4] and the permuted scales [block][chunk][4], `cs` chunks a
+// block (T and S point at this call's first chunk); acc the row's accumulators [chunk][64].
 template <int NCH>
 void sparse_rows_row(const QAct& x, int64_t m, int64_t b0, int64_t b1, const bool* live, const __m512i* T,
-                     const __m512* S, int64_t bs, int32_t off, float* acc) {
+                     const __m512* S, int64_t cs, int32_t off, float* acc) {
   const int64_t K = x.K, nd = K / x.bs;
   const int8_t* qrow = x.q + m * K;
   for (int64_t b = b0; b < b1; b++) {
     if (!live[b - b0]) continue;
-    const unsigned nz = _mm256_cmpneq_epi32_mask(_mm256_loadu_si256((const __m256i*)(qrow + 32 * b)), _mm256_setzero_si256());
+    const unsigned nz = nonzero_groups(qrow + 32 * b);
     if (!nz) continue;  // nothing active: the block adds exactly 0
     const int32_t* s = x.s16 + m * (K / 16) + 2 * b;
     const __m512i st = _mm512_set1_epi32(-off * (s[0] + s[1]));
     __m512i is[NCH][4];
     for (int c = 0; c < NCH; c++)
       for (int k = 0; k < 4; k++) is[c][k] = st;
-    const __m512i* t = T + (b - b0) * bs * 32;
-    for (unsigned bits = nz; bits; bits &= bits - 1) {
-      const int g = __builtin_ctz(bits);
-      const __m512i xb = _mm512_set1_epi32(ld32(qrow + 32 * b + 4 * g));
-      for (int c = 0; c < NCH; c++)
-        for (int k = 0; k < 4; k++)
-          is[c][k] = _mm512_dpbusd_epi32(is[c][k], _mm512_load_si512((const void*)(t + c * 32 + 4 * g + k)), xb);
-    }
+    group_sums<NCH>(T + (b - b0) * cs * 32, qrow + 32 * b, nz, is);
     const __m512 dx = _mm512_set1_ps(x.d[m * nd + b]);
-    const __m512* sc = S + (b - b0) * bs * 4;
+    const __m512* sc = S + (b - b0) * cs * 4;
     for (int c = 0; c < NCH; c++)
       for (int k = 0; k < 4; k++) {
         float* a = acc + c * 64 + 16 * k;
@@ -473,45 +518,127 @@ void sparse_rows_row(const QAct& x, int64_t m, int64_t b0, int64_t b1, const boo
   }
 }
 
-// y[m][j] for every row m < M and the outputs of chunks [c0, c1), at most SR_MAXCH chunks at a
-// time (longer runs of each neuron row read in one piece); acc: 64-byte aligned scratch of
-// M * SR_MAXCH * 64 floats.
+// Q4_K / Q6_K, row m over super-block s (blocks 8s .. 8s + 7, `cs` chunks each): D / DM the
+// permuted d / dmin [chunk][4]; SC the sub-block scales (Q4_K per block, Q6_K per 16 neurons)
+// and MN the Q4_K mins, [sub-block][chunk][4] int32. As sparse_q: integer sums scaled per
+// sub-block, one fp32 step per super-block.
+template <int NCH, int FMT>
+void sparse_rows_kq_row(const QAct& x, int64_t m, int64_t s, const bool* live, const __m512i* T, int64_t cs,
+                        const __m512* D, const __m512* DM, const __m512i* SC, const __m512i* MN, float* acc) {
+  const int64_t K = x.K, nd = K / x.bs;
+  const int8_t* qrow = x.q + m * K;
+  const int32_t* s16 = x.s16 + m * (K / 16);
+  __m512i isc[NCH][4], imin[NCH][4];
+  for (int c = 0; c < NCH; c++)
+    for (int k = 0; k < 4; k++) isc[c][k] = imin[c][k] = _mm512_setzero_si512();
+  bool any = false;
+  for (int64_t bb = 0; bb < 8; bb++) {
+    const int64_t b = 8 * s + bb;
+    if (!live[bb]) continue;
+    const unsigned nz = nonzero_groups(qrow + 32 * b);
+    if (!nz) continue;
+    any = true;
+    const __m512i* t = T + bb * cs * 32;
+    if (FMT == Q4_K) {
+      __m512i is[NCH][4];
+      for (int c = 0; c < NCH; c++)
+        for (int k = 0; k < 4; k++) is[c][k] = _mm512_setzero_si512();
+      group_sums<NCH>(t, qrow + 32 * b, nz, is);
+      const __m512i s32 = _mm512_set1_epi32(s16[2 * b] + s16[2 * b + 1]);
+      for (int c = 0; c < NCH; c++)
+        for (int k = 0; k < 4; k++) {
+          isc[c][k] = _mm512_add_epi32(isc[c][k], _mm512_mullo_epi32(SC[(bb * cs + c) * 4 + k], is[c][k]));
+          imin[c][k] = _mm512_add_epi32(imin[c][k], _mm512_mullo_epi32(MN[(bb * cs + c) * 4 + k], s32));
+        }
+    } else {  // Q6_K: the block's two sub-blocks of 16 neurons (groups 0-3, 4-7)
+      for (int h = 0; h < 2; h++) {
+        const unsigned sub = (nz >> (4 * h)) & 15u;
+        if (!sub) continue;
+        __m512i is[NCH][4];
+        const __m512i st = _mm512_set1_epi32(-32 * s16[2 * b + h]);
+        for (int c = 0; c < NCH; c++)
+          for (int k = 0; k < 4; k++) is[c][k] = st;
+        group_sums<NCH>(t, qrow + 32 * b, sub << (4 * h), is);
+        for (int c = 0; c < NCH; c++)
+          for (int k = 0; k < 4; k++)
+            isc[c][k] = _mm512_add_epi32(isc[c][k], _mm512_mullo_epi32(SC[((2 * bb + h) * cs + c) * 4 + k], is[c][k]));
+      }
+    }
+  }
+  if (!any) return;  // nothing active in the super-block: it adds exactly 0
+  const __m512 dx = _mm512_set1_ps(x.d[m * nd + s]);
+  const __m512 neg = _mm512_castsi512_ps(_mm512_set1_epi32((int)0x80000000));
+  for (int c = 0; c < NCH; c++)
+    for (int k = 0; k < 4; k++) {
+      float* a = acc + c * 64 + 16 * k;
+      __m512 v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isc[c][k]), _mm512_mul_ps(D[4 * c + k], dx), _mm512_load_ps(a));
+      if (FMT == Q4_K)
+        v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(imin[c][k]), _mm512_xor_ps(_mm512_mul_ps(DM[4 * c + k], dx), neg), v);
+      _mm512_store_ps(a, v);
+    }
+}
+
+// y[m][j] for every row m < M and the outputs of chunks [c0, c1), in pieces of up to SR_MAXCH
+// chunks (2 for the K-quants, whose super-block of 8 blocks must fit the buffer): longer runs
+// of each neuron row read at once. acc: 64-byte aligned scratch of M * SR_MAXCH * 64 floats.
 void sparse_rows(const SparseW& W, const QAct& x, int64_t M, const int32_t* start, int64_t c0, int64_t c1, float* y,
                  int64_t ldy, float* acc) {
-  const int64_t K = W.K, Np = W.Np, nb = K / 32;
+  const int64_t K = W.K, Np = W.Np, nb = K / 32, ns = K / 256;
+  const bool kq = W.fmt == Q4_K || W.fmt == Q6_K;
   const int32_t off = W.fmt == Q8_0 ? 128 : 8;
-  const uint8_t* dplane = W.base + K * (W.fmt == Q8_0 ? Np : Np / 2);
-  alignas(64) __m512i T[SR_MAXCH * 32];  // 32 KiB: one block of SR_MAXCH chunks, or more blocks of fewer
-  alignas(64) __m512 S[SR_MAXCH * 4];
+  const int64_t qbytes = K * (W.fmt == Q8_0 || W.fmt == Q6_K ? Np : Np / 2);
+  const uint8_t* dplane = W.base + qbytes;  // fp16 d: per block, or per super-block (K-quants)
+  const uint8_t* mplane = dplane + 2 * ns * Np;  // Q4_K: dmin; Q6_K: the i8 scales
+  alignas(64) __m512i T[SR_MAXCH * 32];  // 32 KiB: SR_MAXCH (block, chunk) pairs of 32 zmm
+  alignas(64) __m512 S[SR_MAXCH * 4], DM[2 * 4];
+  alignas(64) __m512i SC[16 * 2 * 4], MN[8 * 2 * 4];
   bool live[SR_MAXCH];
-  for (int64_t ca = c0; ca < c1; ca += SR_MAXCH) {
-    const int64_t nch = c1 - ca < SR_MAXCH ? c1 - ca : SR_MAXCH, slab = SR_MAXCH / nch;
+  const int64_t maxch = kq ? 2 : SR_MAXCH;
+  for (int64_t ca = c0; ca < c1; ca += maxch) {
+    const int64_t nch = c1 - ca < maxch ? c1 - ca : maxch, slab = kq ? 8 : SR_MAXCH / nch;
     for (int64_t i = 0; i < M * nch * 64; i++) acc[i] = 0.f;
     for (int64_t b0 = 0; b0 < nb; b0 += slab) {
       const int64_t b1 = nb - b0 < slab ? nb : b0 + slab;
+      bool any_live = false;
       for (int64_t b = b0; b < b1; b++) {
         bool any = false;
         for (int64_t m = 0; m < M && !any; m++) any = start[m * (nb + 1) + b + 1] > start[m * (nb + 1) + b];
         live[b - b0] = any;
+        any_live |= any;
         if (!any) continue;  // no row uses these 32 neurons: never read
         for (int64_t c = 0; c < nch; c++) {
-          const int64_t j = (ca + c) * 64;
-          __m512i* t = T + ((b - b0) * nch + c) * 32;
-          for (int g = 0; g < 8; g++) {
-            const int64_t n = 32 * b + 4 * g;
-            const __m512i r0 = neuron_row(W, n, j), r1 = neuron_row(W, n + 1, j), r2 = neuron_row(W, n + 2, j),
-                          r3 = neuron_row(W, n + 3, j);
-            const __m512i a = _mm512_unpacklo_epi8(r0, r1), bh = _mm512_unpackhi_epi8(r0, r1);
-            const __m512i cl = _mm512_unpacklo_epi8(r2, r3), dh = _mm512_unpackhi_epi8(r2, r3);
-            _mm512_store_si512((void*)(t + 4 * g + 0), _mm512_unpacklo_epi16(a, cl));
-            _mm512_store_si512((void*)(t + 4 * g + 1), _mm512_unpackhi_epi16(a, cl));
-            _mm512_store_si512((void*)(t + 4 * g + 2), _mm512_unpacklo_epi16(bh, dh));
-            _mm512_store_si512((void*)(t + 4 * g + 3), _mm512_unpackhi_epi16(bh, dh));
+          const int64_t j = (ca + c) * 64, pc = (b - b0) * nch + c;
+          transpose_block(W, b, j, T + pc * 32);
+          if (!kq) {
+            f16_lanes(dplane + 2 * (b * Np + j), S + pc * 4);
+          } else if (W.fmt == Q4_K) {
+            const uint8_t* scpl = mplane + 2 * ns * Np;
+            bytes_lanes(scpl + b * Np + j, false, SC + pc * 4);
+            bytes_lanes(scpl + nb * Np + b * Np + j, false, MN + pc * 4);
+          } else {
+            for (int h = 0; h < 2; h++) bytes_lanes(mplane + (2 * b + h) * Np + j, true, SC + ((2 * (b - b0) + h) * nch + c) * 4);
           }
-          __m512 o[4];
-          for (int L = 0; L < 4; L++) o[L] = f16x16(dplane + 2 * (b * Np + j + 16 * L));
-          lanes4x4(o, S + ((b - b0) * nch + c) * 4);
         }
+      }
+      if (!any_live) continue;
+      if (kq) {
+        const int64_t s = b0 / 8;
+        for (int64_t c = 0; c < nch; c++) {
+          const int64_t j = (ca + c) * 64;
+          f16_lanes(dplane + 2 * (s * Np + j), S + c * 4);
+          if (W.fmt == Q4_K) f16_lanes(mplane + 2 * (s * Np + j), DM + c * 4);
+        }
+        for (int64_t m = 0; m < M; m++) {
+          float* a = acc + m * nch * 64;
+          if (W.fmt == Q4_K) {
+            if (nch == 2) sparse_rows_kq_row<2, Q4_K>(x, m, s, live, T, nch, S, DM, SC, MN, a);
+            else sparse_rows_kq_row<1, Q4_K>(x, m, s, live, T, nch, S, DM, SC, MN, a);
+          } else {
+            if (nch == 2) sparse_rows_kq_row<2, Q6_K>(x, m, s, live, T, nch, S, DM, SC, MN, a);
+            else sparse_rows_kq_row<1, Q6_K>(x, m, s, live, T, nch, S, DM, SC, MN, a);
+          }
+        }
+        continue;
       }
       for (int64_t m = 0; m < M; m++)
         for (int64_t c = 0; c < nch; c += 4) {  // four chunks (16 zmm of sums) at a time

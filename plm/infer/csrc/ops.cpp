@@ -293,7 +293,7 @@ void Mat::forward_sparse(const float* a, int64_t M, float* y, int64_t ldy, Work&
     st->neurons += M * K;
   }
   const int64_t chunks = W.Np / 64;
-  if (M >= SPARSE_ROWS_MIN && dp.k.sparse_rows && (fmt == Q8_0 || fmt == Q4_0)) {
+  if (M >= SPARSE_ROWS_MIN && dp.k.sparse_rows && is_block(fmt)) {
     // several rows: their active neurons together cover most blocks, so the layout is read
     // once as a dense product (blocks inactive in every row are still skipped)
     const QAct qa{w.q.data(), w.d.data(), w.s16.data(), K, bs};

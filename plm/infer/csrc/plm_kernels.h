@@ -118,7 +118,7 @@ struct Kernels {
   void (*attention)(const float* q, int64_t nh, int64_t D, int64_t rank, const void* cache,
                     int cache_bf16, int64_t S, int64_t part, float scale, float* out, float* lse,
                     float* scratch);
-  // sparse down (Q8_0 / Q4_0), M activation rows at once as a dense product over the blocks
+  // sparse down (block formats), M activation rows at once as a dense product over the blocks
   // active in any row: y[m][j] for j in the chunks of 64 outputs [c0, c1); start [M][K/32 + 1]
   // as in ActiveList; acc: 64-byte aligned scratch of M * 1024 floats. Null: row by row.
   void (*sparse_rows)(const SparseW& W, const QAct& x, int64_t M, const int32_t* start, int64_t c0,
