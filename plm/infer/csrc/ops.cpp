@@ -296,13 +296,18 @@ void Mat::forward_sparse(const float* a, int64_t M, float* y, int64_t ldy, Work&
   if (M >= SPARSE_ROWS_MIN && dp.k.sparse_rows && is_block(fmt)) {
     // several rows: their active neurons together cover most blocks, so the layout is read
     // once as a dense product (blocks inactive in every row are still skipped)
-    const QAct qa{w.q.data(), w.d.data(), w.s16.data(), K, bs};
-    const int64_t per = M * 1024;  // floats of one thread's accumulators
+    // at most SPARSE_ROWS_MAX rows a pass, so the accumulators stay bounded (a long prompt
+    // scored in one forward); tasks of 512 outputs, so each neuron row is read in long runs
+    const int64_t per = std::min(M, SPARSE_ROWS_MAX) * 1024;  // floats of one thread's accumulators
     float* acc = grow(w.acc, at::get_num_threads() * per + 16);
     acc += (16 - ((uintptr_t)acc / 4) % 16) % 16;  // 64-byte aligned
-    parallel_run(chunks, 8, [&](int64_t c0, int64_t c1, int tid) {  // 512 outputs a task: 512-byte runs of each row
-      dp.k.sparse_rows(W, qa, M, start, c0, c1, y, ldy, acc + tid * per);
-    });
+    for (int64_t m0 = 0; m0 < M; m0 += SPARSE_ROWS_MAX) {
+      const int64_t rows = std::min(SPARSE_ROWS_MAX, M - m0);
+      const QAct qa{w.q.data() + m0 * K, w.d.data() + m0 * (K / bs), w.s16.data() + m0 * (K / 16), K, bs};
+      parallel_run(chunks, 8, [&](int64_t c0, int64_t c1, int tid) {
+        dp.k.sparse_rows(W, qa, rows, start + m0 * (nb + 1), c0, c1, y + m0 * ldy, ldy, acc + tid * per);
+      });
+    }
     return;
   }
   // one activation row: a contiguous share of the outputs per thread, so each active neuron's

@@ -70,7 +70,7 @@ struct Work {  // scratch reused across calls (grows, never shrinks)
 
 // From this many activation rows on, the sparse layout is multiplied as a dense product
 // (Kernels::sparse_rows); fewer rows walk their own active neurons, reading nothing else.
-constexpr int64_t SPARSE_ROWS_MIN = 6;
+constexpr int64_t SPARSE_ROWS_MIN = 6, SPARSE_ROWS_MAX = 256;  // rows per pass of that product
 
 struct SparseStats {
   int64_t rows = 0, active = 0, neurons = 0;
