@@ -230,10 +230,9 @@ def test_sparse_down_of_many_rows_equals_dense(isa, fmt, N):
     """From 6 activation rows on, the AVX-512 path multiplies the neuron-major layout as a
     dense product (the rows transposed in registers, shared by every activation
     row, only nonzero groups of 4 activations multiplied): bit for bit the dense kernel's
-    numbers, on every path, for row counts from 6 to past one pass (256 rows), with
-    activations all >= 0 (Q8_0's then the unsigned operand of `vpdpbusd`) and with some negative
-    (Q8_0's weights made unsigned instead, with the dense kernel's offset term), and with a row
-    that has nothing active. A block of 32 neurons inactive in every row is never read."""
+    numbers, on every path, for row counts from 6 to past one pass (256 rows), with negative
+    activations (Q8_0's weights, not its inputs, are made unsigned) and with a row that has
+    nothing active. A block of 32 neurons inactive in every row is never read."""
     rng = np.random.default_rng(7 * N + fmt)
     K = 1024
     raw = random_blocks(fmt, N, K, rng)
@@ -243,8 +242,7 @@ def test_sparse_down_of_many_rows_equals_dense(isa, fmt, N):
         a = relu2_acts(rng, M, K, 0.9)
         a[1] = 0
         a[2, :40] = 1.0
-        if M % 2 == 0:  # some negative activations; odd M: all >= 0, as relu² gives
-            a[3] = -a[3]
+        a[3] = -a[3]
         a[:, 64:96] = 0  # block 2: inactive in every row
         y_sparse = sparse(a)
         assert torch.equal(y_sparse, dense(a)), M

@@ -446,14 +446,11 @@ inline void bytes_lanes(const uint8_t* p, bool is_signed, __m512i* out) {
   for (int k = 0; k < 4; k++) out[k] = _mm512_castps_si512(t[k]);
 }
 
-// Neuron n's 64 outputs from c in output order: Q8_0 q (signed; with xs, activations that may
-// be negative, q + 128 as unsigned bytes, the dense kernel's offset form), Q6_K q (0..63),
-// Q4_0 / Q4_K the nibbles.
-inline __m512i neuron_row(const SparseW& W, int64_t n, int64_t c, bool xs) {
-  if (W.fmt == Q8_0) {
-    const __m512i v = ld512(W.base + n * W.Np + c);
-    return xs ? _mm512_xor_si512(v, _mm512_set1_epi8((char)0x80)) : v;
-  }
+// Neuron n's 64 outputs from c as unsigned bytes in output order: Q8_0 q + 128 (the dense
+// kernel's offset form), Q6_K q (0..63), Q4_0 / Q4_K the nibbles.
+inline __m512i neuron_row(const SparseW& W, int64_t n, int64_t c) {
+  if (W.fmt == Q8_0)
+    return _mm512_xor_si512(ld512(W.base + n * W.Np + c), _mm512_set1_epi8((char)0x80));
   if (W.fmt == Q6_K) return ld512(W.base + n * W.Np + c);
   const __m512i v = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i*)(W.base + n * (W.Np / 2) + c / 2)));
   const __m512i sh = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);  // high half: >> 4
@@ -461,11 +458,11 @@ inline __m512i neuron_row(const SparseW& W, int64_t n, int64_t c, bool xs) {
 }
 
 // Block b's 32 neuron rows, outputs j .. j + 63, into t [8 groups of 4 neurons][4 zmm].
-inline void transpose_block(const SparseW& W, int64_t b, int64_t j, bool xs, __m512i* t) {
+inline void transpose_block(const SparseW& W, int64_t b, int64_t j, __m512i* t) {
   for (int g = 0; g < 8; g++) {
     const int64_t n = 32 * b + 4 * g;
-    const __m512i r0 = neuron_row(W, n, j, xs), r1 = neuron_row(W, n + 1, j, xs), r2 = neuron_row(W, n + 2, j, xs),
-                  r3 = neuron_row(W, n + 3, j, xs);
+    const __m512i r0 = neuron_row(W, n, j), r1 = neuron_row(W, n + 1, j), r2 = neuron_row(W, n + 2, j),
+                  r3 = neuron_row(W, n + 3, j);
     const __m512i a = _mm512_unpacklo_epi8(r0, r1), bh = _mm512_unpackhi_epi8(r0, r1);
     const __m512i cl = _mm512_unpacklo_epi8(r2, r3), dh = _mm512_unpackhi_epi8(r2, r3);
     _mm512_store_si512((void*)(t + 4 * g + 0), _mm512_unpacklo_epi16(a, cl));
@@ -481,27 +478,22 @@ inline unsigned nonzero_groups(const int8_t* q) {
 }
 
 // is[c][k] += the groups in `bits` of one block's transposed weights t (chunk stride 32 zmm)
-// times the activation bytes q of that block; XU: the activations are the unsigned operand
-// (all >= 0) and the weights the signed one.
-template <int NCH, bool XU = false>
+// times the activation bytes q of that block.
+template <int NCH>
 inline __attribute__((always_inline)) void group_sums(const __m512i* t, const int8_t* q, unsigned bits, __m512i (&is)[NCH][4]) {
   for (; bits; bits &= bits - 1) {
     const int g = __builtin_ctz(bits);
     const __m512i xb = _mm512_set1_epi32(ld32(q + 4 * g));
     for (int c = 0; c < NCH; c++)
       for (int k = 0; k < 4; k++)
-      {
-        const __m512i w = _mm512_load_si512((const void*)(t + c * 32 + 4 * g + k));
-        is[c][k] = XU ? _mm512_dpbusd_epi32(is[c][k], xb, w) : _mm512_dpbusd_epi32(is[c][k], w, xb);
-      }
+        is[c][k] = _mm512_dpbusd_epi32(is[c][k], _mm512_load_si512((const void*)(t + c * 32 + 4 * g + k)), xb);
   }
 }
 
 // Q8_0 / Q4_0, row m over the blocks [b0, b1) for NCH chunks: T and S hold the transposed
 // weights [block][chunk][group][4] and the permuted scales [block][chunk][4], `cs` chunks a
 // block (T and S point at this call's first chunk); acc the row's accumulators [chunk][64].
-// XU: Q8_0 with signed weights and activations all >= 0 (relu²), so no offset term.
-template <int NCH, bool XU>
+template <int NCH>
 void sparse_rows_row(const QAct& x, int64_t m, int64_t b0, int64_t b1, const bool* live, const __m512i* T,
                      const __m512* S, int64_t cs, int32_t off, float* acc) {
   const int64_t K = x.K, nd = K / x.bs;
@@ -511,11 +503,11 @@ void sparse_rows_row(const QAct& x, int64_t m, int64_t b0, int64_t b1, const boo
     const unsigned nz = nonzero_groups(qrow + 32 * b);
     if (!nz) continue;  // nothing active: the block adds exactly 0
     const int32_t* s = x.s16 + m * (K / 16) + 2 * b;
-    const __m512i st = _mm512_set1_epi32(XU ? 0 : -off * (s[0] + s[1]));
+    const __m512i st = _mm512_set1_epi32(-off * (s[0] + s[1]));
     __m512i is[NCH][4];
     for (int c = 0; c < NCH; c++)
       for (int k = 0; k < 4; k++) is[c][k] = st;
-    group_sums<NCH, XU>(T + (b - b0) * cs * 32, qrow + 32 * b, nz, is);
+    group_sums<NCH>(T + (b - b0) * cs * 32, qrow + 32 * b, nz, is);
     const __m512 dx = _mm512_set1_ps(x.d[m * nd + b]);
     const __m512* sc = S + (b - b0) * cs * 4;
     for (int c = 0; c < NCH; c++)
@@ -602,17 +594,6 @@ void sparse_rows(const SparseW& W, const QAct& x, int64_t M, const int32_t* star
   alignas(64) __m512i SC[16 * 2 * 4], MN[8 * 2 * 4];
   bool live[SR_MAXCH];
   const int64_t maxch = kq ? 2 : SR_MAXCH;
-  // Q8_0 against activations all >= 0 (relu², always in the decoder): the activations can be
-  // `vpdpbusd`'s unsigned operand, so the weights are transposed as they are (no +128 and no
-  // offset term): the same integer sums
-  bool xs = W.fmt == Q8_0;
-  if (xs) {
-    __mmask64 neg = 0;
-    int64_t i = 0;
-    for (; i + 64 <= M * K; i += 64) neg |= _mm512_movepi8_mask(ld512((const uint8_t*)x.q + i));
-    for (; i < M * K; i++) neg |= x.q[i] < 0;
-    xs = neg != 0;
-  }
   for (int64_t ca = c0; ca < c1; ca += maxch) {
     const int64_t nch = c1 - ca < maxch ? c1 - ca : maxch, slab = kq ? 8 : SR_MAXCH / nch;
     for (int64_t i = 0; i < M * nch * 64; i++) acc[i] = 0.f;
@@ -627,7 +608,7 @@ void sparse_rows(const SparseW& W, const QAct& x, int64_t M, const int32_t* star
         if (!any) continue;  // no row uses these 32 neurons: never read
         for (int64_t c = 0; c < nch; c++) {
           const int64_t j = (ca + c) * 64, pc = (b - b0) * nch + c;
-          transpose_block(W, b, j, xs, T + pc * 32);
+          transpose_block(W, b, j, T + pc * 32);
           if (!kq) {
             f16_lanes(dplane + 2 * (b * Np + j), S + pc * 4);
           } else if (W.fmt == Q4_K) {
@@ -665,11 +646,7 @@ void sparse_rows(const SparseW& W, const QAct& x, int64_t M, const int32_t* star
           const __m512* sc = S + c * 4;
           float* a = acc + (m * nch + c) * 64;
           switch (nch - c < 4 ? nch - c : 4) {
-#define PLM_CASE(n)                                                                     \
-  case n:                                                                               \
-    if (xs || W.fmt != Q8_0) sparse_rows_row<n, false>(x, m, b0, b1, live, t, sc, nch, off, a); \
-    else sparse_rows_row<n, true>(x, m, b0, b1, live, t, sc, nch, off, a);              \
-    break;
+#define PLM_CASE(n) case n: sparse_rows_row<n>(x, m, b0, b1, live, t, sc, nch, off, a); break;
             PLM_CASE(1) PLM_CASE(2) PLM_CASE(3) PLM_CASE(4)
 #undef PLM_CASE
           }
