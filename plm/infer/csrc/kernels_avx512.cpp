@@ -494,12 +494,12 @@ inline __attribute__((always_inline)) void group_sums(const __m512i* t, const in
 // weights [block][chunk][group][4] and the permuted scales [block][chunk][4], `cs` chunks a
 // block (T and S point at this call's first chunk); acc the row's accumulators [chunk][64].
 template <int NCH>
-void sparse_rows_row(const QAct& x, int64_t m, int64_t b0, int64_t b1, const bool* live, const __m512i* T,
+void sparse_rows_row(const QAct& x, int64_t m, int64_t b0, int64_t b1, const uint8_t* live, const __m512i* T,
                      const __m512* S, int64_t cs, int32_t off, float* acc) {
   const int64_t K = x.K, nd = K / x.bs;
   const int8_t* qrow = x.q + m * K;
   for (int64_t b = b0; b < b1; b++) {
-    if (!live[b - b0]) continue;
+    if (!live[b]) continue;
     const unsigned nz = nonzero_groups(qrow + 32 * b);
     if (!nz) continue;  // nothing active: the block adds exactly 0
     const int32_t* s = x.s16 + m * (K / 16) + 2 * b;
@@ -523,7 +523,7 @@ void sparse_rows_row(const QAct& x, int64_t m, int64_t b0, int64_t b1, const boo
 // and MN the Q4_K mins, [sub-block][chunk][4] int32. As sparse_q: integer sums scaled per
 // sub-block, one fp32 step per super-block.
 template <int NCH, int FMT>
-void sparse_rows_kq_row(const QAct& x, int64_t m, int64_t s, const bool* live, const __m512i* T, int64_t cs,
+void sparse_rows_kq_row(const QAct& x, int64_t m, int64_t s, const uint8_t* live, const __m512i* T, int64_t cs,
                         const __m512* D, const __m512* DM, const __m512i* SC, const __m512i* MN, float* acc) {
   const int64_t K = x.K, nd = K / x.bs;
   const int8_t* qrow = x.q + m * K;
@@ -534,7 +534,7 @@ void sparse_rows_kq_row(const QAct& x, int64_t m, int64_t s, const bool* live, c
   bool any = false;
   for (int64_t bb = 0; bb < 8; bb++) {
     const int64_t b = 8 * s + bb;
-    if (!live[bb]) continue;
+    if (!live[b]) continue;
     const unsigned nz = nonzero_groups(qrow + 32 * b);
     if (!nz) continue;
     any = true;
@@ -581,7 +581,7 @@ void sparse_rows_kq_row(const QAct& x, int64_t m, int64_t s, const bool* live, c
 // y[m][j] for every row m < M and the outputs of chunks [c0, c1), in pieces of up to SR_MAXCH
 // chunks (2 for the K-quants, whose super-block of 8 blocks must fit the buffer): longer runs
 // of each neuron row read at once. acc: 64-byte aligned scratch of M * SR_MAXCH * 64 floats.
-void sparse_rows(const SparseW& W, const QAct& x, int64_t M, const int32_t* start, int64_t c0, int64_t c1, float* y,
+void sparse_rows(const SparseW& W, const QAct& x, int64_t M, const uint8_t* live, int64_t c0, int64_t c1, float* y,
                  int64_t ldy, float* acc) {
   const int64_t K = W.K, Np = W.Np, nb = K / 32, ns = K / 256;
   const bool kq = W.fmt == Q4_K || W.fmt == Q6_K;
@@ -592,7 +592,6 @@ void sparse_rows(const SparseW& W, const QAct& x, int64_t M, const int32_t* star
   alignas(64) __m512i T[SR_MAXCH * 32];  // 32 KiB: SR_MAXCH (block, chunk) pairs of 32 zmm
   alignas(64) __m512 S[SR_MAXCH * 4], DM[2 * 4];
   alignas(64) __m512i SC[16 * 2 * 4], MN[8 * 2 * 4];
-  bool live[SR_MAXCH];
   const int64_t maxch = kq ? 2 : SR_MAXCH;
   for (int64_t ca = c0; ca < c1; ca += maxch) {
     const int64_t nch = c1 - ca < maxch ? c1 - ca : maxch, slab = kq ? 8 : SR_MAXCH / nch;
@@ -601,11 +600,8 @@ void sparse_rows(const SparseW& W, const QAct& x, int64_t M, const int32_t* star
       const int64_t b1 = nb - b0 < slab ? nb : b0 + slab;
       bool any_live = false;
       for (int64_t b = b0; b < b1; b++) {
-        bool any = false;
-        for (int64_t m = 0; m < M && !any; m++) any = start[m * (nb + 1) + b + 1] > start[m * (nb + 1) + b];
-        live[b - b0] = any;
-        any_live |= any;
-        if (!any) continue;  // no row uses these 32 neurons: never read
+        if (!live[b]) continue;  // no row uses these 32 neurons: never read
+        any_live = true;
         for (int64_t c = 0; c < nch; c++) {
           const int64_t j = (ca + c) * 64, pc = (b - b0) * nch + c;
           transpose_block(W, b, j, T + pc * 32);

@@ -263,8 +263,6 @@ void Mat::forward_sparse(const float* a, int64_t M, float* y, int64_t ldy, Work&
   const uint8_t* base = data.data_ptr<uint8_t>();
   const int64_t nb = K / 32;
   const SparseW W{base, fmt, N, K, ceil_div(N, 64) * 64};
-  int32_t* idx = grow(w.idx, M * K);
-  int32_t* start = grow(w.start, M * (nb + 1));
   const int bs = act_block(fmt);
   const float* av = a;
   if (is_block(fmt)) {
@@ -272,6 +270,45 @@ void Mat::forward_sparse(const float* a, int64_t M, float* y, int64_t ldy, Work&
   } else if (fmt == BF16) {
     av = round_bf16(a, M * K, w);
   }
+  auto count = [&](int64_t active) {
+    if (st) {
+      st->rows += M;
+      st->active += active;
+      st->neurons += M * K;
+    }
+  };
+  const int64_t chunks = W.Np / 64;
+  if (M >= SPARSE_ROWS_MIN && dp.k.sparse_rows && is_block(fmt)) {
+    // several rows: their active neurons together cover most blocks, so the layout is read
+    // once as a dense product; the kernel needs only which blocks some row of a pass uses (it
+    // finds each row's nonzero activations itself). At most SPARSE_ROWS_MAX rows a pass, so
+    // the accumulators stay bounded (a long prompt scored in one forward); tasks of 512
+    // outputs, so each neuron row is read in long runs.
+    const int64_t per = std::min(M, SPARSE_ROWS_MAX) * 1024;  // floats of one thread's accumulators
+    float* acc = grow(w.acc, at::get_num_threads() * per + 16);
+    acc += (16 - ((uintptr_t)acc / 4) % 16) % 16;  // 64-byte aligned
+    uint8_t* live = grow(w.live, nb);
+    int64_t active = 0;
+    for (int64_t m0 = 0; m0 < M; m0 += SPARSE_ROWS_MAX) {
+      const int64_t rows = std::min(SPARSE_ROWS_MAX, M - m0);
+      const int8_t* q = w.q.data() + m0 * K;
+      for (int64_t b = 0; b < nb; b++) {
+        int32_t n = 0;  // branch-free: the zeros are random, a branch would mispredict
+        for (int64_t m = 0; m < rows; m++)
+          for (int64_t i = m * K + 32 * b; i < m * K + 32 * b + 32; i++) n += q[i] != 0;
+        live[b] = n > 0;
+        active += n;
+      }
+      const QAct qa{q, w.d.data() + m0 * (K / bs), w.s16.data() + m0 * (K / 16), K, bs};
+      parallel_run(chunks, 8, [&](int64_t c0, int64_t c1, int tid) {
+        dp.k.sparse_rows(W, qa, rows, live, c0, c1, y + m0 * ldy, ldy, acc + tid * per);
+      });
+    }
+    count(active);
+    return;
+  }
+  int32_t* idx = grow(w.idx, M * K);
+  int32_t* start = grow(w.start, M * (nb + 1));
   int64_t active = 0;
   for (int64_t m = 0; m < M; m++) {  // active neurons: non-zero quantised (or float) activations
     int32_t n = 0;
@@ -287,29 +324,7 @@ void Mat::forward_sparse(const float* a, int64_t M, float* y, int64_t ldy, Work&
     st_m[nb] = n;
     active += n;
   }
-  if (st) {
-    st->rows += M;
-    st->active += active;
-    st->neurons += M * K;
-  }
-  const int64_t chunks = W.Np / 64;
-  if (M >= SPARSE_ROWS_MIN && dp.k.sparse_rows && is_block(fmt)) {
-    // several rows: their active neurons together cover most blocks, so the layout is read
-    // once as a dense product (blocks inactive in every row are still skipped)
-    // at most SPARSE_ROWS_MAX rows a pass, so the accumulators stay bounded (a long prompt
-    // scored in one forward); tasks of 512 outputs, so each neuron row is read in long runs
-    const int64_t per = std::min(M, SPARSE_ROWS_MAX) * 1024;  // floats of one thread's accumulators
-    float* acc = grow(w.acc, at::get_num_threads() * per + 16);
-    acc += (16 - ((uintptr_t)acc / 4) % 16) % 16;  // 64-byte aligned
-    for (int64_t m0 = 0; m0 < M; m0 += SPARSE_ROWS_MAX) {
-      const int64_t rows = std::min(SPARSE_ROWS_MAX, M - m0);
-      const QAct qa{w.q.data() + m0 * K, w.d.data() + m0 * (K / bs), w.s16.data() + m0 * (K / 16), K, bs};
-      parallel_run(chunks, 8, [&](int64_t c0, int64_t c1, int tid) {
-        dp.k.sparse_rows(W, qa, rows, start + m0 * (nb + 1), c0, c1, y + m0 * ldy, ldy, acc + tid * per);
-      });
-    }
-    return;
-  }
+  count(active);
   // one activation row: a contiguous share of the outputs per thread, so each active neuron's
   // row is read in one long segment (DRAM and the prefetchers favour few long runs)
   parallel(chunks, M == 1 ? ceil_div(chunks, at::get_num_threads()) : 1, [&](int64_t c0, int64_t c1) {

@@ -119,9 +119,9 @@ struct Kernels {
                     int cache_bf16, int64_t S, int64_t part, float scale, float* out, float* lse,
                     float* scratch);
   // sparse down (block formats), M activation rows at once as a dense product over the blocks
-  // active in any row: y[m][j] for j in the chunks of 64 outputs [c0, c1); start [M][K/32 + 1]
-  // as in ActiveList; acc: 64-byte aligned scratch of M * 1024 floats. Null: row by row.
-  void (*sparse_rows)(const SparseW& W, const QAct& x, int64_t M, const int32_t* start, int64_t c0,
+  // some row uses (live [K/32]: nonzero if so): y[m][j] for j in the chunks of 64 outputs
+  // [c0, c1); acc: 64-byte aligned scratch of M * 1024 floats. Null: row by row.
+  void (*sparse_rows)(const SparseW& W, const QAct& x, int64_t M, const uint8_t* live, int64_t c0,
                       int64_t c1, float* y, int64_t ldy, float* acc);
 };
 

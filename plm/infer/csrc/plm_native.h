@@ -65,6 +65,7 @@ struct Work {  // scratch reused across calls (grows, never shrinks)
   std::vector<int8_t> q;
   std::vector<float> d, xf, acc;
   std::vector<int32_t> s16, idx, start;
+  std::vector<uint8_t> live;
   std::vector<uint16_t> xb;
 };
 
