@@ -242,6 +242,41 @@ def test_sparse_down_equals_dense(fmt):
     assert stats["rows"] > 0 and 0.05 < stats["active_fraction"] < 0.95  # relu² zeros were skipped
 
 
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_k"])
+def test_sparse_stats_of_a_batched_step_equal_its_rows_one_by_one(fmt):
+    """The active-neuron count of one batched step of 8 sequences (on AVX-512 the many-row sparse
+    product, which counts from a per-block tally) equals the count of the same 8 rows stepped one
+    sequence at a time (the one-row path, which counts while listing each row's active neurons):
+    the rows are bit-identical either way, so the counts must be too."""
+    torch.manual_seed(5)
+    cfg = PLMConfig.from_preset("plm-micro", vocab_size=512, intermediate_size=512, bos_token_id=0, eos_token_id=2,
+                                initializer_range=0.1)
+    dec = NativeDecoder.from_model(PLMForCausalLM(cfg).eval(), fmt=fmt, sparse=True)
+    prompts = [torch.randint(0, 512, (5 + i,)).tolist() for i in range(8)]
+    nxt = torch.randint(0, 512, (8,)).tolist()
+
+    def counted(batched: bool) -> tuple[list[int], torch.Tensor]:
+        seqs = [dec.new_sequence() for _ in prompts]
+        for s, p in zip(seqs, prompts):
+            dec.prefill(s, p)
+        before = [int(v) for v in dec.impl.sparse_stats()]
+        if batched:
+            logits = dec.step(seqs, nxt)
+        else:
+            logits = torch.cat([dec.step([s], [t]) for s, t in zip(seqs, nxt)])
+        after = [int(v) for v in dec.impl.sparse_stats()]
+        for s in seqs:
+            dec.free(s)
+        return [a - b for a, b in zip(after, before)], logits
+
+    (rows_b, active_b, neurons_b), logits_b = counted(True)
+    (rows_1, active_1, neurons_1), logits_1 = counted(False)
+    assert torch.equal(logits_b, logits_1)
+    assert rows_b == rows_1 == 8 * cfg.num_hidden_layers
+    assert neurons_b == neurons_1 == rows_b * cfg.intermediate_size
+    assert active_b == active_1 and 0 < active_b < neurons_b
+
+
 def test_sequences_and_cache_bytes(small_model):
     c = small_model.config
     dec = NativeDecoder.from_model(small_model, fmt="bf16", capacity=4)
