@@ -5,10 +5,17 @@
 # Sapphire-Rapids-class VMs whose kernels do not grant AMX tile state, and llama.cpp then dies
 # with SIGILL in Q8_0/Q4 matmuls. We build for the CPU's vector extensions with AMX off, and
 # cache the wheel under a key of version + flags, since pip's own wheel cache ignores flags.
+#
+# PLM_LLAMA_ISA=avx2 builds without AVX-512 even on an AVX-512 CPU: llama.cpp as it runs on an
+# AVX2-only host (most laptops and desktops), for `benchmarks/edge.py --isa avx2`.
 set -euo pipefail
 VERSION="${LLAMA_CPP_PYTHON_VERSION:-0.3.36}"
 PY="${1:-python3}"
-if grep -qw avx512f /proc/cpuinfo 2>/dev/null; then
+case "${PLM_LLAMA_ISA:-native}" in
+  native|avx2) ;;
+  *) echo "PLM_LLAMA_ISA must be native or avx2, got '${PLM_LLAMA_ISA}'" >&2; exit 2 ;;
+esac
+if [ "${PLM_LLAMA_ISA:-native}" = native ] && grep -qw avx512f /proc/cpuinfo 2>/dev/null; then
   SIMD="-DGGML_AVX512=ON"
   for f in avx512_vbmi:VBMI avx512_vnni:VNNI avx512_bf16:BF16; do
     grep -qw "${f%%:*}" /proc/cpuinfo && SIMD="$SIMD -DGGML_AVX512_${f##*:}=ON"

@@ -104,16 +104,27 @@ def test_edge_benchmark_end_to_end(tmp_path):
     if not nv.available():
         pytest.skip("native kernels not built")
     pytest.importorskip("llama_cpp")
+    import llama_cpp
     repo = Path(__file__).resolve().parents[1]
     engines = ["ours-q8_0", "ours-q8_0-sparse", "llama-q8_0", "torch-int8"]
     out = tmp_path / "out"
+    # --isa forces our kernels' path; --llama-path puts another llama_cpp first on llama.cpp's
+    # workers' import path (here the installed one again, through a folder of its own)
+    isa = "avx2" if nv.isa_supported("avx2") else "scalar"
+    other = tmp_path / "other-llama"
+    other.mkdir()
+    (other / "llama_cpp").symlink_to(Path(llama_cpp.__file__).parent)
     proc = subprocess.run([sys.executable, str(repo / "benchmarks/edge.py"), "--preset", "plm-micro", "--sparsity", "0.9",
                            "--contexts", "16,40", "--decode-tokens", "4", "--engines", ",".join(engines),
                            "--budgets", "", "--no-sweep", "--contention", "1.0", "--rounds", "2",
-                           "--workdir", str(tmp_path / "w"),
+                           "--workdir", str(tmp_path / "w"), "--isa", isa, "--llama-path", str(other),
                            "--out", str(out)], capture_output=True, text=True, timeout=1200, cwd=repo)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((out / "edge.json").read_text())
+    assert res["engines"]["ours-q8_0"]["build"] == f"plm kernels {isa}"
+    llama_build = res["engines"]["llama-q8_0"]["build"]
+    assert llama_build.startswith("llama.cpp ") and llama_build.endswith(f"({other})")
+    assert ("AVX2" in llama_build) == ("avx2" in nv.info()["cpu_features"])  # llama.cpp's own system info
     assert res["teacher_forced"] and res["sparsity"] == 0.9 and res["bandwidth"]["read_gb_s"] > 0
     for e in engines:
         r = res["engines"][e]
@@ -132,6 +143,17 @@ def test_edge_benchmark_end_to_end(tmp_path):
     assert "right after each decode measurement" in md  # plm-micro decodes from the caches: no windows
     assert "| ours-q8_0-sparse |" in md and "% roofline @40" in md and "2 interleaved rounds" in md and (out / "edge.png").stat().st_size > 0
     assert any(t["target"].startswith("Q8_0 decode @16") for t in res["targets"])
+    assert f"Kernels: {llama_build}; plm kernels {isa}." in md
+
+
+def test_edge_benchmark_rejects_a_bad_isa_or_llama_path(tmp_path):
+    from plm.bench.edge import EdgeBenchSettings, run
+    from plm.errors import PLMError
+    base = dict(preset="plm-micro", contexts="16", workdir=str(tmp_path / "w"), out=str(tmp_path / "o"))
+    with pytest.raises(PLMError, match="--isa must be native, avx512, avx2 or scalar, got 'avx3'"):
+        run(EdgeBenchSettings(**base, isa="avx3"))
+    with pytest.raises(PLMError, match=f"--llama-path {tmp_path}: no llama_cpp package there"):
+        run(EdgeBenchSettings(**base, llama_path=str(tmp_path)))
 
 
 def _round(ctx_rates: dict[int, tuple[float, list[float], float]], rss: int) -> dict:

@@ -380,8 +380,10 @@ def worker_native(a: dict) -> dict:
     torch.set_num_threads(a["threads"])
     t0 = time.perf_counter()
     dec = open_native(a)
+    from plm.infer import native as nv
     res = {"engine": a["engine"], "load_s": time.perf_counter() - t0, "weight_bytes": dec.weight_bytes(),
-           "rss_after_load": rss_bytes(), "formats": sorted(set(dec.formats.values())), "stages": []}
+           "rss_after_load": rss_bytes(), "formats": sorted(set(dec.formats.values())), "stages": [],
+           "build": f"plm kernels {nv.info().get('isa')}"}
     seq = dec.new_sequence()
     dec.reserve(seq, max(a["contexts"]) + a["decode_tokens"] + 8)
     dense = not OURS[a["engine"]].get("sparse")
@@ -433,7 +435,8 @@ def worker_llama(a: dict) -> dict:
                           logits_all=False)
     n_vocab = llm.n_vocab()
     res = {"engine": a["engine"], "load_s": time.perf_counter() - t0, "rss_after_load": rss_bytes(),
-           "n_ctx": n_ctx, "stages": [], "weight_bytes": int(llama_cpp.llama_model_size(llm.model))}  # its tensors' bytes
+           "n_ctx": n_ctx, "stages": [], "weight_bytes": int(llama_cpp.llama_model_size(llm.model)),  # its tensors' bytes
+           "build": llama_build(llama_cpp)}
 
     def last() -> int:
         ptr = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
@@ -456,6 +459,15 @@ def worker_llama(a: dict) -> dict:
 
     measure_stages(a, S(), res)
     return res
+
+
+def llama_build(llama_cpp) -> str:
+    """Which SIMD the loaded llama.cpp was compiled for (its system info, e.g. `AVX2 = 1 | AVX512 = 0`),
+    and where it came from: the record that a `--llama-path` build, not the default one, ran."""
+    info = llama_cpp.llama_print_system_info().decode(errors="replace")
+    feats = [f.split("=")[0].split()[-1] for f in info.split("|") if f.strip().endswith("= 1")]
+    simd = [f for f in feats if f.startswith(("AVX", "F16C", "FMA", "SSE3", "NEON", "AMX"))]
+    return f"llama.cpp {' '.join(simd) or info.strip()[:80]} ({Path(llama_cpp.__file__).parent.parent})"
 
 
 def worker_bandwidth(a: dict) -> dict:
@@ -677,6 +689,10 @@ WORKERS = {"ours": worker_native, "torch": worker_torch, "llama": worker_llama, 
 def run_worker(kind: str, args: dict, timeout: float) -> dict:
     cmd = [sys.executable, "-m", "plm.bench.edge", "--worker", kind, json.dumps(args)]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.get("threads", 2)))
+    if args.get("isa", "native") != "native":  # our kernels' path, forced (an error if the CPU lacks it)
+        env["PLM_NATIVE_ISA"] = args["isa"]
+    if args.get("llama_path"):  # another llama_cpp build (e.g. without AVX-512), ahead of the installed one
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (args["llama_path"], env.get("PYTHONPATH")) if p)
     t0 = time.time()
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
@@ -942,6 +958,10 @@ def markdown(results: dict) -> str:
              + (f" Engines ran in {results['rounds']} interleaved rounds (each engine once per round, in turn), "
                 "pooled per context: decode steps together, prefill times summed."
                 if results.get("rounds", 1) > 1 else ""))
+    builds = sorted({r["build"] for r in results["engines"].values() if r.get("build")})
+    if builds:  # what each engine's kernels were compiled for / forced to (--isa, --llama-path)
+        L.append("")
+        L.append("Kernels: " + "; ".join(builds) + ".")
     L.append("")
     bw = results.get("bandwidth") or {}
     if bw.get("read_gb_s"):
@@ -1127,6 +1147,8 @@ class EdgeBenchSettings:
     contention: float = 0.1  # redo a timed section when other processes took more of the CPUs than this
     retries: int = 3  # attempts per timed section
     rounds: int = 1  # interleaved passes over the engines, pooled per engine and context
+    isa: str = "native"  # our kernels' path: native (the best this CPU runs), avx512, avx2 or scalar
+    llama_path: str | None = None  # a folder holding another llama_cpp build (pip install --target), used instead
     command: str = ""  # how this run was asked for, for the report
 
 
@@ -1161,6 +1183,11 @@ def run(args: EdgeBenchSettings) -> tuple[dict, str]:
             raise PLMError(f"--engines: unknown engine {e!r}; choose from {', '.join(ALL_ENGINES)}")
     if args.sparsity is not None and args.ckpt:
         raise PLMError("--sparsity builds random weights; it cannot be combined with --ckpt")
+    if args.isa not in ("native", "avx512", "avx2", "scalar"):
+        raise PLMError(f"--isa must be native, avx512, avx2 or scalar, got {args.isa!r}")
+    if args.llama_path and not (Path(args.llama_path) / "llama_cpp" / "__init__.py").is_file():
+        raise PLMError(f"--llama-path {args.llama_path}: no llama_cpp package there (make one with "
+                       "`pip install --target DIR --no-deps <wheel>`, the wheel from scripts/build_llama_wheel.sh)")
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     ckpt = ensure_checkpoint(args)
@@ -1181,11 +1208,13 @@ def run(args: EdgeBenchSettings) -> tuple[dict, str]:
                "contention": args.contention, "retries": args.retries, "rounds": args.rounds}
     if args.rounds < 1:
         raise PLMError(f"--rounds must be at least 1, got {args.rounds}")
+    results.update(isa=args.isa, llama_path=args.llama_path)
     teacher = args.teacher_force if args.teacher_force is not None else args.sparsity is not None
     results["teacher_forced"] = teacher
     base = {"ckpt": str(ckpt), "tokens": str(toks), "contexts": contexts, "decode_tokens": args.decode_tokens,
             "teacher_force": teacher,
-            "threads": args.threads, "contention": args.contention, "retries": args.retries}
+            "threads": args.threads, "contention": args.contention, "retries": args.retries,
+            "isa": args.isa, "llama_path": args.llama_path}
 
     def save():
         results["targets"] = targets(results, contexts)
