@@ -138,8 +138,8 @@ def test_block_paths_bit_identical(fmt, M):
 
 
 @pytest.mark.parametrize("fmt", FLOAT_FORMATS, ids=lambda f: nv.FORMAT_NAMES[f])
-@pytest.mark.parametrize("N,K", [(1, 5), (17, 37), (33, 100), (50, 256)])
-@pytest.mark.parametrize("M", (1, 2, 7))
+@pytest.mark.parametrize("N,K", [(1, 5), (17, 37), (9, 45), (33, 100), (50, 256), (17, 8200)])
+@pytest.mark.parametrize("M", (1, 2, 7, 9))  # 7, 9: groups of 4 rows (AVX2), then rows alone
 def test_float_gemv(isa, fmt, N, K, M):
     rng = np.random.default_rng(N + K + M + fmt)
     raw = random_blocks(fmt, N, K, rng)

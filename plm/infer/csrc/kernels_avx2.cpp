@@ -3,6 +3,7 @@
 // Same integer sums and fp32 sequence as kernels_scalar.cpp (see plm_kernels.h).
 #pragma GCC target("avx2,fma,f16c")
 #include <immintrin.h>
+#include <stdlib.h>
 
 #include "plm_kernels.h"
 
@@ -366,89 +367,109 @@ inline float load1(int fmt, const void* W, int64_t i) {
   return fmt == F16 ? fp16_to_fp32(h) : bf16_to_fp32(h);
 }
 
-// One activation row against R <= 4 weight rows n + r * dn (R separate read streams): x loads
-// shared, 2R independent FMA chains.
-// Each weight row's arithmetic is the same whatever R is (tails run R < 4), so outputs never
-// depend on how the rows were split between threads or tiles.
-template <int R>
-void f_rows4(int fmt, const void* W, int64_t K, int64_t n, int64_t dn, const float* x, float* y) {
-  __m256 a[R][2];
-  for (int r = 0; r < R; r++) a[r][0] = a[r][1] = _mm256_setzero_ps();
-  int64_t k = 0;
-  for (; k + 16 <= K; k += 16) {
-    const __m256 x0 = _mm256_loadu_ps(x + k), x1 = _mm256_loadu_ps(x + k + 8);
-    for (int r = 0; r < R; r++) {
-      a[r][0] = _mm256_fmadd_ps(load8(fmt, W, (n + r * dn) * K + k), x0, a[r][0]);
-      a[r][1] = _mm256_fmadd_ps(load8(fmt, W, (n + r * dn) * K + k + 8), x1, a[r][1]);
-    }
-  }
-  for (; k + 8 <= K; k += 8) {
-    const __m256 x0 = _mm256_loadu_ps(x + k);
-    for (int r = 0; r < R; r++) a[r][0] = _mm256_fmadd_ps(load8(fmt, W, (n + r * dn) * K + k), x0, a[r][0]);
-  }
-  for (int r = 0; r < R; r++) {
-    float s = hsum8(_mm256_add_ps(a[r][0], a[r][1]));
-    for (int64_t kk = k; kk < K; kk++) s += load1(fmt, W, (n + r * dn) * K + kk) * x[kk];
-    y[n + r * dn] = s;
-  }
-}
-
-// BF16, one activation row against R <= 4 weight rows n + r * dn: 16 weights per load widened by
-// interleaving with zeros (one shuffle per 8 values instead of zero-extend + shift), which
-// yields the lanes in the order [0-3, 8-11 | 4-7, 12-15]; xp is x permuted the same way.
-template <int R>
-void bf16_rows4(const uint16_t* W, int64_t K, int64_t n, int64_t dn, const float* xp, const float* x, float* y) {
-  const __m256i z = _mm256_setzero_si256();
-  __m256 a[R][2];
-  for (int r = 0; r < R; r++) a[r][0] = a[r][1] = _mm256_setzero_ps();
+// A float tile: R weight rows n + r * dn against MB activation rows. Per (weight row, activation
+// row) one fp32 FMA chain over k in steps of 16, then an 8-step, the 8 lanes summed and the
+// scalar tail in order: the same arithmetic whatever R and MB are, so a row alone (decode: R = 4
+// rows read side by side as four streams, MB = 1), in a batched step or in a prompt chunk (MB =
+// 2, each widened weight vector serving both rows) gives the same bits. One chain per pair, not
+// one per half vector, so that 4 x 2 pairs fit the 16 registers with their x vectors.
+// BF16 with `split`: 16 weights per load, widened without shuffles (the even ones by a shift,
+// the odd ones by a mask) against xs, x with each 16 values split into even and odd (split16);
+// otherwise (F16, F32, or BF16 rows too long for the buffers) 8 values per load8, xs = x.
+// x: the unsplit rows (stride K), for the 8-step and the tail.
+template <int R, int MB>
+void f_tile(bool split, int fmt, const void* W, int64_t K, int64_t n, int64_t dn, const float* xs, int64_t ldx,
+            const float* x, float* y, int64_t ldy) {
+  const __m256i odd = _mm256_set1_epi32((int)0xffff0000);
+  __m256 a[R][MB];
+  for (int r = 0; r < R; r++)
+    for (int i = 0; i < MB; i++) a[r][i] = _mm256_setzero_ps();
   const int64_t K16 = K & ~(int64_t)15;
   for (int64_t k = 0; k < K16; k += 16) {
-    const __m256 x0 = _mm256_loadu_ps(xp + k), x1 = _mm256_loadu_ps(xp + k + 8);
+    __m256 x0[MB], x1[MB];
+    for (int i = 0; i < MB; i++) {
+      x0[i] = _mm256_loadu_ps(xs + i * ldx + k);
+      x1[i] = _mm256_loadu_ps(xs + i * ldx + k + 8);
+    }
     for (int r = 0; r < R; r++) {
-      const __m256i w = _mm256_loadu_si256((const __m256i*)(W + (n + r * dn) * K + k));
-      a[r][0] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpacklo_epi16(z, w)), x0, a[r][0]);
-      a[r][1] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpackhi_epi16(z, w)), x1, a[r][1]);
+      const int64_t o = (n + r * dn) * K + k;
+      __m256 w0, w1;
+      if (split) {
+        const __m256i w = _mm256_loadu_si256((const __m256i*)((const uint16_t*)W + o));
+        w0 = _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+        w1 = _mm256_castsi256_ps(_mm256_and_si256(w, odd));
+      } else {
+        w0 = load8(fmt, W, o);
+        w1 = load8(fmt, W, o + 8);
+      }
+      for (int i = 0; i < MB; i++) a[r][i] = _mm256_fmadd_ps(w1, x1[i], _mm256_fmadd_ps(w0, x0[i], a[r][i]));
     }
   }
+  const bool eight = K16 + 8 <= K;
   for (int r = 0; r < R; r++) {
-    float s = hsum8(_mm256_add_ps(a[r][0], a[r][1]));
-    for (int64_t k = K16; k < K; k++) s += bf16_to_fp32(W[(n + r * dn) * K + k]) * x[k];
-    y[n + r * dn] = s;
+    const int64_t row = (n + r * dn) * K;
+    for (int i = 0; i < MB; i++) {
+      __m256 acc = a[r][i];
+      if (eight) acc = _mm256_fmadd_ps(load8(fmt, W, row + K16), _mm256_loadu_ps(x + i * K + K16), acc);
+      float s = hsum8(acc);
+      for (int64_t k = K16 + (eight ? 8 : 0); k < K; k++) s += load1(fmt, W, row + k) * x[i * K + k];
+      y[i * ldy + n + r * dn] = s;
+    }
   }
 }
 
-// x -> per 16 values [0-3, 8-11, 4-7, 12-15] (the lane order of the unpacked weights)
-void permute16(const float* x, int64_t K16, float* xp) {
-  for (int64_t k = 0; k < K16; k += 16) {
-    const __m256 lo = _mm256_loadu_ps(x + k), hi = _mm256_loadu_ps(x + k + 8);
-    _mm256_storeu_ps(xp + k, _mm256_permute2f128_ps(lo, hi, 0x20));      // 0-3, 8-11
-    _mm256_storeu_ps(xp + k + 8, _mm256_permute2f128_ps(lo, hi, 0x31));  // 4-7, 12-15
-  }
+// x -> per 16 values the 8 even ones, then the 8 odd ones (the lanes of a split bf16 load)
+void split16(const float* x, int64_t K16, float* xs) {
+  for (int64_t k = 0; k < K16; k += 16)
+    for (int j = 0; j < 8; j++) {
+      xs[k + j] = x[k + 2 * j];
+      xs[k + 8 + j] = x[k + 2 * j + 1];
+    }
+}
+
+// Weight rows [n0, n1) against MB activation rows (xs: stride ldx), in blocks of rows of about
+// 256 KiB (they stay in L2 while every pair of activation rows walks them), 4 rows a tile.
+template <int MB>
+void f_rows_block(bool split, int fmt, const void* W, int64_t K, int64_t n0, int64_t n1, const float* xs,
+                  int64_t ldx, const float* x, float* y, int64_t ldy) {
+  int64_t n = n0;
+  for (; n + 4 <= n1; n += 4) f_tile<4, MB>(split, fmt, W, K, n, 1, xs, ldx, x, y, ldy);
+  for (; n < n1; n++) f_tile<1, MB>(split, fmt, W, K, n, 0, xs, ldx, x, y, ldy);
 }
 
 void gemv_f(int fmt, const void* W, int64_t K, int64_t n0, int64_t n1, const float* x, const uint16_t*, int64_t M,
             float* y, int64_t ldy) {
-  // Row by row, and each weight row's arithmetic is the same whatever M and the thread split
-  // are, so a batched step equals the rows run alone bit for bit. (No std::vector here: this
-  // file is compiled for AVX2, and an inline template instantiated in it could be linked into
-  // the scalar path; see plm_kernels.h.)
+  // (No std::vector here: this file is compiled for AVX2, and an inline template instantiated in
+  // it could be linked into the scalar path; see plm_kernels.h. The split rows of several
+  // activation rows come from malloc.)
   const int64_t K16 = K & ~(int64_t)15;
-  if (fmt == BF16 && K16 <= 8192) {
-    float xp[8192];
+  bool split = fmt == BF16 && K16 <= 8192;
+  float one[8192];
+  float* many = split && M > 1 ? (float*)malloc(sizeof(float) * M * K16) : nullptr;
+  if (M == 1 || (split && !many)) {  // row by row: four runs of weight rows read side by side
     for (int64_t m = 0; m < M; m++) {
       const float* xm = x + m * K;
-      permute16(xm, K16, xp);
-      const int64_t q = (n1 - n0) / 4;  // four runs of rows read side by side
-      for (int64_t i = 0; i < q; i++) bf16_rows4<4>((const uint16_t*)W, K, n0 + i, q, xp, xm, y + m * ldy);
-      for (int64_t n = n0 + 4 * q; n < n1; n++) bf16_rows4<1>((const uint16_t*)W, K, n, 0, xp, xm, y + m * ldy);
+      if (split) split16(xm, K16, one);
+      const float* xv = split ? one : xm;
+      const int64_t q = (n1 - n0) / 4;
+      for (int64_t i = 0; i < q; i++) f_tile<4, 1>(split, fmt, W, K, n0 + i, q, xv, 0, xm, y + m * ldy, ldy);
+      for (int64_t n = n0 + 4 * q; n < n1; n++) f_tile<1, 1>(split, fmt, W, K, n, 0, xv, 0, xm, y + m * ldy, ldy);
     }
     return;
   }
-  for (int64_t m = 0; m < M; m++) {
-    const int64_t q = (n1 - n0) / 4;
-    for (int64_t i = 0; i < q; i++) f_rows4<4>(fmt, W, K, n0 + i, q, x + m * K, y + m * ldy);
-    for (int64_t n = n0 + 4 * q; n < n1; n++) f_rows4<1>(fmt, W, K, n, 0, x + m * K, y + m * ldy);
+  if (split)
+    for (int64_t m = 0; m < M; m++) split16(x + m * K, K16, many + m * K16);
+  const float* xv = split ? many : x;
+  const int64_t ldx = split ? K16 : K;
+  const int64_t fit = (256 << 10) / (K * (fmt == F32 ? 4 : 2)), nb = fit > 4 ? fit : 4;
+  for (int64_t b0 = n0; b0 < n1; b0 += nb) {
+    const int64_t b1 = b0 + nb < n1 ? b0 + nb : n1;
+    int64_t m = 0;
+    for (; m + 2 <= M; m += 2)
+      f_rows_block<2>(split, fmt, W, K, b0, b1, xv + m * ldx, ldx, x + m * K, y + m * ldy, ldy);
+    if (m < M) f_rows_block<1>(split, fmt, W, K, b0, b1, xv + m * ldx, ldx, x + m * K, y + m * ldy, ldy);
   }
+  free(many);
 }
 
 // ---- sparse down --------------------------------------------------------------------------
