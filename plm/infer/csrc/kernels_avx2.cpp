@@ -377,9 +377,9 @@ inline float load1(int fmt, const void* W, int64_t i) {
 // the odd ones by a mask) against xs, x with each 16 values split into even and odd (split16);
 // otherwise (F16, F32, or BF16 rows too long for the buffers) 8 values per load8, xs = x.
 // x: the unsplit rows (stride K), for the 8-step and the tail.
-template <int R, int MB>
-void f_tile(bool split, int fmt, const void* W, int64_t K, int64_t n, int64_t dn, const float* xs, int64_t ldx,
-            const float* x, float* y, int64_t ldy) {
+template <bool Split, int R, int MB>
+void f_tile_of(int fmt, const void* W, int64_t K, int64_t n, int64_t dn, const float* xs, int64_t ldx,
+               const float* x, float* y, int64_t ldy) {
   const __m256i odd = _mm256_set1_epi32((int)0xffff0000);
   __m256 a[R][MB];
   for (int r = 0; r < R; r++)
@@ -394,7 +394,7 @@ void f_tile(bool split, int fmt, const void* W, int64_t K, int64_t n, int64_t dn
     for (int r = 0; r < R; r++) {
       const int64_t o = (n + r * dn) * K + k;
       __m256 w0, w1;
-      if (split) {
+      if constexpr (Split) {
         const __m256i w = _mm256_loadu_si256((const __m256i*)((const uint16_t*)W + o));
         w0 = _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
         w1 = _mm256_castsi256_ps(_mm256_and_si256(w, odd));
@@ -416,6 +416,15 @@ void f_tile(bool split, int fmt, const void* W, int64_t K, int64_t n, int64_t dn
       y[i * ldy + n + r * dn] = s;
     }
   }
+}
+
+template <int R, int MB>
+inline void f_tile(bool split, int fmt, const void* W, int64_t K, int64_t n, int64_t dn, const float* xs, int64_t ldx,
+                   const float* x, float* y, int64_t ldy) {
+  if (split)
+    f_tile_of<true, R, MB>(fmt, W, K, n, dn, xs, ldx, x, y, ldy);
+  else
+    f_tile_of<false, R, MB>(fmt, W, K, n, dn, xs, ldx, x, y, ldy);
 }
 
 // x -> per 16 values the 8 even ones, then the 8 odd ones (the lanes of a split bf16 load)
