@@ -5,6 +5,7 @@
     python benchmarks/edge.py --preset plm-1.8b --threads 2            # the full run
     python benchmarks/edge.py --quick                                   # a few minutes
     python benchmarks/edge.py --ckpt runs/my-model --data some.txt      # a trained model
+    python benchmarks/edge.py --isa avx2 --llama-path DIR               # both sides as on an AVX2-only host
 
 Writes edge.json, edge.md and edge.png in --out and prints the markdown.
 """
