@@ -1281,7 +1281,8 @@ def run(args: EdgeBenchSettings) -> tuple[dict, str]:
                 log(f"quality: no llama.cpp {kind} GGUF ({ex})")
         results["quality_data"] = ", ".join(args.data) if args.data else "the package's sources"
         results["quality"] = run_worker("quality", {"ckpt": str(ckpt), "threads": args.threads,
-                                                    "eval_tokens": str(ev), "ggufs": ggufs}, args.timeout)
+                                                    "eval_tokens": str(ev), "ggufs": ggufs, "isa": args.isa,
+                                                    "llama_path": args.llama_path}, args.timeout)
         save()
     bw = run_worker("bandwidth", {"threads": args.threads, "contention": args.contention, "retries": args.retries},
                     args.timeout)
