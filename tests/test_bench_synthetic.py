@@ -123,7 +123,7 @@ def test_edge_benchmark_end_to_end(tmp_path):
     res = json.loads((out / "edge.json").read_text())
     assert res["engines"]["ours-q8_0"]["build"] == f"plm kernels {isa}"
     llama_build = res["engines"]["llama-q8_0"]["build"]
-    assert llama_build.startswith("llama.cpp ") and llama_build.endswith(f"({other})")
+    assert llama_build.startswith("llama.cpp ") and llama_build.endswith(f"(llama-cpp-python {llama_cpp.__version__}, {other})")
     assert ("AVX2" in llama_build) == ("avx2" in nv.info()["cpu_features"])  # llama.cpp's own system info
     assert res["teacher_forced"] and res["sparsity"] == 0.9 and res["bandwidth"]["read_gb_s"] > 0
     for e in engines:
@@ -144,6 +144,17 @@ def test_edge_benchmark_end_to_end(tmp_path):
     assert "| ours-q8_0-sparse |" in md and "% roofline @40" in md and "2 interleaved rounds" in md and (out / "edge.png").stat().st_size > 0
     assert any(t["target"].startswith("Q8_0 decode @16") for t in res["targets"])
     assert f"Kernels: {llama_build}; plm kernels {isa}." in md
+
+
+def test_llama_wheel_script_refuses_an_unknown_isa():
+    """scripts/build_llama_wheel.sh checks PLM_LLAMA_ISA before building anything."""
+    import os
+    import subprocess
+    from pathlib import Path
+    script = Path(__file__).resolve().parents[1] / "scripts/build_llama_wheel.sh"
+    p = subprocess.run(["bash", str(script)], env=dict(os.environ, PLM_LLAMA_ISA="avx3"), capture_output=True,
+                       text=True, timeout=30)
+    assert p.returncode == 2 and "PLM_LLAMA_ISA must be native or avx2, got 'avx3'" in p.stderr and not p.stdout
 
 
 def test_edge_benchmark_rejects_a_bad_isa_or_llama_path(tmp_path):

@@ -467,7 +467,8 @@ def llama_build(llama_cpp) -> str:
     info = llama_cpp.llama_print_system_info().decode(errors="replace")
     feats = [f.split("=")[0].split()[-1] for f in info.split("|") if f.strip().endswith("= 1")]
     simd = [f for f in feats if f.startswith(("AVX", "F16C", "FMA", "SSE3", "NEON", "AMX"))]
-    return f"llama.cpp {' '.join(simd) or info.strip()[:80]} ({Path(llama_cpp.__file__).parent.parent})"
+    return (f"llama.cpp {' '.join(simd) or info.strip()[:80]} "
+            f"(llama-cpp-python {llama_cpp.__version__}, {Path(llama_cpp.__file__).parent.parent})")
 
 
 def worker_bandwidth(a: dict) -> dict:

@@ -436,8 +436,8 @@ void split16(const float* x, int64_t K16, float* xs) {
     }
 }
 
-// Weight rows [n0, n1) against MB activation rows (xs: stride ldx), in blocks of rows of about
-// 256 KiB (they stay in L2 while every pair of activation rows walks them), 4 rows a tile.
+// Weight rows [n0, n1) (one of gemv_f's blocks) against MB activation rows (xs: stride ldx),
+// 4 weight rows a tile.
 template <int MB>
 void f_rows_block(bool split, int fmt, const void* W, int64_t K, int64_t n0, int64_t n1, const float* xs,
                   int64_t ldx, const float* x, float* y, int64_t ldy) {
@@ -452,7 +452,7 @@ void gemv_f(int fmt, const void* W, int64_t K, int64_t n0, int64_t n1, const flo
   // it could be linked into the scalar path; see plm_kernels.h. The split rows of several
   // activation rows come from malloc.)
   const int64_t K16 = K & ~(int64_t)15;
-  bool split = fmt == BF16 && K16 <= 8192;
+  const bool split = fmt == BF16 && K16 <= 8192;
   float one[8192];
   float* many = split && M > 1 ? (float*)malloc(sizeof(float) * M * K16) : nullptr;
   if (M == 1 || (split && !many)) {  // row by row: four runs of weight rows read side by side
