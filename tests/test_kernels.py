@@ -36,7 +36,7 @@ from plm.infer import native as nv
 pytestmark = pytest.mark.skipif(not nv.load(), reason="native kernels not built (plm kernels build)")
 
 REPO = Path(__file__).resolve().parents[1]
-ISAS = ("scalar", "avx2", "avx512")
+ISAS = nv.ISAS
 BLOCK_FORMATS = (nv.Q8_0, nv.Q4_0, nv.Q4_K, nv.Q5_K, nv.Q6_K)
 FLOAT_FORMATS = (nv.F32, nv.F16, nv.BF16)
 
@@ -139,7 +139,7 @@ def test_block_paths_bit_identical(fmt, M):
 
 @pytest.mark.parametrize("fmt", FLOAT_FORMATS, ids=lambda f: nv.FORMAT_NAMES[f])
 @pytest.mark.parametrize("N,K", [(1, 5), (17, 37), (9, 45), (33, 100), (50, 256), (17, 8200)])
-@pytest.mark.parametrize("M", (1, 2, 7, 9))  # 7, 9: groups of 4 rows (AVX2), then rows alone
+@pytest.mark.parametrize("M", (1, 2, 7, 9))  # 7, 9: tiles of 4 (AVX-512 BF16) or 2 (AVX2) activation rows, then one alone
 def test_float_gemv(isa, fmt, N, K, M):
     rng = np.random.default_rng(N + K + M + fmt)
     raw = random_blocks(fmt, N, K, rng)

@@ -1184,8 +1184,9 @@ def run(args: EdgeBenchSettings) -> tuple[dict, str]:
             raise PLMError(f"--engines: unknown engine {e!r}; choose from {', '.join(ALL_ENGINES)}")
     if args.sparsity is not None and args.ckpt:
         raise PLMError("--sparsity builds random weights; it cannot be combined with --ckpt")
-    if args.isa not in ("native", "avx512", "avx2", "scalar"):
-        raise PLMError(f"--isa must be native, avx512, avx2 or scalar, got {args.isa!r}")
+    from plm.infer.native import ISAS
+    if args.isa not in ("native", *ISAS):
+        raise PLMError(f"--isa must be native, {', '.join(ISAS[:-1])} or {ISAS[-1]}, got {args.isa!r}")
     if args.llama_path and not (Path(args.llama_path) / "llama_cpp" / "__init__.py").is_file():
         raise PLMError(f"--llama-path {args.llama_path}: no llama_cpp package there (make one with "
                        "`pip install --target DIR --no-deps <wheel>`, the wheel from scripts/build_llama_wheel.sh)")

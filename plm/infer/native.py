@@ -182,8 +182,11 @@ def require() -> None:
         raise PLMError(f"native kernels unavailable ({_state['reason']})")
 
 
+ISAS = ("avx512", "avx2", "scalar")  # the paths set_isa and PLM_NATIVE_ISA can force ('auto': the best one)
+
+
 def set_isa(name: str) -> None:
-    """Switch the kernel path at run time ('auto', 'avx512', 'avx2', 'scalar')."""
+    """Switch the kernel path at run time ('auto' or one of ISAS)."""
     require()
     try:
         torch.ops.plm.set_isa(name)
