@@ -230,3 +230,39 @@ def test_bandwidth_prober_answers_from_its_own_process():
     finally:
         p.close()
     assert p.p.returncode == 0
+
+
+def test_sparse_target_checks_each_context_apart():
+    """The sparse target's greedy check is per context: a token that differs at 1024 fails that
+    row alone and says how many steps differ; the speed ratios are hand-computed."""
+    from plm.bench.edge import targets
+
+    def eng(name, tok_s, greedy, sparse=False):
+        st = [{"context": c, "decode_tok_s": tok_s, "prefill_tok_s": 1.0, "greedy": g,
+               **({"sparse": {"active_fraction": 0.1}} if sparse else {})} for c, g in greedy.items()]
+        return {"engine": name, "stages": st}
+
+    dense = {64: [1, 2, 3], 1024: [4, 5, 6]}
+    res = {"engines": {"ours-q8_0": eng("ours-q8_0", 10.0, dense),
+                       "ours-q8_0-sparse": eng("ours-q8_0-sparse", 14.0, {64: [1, 2, 3], 1024: [4, 9, 6]}, True),
+                       "llama-q8_0": eng("llama-q8_0", 8.0, dense)}}
+    rows = {r["target"].split(" (")[0]: r for r in targets(res, [64, 1024]) if "sparse" in r["target"]}
+    at64, at1024 = rows["Q8_0 sparse decode @64"], rows["Q8_0 sparse decode @1024"]
+    assert at64["met"] and "1.75x llama.cpp, 1.40x dense" in at64["measured"]
+    assert "identical to dense: yes" in at64["measured"]
+    assert not at1024["met"] and "identical to dense: no (1 of 3 steps differ)" in at1024["measured"]
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/cpuinfo"), reason="needs /proc/cpuinfo")
+def test_benchmarks_name_the_cpu_by_family_model_and_isa():
+    """A VM may call its CPU only "Intel(R) Xeon(R) Processor": the benchmarks' machine line adds
+    the CPUID family and model and the vector extensions, read from /proc/cpuinfo here."""
+    from plm.bench.edge import cpu_name
+    first = open("/proc/cpuinfo").read().split("\n\n")[0]
+    field = dict((k.strip(), v.strip()) for k, _, v in (ln.partition(":") for ln in first.splitlines()))
+    name = cpu_name()
+    assert name.startswith(field.get("model name", ""))
+    if "cpu family" in field:
+        assert f"family {field['cpu family']} model {field['model']}" in name
+    flags = field.get("flags", "").split()
+    assert ("avx512_bf16" in name) == ("avx512_bf16" in flags) and ("amx_int8" in name) == ("amx_int8" in flags)
