@@ -217,28 +217,42 @@ def human_bytes(n: float) -> str:
 
 
 # ---- the machine ---------------------------------------------------------------------------
+def cpuinfo(path: str = "/proc/cpuinfo") -> dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo (the others repeat them); {} where unreadable."""
+    info: dict[str, str] = {}
+    try:
+        with open(path) as f:
+            for line in f:
+                if not line.strip():
+                    break
+                k, _, v = line.partition(":")
+                info[k.strip()] = v.strip()
+    except OSError:
+        pass
+    return info
+
+
 def cpu_flags() -> set[str]:
-    """The CPU's feature flags (/proc/cpuinfo; empty where unknown)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith(("flags", "Features")):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
+    """The CPU's feature flags (x86 "flags", Arm "Features"; empty where unknown)."""
+    info = cpuinfo()
+    return set((info.get("flags") or info.get("Features") or "").split())
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
+def cpu_name(path: str = "/proc/cpuinfo") -> str:
+    """The CPU as every benchmark names it: model name, CPUID family and model, and the vector
+    extensions that decide which kernels run, e.g. "Intel(R) Xeon(R) Processor (family 6 model
+    167; avx512_vnni avx512_bf16 avx512_fp16 amx_bf16 amx_int8)". A VM may give only the bare
+    "Intel(R) Xeon(R) Processor", and a speed holds only for the CPU it was measured on."""
     import platform
-    return platform.processor() or platform.machine()
+    info = cpuinfo(path)
+    flags = set(info.get("flags", "").split())
+    isa = [f for f in ("avx2", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_int8") if f in flags]
+    if "avx512_vnni" in isa:  # AVX-512 VNNI implies AVX2: name only the widest
+        isa.remove("avx2")
+    ident = f"family {info['cpu family']} model {info['model']}" if "cpu family" in info and "model" in info else ""
+    extra = "; ".join(x for x in (ident, " ".join(isa)) if x)
+    name = info.get("model name") or platform.processor() or platform.machine()
+    return name + (f" ({extra})" if extra else "")
 
 
 def cpu_has_native_bf16() -> bool:

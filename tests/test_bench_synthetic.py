@@ -253,16 +253,18 @@ def test_sparse_target_checks_each_context_apart():
     assert not at1024["met"] and "identical to dense: no (1 of 3 steps differ)" in at1024["measured"]
 
 
-@pytest.mark.skipif(not __import__("os").path.exists("/proc/cpuinfo"), reason="needs /proc/cpuinfo")
-def test_benchmarks_name_the_cpu_by_family_model_and_isa():
-    """A VM may call its CPU only "Intel(R) Xeon(R) Processor": the benchmarks' machine line adds
-    the CPUID family and model and the vector extensions, read from /proc/cpuinfo here."""
-    from plm.bench.edge import cpu_name
-    first = open("/proc/cpuinfo").read().split("\n\n")[0]
-    field = dict((k.strip(), v.strip()) for k, _, v in (ln.partition(":") for ln in first.splitlines()))
-    name = cpu_name()
-    assert name.startswith(field.get("model name", ""))
-    if "cpu family" in field:
-        assert f"family {field['cpu family']} model {field['model']}" in name
-    flags = field.get("flags", "").split()
-    assert ("avx512_bf16" in name) == ("avx512_bf16" in flags) and ("amx_int8" in name) == ("amx_int8" in flags)
+def test_benchmarks_name_the_cpu_by_family_model_and_isa(tmp_path):
+    """A VM may call its CPU only "Intel(R) Xeon(R) Processor": the machine line every benchmark
+    prints adds the CPUID family and model and the vector extensions (hand-written cpuinfo files;
+    only the first processor is read)."""
+    from plm.utils import cpu_name
+    xeon = ("processor\t: 0\nvendor_id\t: GenuineIntel\ncpu family\t: 6\nmodel\t\t: 167\n"
+            "model name\t: Intel(R) Xeon(R) Processor\nflags\t\t: fpu avx2 avx512f avx512_vnni avx512_bf16 "
+            "avx512_fp16 amx_bf16 amx_tile amx_int8\n\nprocessor\t: 1\nmodel name\t: Other\n")
+    laptop = "processor\t: 0\ncpu family\t: 6\nmodel\t\t: 154\nmodel name\t: Intel(R) Core(TM) i7-1260P\nflags\t\t: fma avx2\n"
+    (tmp_path / "xeon").write_text(xeon)
+    (tmp_path / "laptop").write_text(laptop)
+    assert cpu_name(str(tmp_path / "xeon")) == ("Intel(R) Xeon(R) Processor (family 6 model 167; "
+                                                "avx512_vnni avx512_bf16 avx512_fp16 amx_bf16 amx_int8)")
+    assert cpu_name(str(tmp_path / "laptop")) == "Intel(R) Core(TM) i7-1260P (family 6 model 154; avx2)"
+    assert cpu_name(str(tmp_path / "missing"))  # no cpuinfo: the platform's name, never empty

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from plm.errors import PLMError
-from plm.utils import peak_rss_bytes, rss_bytes
+from plm.utils import cpu_name, peak_rss_bytes, rss_bytes
 
 PACKAGE = Path(__file__).resolve().parents[1]  # plm/: its sources are the default prompt text
 
@@ -796,29 +796,6 @@ def eval_tokens(ckpt: Path, sources: list[str] | None, tokens: int, seq_len: int
     ids = sample_sequences(srcs, tok, tokens, seq_len, text_field, vocab_size=load_config(ckpt).vocab_size)
     np.save(path, ids.numpy())
     return path
-
-
-def cpu_name() -> str:
-    """The CPU's model name, its CPUID family and model, and the vector extensions that decide
-    which kernels run (a VM may name only "Intel(R) Xeon(R) Processor"; a speed claim holds only
-    for the CPU it was measured on), e.g. "Intel(R) Xeon(R) Processor (family 6 model 167;
-    avx512_vnni avx512_bf16 avx512_fp16 amx_bf16 amx_int8)". Empty without /proc/cpuinfo."""
-    info: dict[str, str] = {}
-    try:
-        for line in open("/proc/cpuinfo"):
-            if not line.strip():
-                break  # the first processor is enough
-            k, _, v = line.partition(":")
-            info[k.strip()] = v.strip()
-    except OSError:
-        return ""
-    flags = set(info.get("flags", "").split())
-    isa = [f for f in ("avx2", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_int8") if f in flags]
-    if "avx512_vnni" in isa:  # implies AVX2: name only the widest
-        isa.remove("avx2")
-    ident = f"family {info['cpu family']} model {info['model']}" if "cpu family" in info and "model" in info else ""
-    extra = "; ".join(x for x in (ident, " ".join(isa)) if x)
-    return info.get("model name", "") + (f" ({extra})" if extra else "")
 
 
 def machine_info(threads: int) -> dict:
