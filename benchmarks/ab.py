@@ -12,7 +12,7 @@ can: the table gives each side's median, the ratio, and in how many rounds the h
 
 A side is `REF[@ISA]`: REF a git commit (its `plm/` is exported to a temporary folder and its
 kernel library built into the usual cache, keyed by its sources, so a second run builds
-nothing) or `.` for the working tree as it is; ISA forces a kernel path (`avx512`, `avx2`,
+nothing) or `.` for the working tree as it is; ISA forces a kernel path (`amx`, `avx512`, `avx2`,
 `scalar`; PLM_NATIVE_ISA). Each process imports that side's `plm`, so its Python wrappers match
 its library.
 

@@ -161,7 +161,7 @@ def test_edge_benchmark_rejects_a_bad_isa_or_llama_path(tmp_path):
     from plm.bench.edge import EdgeBenchSettings, run
     from plm.errors import PLMError
     base = dict(preset="plm-micro", contexts="16", workdir=str(tmp_path / "w"), out=str(tmp_path / "o"))
-    with pytest.raises(PLMError, match="--isa must be native, avx512, avx2 or scalar, got 'avx3'"):
+    with pytest.raises(PLMError, match="--isa must be native, amx, avx512, avx2 or scalar, got 'avx3'"):
         run(EdgeBenchSettings(**base, isa="avx3"))
     with pytest.raises(PLMError, match=f"--llama-path {tmp_path}: no llama_cpp package there"):
         run(EdgeBenchSettings(**base, llama_path=str(tmp_path)))

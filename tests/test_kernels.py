@@ -42,9 +42,10 @@ FLOAT_FORMATS = (nv.F32, nv.F16, nv.BF16)
 
 
 @pytest.fixture(params=ISAS)
-def isa(request):
+def isa(request, monkeypatch):
     if not nv.isa_supported(request.param):
         pytest.skip(f"this CPU has no {request.param} path")
+    monkeypatch.setenv("PLM_AMX_MIN_BYTES", "0")  # the small test matrices on AMX tiles too
     nv.set_isa(request.param)
     yield request.param
     nv.set_isa("auto")
@@ -138,8 +139,10 @@ def test_block_paths_bit_identical(fmt, M):
 
 
 @pytest.mark.parametrize("fmt", FLOAT_FORMATS, ids=lambda f: nv.FORMAT_NAMES[f])
-@pytest.mark.parametrize("N,K", [(1, 5), (17, 37), (9, 45), (33, 100), (50, 256), (17, 8200)])
-@pytest.mark.parametrize("M", (1, 2, 7, 9))  # 7, 9: tiles of 4 (AVX-512 BF16) or 2 (AVX2) activation rows, then one alone
+@pytest.mark.parametrize("N,K", [(1, 5), (17, 37), (9, 45), (33, 100), (50, 256), (17, 8200), (70, 512)])
+# 7, 9: tiles of 4 (AVX-512 BF16) or 2 (AVX2) activation rows, then one alone; on AMX (K % 32 == 0)
+# 16-row tiles: 17 and 40 end in a partial tile, 40 in a pair of tiles and one alone
+@pytest.mark.parametrize("M", (1, 2, 7, 9, 17, 40))
 def test_float_gemv(isa, fmt, N, K, M):
     rng = np.random.default_rng(N + K + M + fmt)
     raw = random_blocks(fmt, N, K, rng)
@@ -150,10 +153,37 @@ def test_float_gemv(isa, fmt, N, K, M):
     xr = x.to(torch.bfloat16).double() if fmt == nv.BF16 else x.double()
     mag = xr.abs() @ w.abs().T
     assert (y - xr @ w.T).abs().le(K * 2.0 ** -24 * mag + 1e-30).all()
-    if fmt == nv.BF16:  # and against unrounded activations, within bf16 rounding of x
-        assert (y - x.double() @ w.T).abs().le((2.0 ** -9 + K * 2.0 ** -24) * (x.double().abs() @ w.abs().T)).all()
+    if fmt == nv.BF16:  # and against unrounded activations, within bf16 rounding of x (8 significant bits: 2^-8)
+        assert (y - x.double() @ w.T).abs().le((2.0 ** -8 + K * 2.0 ** -24) * (x.double().abs() @ w.abs().T)).all()
     for i in range(M):  # each row's arithmetic is independent of the batch (tiles, tails, alone)
         assert torch.equal(lin(x[i:i + 1]), y[i:i + 1].float()), i
+
+
+def test_amx_only_for_large_bf16_matrices(monkeypatch):
+    """On the amx path a BF16 matrix runs on AMX tiles from PLM_AMX_MIN_BYTES (1 MiB) on, and on
+    vdpbf16ps below it (bit for bit the avx512 path's numbers); never for K % 32 != 0."""
+    if not nv.isa_supported("amx"):
+        pytest.skip("this CPU has no amx path")
+    rng = np.random.default_rng(3)
+    x = torch.from_numpy(rng.standard_normal((5, 512)).astype(np.float32))
+
+    def both(N, K):
+        raw = random_blocks(nv.BF16, N, K, rng)
+        outs = []
+        for isa in ("avx512", "amx"):
+            nv.set_isa(isa)
+            outs.append(nv.PackedLinear(raw, nv.BF16, N, K)(x[:, :K]))
+        nv.set_isa("auto")
+        return outs
+
+    small, large = (200, 512), (1030, 512)  # 200 KiB; 1.0 MiB and a partial tile of 6 rows
+    assert torch.equal(*both(*small))
+    a, b = both(*large)
+    assert not torch.equal(a, b) and torch.allclose(a, b, rtol=1e-4, atol=1e-4)
+    monkeypatch.setenv("PLM_AMX_MIN_BYTES", "0")
+    a, b = both(*small)
+    assert not torch.equal(a, b) and torch.allclose(a, b, rtol=1e-4, atol=1e-4)
+    assert torch.equal(*both(200, 500))  # K not a multiple of 32
 
 
 @pytest.mark.parametrize("fmt", (nv.Q8_0, nv.Q4_K, nv.BF16), ids=lambda f: nv.FORMAT_NAMES[f])
@@ -277,6 +307,33 @@ def test_quantisers_match_gguf(fmt):
     assert np.abs(deq - w).max() <= np.abs(w).max() / (127 if fmt == nv.Q8_0 else 7)
 
 
+@pytest.mark.parametrize("fmt", (nv.Q4_K, nv.Q6_K), ids=("Q4_K", "Q6_K"))
+def test_k_quantisers_match_ggml_bytes(fmt):
+    """Our Q4_K and Q6_K quantisers write the bytes of ggml's own (`ggml_quantize_chunk` in the
+    libggml-base that llama-cpp-python ships, no importance matrix): an all-zero row, a row a
+    thousand times smaller than the rest, random rows."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    import ctypes
+    import glob
+
+    libs = glob.glob(os.path.join(os.path.dirname(llama_cpp.__file__), "lib", "libggml-base.so*"))
+    if not libs:
+        pytest.skip("llama-cpp-python without libggml-base")
+    lib = ctypes.CDLL(libs[0])
+    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
+    lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                        ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    rng = np.random.default_rng(fmt)
+    w = rng.standard_normal((48, 1024)).astype(np.float32)
+    w[3] = 0.0
+    w[5] *= 1e-3
+    w[7, :256] = 0.0  # one all-zero super-block
+    theirs = np.zeros((48, nv.row_bytes(fmt, 1024)), np.uint8)
+    assert lib.ggml_quantize_chunk(fmt, w.ctypes.data, theirs.ctypes.data, 0, 48, 1024, None) == theirs.size
+    ours = nv.quantize(torch.from_numpy(w), fmt).numpy()
+    assert np.array_equal(ours, theirs), (ours != theirs).mean()
+
+
 def test_q4_k_quantiser_error():
     """Q4_K (scales and mins per 32, 6-bit) beats Q4_0 on the same weights and stays within
     its worst case of half a step per value."""
@@ -304,7 +361,7 @@ def test_attention_kernel(isa, H, D, rank, S, dtype):
     out = nv.attention(q, cache, rank, scale).double()
     c = cache.double()
     vmax = float(c[:, :rank].abs().max())
-    bf16_dots = dtype == torch.bfloat16 and torch.ops.plm.isa() == "avx512+bf16" and D % 2 == 0 and rank % 2 == 0
+    bf16_dots = dtype == torch.bfloat16 and torch.ops.plm.isa().endswith("+bf16") and D % 2 == 0 and rank % 2 == 0
     # vdpbf16ps path: the query is rounded to bf16 (so is the reference's), and so is each
     # probability (relative error <= 2^-9): the weights of the convex combination move by at
     # most 2 * 2^-9 of themselves, the output by at most 2^-8 of the largest value

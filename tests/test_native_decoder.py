@@ -107,7 +107,8 @@ def test_attention_parts_at_long_context():
         torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("fmt,bound", [("bf16", 0.03), ("f16", 0.03), ("q8_0", 0.06), ("q4_0", 0.06), ("q4_k", 0.06)])
+@pytest.mark.parametrize("fmt,bound", [("bf16", 0.03), ("f16", 0.03), ("q8_0", 0.06), ("q4_0", 0.06), ("q4_k", 0.06),
+                                       ("q6_k", 0.06), ("q4_k_m", 0.06)])
 def test_formats_against_reference_on_the_same_weights(model, fmt, bound):
     """bf16/f16 against the reference with weights rounded the same way; block formats against
     the reference on the decoder's own (dequantised) weights: what is left is activation rounding."""
@@ -122,6 +123,18 @@ def test_formats_against_reference_on_the_same_weights(model, fmt, bound):
     err = rel_err(ours, ref)
     assert err < bound, err
     assert (ours.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.85
+
+
+def test_q4_k_m_mix_puts_q6_k_where_llama_cpp_does(small_model):
+    """The layers whose down projection (and V projection) llama.cpp's Q4_K_M stores in Q6_K: 2
+    and 5 of 6 (read from the Q4_K_M file its quantiser wrote for the 6-layer model of `make
+    demo`), 16 of PLM-1.8B's 32 (its use_more_bits by hand: 0-3, 28-31 and 6, 9, ..., 27)."""
+    from plm.infer.native_decoder import q4_k_m_more_bits
+    assert [i for i in range(6) if q4_k_m_more_bits(i, 6)] == [2, 5]
+    assert [i for i in range(32) if q4_k_m_more_bits(i, 32)] == [0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29, 30, 31]
+    dec = NativeDecoder.from_model(small_model, fmt="q4_k_m")  # 2 layers: the second
+    assert (dec.formats["0.down"], dec.formats["1.down"]) == ("Q4_K", "Q6_K")
+    assert dec.formats["embed"] == "Q8_0" and dec.formats["0.up"] == "Q8_0"  # rows of 64: no K-quant blocks
 
 
 def dequantised_reference(model: PLMForCausalLM, dec: NativeDecoder) -> PLMForCausalLM:
@@ -155,14 +168,17 @@ def dequantised_reference(model: PLMForCausalLM, dec: NativeDecoder) -> PLMForCa
 
 
 @pytest.mark.parametrize("fmt", ["bf16", "q8_0", "q4_k"])
-def test_batched_step_and_prefill_equal_one_at_a_time(small_model, fmt):
+def test_batched_step_and_prefill_equal_one_at_a_time(small_model, fmt, monkeypatch):
     """Each row's arithmetic is independent of the batch: a batched step equals the rows run
-    alone, and a prefill equals feeding the prompt one token at a time (bit for bit)."""
+    alone, and a prefill equals feeding the prompt one token at a time (bit for bit). Chunks of
+    20 rows: on AMX hosts a chunk spans a whole 16-row tile and a partial one, the 5-token
+    prompt one partial tile, and the decode steps tiles one row wide."""
+    monkeypatch.setenv("PLM_AMX_MIN_BYTES", "0")  # the micro model's matrices on AMX tiles too
     dec = NativeDecoder.from_model(small_model, fmt=fmt)
     torch.manual_seed(0)
-    prompts = [torch.randint(0, 512, (n,)).tolist() for n in (5, 12, 1)]
+    prompts = [torch.randint(0, 512, (n,)).tolist() for n in (5, 45, 1)]
     seqs = [dec.new_sequence() for _ in prompts]
-    first = [dec.prefill(s, p, chunk=4) for s, p in zip(seqs, prompts)]
+    first = [dec.prefill(s, p, chunk=20) for s, p in zip(seqs, prompts)]
     nxt = [int(f.argmax()) for f in first]
     batched = [dec.step(seqs, nxt)]
     for _ in range(5):

@@ -655,7 +655,7 @@ def worker_quality(a: dict) -> dict:
     sd = {}
     for f in set(weight_map(a["ckpt"]).values()):
         sd.update(load_file(str(f)))
-    for fmt in ("bf16", "q8_0", "q4_0", "q4_k"):
+    for fmt in ("bf16", "q8_0", "q4_0", "q4_k", "q4_k_m"):
         dec = NativeDecoder.from_state_dict(cfg, sd.__getitem__, fmt=fmt, capacity=T)
         lg = torch.empty(N, T, cfg.vocab_size)
         for n in range(N):
@@ -936,9 +936,11 @@ def targets(results: dict, contexts: list[int]) -> list[dict]:
         if "llama.cpp q8_0" in q:
             l8 = q["llama.cpp q8_0"]["perplexity"]
             add("quality: our 8-bit perplexity <= llama.cpp Q8_0's", f"{o8:.4f} vs {l8:.4f}", o8 <= l8)
-    if "ours q4_k" in q and "llama.cpp q4_k_m" in q:
-        o4, l4 = q["ours q4_k"]["perplexity"], q["llama.cpp q4_k_m"]["perplexity"]
-        add("quality: our 4-bit (Q4_K) perplexity <= llama.cpp Q4_K_M's", f"{o4:.4f} vs {l4:.4f}", o4 <= l4)
+    ours4 = "ours q4_k_m" if "ours q4_k_m" in q else "ours q4_k"  # like for like: the same mix of Q4_K and Q6_K
+    if ours4 in q and "llama.cpp q4_k_m" in q:
+        o4, l4 = q[ours4]["perplexity"], q["llama.cpp q4_k_m"]["perplexity"]
+        add(f"quality: our 4-bit ({ours4[5:].upper()}) perplexity <= llama.cpp Q4_K_M's", f"{o4:.4f} vs {l4:.4f}",
+            o4 <= l4)
     return rows
 
 
@@ -1146,7 +1148,7 @@ class EdgeBenchSettings:
     contention: float = 0.1  # redo a timed section when other processes took more of the CPUs than this
     retries: int = 3  # attempts per timed section
     rounds: int = 1  # interleaved passes over the engines, pooled per engine and context
-    isa: str = "native"  # our kernels' path: native (the best this CPU runs), avx512, avx2 or scalar
+    isa: str = "native"  # our kernels' path: native (the best this CPU runs), amx, avx512, avx2 or scalar
     llama_path: str | None = None  # a folder holding another llama_cpp build (pip install --target), used instead
     command: str = ""  # how this run was asked for, for the report
 

@@ -48,10 +48,11 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
                    help="edge KV cache: latent (576 values/token/layer for PLM-1.8B) or decompressed K/V")
     g.add_argument("--sparse", default="auto", choices=["auto", "on", "off"],
                    help="edge sparse relu² MLP decode (auto: dense when too many neurons are active)")
-    g.add_argument("--quant", default="none", choices=["none", "int8", "int4", "q8_0", "q4_0", "q4_k"],
+    # the block formats are runtime.NATIVE_QUANT, written out so the CLI parses without importing torch
+    g.add_argument("--quant", default="none", choices=["none", "int8", "int4", "q8_0", "q4_0", "q4_k", "q4_k_m", "q6_k"],
                    help="edge weights: int8/int4 (native: llama.cpp's Q8_0/Q4_0 blocks; PyTorch: its packed "
-                        "kernels) or q8_0/q4_0/q4_k (native only); quantised at load (`plm quantize` writes "
-                        "them once, as a GGUF)")
+                        "kernels) or q8_0/q4_0/q4_k/q6_k/q4_k_m (native only; q4_k_m: Q4_K with Q6_K where "
+                        "llama.cpp's Q4_K_M puts it); quantised at load (`plm quantize` writes them once, as a GGUF)")
     g.add_argument("--backend", default="auto", choices=["auto", "native", "torch"],
                    help="edge kernels: the native C++ decoder (`plm kernels build`) or PyTorch's "
                         "(auto: native when built and the options allow it)")

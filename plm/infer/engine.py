@@ -119,11 +119,12 @@ class Engine:
 def native_decoder(path: Path, config, opts):
     """The native C++ decoder for a checkpoint folder, or None where the PyTorch edge runtime
     serves: the options need it (--backend torch, or something only it does), or the kernels
-    are not built (one line says so). Block formats (q8_0, q4_0, q4_k) and --backend native
-    need the kernels."""
+    are not built (one line says so). Block formats (NATIVE_QUANT) and --backend native need
+    the kernels."""
     from plm.infer import native as nv
+    from plm.infer.runtime import NATIVE_QUANT
     blockers = opts.native_blockers(config)
-    needs = opts.backend == "native" or opts.quant in ("q8_0", "q4_0", "q4_k")
+    needs = opts.backend == "native" or opts.quant in NATIVE_QUANT
     if opts.backend == "torch" or (blockers and not needs):
         if needs:
             raise PLMError(f"--quant {opts.quant} runs on the native kernels only (not with --backend torch)")

@@ -1,7 +1,8 @@
 """PLM's native CPU kernels (plm/infer/csrc): build, cache, load, and Python wrappers.
 
 The C++ library is a PyTorch extension whose operators are `torch.ops.plm.*`. One build holds
-every path (AVX-512 with VNNI/BF16, AVX2, portable scalar); the best one the CPU supports is
+every path (AMX-BF16 tiles for 16-bit weights on the Xeons that have them, AVX-512 with
+VNNI/BF16, AVX2, portable scalar); the best one the CPU supports is
 chosen when the library loads. It is compiled once, by `plm kernels build`
 (`make setup` runs it), into a cache folder keyed by the sources, the torch version and the
 compiler flags (`~/.cache/plm/kernels/<key>/`, or `$PLM_KERNEL_CACHE/<key>/`). Normal use
@@ -10,7 +11,9 @@ after one line on stderr, and callers use the PyTorch kernels.
 
 Environment:
   PLM_NATIVE=0                      use the PyTorch kernels even if the library is built
-  PLM_NATIVE_ISA=avx512|avx2|scalar force a path (an error if the CPU lacks it)
+  PLM_NATIVE_ISA=amx|avx512|avx2|scalar  force a path (an error if the CPU lacks it)
+  PLM_AMX_MIN_BYTES=N               on the amx path, BF16 matrices of at least N bytes (default
+                                    1 MiB) use AMX tiles; smaller ones stay on vdpbf16ps
   PLM_KERNEL_CACHE=DIR              cache folder
   PLM_KERNEL_EMULATE_AVX512=1       (tests only) build the AVX-512 kernels against SIMDe's
                                     portable emulation, to check them on a host without AVX-512
@@ -36,7 +39,7 @@ from plm.errors import PLMError
 
 CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = ("ops.cpp", "pack.cpp", "pool.cpp", "decoder.cpp", "kernels_scalar.cpp", "kernels_avx2.cpp", "kernels_avx512.cpp",
-           "kernels_avx512bf16.cpp")
+           "kernels_avx512bf16.cpp", "kernels_amx.cpp")
 HEADERS = ("plm_kernels.h", "plm_native.h", "simde_shim.h", "avx512_sum.h")
 # -ffp-contract=off: the compiler must not fuse a*b+c on its own; the kernels place their
 # FMAs explicitly so that every path computes the same fp32 sequence.
@@ -56,7 +59,7 @@ FORMAT_NAMES = {v: k.upper() for k, v in FORMATS.items()}
 BLOCK = {F32: (1, 4), F16: (1, 2), BF16: (1, 2), Q8_0: (32, 34), Q4_0: (32, 18), Q4_K: (256, 144), Q5_K: (256, 176),
          Q6_K: (256, 210)}
 SUPER_BLOCK = (Q4_K, Q5_K, Q6_K)  # K-quants: 256 inputs a block, activations quantised per 256
-QUANTISABLE = (F32, F16, BF16, Q8_0, Q4_0, Q4_K)  # float -> GGUF blocks (no Q5_K / Q6_K quantiser)
+QUANTISABLE = (F32, F16, BF16, Q8_0, Q4_0, Q4_K, Q6_K)  # float -> GGUF blocks (no Q5_K quantiser)
 NO_SPARSE = (Q5_K,)  # block formats without the neuron-major sparse layout
 
 _state: dict = {"tried": False, "loaded": False, "reason": None, "path": None}
@@ -182,7 +185,7 @@ def require() -> None:
         raise PLMError(f"native kernels unavailable ({_state['reason']})")
 
 
-ISAS = ("avx512", "avx2", "scalar")  # the paths set_isa and PLM_NATIVE_ISA can force ('auto': the best one)
+ISAS = ("amx", "avx512", "avx2", "scalar")  # the paths set_isa and PLM_NATIVE_ISA can force ('auto': the best one)
 
 
 def set_isa(name: str) -> None:
@@ -243,7 +246,7 @@ def row_bytes(fmt: int, K: int) -> int:
 
 
 def quantize(w: torch.Tensor, fmt: str | int) -> torch.Tensor:
-    """float [N, K] -> GGUF blocks uint8 [N, row_bytes] (Q8_0, Q4_0, Q4_K as ggml's reference
+    """float [N, K] -> GGUF blocks uint8 [N, row_bytes] (Q8_0, Q4_0, Q4_K, Q6_K as ggml's reference
     quantisers; F32/F16/BF16 casts). Native when loaded, else through the `gguf` package."""
     fmt = format_id(fmt)
     if fmt not in QUANTISABLE:
@@ -255,8 +258,8 @@ def quantize(w: torch.Tensor, fmt: str | int) -> torch.Tensor:
         return w.to(torch.bfloat16).contiguous().view(torch.uint8).reshape(w.shape[0], -1)
     import gguf
 
-    if fmt == Q4_K:
-        raise PLMError("Q4_K quantisation needs the native kernels (`plm kernels build`)")
+    if fmt in SUPER_BLOCK:
+        raise PLMError(f"{FORMAT_NAMES[fmt]} quantisation needs the native kernels (`plm kernels build`)")
     arr = gguf.quants.quantize(w.float().numpy(), gguf.GGMLQuantizationType(fmt))
     return torch.from_numpy(np.ascontiguousarray(arr).view(np.uint8).reshape(w.shape[0], -1))
 

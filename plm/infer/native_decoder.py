@@ -55,6 +55,12 @@ def _fmt_for(requested: int, K: int) -> int:
     return nv.Q8_0 if K % 32 == 0 else nv.BF16
 
 
+def q4_k_m_more_bits(layer: int, layers: int) -> bool:
+    """Layers whose V projection (kv_b) and down projection llama.cpp's Q4_K_M stores in Q6_K:
+    the first and last eighth, and every third layer between (its `use_more_bits`)."""
+    return layer < layers // 8 or layer >= 7 * layers // 8 or (layer - layers // 8) % 3 == 2
+
+
 def _as_q8_0(w: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Float rows [N, K] as Q8_0 blocks (BF16 where rows are not whole 32-value blocks): how
     GGUF tensors no kernel reads in their own format or layout are held."""
@@ -111,22 +117,26 @@ class NativeDecoder:
                         sparse: bool = False, embed_fmt: str | None = None, cache_dtype: str = "bf16",
                         capacity: int = 256) -> "NativeDecoder":
         """From float tensors by Hugging Face name (`model.layers.3.mlp.up_proj.weight`),
-        quantised at load to `fmt` (bf16, f16, f32, q8_0, q4_0, q4_k). Matrices whose rows do not
-        fit the format's blocks fall back to Q8_0 (then BF16). The tied embedding / lm_head uses
-        `embed_fmt` (default: fmt for 16/8-bit models, Q8_0 for 4-bit ones, as llama.cpp keeps
-        its output matrix at 6+ bits)."""
+        quantised at load to `fmt` (bf16, f16, f32, q8_0, q4_0, q4_k, q6_k, or the q4_k_m mix:
+        Q4_K, with Q6_K for the down projection and W_UV in the layers llama.cpp's Q4_K_M gives
+        more bits, see `q4_k_m_more_bits`). Matrices whose rows do not fit the format's blocks
+        fall back to Q8_0 (then BF16). The tied embedding / lm_head uses `embed_fmt` (default:
+        fmt for 16/8-bit models, Q8_0 for 4-bit ones, as llama.cpp keeps its output matrix at 6+
+        bits)."""
         c = config
-        want = nv.format_id(fmt)
-        if want in (nv.Q5_K, nv.Q6_K):
+        mix = fmt == "q4_k_m"
+        want = nv.Q4_K if mix else nv.format_id(fmt)
+        if want == nv.Q5_K:
             raise PLMError(f"{fmt} weights can only be read from GGUF files (no quantiser)")
         dec = cls(c, cache_dtype, capacity)
         dec.sparse = sparse
-        quantised = want in (nv.Q8_0, nv.Q4_0, nv.Q4_K)
+        blocks = (nv.Q8_0, nv.Q4_0, nv.Q4_K, nv.Q6_K)
+        quantised = want in blocks
         H, nope, vd, R = c.num_attention_heads, c.qk_nope_head_dim, c.v_head_dim, c.kv_lora_rank
 
         def add(layer: int, name: str, w: torch.Tensor, f: int, groups: int = 1, sp: bool = False, label: str = ""):
             w = w.float()
-            f = _fmt_for(f, w.shape[1]) if f in (nv.Q8_0, nv.Q4_0, nv.Q4_K) else f
+            f = _fmt_for(f, w.shape[1]) if f in blocks else f
             dec._add(layer, name, nv.quantize(w, f), f, w.shape[0], w.shape[1], groups, sp, label)
 
         def get(name: str) -> torch.Tensor:
@@ -141,6 +151,7 @@ class NativeDecoder:
         wuk_fmt = nv.Q8_0 if quantised else want
         for i in range(c.num_hidden_layers):
             p = f"model.layers.{i}."
+            more = nv.Q6_K if mix and q4_k_m_more_bits(i, c.num_hidden_layers) else want
             dec.impl.set_vector(i, "ln1", get(p + "input_layernorm.weight").float())
             dec.impl.set_vector(i, "ln2", get(p + "post_attention_layernorm.weight").float())
             dec.impl.set_vector(i, "kv_norm", get(p + "self_attn.kv_a_layernorm.weight").float())
@@ -150,10 +161,10 @@ class NativeDecoder:
             kvb = get(p + "self_attn.kv_b_proj.weight").float().view(H, nope + vd, R)
             wuk = kvb[:, :nope].transpose(1, 2).reshape(H * R, nope)  # per head W_UK^T [rank, nope]
             add(i, "wuk", wuk, wuk_fmt, groups=H, label=f"{i}.wuk")
-            add(i, "wuv", kvb[:, nope:].reshape(H * vd, R), want, groups=H, label=f"{i}.wuv")
+            add(i, "wuv", kvb[:, nope:].reshape(H * vd, R), more, groups=H, label=f"{i}.wuv")
             add(i, "o", get(p + "self_attn.o_proj.weight"), want, label=f"{i}.o")
             add(i, "up", get(p + "mlp.up_proj.weight"), want, label=f"{i}.up")
-            add(i, "down", get(p + "mlp.down_proj.weight"), want, sp=sparse, label=f"{i}.down")
+            add(i, "down", get(p + "mlp.down_proj.weight"), more, sp=sparse, label=f"{i}.down")
         dec.impl.check()
         return dec
 

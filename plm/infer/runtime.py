@@ -37,7 +37,7 @@ from plm.model.modeling import build_attention_mask, rope_cos_sin
 
 KV_MODES = ("latent", "full")
 BACKENDS = ("auto", "native", "torch")
-NATIVE_QUANT = ("q8_0", "q4_0", "q4_k")  # llama.cpp block formats: the native kernels only
+NATIVE_QUANT = ("q8_0", "q4_0", "q4_k", "q4_k_m", "q6_k")  # llama.cpp block formats (q4_k_m: its mix): native only
 SPARSE_MODES = ("auto", "on", "off")
 
 LAYER_TENSORS = ("input_layernorm.weight", "post_attention_layernorm.weight", "self_attn.q_proj.weight",
@@ -52,7 +52,7 @@ class EdgeOptions:
     kv: str = "latent"  # latent | full
     sparse: str = "auto"  # auto | on | off
     # none | int8 | int4 (PyTorch's packed kernels, or the native Q8_0 / Q4_0 blocks) | q8_0 | q4_0 |
-    # q4_k (llama.cpp's blocks: the native kernels only)
+    # q4_k | q6_k | q4_k_m (llama.cpp's blocks, q4_k_m its Q4_K/Q6_K mix: the native kernels only)
     quant: str = "none"
     # auto: the native C++ decoder (plm.infer.native) when it is built and the options need nothing
     # only the PyTorch path has (kv full, a memory budget, a predictor, float16); torch | native

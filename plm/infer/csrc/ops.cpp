@@ -2,6 +2,8 @@
 // (activation quantisation + threading over tiles), and the torch.ops.plm.* operators.
 #include <ATen/Parallel.h>
 #include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
@@ -19,13 +21,23 @@ namespace plm {
 namespace {
 
 struct Features {
-  bool avx2 = false, fma = false, f16c = false, avx512 = false, vnni = false, bf16 = false;
+  bool avx2 = false, fma = false, f16c = false, avx512 = false, vnni = false, bf16 = false, amx = false;
 };
 
 uint64_t xgetbv0() {
   uint32_t eax, edx;
   __asm__ volatile("xgetbv" : "=a"(eax), "=d"(edx) : "c"(0));
   return ((uint64_t)edx << 32) | eax;
+}
+
+// Linux hands a process the AMX tile data state only when it asks (arch_prctl
+// ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA); without it the first tile instruction faults.
+bool amx_permitted() {
+#ifdef __linux__
+  return syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+#else
+  return false;
+#endif
 }
 
 Features detect() {
@@ -44,7 +56,9 @@ Features detect() {
   const bool avx512f = b & (1u << 16), dq = b & (1u << 17), bw = b & (1u << 30), vl = b & (1u << 31);
   f.vnni = c & (1u << 11);
   f.avx512 = os_avx512 && avx512f && dq && bw && vl && f.vnni && f.avx2;
+  const bool amx_cpu = (d & (1u << 22)) && (d & (1u << 24)), os_amx = (xcr0 & (3ull << 17)) == (3ull << 17);  // BF16, TILE; XTILECFG|XTILEDATA
   if (__get_cpuid_count(7, 1, &a, &b, &c, &d)) f.bf16 = f.avx512 && (a & (1u << 5));
+  f.amx = f.bf16 && amx_cpu && os_amx && amx_compiled() && amx_permitted();
   return f;
 }
 
@@ -63,6 +77,7 @@ bool supports(const std::string& isa) {
   if (isa == "scalar") return true;
   if (isa == "avx2") return features().avx2;
   if (isa == "avx512") return kEmulated || features().avx512;
+  if (isa == "amx") return !kEmulated && features().amx;
   return false;
 }
 
@@ -70,7 +85,7 @@ Dispatch make_dispatch(const std::string& isa) {
   Dispatch dp;
   dp.isa = isa;
   dp.k = isa == "scalar" ? kernels_scalar : kernels_avx2;
-  if (isa == "avx512") {  // overlay the AVX-512 entries; the rest stay AVX2
+  if (isa == "avx512" || isa == "amx") {  // overlay the AVX-512 entries; the rest stay AVX2
     const Kernels& z = kernels_avx512;
     dp.k.name = z.name;
     if (z.gemv_q8_0) dp.k.gemv_q8_0 = z.gemv_q8_0;
@@ -81,11 +96,14 @@ Dispatch make_dispatch(const std::string& isa) {
     if (z.gemv_f) dp.k.gemv_f = z.gemv_f;
     if (z.sparse_rows) dp.k.sparse_rows = z.sparse_rows;
     dp.bf16_dp = kEmulated || features().bf16;
+    dp.amx = isa == "amx";  // the AVX-512 path plus AMX tiles for BF16 weights
   }
   return dp;
 }
 
-std::string best_isa() { return supports("avx512") && !kEmulated ? "avx512" : supports("avx2") ? "avx2" : "scalar"; }
+std::string best_isa() {
+  return supports("amx") ? "amx" : supports("avx512") && !kEmulated ? "avx512" : supports("avx2") ? "avx2" : "scalar";
+}
 
 // One table per path, built on first use and never freed, so switching paths (tests) cannot
 // pull a table from under a computation running in another thread.
@@ -114,8 +132,8 @@ const Dispatch& dispatch() {
 
 void set_isa(const std::string& name) {
   const std::string isa = name == "auto" ? best_isa() : name;
-  TORCH_CHECK(isa == "scalar" || isa == "avx2" || isa == "avx512", "plm: unknown ISA '", name,
-              "' (choose auto, avx512, avx2 or scalar)");
+  TORCH_CHECK(isa == "scalar" || isa == "avx2" || isa == "avx512" || isa == "amx", "plm: unknown ISA '", name,
+              "' (choose auto, amx, avx512, avx2 or scalar)");
   TORCH_CHECK(supports(isa), "plm: this CPU cannot run the ", isa, " kernels (it has: ", cpu_features(), ")");
   g_dispatch.store(table(isa), std::memory_order_release);
 }
@@ -130,6 +148,7 @@ std::string cpu_features() {
   add(f.avx512, "avx512(f,bw,vl,dq)");
   add(f.vnni, "avx512vnni");
   add(f.bf16, "avx512bf16");
+  add(f.amx, "amx-bf16");
   add(kEmulated, "emulated-avx512");
   return s.empty() ? "none" : s;
 }
@@ -191,6 +210,14 @@ void parallel(int64_t total, int64_t grain, const F& f) {
 
 }  // namespace
 
+// BF16 matrices smaller than this (PLM_AMX_MIN_BYTES, default 1 MiB) stay on vdpbf16ps: in a
+// small model they sit in the caches, where a one-row AMX tile runs at about 0.9x vdpbf16ps
+// and its set-up per call shows. Decided per matrix, never per batch, so batch == alone holds.
+int64_t amx_min_bytes() {
+  const char* e = std::getenv("PLM_AMX_MIN_BYTES");
+  return e && *e ? std::atoll(e) : int64_t(1) << 20;
+}
+
 Mat make_mat(const at::Tensor& data, int64_t fmt, int64_t N, int64_t K, int64_t groups, bool sparse) {
   TORCH_CHECK(data.scalar_type() == at::kByte && data.is_contiguous() && data.device().is_cpu(),
               "plm: packed weights must be a contiguous CPU uint8 tensor");
@@ -203,6 +230,7 @@ Mat make_mat(const at::Tensor& data, int64_t fmt, int64_t N, int64_t K, int64_t 
   m.K = K;
   m.groups = groups;
   m.sparse = sparse;
+  m.amx = fmt == BF16 && !sparse && K % 32 == 0 && data.numel() >= amx_min_bytes();
   int64_t expect;
   if (sparse) {
     TORCH_CHECK(groups == 1, "plm: the sparse layout has no groups");
@@ -246,6 +274,7 @@ void Mat::forward(const float* x, int64_t M, float* y, int64_t ldy, Work& w) con
   const int64_t elt = fmt == F32 ? 4 : 2;
   const float* xp = fmt == BF16 ? round_bf16(x, G * M * K, w) : x;
   const uint16_t* xb = fmt == BF16 ? w.xb.data() : nullptr;
+  if (amx && dp.amx) return forward_amx(xb, M, y, ldy, w);
   const bool dp_bf16 = fmt == BF16 && dp.bf16_dp;
   parallel(N, std::max<int64_t>(1, (1 << 15) / (K * std::max<int64_t>(M, 1))), [&](int64_t a, int64_t b) {
     for (int64_t g = a / ng; g < G && g * ng < b; g++) {
@@ -253,6 +282,47 @@ void Mat::forward(const float* x, int64_t M, float* y, int64_t ldy, Work& w) con
       const uint8_t* wg = base + g * ng * K * elt;
       if (dp_bf16) gemv_bf16_avx512bf16(wg, K, n0, n1, xb + g * M * K, M, y + g * ng, ldy);
       else dp.k.gemv_f(fmt, wg, K, n0, n1, xp + g * M * K, xb ? xb + g * M * K : nullptr, M, y + g * ng, ldy);
+    }
+  });
+}
+
+// BF16 weights on AMX tiles: the activations packed once into (k, k+1) pairs by tiles of 16
+// rows (gemm_bf16_amx's layout), a group's last rows % 16 weight rows copied zero-padded (the
+// tile loads 16 rows), then the rows shared out in whole tiles of 16.
+void Mat::forward_amx(const uint16_t* xb, int64_t M, float* y, int64_t ldy, Work& w) const {
+  if (M <= 0) return;  // a tile of no columns is not a valid tile configuration
+  const int64_t G = groups, ng = Ng(), KB = K / 32, mw = std::min<int64_t>(M, 16), MT = ceil_div(M, 16);
+  const int64_t per_group = MT * KB * 16 * mw;  // packed 32-bit pairs of one group's activations
+  uint32_t* xp = grow(w.xp, G * per_group);
+  parallel(G * MT, std::max<int64_t>(1, (1 << 14) / (16 * K)), [&](int64_t a, int64_t b) {
+    for (int64_t it = a; it < b; it++) {
+      const int64_t g = it / MT, mt = it % MT;
+      for (int64_t c = 0; c < mw; c++) {
+        const int64_t m = mt * 16 + c;
+        uint32_t* o = xp + g * per_group + mt * KB * 16 * mw + c;
+        if (m >= M) {  // the last tile's rows past M
+          for (int64_t i = 0; i < KB * 16; i++) o[i * mw] = 0;
+          continue;
+        }
+        const uint32_t* src = (const uint32_t*)(xb + (g * M + m) * K);  // K % 32 == 0: pairs aligned
+        for (int64_t i = 0; i < KB * 16; i++) o[i * mw] = src[i];
+      }
+    }
+  });
+  const uint16_t* W = (const uint16_t*)data.data_ptr<uint8_t>();
+  const int64_t tail = ng % 16;
+  uint16_t* wt = tail ? grow(w.wtail, G * 16 * K) : nullptr;
+  if (tail)
+    for (int64_t g = 0; g < G; g++) {
+      std::fill(wt + g * 16 * K, wt + (g + 1) * 16 * K, (uint16_t)0);
+      memcpy(wt + g * 16 * K, W + (g * ng + ng - tail) * K, tail * K * sizeof(uint16_t));
+    }
+  const int64_t tpg = ceil_div(ng, 16);
+  parallel(G * tpg, std::max<int64_t>(1, (1 << 15) / (16 * K * std::max<int64_t>(M, 1))), [&](int64_t a, int64_t b) {
+    for (int64_t g = a / tpg; g < G && g * tpg < b; g++) {
+      const int64_t t0 = std::max(a, g * tpg) - g * tpg, t1 = std::min(b, (g + 1) * tpg) - g * tpg;
+      gemm_bf16_amx(W + g * ng * K, K, ng, 16 * t0, std::min(ng, 16 * t1), xp + g * per_group, M,
+                    tail ? wt + g * 16 * K : nullptr, y + g * ng, ldy);
     }
   });
 }

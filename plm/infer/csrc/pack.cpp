@@ -330,6 +330,94 @@ void quantize_q4_k(const float* x, int64_t K, uint8_t* out) {
   }
 }
 
+// ggml's make_qx_quants for rmse_type 1 (weights x^2): symmetric levels in [-nmax, nmax), the
+// scale refined over 18 nearby candidates; L gets level + nmax
+float make_qx_quants(int n, int nmax, const float* x, int8_t* L) {
+  float mx = 0, amax = 0;
+  for (int i = 0; i < n; ++i) {
+    const float ax = std::fabs(x[i]);
+    if (ax > amax) {
+      amax = ax;
+      mx = x[i];
+    }
+  }
+  if (amax < 1e-15f) {  // GROUP_MAX_EPS
+    for (int i = 0; i < n; ++i) L[i] = 0;
+    return 0.f;
+  }
+  float iscale = -nmax / mx, sumlx = 0, suml2 = 0;
+  for (int i = 0; i < n; ++i) {
+    const int l = std::max(-nmax, std::min(nmax - 1, nearest_int(iscale * x[i])));
+    L[i] = (int8_t)(l + nmax);
+    const float w = x[i] * x[i];
+    sumlx += w * x[i] * l;
+    suml2 += w * l * l;
+  }
+  float scale = suml2 ? sumlx / suml2 : 0.f, best = scale * sumlx;
+  for (int is = -9; is <= 9; ++is) {
+    if (is == 0) continue;
+    iscale = -(nmax + 0.1f * is) / mx;
+    sumlx = suml2 = 0;
+    for (int i = 0; i < n; ++i) {
+      const int l = std::max(-nmax, std::min(nmax - 1, nearest_int(iscale * x[i])));
+      const float w = x[i] * x[i];
+      sumlx += w * x[i] * l;
+      suml2 += w * l * l;
+    }
+    if (suml2 > 0 && sumlx * sumlx > best * suml2) {
+      for (int i = 0; i < n; ++i) L[i] = (int8_t)(nmax + std::max(-nmax, std::min(nmax - 1, nearest_int(iscale * x[i]))));
+      scale = sumlx / suml2;
+      best = scale * sumlx;
+    }
+  }
+  return scale;
+}
+
+// Q6_K, ggml's reference quantiser: 16 sub-blocks of 16 values, each a 6-bit level (-32..31)
+// times an int8 sub-block scale times the fp16 super-block scale d. Layout: ql[128] (low 4 bits),
+// qh[64] (high 2 bits), scales[16], d.
+void quantize_q6_k(const float* x, int64_t K, uint8_t* out) {
+  for (int64_t b = 0; b < K / 256; b++, x += 256, out += 210) {
+    int8_t L[256];
+    float scales[16], max_scale = 0, max_abs_scale = 0;
+    for (int ib = 0; ib < 16; ++ib) {
+      const float scale = make_qx_quants(16, 32, x + 16 * ib, L + 16 * ib);
+      scales[ib] = scale;
+      if (std::fabs(scale) > max_abs_scale) {
+        max_abs_scale = std::fabs(scale);
+        max_scale = scale;
+      }
+    }
+    memset(out, 0, 210);
+    if (max_abs_scale < 1e-15f) continue;  // an all-zero block: d = 0, every level 0
+    const float iscale = -128.f / max_scale;
+    const uint16_t dh = fp32_to_fp16(1 / iscale);
+    int8_t* sc = (int8_t*)(out + 192);
+    for (int ib = 0; ib < 16; ++ib) sc[ib] = (int8_t)std::min(127, nearest_int(iscale * scales[ib]));
+    uint8_t Lu[256];
+    for (int j = 0; j < 16; ++j) {
+      const float d = fp16_to_fp32(dh) * sc[j];
+      if (!d) {
+        for (int ii = 0; ii < 16; ++ii) Lu[16 * j + ii] = (uint8_t)L[16 * j + ii];
+        continue;
+      }
+      for (int ii = 0; ii < 16; ++ii) {
+        const int l = std::max(-32, std::min(31, nearest_int(x[16 * j + ii] / d)));
+        Lu[16 * j + ii] = (uint8_t)(l + 32);
+      }
+    }
+    uint8_t *ql = out, *qh = out + 128;
+    for (int j = 0; j < 256; j += 128, ql += 64, qh += 32)
+      for (int l = 0; l < 32; ++l) {
+        const uint8_t q1 = Lu[j + l] & 0xF, q2 = Lu[j + l + 32] & 0xF, q3 = Lu[j + l + 64] & 0xF, q4 = Lu[j + l + 96] & 0xF;
+        ql[l] = q1 | (q3 << 4);
+        ql[l + 32] = q2 | (q4 << 4);
+        qh[l] = (Lu[j + l] >> 4) | ((Lu[j + l + 32] >> 4) << 2) | ((Lu[j + l + 64] >> 4) << 4) | ((Lu[j + l + 96] >> 4) << 6);
+      }
+    wr16(out + 208, dh);
+  }
+}
+
 }  // namespace
 
 int64_t Mat::tile_bytes() const { return tile_block_bytes(fmt) * (K / block_size(fmt)); }
@@ -468,7 +556,6 @@ at::Tensor quantize_blocks(const at::Tensor& w_in, int fmt) {
   const at::Tensor w = w_in.to(at::kFloat).contiguous();
   const int64_t N = w.size(0), K = w.size(1);
   check_shape(fmt, N, K, "quantize");
-  TORCH_CHECK(fmt != Q6_K, "plm: no Q6_K quantiser (Q6_K weights are read from GGUF files only)");
   const int64_t rb = row_bytes(fmt, K);
   at::Tensor out = at::empty({N, rb}, at::kByte);
   const float* x = w.data_ptr<float>();
@@ -484,6 +571,7 @@ at::Tensor quantize_blocks(const at::Tensor& w_in, int fmt) {
         case Q8_0: quantize_q8_0(xr, K, orow); break;
         case Q4_0: quantize_q4_0(xr, K, orow); break;
         case Q4_K: quantize_q4_k(xr, K, orow); break;
+        case Q6_K: quantize_q6_k(xr, K, orow); break;
       }
     }
   });

@@ -13,8 +13,9 @@ namespace plm {
 // ---- dispatch -------------------------------------------------------------------------
 struct Dispatch {
   Kernels k;                 // merged table of the selected path
-  std::string isa;           // "avx512", "avx2" or "scalar"
+  std::string isa;           // "amx", "avx512", "avx2" or "scalar"
   bool bf16_dp = false;      // AVX512-BF16 vdpbf16ps for BF16 weights
+  bool amx = false;          // AMX-BF16 tiles for BF16 weights (kernels_amx.cpp)
 };
 const Dispatch& dispatch();
 void set_isa(const std::string& name);  // throws if the CPU lacks it
@@ -24,6 +25,11 @@ void gemv_bf16_avx512bf16(const void* W, int64_t K, int64_t n0, int64_t n1, cons
 void attention_avx512bf16(const float* q, int64_t nh, int64_t D, int64_t rank, const uint16_t* cache, int64_t S,
                           int64_t part, float scale, float* out, float* lse, float* scratch);
 int64_t attention_bf16_scratch_floats(int64_t D, int64_t rank);
+// y[m][n] for n in [n0, n1) (n0 a multiple of 16) of a group of `rows` weight rows, K % 32 == 0;
+// xp: activations packed as kernels_amx.cpp says; wtail: the last rows % 16 rows, zero-padded
+void gemm_bf16_amx(const uint16_t* W, int64_t K, int64_t rows, int64_t n0, int64_t n1, const uint32_t* xp, int64_t M,
+                   const uint16_t* wtail, float* y, int64_t ldy);
+bool amx_compiled();  // false where the compiler had no AMX (the unit is a stub)
 // `vpdpbusd` multiply-adds one thread issues in `iters` loop turns of a register-only loop
 // (the compute roofline of the block formats); returns its seconds
 double vnni_loop_seconds(int64_t iters, int64_t* macs);
@@ -66,7 +72,8 @@ struct Work {  // scratch reused across calls (grows, never shrinks)
   std::vector<float> d, xf, acc;
   std::vector<int32_t> s16, idx, start;
   std::vector<uint8_t> live;
-  std::vector<uint16_t> xb;
+  std::vector<uint16_t> xb, wtail;
+  std::vector<uint32_t> xp;
 };
 
 // From this many activation rows on, the sparse layout is multiplied as a dense product
@@ -85,6 +92,7 @@ struct Mat {
   int fmt = -1;
   int64_t N = 0, K = 0, groups = 1;
   bool sparse = false;  // neuron-major layout (down projection)
+  bool amx = false;     // BF16 on AMX tiles where the path has them (make_mat: K % 32 == 0, size)
 
   bool defined() const { return fmt >= 0; }
   int64_t Ng() const { return N / groups; }
@@ -93,6 +101,7 @@ struct Mat {
   int64_t nbytes() const { return data.defined() ? data.numel() * data.element_size() : 0; }
   // x [groups][M][K] (group-major), y [M][N] row stride ldy. bf16_x: x already rounded.
   void forward(const float* x, int64_t M, float* y, int64_t ldy, Work& w) const;
+  void forward_amx(const uint16_t* xb, int64_t M, float* y, int64_t ldy, Work& w) const;  // BF16 on AMX tiles
   // sparse layout: y [M][N] from a [M][K], skipping zero (quantised) activations
   void forward_sparse(const float* a, int64_t M, float* y, int64_t ldy, Work& w, SparseStats* st) const;
   void row(int64_t r, float* out) const;  // dequantised row r (embedding lookup)
