@@ -141,3 +141,17 @@ def test_every_flag_has_help_and_the_cli_starts_fast():
     r = plm("--help")
     assert r.returncode == 0 and time.perf_counter() - t < 5  # generous: a subprocess on a busy CI machine
     assert "--version" in r.stdout and plm("--version").stdout.startswith("plm ")
+
+
+def test_quant_choices_are_the_runtime_formats():
+    """`--quant` lists its choices literally (the CLI parses without importing torch); they must
+    be the runtime's: the PyTorch modes and every native block format, q4_k_m and q6_k included."""
+    import argparse
+
+    from plm.infer.commands import add_sampling_args
+    from plm.infer.quant import QUANT_MODES
+    from plm.infer.runtime import NATIVE_QUANT
+    p = argparse.ArgumentParser()
+    add_sampling_args(p)
+    choices = next(a.choices for a in p._actions if a.dest == "quant")
+    assert set(choices) == {"none", *QUANT_MODES, *NATIVE_QUANT} and {"q4_k_m", "q6_k"} <= set(choices)

@@ -230,7 +230,6 @@ Mat make_mat(const at::Tensor& data, int64_t fmt, int64_t N, int64_t K, int64_t 
   m.K = K;
   m.groups = groups;
   m.sparse = sparse;
-  m.amx = fmt == BF16 && !sparse && K % 32 == 0 && data.numel() >= amx_min_bytes();
   int64_t expect;
   if (sparse) {
     TORCH_CHECK(groups == 1, "plm: the sparse layout has no groups");
@@ -246,6 +245,14 @@ Mat make_mat(const at::Tensor& data, int64_t fmt, int64_t N, int64_t K, int64_t 
   }
   TORCH_CHECK(data.numel() == expect, "plm: packed ", format_name((int)fmt), " [", N, ", ", K, "] should be ", expect,
               " bytes, got ", data.numel());
+  m.amx = fmt == BF16 && !sparse && K % 32 == 0 && data.numel() >= amx_min_bytes();
+  const int64_t ng = m.Ng(), tail = ng % 16;
+  if (m.amx && tail) {  // each group's last rows % 16 rows, zero-padded to a whole tile (made once)
+    m.amx_tail = at::zeros({groups * 16 * K * 2}, at::kByte);
+    for (int64_t g = 0; g < groups; g++)
+      memcpy(m.amx_tail.data_ptr<uint8_t>() + g * 16 * K * 2, data.data_ptr<uint8_t>() + (g * ng + ng - tail) * K * 2,
+             tail * K * 2);
+  }
   return m;
 }
 
@@ -287,8 +294,8 @@ void Mat::forward(const float* x, int64_t M, float* y, int64_t ldy, Work& w) con
 }
 
 // BF16 weights on AMX tiles: the activations packed once into (k, k+1) pairs by tiles of 16
-// rows (gemm_bf16_amx's layout), a group's last rows % 16 weight rows copied zero-padded (the
-// tile loads 16 rows), then the rows shared out in whole tiles of 16.
+// rows (gemm_bf16_amx's layout), then the rows shared out in whole tiles of 16 (a group's last
+// partial tile read from amx_tail, made by make_mat).
 void Mat::forward_amx(const uint16_t* xb, int64_t M, float* y, int64_t ldy, Work& w) const {
   if (M <= 0) return;  // a tile of no columns is not a valid tile configuration
   const int64_t G = groups, ng = Ng(), KB = K / 32, mw = std::min<int64_t>(M, 16), MT = ceil_div(M, 16);
@@ -310,19 +317,13 @@ void Mat::forward_amx(const uint16_t* xb, int64_t M, float* y, int64_t ldy, Work
     }
   });
   const uint16_t* W = (const uint16_t*)data.data_ptr<uint8_t>();
-  const int64_t tail = ng % 16;
-  uint16_t* wt = tail ? grow(w.wtail, G * 16 * K) : nullptr;
-  if (tail)
-    for (int64_t g = 0; g < G; g++) {
-      std::fill(wt + g * 16 * K, wt + (g + 1) * 16 * K, (uint16_t)0);
-      memcpy(wt + g * 16 * K, W + (g * ng + ng - tail) * K, tail * K * sizeof(uint16_t));
-    }
+  const uint16_t* wt = amx_tail.defined() ? (const uint16_t*)amx_tail.data_ptr<uint8_t>() : nullptr;
   const int64_t tpg = ceil_div(ng, 16);
   parallel(G * tpg, std::max<int64_t>(1, (1 << 15) / (16 * K * std::max<int64_t>(M, 1))), [&](int64_t a, int64_t b) {
     for (int64_t g = a / tpg; g < G && g * tpg < b; g++) {
       const int64_t t0 = std::max(a, g * tpg) - g * tpg, t1 = std::min(b, (g + 1) * tpg) - g * tpg;
       gemm_bf16_amx(W + g * ng * K, K, ng, 16 * t0, std::min(ng, 16 * t1), xp + g * per_group, M,
-                    tail ? wt + g * 16 * K : nullptr, y + g * ng, ldy);
+                    wt ? wt + g * 16 * K : nullptr, y + g * ng, ldy);
     }
   });
 }

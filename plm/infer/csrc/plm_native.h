@@ -72,7 +72,7 @@ struct Work {  // scratch reused across calls (grows, never shrinks)
   std::vector<float> d, xf, acc;
   std::vector<int32_t> s16, idx, start;
   std::vector<uint8_t> live;
-  std::vector<uint16_t> xb, wtail;
+  std::vector<uint16_t> xb;
   std::vector<uint32_t> xp;
 };
 
@@ -93,6 +93,7 @@ struct Mat {
   int64_t N = 0, K = 0, groups = 1;
   bool sparse = false;  // neuron-major layout (down projection)
   bool amx = false;     // BF16 on AMX tiles where the path has them (make_mat: K % 32 == 0, size)
+  at::Tensor amx_tail;  // amx and rows % 16: each group's last rows, zero-padded to 16 (a tile load)
 
   bool defined() const { return fmt >= 0; }
   int64_t Ng() const { return N / groups; }
