@@ -253,6 +253,26 @@ def test_sparse_target_checks_each_context_apart():
     assert not at1024["met"] and "identical to dense: no (1 of 3 steps differ)" in at1024["measured"]
 
 
+def test_quality_targets_report_the_paired_interval():
+    """The quality rows decide on the point perplexities and quote the paired ratio with its
+    interval (here 4-bit 1.01163 = +1.16%, interval 1.00851 to 1.01475, from the 8,192-token run)."""
+    from plm.bench.edge import targets
+
+    ppl = {"ours bf16": 32.6548, "ours q8_0": 32.6992, "llama.cpp q8_0": 32.6557, "ours q4_k_m": 32.7097,
+           "llama.cpp q4_k_m": 32.3337}
+    res = {"engines": {}, "quality": {
+        "rows": [{"weights": k, "perplexity": v} for k, v in ppl.items()],
+        "paired": [{"a": "ours q4_k_m", "b": "llama.cpp q4_k_m", "ratio": 1.01163, "ci95": [1.00851, 1.01475],
+                    "sequences": 32}]}}
+    rows = {r["target"]: r for r in targets(res, [64]) if r["target"].startswith("quality")}
+    within = rows["quality: our 8-bit perplexity within 0.5% of bf16"]
+    assert within["met"] and "(+0.14%)" in within["measured"] and "paired" not in within["measured"]
+    assert not rows["quality: our 8-bit perplexity <= llama.cpp Q8_0's"]["met"]
+    four = rows["quality: our 4-bit (Q4_K_M) perplexity <= llama.cpp Q4_K_M's"]
+    assert not four["met"]
+    assert four["measured"] == ("32.7097 vs 32.3337; paired +1.16% (95%: +0.85% to +1.48%, 32 sequences)")
+
+
 def test_benchmarks_name_the_cpu_by_family_model_and_isa(tmp_path):
     """A VM may call its CPU only "Intel(R) Xeon(R) Processor": the machine line every benchmark
     prints adds the CPUID family and model and the vector extensions (hand-written cpuinfo files;

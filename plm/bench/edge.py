@@ -638,9 +638,12 @@ def worker_quality(a: dict) -> dict:
     out = {"tokens": int(ids.numel()), "sequences": int(N), "reference": "checkpoint weights, PyTorch fp32",
            "rows": []}
 
+    nlls = {}
+
     def row(name: str, lg: torch.Tensor, **extra):
         logp = lg[:, :-1, :base.shape[-1]].float().log_softmax(-1)
         nll = -logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
+        nlls[name] = nll
         r = {"weights": name, "perplexity": float(nll.mean().exp()),
              "kl_from_reference": float((bl.exp() * (bl - logp)).sum(-1).mean()),
              "top1_agreement": float((lg[..., :base.shape[-1]].argmax(-1) == base.argmax(-1)).float().mean()), **extra}
@@ -655,15 +658,18 @@ def worker_quality(a: dict) -> dict:
     sd = {}
     for f in set(weight_map(a["ckpt"]).values()):
         sd.update(load_file(str(f)))
-    for fmt in ("bf16", "q8_0", "q4_0", "q4_k", "q4_k_m"):
-        dec = NativeDecoder.from_state_dict(cfg, sd.__getitem__, fmt=fmt, capacity=T)
+    def steps(dec: NativeDecoder) -> torch.Tensor:
         lg = torch.empty(N, T, cfg.vocab_size)
         for n in range(N):
             s = dec.new_sequence()
             for t in range(T):  # every position's logits: one step each
-                lg[n, t] = dec.step([s], [int(ids[n, t])])[0]
+                lg[n, t] = dec.step([s], [int(ids[n, t])])[0][:cfg.vocab_size]
             dec.free(s)
-        row(f"ours {fmt}", lg, weight_bytes=dec.weight_bytes())
+        return lg
+
+    for fmt in ("bf16", "q8_0", "q4_0", "q4_k", "q4_k_m"):
+        dec = NativeDecoder.from_state_dict(cfg, sd.__getitem__, fmt=fmt, capacity=T)
+        row(f"ours {fmt}", steps(dec), weight_bytes=dec.weight_bytes())
         del dec
     import llama_cpp
     for kind, path in a.get("ggufs", {}).items():
@@ -676,7 +682,17 @@ def worker_quality(a: dict) -> dict:
             lg[n] = torch.from_numpy(np.asarray(llm.scores[:T], dtype=np.float32))
         row(f"llama.cpp {kind}", lg, gguf_bytes=os.path.getsize(path))
         del llm
+        if kind in ("q8_0", "q4_k_m"):  # our kernels on llama.cpp's file: its quantiser, our arithmetic
+            row(f"ours on llama.cpp's {kind} file", steps(NativeDecoder.from_gguf(path, capacity=T)))
+    from plm.eval.perplexity import paired_perplexity_ratio
+    out["paired"] = [{"a": a_, "b": b_, **paired_perplexity_ratio(nlls[a_], nlls[b_])}
+                     for a_, b_ in QUALITY_PAIRS if a_ in nlls and b_ in nlls]
     return out
+
+
+# the perplexity comparisons the targets make, each reported as a paired ratio with its uncertainty
+QUALITY_PAIRS = (("ours q8_0", "ours bf16"), ("ours q8_0", "llama.cpp q8_0"), ("ours q4_0", "llama.cpp q4_0"),
+                 ("ours q4_k_m", "llama.cpp q4_k_m"), ("ours bf16", "llama.cpp f16"))
 
 
 WORKERS = {"ours": worker_native, "torch": worker_torch, "llama": worker_llama, "mlp": worker_mlp_sweep,
@@ -929,18 +945,26 @@ def targets(results: dict, contexts: list[int]) -> list[dict]:
         add(f"KV memory @{contexts[-1]}: <= 1/8 of llama.cpp's",
             f"{o[0]} {_fmt_bytes(o[1]['kv_bytes'])} vs {t[0]} {_fmt_bytes(t[1]['kv_bytes'])} = 1/{1 / r:.2f}", r <= 1 / 8)
     q = {r["weights"]: r for r in (results.get("quality") or {}).get("rows", [])}
+    paired = {(p["a"], p["b"]): p for p in (results.get("quality") or {}).get("paired", [])}
+
+    def diff(a: str, b: str) -> str:  # the paired ratio and its 95% interval, where measured
+        p = paired.get((a, b))
+        return (f"; paired {100 * (p['ratio'] - 1):+.2f}% (95%: {100 * (p['ci95'][0] - 1):+.2f}% to "
+                f"{100 * (p['ci95'][1] - 1):+.2f}%, {p['sequences']} sequences)" if p else "")
+
     if "ours bf16" in q and "ours q8_0" in q:
         b, o8 = q["ours bf16"]["perplexity"], q["ours q8_0"]["perplexity"]
-        add("quality: our 8-bit perplexity within 0.5% of bf16", f"{o8:.4f} vs {b:.4f} ({100 * (o8 / b - 1):+.2f}%)",
-            o8 <= b * 1.005)
+        add("quality: our 8-bit perplexity within 0.5% of bf16",
+            f"{o8:.4f} vs {b:.4f} ({100 * (o8 / b - 1):+.2f}%){diff('ours q8_0', 'ours bf16')}", o8 <= b * 1.005)
         if "llama.cpp q8_0" in q:
             l8 = q["llama.cpp q8_0"]["perplexity"]
-            add("quality: our 8-bit perplexity <= llama.cpp Q8_0's", f"{o8:.4f} vs {l8:.4f}", o8 <= l8)
+            add("quality: our 8-bit perplexity <= llama.cpp Q8_0's",
+                f"{o8:.4f} vs {l8:.4f}{diff('ours q8_0', 'llama.cpp q8_0')}", o8 <= l8)
     ours4 = "ours q4_k_m" if "ours q4_k_m" in q else "ours q4_k"  # like for like: the same mix of Q4_K and Q6_K
     if ours4 in q and "llama.cpp q4_k_m" in q:
         o4, l4 = q[ours4]["perplexity"], q["llama.cpp q4_k_m"]["perplexity"]
-        add(f"quality: our 4-bit ({ours4[5:].upper()}) perplexity <= llama.cpp Q4_K_M's", f"{o4:.4f} vs {l4:.4f}",
-            o4 <= l4)
+        add(f"quality: our 4-bit ({ours4[5:].upper()}) perplexity <= llama.cpp Q4_K_M's",
+            f"{o4:.4f} vs {l4:.4f}{diff(ours4, 'llama.cpp q4_k_m')}", o4 <= l4)
     return rows
 
 
@@ -1091,6 +1115,13 @@ def markdown(results: dict) -> str:
             L.append(f"| {r['weights']} | {r['perplexity']:.4f} | {r['kl_from_reference']:.5f} | "
                      f"{r['top1_agreement']:.4f} |")
         L.append("")
+        if q.get("paired"):
+            L += ["Paired on the same tokens (perplexity ratio A / B from the mean per-token log-likelihood "
+                  "difference; the interval from its standard error over the sequences):", "",
+                  "| A | B | ratio | 95% interval |", "|---|---|---|---|"]
+            L += [f"| {p['a']} | {p['b']} | {p['ratio']:.5f} | {p['ci95'][0]:.5f} to {p['ci95'][1]:.5f} |"
+                  for p in q["paired"]]
+            L.append("")
     return "\n".join(L) + "\n"
 
 
@@ -1140,7 +1171,7 @@ class EdgeBenchSettings:
     no_quality: bool = False  # skip the quality check (it runs on a given --ckpt only)
     data: list[str] | None = None  # text for the quality check
     text_field: str = "text"
-    quality_tokens: int = 1024
+    quality_tokens: int = 8192  # 32 sequences of 256: quantisations differ by tenths of a percent
     predictor: str | None = None  # predictor file for the ours-* sparse engines
     workdir: str = "runs/edge"  # random checkpoints and GGUFs are cached here
     out: str | None = None  # output folder (default WORKDIR/bench-MODEL)
