@@ -5,7 +5,8 @@
 
 Attention: absorbed MLA over one sequence's latent cache (16 heads, 576-value latents, 512 of
 them values) at several cache lengths, one call on one thread: the kernel on a bf16 cache (on
-`avx512+bf16` the heads-in-lanes `vdpbf16ps` kernel), on an f32 cache (fp32 FMAs per head), and
+`avx512+bf16` the heads-in-lanes `vdpbf16ps` kernel, on `amx+bf16` the AMX tile kernel; run it
+under PLM_NATIVE_ISA=avx512 and =amx to compare the two), on an f32 cache (fp32 FMAs per head), and
 PyTorch's softmax(q K^T) V on the same bf16 cache converted to fp32 (the naive path).
 Matrices: the up projection's shape (8192 x 2048) for one activation row (decode), 8 (a server's
 batched step) and 256 (a prefill chunk), in each format (Q6_K and Q5_K: random blocks; llama.cpp's

@@ -347,13 +347,14 @@ def test_q4_k_quantiser_error():
     assert errs[nv.Q4_K] < 0.1
 
 
-@pytest.mark.parametrize("H,D,rank", [(3, 40, 32), (3, 576, 512), (20, 42, 34), (2, 41, 33)])
-@pytest.mark.parametrize("S", (1, 5, 64, 65, 200))
+@pytest.mark.parametrize("H,D,rank", [(3, 40, 32), (3, 576, 512), (20, 42, 34), (2, 41, 33), (20, 64, 48)])
+@pytest.mark.parametrize("S", (1, 5, 64, 65, 200, 600))
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=("f32", "bf16"))
 def test_attention_kernel(isa, H, D, rank, S, dtype):
     """Against float64 softmax attention. Shapes: heads beyond one 16-lane group, pairs with a
     partial last vector (42/34), odd sizes (41/33: the bf16 path needs pairs, so the fp32
-    kernel runs), cache lengths across the 64-row blocks."""
+    kernel runs), cache lengths across the 64-row blocks; on AMX (D % 32 == 0, rank % 16 == 0:
+    576/512, 64/48) a last partial tile of 16 rows and, at 600, chunks of 256 rows merged."""
     rng = np.random.default_rng(S + D)
     q = torch.from_numpy(rng.standard_normal((H, D)).astype(np.float32))
     cache = torch.from_numpy(rng.standard_normal((S, D)).astype(np.float32)).to(dtype)

@@ -76,14 +76,17 @@ def test_f32_decoder_matches_reference(model):
     assert greedy == theirs
 
 
-def test_attention_parts_at_long_context():
+@pytest.mark.parametrize("latent", [{}, {"kv_lora_rank": 48, "qk_rope_head_dim": 16}], ids=("micro", "tiles"))
+def test_attention_parts_at_long_context(latent):
     """Past 256 cached rows attention runs over parts of 256 rows merged by their log-sum-exp
     (spread over the threads in a one-sequence step, one thread's loop in a prefill or a
     batch): with fp32 weights and cache the decoder still reproduces the reference to fp32
-    rounding, and with a bf16 cache a prefill, a batched step and the rows alone agree bit for bit."""
+    rounding, and with a bf16 cache a prefill, a batched step and the rows alone agree bit for
+    bit. `tiles`: a latent row of 64 values with rank 48, which AMX hosts attend on tiles."""
     torch.manual_seed(0)
     model = PLMForCausalLM(PLMConfig.from_preset("plm-micro", vocab_size=512, bos_token_id=0, eos_token_id=2,
-                                                 initializer_range=0.1, max_position_embeddings=1024)).eval()
+                                                 initializer_range=0.1, max_position_embeddings=1024,
+                                                 **latent)).eval()
     V = model.config.vocab_size
     prompt, cont = torch.randint(0, V, (600,)).tolist(), torch.randint(0, V, (6,)).tolist()
     threads = torch.get_num_threads()

@@ -40,7 +40,7 @@ from plm.errors import PLMError
 CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = ("ops.cpp", "pack.cpp", "pool.cpp", "decoder.cpp", "kernels_scalar.cpp", "kernels_avx2.cpp", "kernels_avx512.cpp",
            "kernels_avx512bf16.cpp", "kernels_amx.cpp")
-HEADERS = ("plm_kernels.h", "plm_native.h", "simde_shim.h", "avx512_sum.h")
+HEADERS = ("plm_kernels.h", "plm_native.h", "simde_shim.h", "avx512_sum.h", "avx512_attn.h")
 # -ffp-contract=off: the compiler must not fuse a*b+c on its own; the kernels place their
 # FMAs explicitly so that every path computes the same fp32 sequence.
 CFLAGS = ("-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-Wall", "-Wno-unused-function",

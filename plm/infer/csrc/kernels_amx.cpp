@@ -10,6 +10,13 @@
 // xp[m tile][K/32][16 pairs][mw] 32-bit (k, k+1) pairs, mw = min(M, 16) activation rows a tile
 // (rows past M zero); the sums are C^T (weight rows x activation rows), written out transposed.
 // Tiles: 0-3 sums, 4-5 weights, 6-7 activations.
+//
+// Absorbed-MLA attention over a bf16 latent cache on the same tiles (attention_amx_bf16), for
+// 16 heads at a time: the scores are cache rows (16 a tile, 32 values of a row) times the query
+// as (k, k+1) pairs of 16 heads, 18 `tdpbf16ps` per 16 rows at D = 576; the values are the
+// probabilities as (t, t+1) pairs of 16 heads times the value pairs (pack_values), into 16 heads
+// x 16 latent dims a tile. A part's rows go in chunks of up to 256 with one softmax maximum
+// each, merged online; query and probabilities rounded to bf16 as on the vdpbf16ps path.
 #if !defined(PLM_SIMDE) && defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
 #define PLM_HAVE_AMX 1
 #pragma GCC target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl")
@@ -17,6 +24,9 @@
 #endif
 
 #include "plm_kernels.h"
+#ifdef PLM_HAVE_AMX
+#include "avx512_attn.h"
+#endif
 
 namespace plm {
 
@@ -137,9 +147,148 @@ void gemm_bf16_amx(const uint16_t* W, int64_t K, int64_t rows, int64_t n0, int64
   _tile_release();
 }
 
+int64_t attention_amx_scratch_floats(int64_t D, int64_t rank) {
+  // qB [D/2][16] | sT [CH][16] | pA [16][CH/2] | vP [CH/2][rank] | tail [16][D] bf16 | O [16][rank] | C [16][16]
+  return 8 * D + 16 * 256 + 8 * 256 + 128 * rank + 8 * D + 16 * rank + 256 + 16;
+}
+
+void attention_amx_bf16(const float* q, int64_t nh, int64_t D, int64_t rank, const uint16_t* cache, int64_t S,
+                        int64_t part, float scale, float* out, float* lse, float* scratch) {
+  constexpr int64_t CH = 256;  // rows per chunk
+  const int64_t D2 = D / 2, KT = D / 32, ldc = 2 * D;
+  float* base = (float*)(((uintptr_t)scratch + 63) & ~(uintptr_t)63);
+  uint32_t* qB = (uint32_t*)base;                  // [D/2][16]: (q[h][2j], q[h][2j+1]) as bf16
+  float* sT = base + 8 * D;                        // [CH][16] scores, head in lanes
+  uint32_t* pA = (uint32_t*)(sT + 16 * CH);        // [16 heads][CH/2] probability pairs
+  uint32_t* vP = pA + 8 * CH;                      // [CH/2][rank] value pairs
+  uint16_t* tail = (uint16_t*)(vP + (CH / 2) * rank);  // a last partial tile of rows, zero-padded
+  float* O = (float*)(tail + 16 * D);              // [16][rank] the part's running sums
+  float* cb = O + 16 * rank;                       // [16][16] one stored tile
+  TileConfig cfg;
+  memset(&cfg, 0, sizeof cfg);
+  cfg.palette = 1;
+  for (int t = 0; t < 8; t++) cfg.rows[t] = 16, cfg.colsb[t] = 64;
+  _tile_loadconfig(&cfg);
+  const __m512i hidx = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                          _mm512_set1_epi32((int)(CH / 2)));
+  const __m512 vs = _mm512_set1_ps(scale);
+  for (int64_t h0 = 0; h0 < nh; h0 += 16) {
+    const int64_t g = nh - h0 < 16 ? nh - h0 : 16;
+    memset(qB, 0, sizeof(uint32_t) * 16 * D2);
+    for (int64_t j = 0; j < g; j++)
+      for (int64_t k = 0; k < D2; k++) {
+        const float* qj = q + (h0 + j) * D + 2 * k;
+        qB[k * 16 + j] = (uint32_t)fp32_to_bf16(qj[0]) | ((uint32_t)fp32_to_bf16(qj[1]) << 16);
+      }
+    for (int64_t p0 = 0, pi = 0; p0 < S; p0 += part, pi++) {
+      const int64_t np_ = S - p0 < part ? S - p0 : part;
+      memset(O, 0, sizeof(float) * 16 * rank);
+      __m512 m = _mm512_set1_ps(-__builtin_inff()), l = _mm512_setzero_ps();
+      for (int64_t c0 = 0; c0 < np_; c0 += CH) {
+        const int64_t n = np_ - c0 < CH ? np_ - c0 : CH, nt16 = (n + 15) / 16;
+        const uint16_t* c = cache + (p0 + c0) * D;
+        if (n % 16) {  // the rows of the last partial tile, zero-padded (rows past S may not exist)
+          memset(tail, 0, sizeof(uint16_t) * 16 * D);
+          memcpy(tail, c + (n - n % 16) * D, sizeof(uint16_t) * (n % 16) * D);
+        }
+        auto rows = [&](int64_t ti) { return 16 * ti + 16 <= n ? c + 16 * ti * D : tail; };
+        // scores: four tiles of 16 rows at a time (tiles 0-3), cache rows in 4/5, query in 6
+        for (int64_t tt = 0; tt < nt16; tt += 4) {
+          const int64_t cnt = nt16 - tt < 4 ? nt16 - tt : 4;
+          _tile_zero(0);
+          if (cnt > 1) _tile_zero(1);
+          if (cnt > 2) _tile_zero(2);
+          if (cnt > 3) _tile_zero(3);
+          for (int64_t kk = 0; kk < KT; kk++) {
+            _tile_loadd(6, qB + kk * 256, 64);
+            _tile_loadd(4, rows(tt) + 32 * kk, ldc);
+            _tile_dpbf16ps(0, 4, 6);
+            if (cnt > 1) { _tile_loadd(5, rows(tt + 1) + 32 * kk, ldc); _tile_dpbf16ps(1, 5, 6); }
+            if (cnt > 2) { _tile_loadd(4, rows(tt + 2) + 32 * kk, ldc); _tile_dpbf16ps(2, 4, 6); }
+            if (cnt > 3) { _tile_loadd(5, rows(tt + 3) + 32 * kk, ldc); _tile_dpbf16ps(3, 5, 6); }
+          }
+          float* st = sT + tt * 256;
+          _tile_stored(0, st, 64);
+          if (cnt > 1) _tile_stored(1, st + 256, 64);
+          if (cnt > 2) _tile_stored(2, st + 512, 64);
+          if (cnt > 3) _tile_stored(3, st + 768, 64);
+        }
+        for (int64_t t = 0; t < n; t++) _mm512_storeu_ps(sT + t * 16, _mm512_mul_ps(_mm512_loadu_ps(sT + t * 16), vs));
+        // softmax of the chunk against the running maximum; probabilities as (t, t+1) pairs per head
+        __m512 bm = _mm512_loadu_ps(sT);
+        for (int64_t t = 1; t < n; t++) bm = _mm512_max_ps(bm, _mm512_loadu_ps(sT + t * 16));
+        const __m512 mnew = _mm512_max_ps(m, bm);
+        const __m512 alpha = exp16(_mm512_sub_ps(m, mnew));  // m = -inf: exp16 clamps, alpha ~ 0
+        m = mnew;
+        const int64_t npair = (n + 1) / 2, jt = (npair + 15) / 16;
+        __m512 sum = _mm512_setzero_ps();
+        for (int64_t t = 0; t < n; t += 2) {
+          const __m512i e0 = bf16_rne(exp16(_mm512_sub_ps(_mm512_loadu_ps(sT + t * 16), mnew)));
+          const __m512i e1 = t + 1 < n ? bf16_rne(exp16(_mm512_sub_ps(_mm512_loadu_ps(sT + (t + 1) * 16), mnew)))
+                                       : _mm512_setzero_si512();
+          sum = _mm512_add_ps(sum, _mm512_add_ps(_mm512_castsi512_ps(_mm512_slli_epi32(e0, 16)),
+                                                 _mm512_castsi512_ps(_mm512_slli_epi32(e1, 16))));
+          _mm512_i32scatter_epi32(pA + t / 2, hidx, _mm512_or_si512(e0, _mm512_slli_epi32(e1, 16)), 4);
+        }
+        for (int64_t j = npair; j < 16 * jt; j++)  // pairs past the chunk: zero probabilities
+          _mm512_i32scatter_epi32(pA + j, hidx, _mm512_setzero_si512(), 4);
+        l = _mm512_fmadd_ps(l, alpha, sum);
+        pack_values(c, D, rank, n, vP);
+        if (16 * jt > npair) memset(vP + npair * rank, 0, sizeof(uint32_t) * (16 * jt - npair) * rank);
+        // values: 16 heads x 64 latent dims at a time (tiles 0-3), probabilities in 4, values in 5/6
+        alignas(64) float av[16];
+        _mm512_store_ps(av, alpha);
+        for (int64_t r0 = 0; r0 < rank; r0 += 64) {
+          const int64_t cnt = (rank - r0) / 16 < 4 ? (rank - r0) / 16 : 4;
+          _tile_zero(0);
+          if (cnt > 1) _tile_zero(1);
+          if (cnt > 2) _tile_zero(2);
+          if (cnt > 3) _tile_zero(3);
+          for (int64_t jj = 0; jj < jt; jj++) {
+            const uint32_t* v = vP + jj * 16 * rank + r0;
+            _tile_loadd(4, pA + jj * 16, 4 * (CH / 2));
+            _tile_loadd(5, v, 4 * rank);
+            _tile_dpbf16ps(0, 4, 5);
+            if (cnt > 1) { _tile_loadd(6, v + 16, 4 * rank); _tile_dpbf16ps(1, 4, 6); }
+            if (cnt > 2) { _tile_loadd(5, v + 32, 4 * rank); _tile_dpbf16ps(2, 4, 5); }
+            if (cnt > 3) { _tile_loadd(6, v + 48, 4 * rank); _tile_dpbf16ps(3, 4, 6); }
+          }
+          for (int64_t i = 0; i < cnt; i++) {
+            switch (i) {
+              case 0: _tile_stored(0, cb, 64); break;
+              case 1: _tile_stored(1, cb, 64); break;
+              case 2: _tile_stored(2, cb, 64); break;
+              default: _tile_stored(3, cb, 64); break;
+            }
+            for (int64_t h = 0; h < 16; h++) {  // O = alpha * O + this chunk's sums
+              float* o = O + h * rank + r0 + 16 * i;
+              _mm512_storeu_ps(o, _mm512_fmadd_ps(_mm512_loadu_ps(o), _mm512_set1_ps(av[h]), _mm512_load_ps(cb + 16 * h)));
+            }
+          }
+        }
+      }
+      alignas(64) float lv[16], mv[16];
+      _mm512_store_ps(lv, l);
+      _mm512_store_ps(mv, m);
+      for (int64_t j = 0; j < g; j++) {
+        const float inv = lv[j] > 0.f ? 1.f / lv[j] : 0.f;
+        float* o = out + (pi * nh + h0 + j) * rank;
+        for (int64_t r = 0; r < rank; r++) o[r] = O[j * rank + r] * inv;
+        if (lse) lse[pi * nh + h0 + j] = lv[j] > 0.f ? mv[j] + __builtin_logf(lv[j]) : -__builtin_inff();
+      }
+    }
+  }
+  _tile_release();
+}
+
 #else
 
 bool amx_compiled() { return false; }
+
+int64_t attention_amx_scratch_floats(int64_t, int64_t) { return 0; }
+
+void attention_amx_bf16(const float*, int64_t, int64_t, int64_t, const uint16_t*, int64_t, int64_t, float, float*, float*,
+                        float*) {}
 
 void gemm_bf16_amx(const uint16_t*, int64_t, int64_t, int64_t, int64_t, const uint32_t*, int64_t, const uint16_t*, float*,
                    int64_t) {}

@@ -430,13 +430,21 @@ static bool bf16_attention(const Dispatch& dp, bool cache_bf16, int64_t D, int64
   return dp.bf16_dp && cache_bf16 && D % 2 == 0 && rank % 2 == 0;
 }
 
+// AMX attention: the score tiles take 32 values of a cached row, the value tiles 16 latent dims
+static bool amx_attention(const Dispatch& dp, bool cache_bf16, int64_t D, int64_t rank) {
+  return dp.amx && cache_bf16 && D % 32 == 0 && rank % 16 == 0;
+}
+
 int64_t attention_scratch_floats(int64_t nh, int64_t D, int64_t rank) {
-  return std::max(attn_scratch_floats(nh, D), attention_bf16_scratch_floats(D, rank));
+  return std::max({attn_scratch_floats(nh, D), attention_bf16_scratch_floats(D, rank),
+                   attention_amx_scratch_floats(D, rank)});
 }
 
 void attention(const float* q, int64_t nh, int64_t D, int64_t rank, const void* cache, bool cache_bf16, int64_t S,
                int64_t part, float scale, float* out, float* lse, float* scratch) {
   const Dispatch& dp = dispatch();
+  if (amx_attention(dp, cache_bf16, D, rank))
+    return attention_amx_bf16(q, nh, D, rank, (const uint16_t*)cache, S, part, scale, out, lse, scratch);
   if (bf16_attention(dp, cache_bf16, D, rank))
     return attention_avx512bf16(q, nh, D, rank, (const uint16_t*)cache, S, part, scale, out, lse, scratch);
   dp.k.attention(q, nh, D, rank, cache, cache_bf16, S, part, scale, out, lse, scratch);

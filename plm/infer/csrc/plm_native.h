@@ -29,6 +29,11 @@ int64_t attention_bf16_scratch_floats(int64_t D, int64_t rank);
 // xp: activations packed as kernels_amx.cpp says; wtail: the last rows % 16 rows, zero-padded
 void gemm_bf16_amx(const uint16_t* W, int64_t K, int64_t rows, int64_t n0, int64_t n1, const uint32_t* xp, int64_t M,
                    const uint16_t* wtail, float* y, int64_t ldy);
+// Absorbed-MLA attention over a bf16 cache on AMX tiles (D % 32 == 0, rank % 16 == 0); the
+// arguments as Kernels::attention's, scratch attention_amx_scratch_floats(D, rank) floats
+void attention_amx_bf16(const float* q, int64_t nh, int64_t D, int64_t rank, const uint16_t* cache, int64_t S,
+                        int64_t part, float scale, float* out, float* lse, float* scratch);
+int64_t attention_amx_scratch_floats(int64_t D, int64_t rank);
 bool amx_compiled();  // false where the compiler had no AMX (the unit is a stub)
 // `vpdpbusd` multiply-adds one thread issues in `iters` loop turns of a register-only loop
 // (the compute roofline of the block formats); returns its seconds
