@@ -5,8 +5,8 @@
 
 Attention: absorbed MLA over one sequence's latent cache (16 heads, 576-value latents, 512 of
 them values) at several cache lengths, one call on one thread: the kernel on a bf16 cache (on
-`avx512+bf16` the heads-in-lanes `vdpbf16ps` kernel, on `amx+bf16` the AMX tile kernel; run it
-under PLM_NATIVE_ISA=avx512 and =amx to compare the two), on an f32 cache (fp32 FMAs per head), and
+`avx512+bf16` the heads-in-lanes `vdpbf16ps` kernel, on `amx+bf16` the AMX tile kernel, and there
+also the `vdpbf16ps` kernel beside it in the same run), on an f32 cache (fp32 FMAs per head), and
 PyTorch's softmax(q K^T) V on the same bf16 cache converted to fp32 (the naive path).
 Matrices: the up projection's shape (8192 x 2048) for one activation row (decode), 8 (a server's
 batched step) and 256 (a prefill chunk), in each format (Q6_K and Q5_K: random blocks; llama.cpp's
@@ -53,8 +53,18 @@ def attention_rows(lengths: list[int]) -> list[dict]:
         cases = {"ours, bf16 cache": lambda: nv.attention(q, c16, R, scale),
                  "ours, f32 cache": lambda: nv.attention(q, c32, R, scale),
                  "torch (fp32)": lambda: ((q @ c16.float().T) * scale).softmax(-1) @ c16.float()[:, :R]}
+        if torch.ops.plm.isa().startswith("amx"):  # the AMX tile kernel's anchor, in the same run
+            cases["ours, bf16 cache, vdpbf16ps (avx512 path)"] = cases["ours, bf16 cache"]
         for name, fn in cases.items():
-            t = seconds(fn)
+            if name.endswith("(avx512 path)"):
+                path = torch.ops.plm.isa().split("+")[0]
+                nv.set_isa("avx512")
+                try:
+                    t = seconds(fn)
+                finally:
+                    nv.set_isa(path)
+            else:
+                t = seconds(fn)
             rows.append({"kernel": "attention", "case": name, "shape": f"16 heads x {S} cached rows",
                          "ms": t * 1e3, "gmac_s": macs / t / 1e9})
     return rows

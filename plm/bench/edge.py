@@ -690,7 +690,8 @@ def worker_quality(a: dict) -> dict:
     return out
 
 
-# the perplexity comparisons the targets make, each reported as a paired ratio with its uncertainty
+# comparisons reported as paired ratios with their uncertainty: the quality targets' (8-bit against
+# bf16 and Q8_0, the Q4_K_M mix against Q4_K_M), plus Q4_0 and 16-bit against llama.cpp's
 QUALITY_PAIRS = (("ours q8_0", "ours bf16"), ("ours q8_0", "llama.cpp q8_0"), ("ours q4_0", "llama.cpp q4_0"),
                  ("ours q4_k_m", "llama.cpp q4_k_m"), ("ours bf16", "llama.cpp f16"))
 

@@ -1,5 +1,6 @@
-// Pieces of the bf16 attention kernels shared by the AVX512-BF16 and AMX units: exp over 16
-// lanes, fp32 -> bf16 rounding, and the (t, t+1) value pairs. Include after the target pragma.
+// Pieces of the bf16 attention kernels shared by the AVX512-BF16 and AMX units (heads in the 16
+// lanes): exp, fp32 -> bf16 rounding, the query and value pairs, the online softmax step of a
+// block and a part's normalised result. Include after the target pragma.
 #pragma once
 
 namespace plm {
@@ -52,6 +53,61 @@ inline void pack_values(const uint16_t* c, int64_t D, int64_t rank, int64_t tb, 
       _mm512_mask_storeu_epi32(o + r, (__mmask16)(n >= 16 ? 0xffff : (1u << n) - 1), p0);
       if (n > 16) _mm512_mask_storeu_epi32(o + r + 16, (__mmask16)(n >= 32 ? 0xffff : (1u << (n - 16)) - 1), p1);
     }
+  }
+}
+
+
+// qt[k][j] = (q[j][2k], q[j][2k+1]) rounded to bf16, for the g <= 16 heads of a group (q [g][D],
+// D even), zero for lanes past g: the query as pairs with heads in lanes, [D/2][16] 32-bit
+inline void pack_query(const float* q, int64_t D, int64_t g, uint32_t* qt) {
+  memset(qt, 0, sizeof(uint32_t) * 8 * D);
+  alignas(64) uint16_t qb[32];
+  for (int64_t j = 0; j < g; j++) {
+    const float* qj = q + j * D;
+    for (int64_t k = 0; k < D; k += 16) {
+      const __mmask16 m = D - k >= 16 ? 0xffff : (__mmask16)((1u << (D - k)) - 1);
+      _mm256_store_si256((__m256i*)qb, _mm512_cvtepi32_epi16(bf16_rne(_mm512_maskz_loadu_ps(m, qj + k))));
+      const int64_t n = D - k >= 16 ? 16 : D - k;
+      for (int64_t i = 0; i < n; i += 2) qt[((k + i) / 2) * 16 + j] = qb[i] | ((uint32_t)qb[i + 1] << 16);
+    }
+  }
+}
+
+// The softmax step of a block of tb scored rows (sT [tb][16], heads in lanes) against the running
+// maximum m and sum l (both updated): the probabilities rounded to bf16, the sum adding the
+// rounded values (so the output stays a convex combination of cached values), handed out as
+// (t, t+1) pairs, put(t / 2, 16 pairs); returns alpha, the factor for the output so far.
+template <typename Put>
+inline __m512 softmax_pairs(const float* sT, int64_t tb, __m512& m, __m512& l, const Put& put) {
+  __m512 bm = _mm512_loadu_ps(sT);
+  for (int64_t t = 1; t < tb; t++) bm = _mm512_max_ps(bm, _mm512_loadu_ps(sT + t * 16));
+  const __m512 mnew = _mm512_max_ps(m, bm);
+  const __m512 alpha = exp16(_mm512_sub_ps(m, mnew));  // m = -inf: exp16 clamps, alpha ~ 0
+  m = mnew;
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t t = 0; t < tb; t += 2) {
+    const __m512i e0 = bf16_rne(exp16(_mm512_sub_ps(_mm512_loadu_ps(sT + t * 16), mnew)));
+    const __m512i e1 = t + 1 < tb ? bf16_rne(exp16(_mm512_sub_ps(_mm512_loadu_ps(sT + (t + 1) * 16), mnew)))
+                                  : _mm512_setzero_si512();
+    sum = _mm512_add_ps(sum, _mm512_add_ps(_mm512_castsi512_ps(_mm512_slli_epi32(e0, 16)),
+                                           _mm512_castsi512_ps(_mm512_slli_epi32(e1, 16))));
+    put(t / 2, _mm512_or_si512(e0, _mm512_slli_epi32(e1, 16)));
+  }
+  l = _mm512_fmadd_ps(l, alpha, sum);
+  return alpha;
+}
+
+// A part's result for the g heads of a group: out[j][r] = o(j, r) / l[j] and (lse not null)
+// lse[j] = m[j] + log l[j], the part's log-sum-exp for the merge
+template <typename Get>
+inline void finish_heads(__m512 m, __m512 l, int64_t g, int64_t rank, const Get& o, float* out, float* lse) {
+  alignas(64) float lv[16], mv[16];
+  _mm512_store_ps(lv, l);
+  _mm512_store_ps(mv, m);
+  for (int64_t j = 0; j < g; j++) {
+    const float inv = lv[j] > 0.f ? 1.f / lv[j] : 0.f;
+    for (int64_t r = 0; r < rank; r++) out[j * rank + r] = o(j, r) * inv;
+    if (lse) lse[j] = lv[j] > 0.f ? mv[j] + __builtin_logf(lv[j]) : -__builtin_inff();
   }
 }
 

@@ -155,7 +155,7 @@ int64_t attention_amx_scratch_floats(int64_t D, int64_t rank) {
 void attention_amx_bf16(const float* q, int64_t nh, int64_t D, int64_t rank, const uint16_t* cache, int64_t S,
                         int64_t part, float scale, float* out, float* lse, float* scratch) {
   constexpr int64_t CH = 256;  // rows per chunk
-  const int64_t D2 = D / 2, KT = D / 32, ldc = 2 * D;
+  const int64_t KT = D / 32, ldc = 2 * D;
   float* base = (float*)(((uintptr_t)scratch + 63) & ~(uintptr_t)63);
   uint32_t* qB = (uint32_t*)base;                  // [D/2][16]: (q[h][2j], q[h][2j+1]) as bf16
   float* sT = base + 8 * D;                        // [CH][16] scores, head in lanes
@@ -174,12 +174,7 @@ void attention_amx_bf16(const float* q, int64_t nh, int64_t D, int64_t rank, con
   const __m512 vs = _mm512_set1_ps(scale);
   for (int64_t h0 = 0; h0 < nh; h0 += 16) {
     const int64_t g = nh - h0 < 16 ? nh - h0 : 16;
-    memset(qB, 0, sizeof(uint32_t) * 16 * D2);
-    for (int64_t j = 0; j < g; j++)
-      for (int64_t k = 0; k < D2; k++) {
-        const float* qj = q + (h0 + j) * D + 2 * k;
-        qB[k * 16 + j] = (uint32_t)fp32_to_bf16(qj[0]) | ((uint32_t)fp32_to_bf16(qj[1]) << 16);
-      }
+    pack_query(q + h0 * D, D, g, qB);
     for (int64_t p0 = 0, pi = 0; p0 < S; p0 += part, pi++) {
       const int64_t np_ = S - p0 < part ? S - p0 : part;
       memset(O, 0, sizeof(float) * 16 * rank);
@@ -215,24 +210,11 @@ void attention_amx_bf16(const float* q, int64_t nh, int64_t D, int64_t rank, con
         }
         for (int64_t t = 0; t < n; t++) _mm512_storeu_ps(sT + t * 16, _mm512_mul_ps(_mm512_loadu_ps(sT + t * 16), vs));
         // softmax of the chunk against the running maximum; probabilities as (t, t+1) pairs per head
-        __m512 bm = _mm512_loadu_ps(sT);
-        for (int64_t t = 1; t < n; t++) bm = _mm512_max_ps(bm, _mm512_loadu_ps(sT + t * 16));
-        const __m512 mnew = _mm512_max_ps(m, bm);
-        const __m512 alpha = exp16(_mm512_sub_ps(m, mnew));  // m = -inf: exp16 clamps, alpha ~ 0
-        m = mnew;
+        const __m512 alpha =
+            softmax_pairs(sT, n, m, l, [&](int64_t p, __m512i pair) { _mm512_i32scatter_epi32(pA + p, hidx, pair, 4); });
         const int64_t npair = (n + 1) / 2, jt = (npair + 15) / 16;
-        __m512 sum = _mm512_setzero_ps();
-        for (int64_t t = 0; t < n; t += 2) {
-          const __m512i e0 = bf16_rne(exp16(_mm512_sub_ps(_mm512_loadu_ps(sT + t * 16), mnew)));
-          const __m512i e1 = t + 1 < n ? bf16_rne(exp16(_mm512_sub_ps(_mm512_loadu_ps(sT + (t + 1) * 16), mnew)))
-                                       : _mm512_setzero_si512();
-          sum = _mm512_add_ps(sum, _mm512_add_ps(_mm512_castsi512_ps(_mm512_slli_epi32(e0, 16)),
-                                                 _mm512_castsi512_ps(_mm512_slli_epi32(e1, 16))));
-          _mm512_i32scatter_epi32(pA + t / 2, hidx, _mm512_or_si512(e0, _mm512_slli_epi32(e1, 16)), 4);
-        }
         for (int64_t j = npair; j < 16 * jt; j++)  // pairs past the chunk: zero probabilities
           _mm512_i32scatter_epi32(pA + j, hidx, _mm512_setzero_si512(), 4);
-        l = _mm512_fmadd_ps(l, alpha, sum);
         pack_values(c, D, rank, n, vP);
         if (16 * jt > npair) memset(vP + npair * rank, 0, sizeof(uint32_t) * (16 * jt - npair) * rank);
         // values: 16 heads x 64 latent dims at a time (tiles 0-3), probabilities in 4, values in 5/6
@@ -267,15 +249,8 @@ void attention_amx_bf16(const float* q, int64_t nh, int64_t D, int64_t rank, con
           }
         }
       }
-      alignas(64) float lv[16], mv[16];
-      _mm512_store_ps(lv, l);
-      _mm512_store_ps(mv, m);
-      for (int64_t j = 0; j < g; j++) {
-        const float inv = lv[j] > 0.f ? 1.f / lv[j] : 0.f;
-        float* o = out + (pi * nh + h0 + j) * rank;
-        for (int64_t r = 0; r < rank; r++) o[r] = O[j * rank + r] * inv;
-        if (lse) lse[pi * nh + h0 + j] = lv[j] > 0.f ? mv[j] + __builtin_logf(lv[j]) : -__builtin_inff();
-      }
+      finish_heads(m, l, g, rank, [&](int64_t j, int64_t r) { return O[j * rank + r]; }, out + (pi * nh + h0) * rank,
+                   lse ? lse + pi * nh + h0 : nullptr);
     }
   }
   _tile_release();

@@ -179,20 +179,7 @@ void attention_avx512bf16(const float* q, int64_t nh, int64_t D, int64_t rank, c
   uint32_t* vP = pP + 8 * BTB;               // [BTB/2][rank]
   for (int64_t h0 = 0; h0 < nh; h0 += 16) {
     const int64_t g = nh - h0 < 16 ? nh - h0 : 16;
-    {  // qT[k][j] = (q[j][2k], q[j][2k+1]) as bf16, zero for lanes past g
-      uint32_t* qt = (uint32_t*)qT;
-      memset(qt, 0, sizeof(uint32_t) * 16 * D2);
-      alignas(64) uint16_t qb[32];
-      for (int64_t j = 0; j < g; j++) {
-        const float* qj = q + (h0 + j) * D;
-        for (int64_t k = 0; k < D; k += 16) {
-          const __mmask16 m = D - k >= 16 ? 0xffff : (__mmask16)((1u << (D - k)) - 1);
-          _mm256_store_si256((__m256i*)qb, _mm512_cvtepi32_epi16(bf16_rne(_mm512_maskz_loadu_ps(m, qj + k))));
-          const int64_t n = D - k >= 16 ? 16 : D - k;
-          for (int64_t i = 0; i < n; i += 2) qt[((k + i) / 2) * 16 + j] = qb[i] | ((uint32_t)qb[i + 1] << 16);
-        }
-      }
-    }
+    pack_query(q + h0 * D, D, g, (uint32_t*)qT);
     // each part of `part` cached rows: its own softmax, normalised, with its log-sum-exp
     for (int64_t p0 = 0, pi = 0; p0 < S; p0 += part, pi++) {
       const int64_t n = S - p0 < part ? S - p0 : part;
@@ -202,21 +189,8 @@ void attention_avx512bf16(const float* q, int64_t nh, int64_t D, int64_t rank, c
         const int64_t tb = n - t0 < BTB ? n - t0 : BTB, tp = (tb + 1) / 2;
         const uint16_t* c = cache + (p0 + t0) * D;
         scores(qT, D2, c, D, tb, scale, sT);
-        __m512 bm = _mm512_loadu_ps(sT);
-        for (int64_t t = 1; t < tb; t++) bm = _mm512_max_ps(bm, _mm512_loadu_ps(sT + t * 16));
-        const __m512 mnew = _mm512_max_ps(m, bm);
-        const __m512 alpha = exp16(_mm512_sub_ps(m, mnew));  // m = -inf: exp16 clamps, alpha ~ 0
-        m = mnew;
-        __m512 sum = _mm512_setzero_ps();
-        for (int64_t t = 0; t < tb; t += 2) {
-          const __m512i e0 = bf16_rne(exp16(_mm512_sub_ps(_mm512_loadu_ps(sT + t * 16), mnew)));
-          const __m512i e1 = t + 1 < tb ? bf16_rne(exp16(_mm512_sub_ps(_mm512_loadu_ps(sT + (t + 1) * 16), mnew)))
-                                        : _mm512_setzero_si512();
-          sum = _mm512_add_ps(sum, _mm512_add_ps(_mm512_castsi512_ps(_mm512_slli_epi32(e0, 16)),
-                                                 _mm512_castsi512_ps(_mm512_slli_epi32(e1, 16))));
-          _mm512_storeu_si512(pP + (t / 2) * 16, _mm512_or_si512(e0, _mm512_slli_epi32(e1, 16)));
-        }
-        l = _mm512_fmadd_ps(l, alpha, sum);
+        const __m512 alpha =
+            softmax_pairs(sT, tb, m, l, [&](int64_t p, __m512i pair) { _mm512_storeu_si512(pP + p * 16, pair); });
         pack_values(c, D, rank, tb, vP);
         // OT[r] = alpha * OT[r] + sum over pairs of (p_t, p_t+1) . (V[t][r], V[t+1][r]), r in 16s
         int64_t r = 0;
@@ -237,15 +211,8 @@ void attention_avx512bf16(const float* q, int64_t nh, int64_t D, int64_t rank, c
           _mm512_store_ps(OT + r * 16, a);
         }
       }
-      alignas(64) float lv[16], mv[16];
-      _mm512_store_ps(lv, l);
-      _mm512_store_ps(mv, m);
-      for (int64_t j = 0; j < g; j++) {
-        const float inv = lv[j] > 0.f ? 1.f / lv[j] : 0.f;
-        float* o = out + (pi * nh + h0 + j) * rank;
-        for (int64_t r = 0; r < rank; r++) o[r] = OT[r * 16 + j] * inv;
-        if (lse) lse[pi * nh + h0 + j] = lv[j] > 0.f ? mv[j] + __builtin_logf(lv[j]) : -__builtin_inff();
-      }
+      finish_heads(m, l, g, rank, [&](int64_t j, int64_t r) { return OT[r * 16 + j]; }, out + (pi * nh + h0) * rank,
+                   lse ? lse + pi * nh + h0 : nullptr);
     }
   }
 }
