@@ -210,7 +210,7 @@ template <int MT, int MB>
 void q6_k_rows(const uint8_t* const* wt, int64_t K, const QAct& x, int64_t m0, float* y, int64_t ldy,
                const int64_t* row0, int64_t N) {
   const int64_t nb = K / 256, nd = K / x.bs;
-  const __m512i m4 = _mm512_set1_epi8(15), m30 = _mm512_set1_epi8(0x30);
+  const __m512i m4 = _mm512_set1_epi8(15), m33 = _mm512_set1_epi8(0x33);
   __m512 acc[MT][MB];
   for (int t = 0; t < MT; t++)
     for (int i = 0; i < MB; i++) acc[t][i] = _mm512_setzero_ps();
@@ -234,9 +234,13 @@ void q6_k_rows(const uint8_t* const* wt, int64_t K, const QAct& x, int64_t m0, f
             const uint8_t* ql = wt[t] + b * Q6_K_TB + 288 + 384 * u;
             const __m512i v = ld512(ql + 64 * g);
             const __m256i pl = _mm256_loadu_si256((const __m256i*)(ql + 256 + 32 * g));
-            const __m512i p = _mm512_inserti64x4(_mm512_castsi256_si512(pl), _mm256_srli_epi16(pl, 2), 1);
-            const __m512i lo = _mm512_or_si512(_mm512_and_si512(v, m4), _mm512_and_si512(_mm512_slli_epi16(p, 4), m30));
-            const __m512i hi = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(v, 4), m4), _mm512_and_si512(p, m30));
+            // p: each byte's two high bits for its low nibble at bits 0-1 and for its high nibble at
+            // bits 4-5, all else zero; then one bit-select (low 4 bits from the nibbles, high 4
+            // from the plane) per half. What the 16-bit shifts carry across bytes lands in bits
+            // the select takes from the other operand.
+            const __m512i p = _mm512_and_si512(_mm512_inserti64x4(_mm512_castsi256_si512(pl), _mm256_srli_epi16(pl, 2), 1), m33);
+            const __m512i lo = _mm512_ternarylogic_epi32(m4, v, _mm512_slli_epi16(p, 4), 0xCA);
+            const __m512i hi = _mm512_ternarylogic_epi32(m4, _mm512_srli_epi16(v, 4), p, 0xCA);
             for (int i = 0; i < MB; i++)
               dot[t][i] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(dot[t][i], lo, xa[i]), hi, xb[i]);
           }
