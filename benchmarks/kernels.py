@@ -19,12 +19,16 @@ matrix copied until the copies fill --memory-mb, the copies called in turn, form
 interleaved over --rounds rounds (medians): the up projection's shape (8192 x 2048) and the
 down projection's (2048 x 8192) dense, and the down projection's exact sparse kernel (the
 neuron-major layout) on relu² activations with --sparsity of them zero (PLM-1.8B: about 0.909).
-GB/s = the dense matrix's bytes over the time. Prints JSON and markdown tables; --out writes both.
+GB/s = the dense matrix's bytes over the time, and its share of a read probe taken before and
+after the rounds on the same threads (benchmarks/edge.py's: PyTorch's sum and max over a buffer
+past the caches), so each kernel's draw on the bus is set against a plain stream's in one run.
+Prints JSON and markdown tables; --out writes both.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -92,7 +96,10 @@ def matrix_rows(threads: int, rows_m: list[int]) -> list[dict]:
     return out
 
 
-def memory_rows(threads: int, formats: list[str], sparsity: float, memory_mb: int, rounds: int) -> list[dict]:
+def memory_rows(threads: int, formats: list[str], sparsity: float, memory_mb: int,
+                rounds: int) -> tuple[list[dict], float]:
+    """The from-memory rows, and the read probe (GB/s on `threads`) before and after them."""
+    from plm.bench.edge import Prober
     torch.set_num_threads(threads)
     g = torch.Generator().manual_seed(2)
     cases: dict[tuple[str, str, str], tuple[list, torch.Tensor, int]] = {}
@@ -108,24 +115,36 @@ def memory_rows(threads: int, formats: list[str], sparsity: float, memory_mb: in
                 copies = copies_past_caches(nv, nv.PackedLinear(raw, f, N, K, sparse=sparse), memory_mb << 20)
                 cases[(f, f"{N} x {K}", kind)] = (copies, x, nv.PackedLinear(raw, f, N, K).nbytes())
     times: dict = {k: [] for k in cases}
-    for _ in range(rounds):
+    # the read probe of benchmarks/edge.py (PyTorch's sum and max over a buffer past the caches,
+    # in a helper process), before and after the rounds: what the bus gives a plain stream on
+    # these threads. Not between the cases: with a probe (or a 0.5 s sleep) at the start of every
+    # round, the cases right after it ran at 19-58% of the probe on the Intel host (2026-12-07).
+    # An untimed round first, so that the timed ones do not start from the probe's pause.
+    prober = Prober(threads, max(memory_mb, 1024) << 20)
+    probes = [prober()]
+    for r in range(rounds + 1):
         for key, (copies, x, _) in cases.items():
             copies[0](x)
             t0 = time.perf_counter()
             for m in copies:
                 m(x)
-            times[key].append((time.perf_counter() - t0) / len(copies))
+            if r:
+                times[key].append((time.perf_counter() - t0) / len(copies))
+    probes.append(prober())
+    prober.close()
+    probe = statistics.median(probes)
     out = []
     for (f, shape, kind), (copies, x, dense_bytes) in cases.items():
-        t = sorted(times[(f, shape, kind)])[len(times[(f, shape, kind)]) // 2]
+        t = statistics.median(times[(f, shape, kind)])
         row = {"format": f, "shape": shape, "kernel": kind, "ms": t * 1e3, "gb_s": dense_bytes / t / 1e9,
                "zeros": float((x == 0).float().mean()) if kind == "sparse" else None}
+        row["of_probe"] = row["gb_s"] / probe
         out.append(row)
     for r in out:  # the sparse kernel against the dense one on the same activations
         if r["kernel"] == "sparse":
             dense = next(d for d in out if (d["format"], d["shape"], d["kernel"]) == (r["format"], r["shape"], "dense"))
             r["vs_dense"] = dense["ms"] / r["ms"]
-    return out
+    return out, probe
 
 
 def pct(share: float | None) -> str:
@@ -135,7 +154,8 @@ def pct(share: float | None) -> str:
 def memory_line(r: dict) -> str:
     zeros = "" if r["zeros"] is None else f"{r['zeros']:.3f}"
     vs = f"{r['vs_dense']:.2f}x" if "vs_dense" in r else ""
-    return f"| {r['format']} | {r['shape']} | {r['kernel']} | {zeros} | {r['ms']:.3f} | {r['gb_s']:.1f} | {vs} |"
+    return (f"| {r['format']} | {r['shape']} | {r['kernel']} | {zeros} | {r['ms']:.3f} | {r['gb_s']:.1f} | "
+            f"{pct(r['of_probe'])} | {vs} |")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -169,13 +189,17 @@ def main(argv: list[str] | None = None) -> int:
     md += ["| kernel | case | shape | ms | G MAC/s | % of vpdpbusd |", "|---|---|---|---|---|---|"]
     md += [f"| {r['kernel']} | {r['case']} | {r['shape']} | {r['ms']:.3f} | {r['gmac_s']:.1f} | {pct(r['of_peak'])} |"
            for r in rows]
-    mem = memory_rows(args.threads, args.formats.split(","), args.sparsity, args.memory_mb, args.rounds) if args.rounds else []
+    mem, probe = (memory_rows(args.threads, args.formats.split(","), args.sparsity, args.memory_mb, args.rounds)
+                  if args.rounds else ([], None))
     if mem:
         md += ["", f"## Decode from memory ({args.threads} threads, {args.rounds} interleaved rounds, medians)\n",
-               "| format | shape | kernel | zeros | ms | GB/s (dense bytes) | vs dense |", "|---|---|---|---|---|---|---|"]
+               f"Read probe (PyTorch's sum and max over a buffer past the caches, in a helper process, before "
+               f"and after the rounds, {args.threads} threads): **{probe:.1f} GB/s**; % of it per row.\n",
+               "| format | shape | kernel | zeros | ms | GB/s (dense bytes) | % of probe | vs dense |",
+               "|---|---|---|---|---|---|---|---|"]
         md += [memory_line(r) for r in mem]
     text = "\n".join(md) + "\n"
-    result = {"machine": info, "rows": rows, "memory": mem}
+    result = {"machine": info, "rows": rows, "memory": mem, "read_probe_gb_s": probe}
     print(json.dumps(result, indent=1))
     print(text)
     if args.out:

@@ -480,6 +480,10 @@ def test_kernels_benchmark_runs(tmp_path):
         assert abs(sp["zeros"] - 0.909) < 0.02 and sp["vs_dense"] == pytest.approx(dn["ms"] / sp["ms"])
         assert all(r["ms"] > 0 and r["gb_s"] > 0 for r in (sp, dn))
     assert "## Decode from memory" in (tmp_path / "kernels.md").read_text()
+    # each row against the read probe of the same rounds
+    probe = res["read_probe_gb_s"]
+    assert probe > 0 and all(r["of_probe"] == pytest.approx(r["gb_s"] / probe) for r in res["memory"])
+    assert f"**{probe:.1f} GB/s**" in (tmp_path / "kernels.md").read_text()
 
 
 def test_ab_benchmark_alternates_two_paths(tmp_path, qwen2_micro_dir):
