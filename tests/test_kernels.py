@@ -46,7 +46,6 @@ def isa(request, monkeypatch):
     if not nv.isa_supported(request.param):
         pytest.skip(f"this CPU has no {request.param} path")
     monkeypatch.setenv("PLM_AMX_MIN_BYTES", "0")  # the small test matrices on AMX tiles too
-    monkeypatch.setenv("PLM_AMX_Q8_MIN_ROWS", "1")  # and Q8_0 on AMX-INT8 tiles at every batch size
     nv.set_isa(request.param)
     yield request.param
     nv.set_isa("auto")
@@ -120,14 +119,8 @@ def test_block_gemv_against_gguf_dequant(isa, fmt, N, K, M):
 
 
 @pytest.mark.parametrize("fmt", BLOCK_FORMATS, ids=lambda f: nv.FORMAT_NAMES[f])
-# Q8_0 on AMX-INT8 tiles where the CPU has them, at every M here (16-row groups: partial, whole,
-# whole and partial, several), and again at the default threshold (below 16 rows: vpdpbusd)
-@pytest.mark.parametrize("M", (1, 2, 7, 13, 16, 17, 40))
-@pytest.mark.parametrize("amx_rows", ("1", ""))
-def test_block_paths_bit_identical(fmt, M, amx_rows, monkeypatch):
-    if amx_rows and fmt != nv.Q8_0:
-        pytest.skip("AMX-INT8 tiles serve Q8_0 only")
-    monkeypatch.setenv("PLM_AMX_Q8_MIN_ROWS", amx_rows)
+@pytest.mark.parametrize("M", (1, 7, 13, 16, 17, 40))  # 16-40: the 8-row calls of two tiles, then pairs, then one
+def test_block_paths_bit_identical(fmt, M):
     rng = np.random.default_rng(fmt)
     N, K = 145, 768  # 10 tiles: two four-stream calls for one row, then the tiles left over
     raw = random_blocks(fmt, N, K, rng)

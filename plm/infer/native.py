@@ -1,8 +1,7 @@
 """PLM's native CPU kernels (plm/infer/csrc): build, cache, load, and Python wrappers.
 
 The C++ library is a PyTorch extension whose operators are `torch.ops.plm.*`. One build holds
-every path (AMX-BF16 tiles for 16-bit weights and AMX-INT8 tiles for 8-bit ones in batches
-of 16 rows and more, on the Xeons that have them; AVX-512 with
+every path (AMX-BF16 tiles for 16-bit weights on the Xeons that have them, AVX-512 with
 VNNI/BF16, AVX2, portable scalar); the best one the CPU supports is
 chosen when the library loads. It is compiled once, by `plm kernels build`
 (`make setup` runs it), into a cache folder keyed by the sources, the torch version and the
@@ -15,9 +14,6 @@ Environment:
   PLM_NATIVE_ISA=amx|avx512|avx2|scalar  force a path (an error if the CPU lacks it)
   PLM_AMX_MIN_BYTES=N               on the amx path, BF16 matrices of at least N bytes (default
                                     1 MiB) use AMX tiles; smaller ones stay on vdpbf16ps
-  PLM_AMX_Q8_MIN_ROWS=N             on the amx path with AMX-INT8, Q8_0 matrices multiplied by at
-                                    least N activation rows (default 16) use AMX-INT8 tiles;
-                                    fewer stay on vpdpbusd (the same sums, bit for bit)
   PLM_KERNEL_CACHE=DIR              cache folder
   PLM_KERNEL_EMULATE_AVX512=1       (tests only) build the AVX-512 kernels against SIMDe's
                                     portable emulation, to check them on a host without AVX-512

@@ -17,21 +17,9 @@
 // probabilities as (t, t+1) pairs of 16 heads times the value pairs (pack_values), into 16 heads
 // x 16 latent dims a tile. A part's rows go in chunks of up to 256 with one softmax maximum
 // each, merged online; query and probabilities rounded to bf16 as on the vdpbf16ps path.
-//
-// Q8_0 weights on AMX-INT8 (gemv_q8_0_amx): the packed tile block (plm_kernels.h: 8 chunks of
-// 16 rows x 4 bytes, q + 128) is already the B operand of `tdpbsud` (8 rows of 64 bytes), and
-// the int8 activations [M][K] are the A operand as they lie (16 rows of one block's 32 bytes),
-// so one instruction gives a block's 16 x 16 integer dots, 8,192 multiply-adds, where
-// `vpdpbusd` does 64. Each block's tile is stored and taken through the per-block fp32 step of
-// every path (dot - 128 * sum(x block), then acc = fma(float(dot), d_w * d_x, acc)), so the
-// sums are bit for bit the AVX-512 kernel's whatever the batch. That per-block store and step
-// (4 vector operations per 16 outputs and block, 3 of them floating point) bound the speed: on
-// the Intel Xeon host measured, the tile instructions alone ran at about 250-300 G multiply-adds
-// a second per core, the step alone at 320-340, together 1.1-1.3x the vpdpbusd kernel from 16
-// activation rows on (ops.cpp: amx_q8_min_rows).
 #if !defined(PLM_SIMDE) && defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
 #define PLM_HAVE_AMX 1
-#pragma GCC target("amx-tile,amx-bf16,amx-int8,avx512f,avx512bw,avx512vl,f16c")
+#pragma GCC target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl")
 #include <immintrin.h>
 #endif
 
@@ -89,145 +77,9 @@ void block(const uint16_t* const* w, int64_t ldw, const uint32_t* const* b, int6
   if constexpr (NT * MT > 3) _tile_stored(3, ct + 768, 64);
 }
 
-// Two Q8_0 tiles of 16 weight rows (wt[0], wt[1]: two read streams, as the AVX-512 driver's)
-// against MW activation rows, two blocks at a time: tiles 0-3 the sums (block-major), 4/5 the
-// two blocks' activations (each load serves both weight tiles), 6/7 weights (configured by the
-// caller). A pair of blocks is stored while the vector units take the previous pair through the
-// fp32 step, so neither waits on the other's latency. The sums per (tile, row) live in L1
-// (acc), since 2 x 16 rows of them do not fit the registers; the fp32 step is the same.
-template <int MW, int NT>
-void q8_0_tiles2(const uint8_t* const* wt, int64_t nb, const int8_t* xq, int64_t K, const int32_t* corr, const float* dx,
-                 float* y, int64_t ldy, const int64_t* row0, int64_t N) {
-  alignas(64) int32_t cb[2][4][16 * 16];
-  constexpr bool regs = NT * MW <= 16;  // the sums in registers where they fit beside the step's
-  alignas(64) float macc[regs ? 1 : NT][regs ? 1 : MW][16];
-  __m512 racc[NT][regs ? MW : 1];
-  if constexpr (regs) {
-    for (int j = 0; j < NT; j++)
-      for (int i = 0; i < MW; i++) racc[j][i] = _mm512_setzero_ps();
-  } else {
-    memset(macc, 0, sizeof macc);
-  }
-  auto step = [&](int32_t (*c)[256], int64_t b) {
-    const int32_t* cr = corr + 16 * b;
-    const float* d = dx + 16 * b;
-    for (int j = 0; j < NT; j++) {
-      const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(wt[j] + b * Q8_0_TB)));
-      for (int i = 0; i < MW; i++) {
-        const __m512i is = _mm512_sub_epi32(_mm512_load_si512(c[j] + 16 * i), _mm512_set1_epi32(cr[i]));
-        const __m512 f = _mm512_cvtepi32_ps(is), sc = _mm512_mul_ps(dw, _mm512_set1_ps(d[i]));
-        if constexpr (regs) racc[j][i] = _mm512_fmadd_ps(f, sc, racc[j][i]);
-        else _mm512_store_ps(macc[j][i], _mm512_fmadd_ps(f, sc, _mm512_load_ps(macc[j][i])));
-      }
-    }
-  };
-  int64_t prev = -1;
-  int pcnt = 0;
-  for (int64_t b0 = 0; b0 < nb; b0 += 2) {
-    const int cnt = nb - b0 < 2 ? 1 : 2;
-    int32_t(*buf)[256] = cb[(b0 >> 1) & 1];
-    const int8_t* xa = xq + 32 * b0;
-    const int64_t wo = b0 * Q8_0_TB + 32;
-    _tile_zero(0);
-    _tile_loadd(4, xa, K);
-    _tile_loadd(6, wt[0] + wo, 64);
-    _tile_dpbsud(0, 4, 6);
-    if (NT > 1) {
-      _tile_zero(1);
-      _tile_loadd(7, wt[1] + wo, 64);
-      _tile_dpbsud(1, 4, 7);
-    }
-    if (cnt > 1) {
-      _tile_zero(2);
-      _tile_loadd(5, xa + 32, K);
-      _tile_loadd(6, wt[0] + wo + Q8_0_TB, 64);
-      _tile_dpbsud(2, 5, 6);
-      if (NT > 1) {
-        _tile_zero(3);
-        _tile_loadd(7, wt[1] + wo + Q8_0_TB, 64);
-        _tile_dpbsud(3, 5, 7);
-      }
-    }
-    _tile_stored(0, buf[0], 64);
-    if (NT > 1) _tile_stored(1, buf[1], 64);
-    if (cnt > 1) {
-      _tile_stored(2, buf[2], 64);
-      if (NT > 1) _tile_stored(3, buf[3], 64);
-    }
-    if (prev >= 0)
-      for (int j = 0; j < pcnt; j++) step(cb[(prev >> 1) & 1] + 2 * j, prev + j);
-    prev = b0;
-    pcnt = cnt;
-  }
-  for (int j = 0; j < pcnt; j++) step(cb[(prev >> 1) & 1] + 2 * j, prev + j);
-  for (int j = 0; j < NT; j++) {
-    const __mmask16 mask = row0[j] + 16 <= N ? (__mmask16)0xffff : (__mmask16)((1u << (N - row0[j])) - 1);
-    for (int i = 0; i < MW; i++)
-      _mm512_mask_storeu_ps(y + i * ldy + row0[j], mask, regs ? racc[j][regs ? i : 0] : _mm512_load_ps(macc[j][regs ? 0 : i]));
-  }
-}
-
-// Tiles [t0, t1): pairs from the two halves of the range (two read streams), the odd one alone.
-template <int MW>
-void q8_0_tiles(const uint8_t* W, int64_t K, int64_t t0, int64_t t1, const int8_t* xq, const int32_t* corr,
-                const float* dx, float* y, int64_t ldy, int64_t N) {
-  const int64_t nb = K / 32, tb = nb * Q8_0_TB, h = (t1 - t0) / 2;
-  for (int64_t i = 0; i < h; i++) {
-    const uint8_t* w[2] = {W + (t0 + i) * tb, W + (t0 + h + i) * tb};
-    const int64_t r[2] = {(t0 + i) * TILE, (t0 + h + i) * TILE};
-    q8_0_tiles2<MW, 2>(w, nb, xq, K, corr, dx, y, ldy, r, N);
-  }
-  if (t0 + 2 * h < t1) {
-    const uint8_t* w[1] = {W + (t1 - 1) * tb};
-    const int64_t r[1] = {(t1 - 1) * TILE};
-    q8_0_tiles2<MW, 1>(w, nb, xq, K, corr, dx, y, ldy, r, N);
-  }
-}
-
 }  // namespace
 
 bool amx_compiled() { return true; }
-
-void gemv_q8_0_amx(const uint8_t* W, int64_t K, int64_t t0, int64_t t1, const int8_t* xq, const int32_t* corr,
-                   const float* dx, int64_t M, float* y, int64_t ldy, int64_t N) {
-  const int64_t nb = K / 32, MT = (M + 15) / 16;
-  // weight tiles in runs of about 1 MiB, which stay in L2 while every 16-row group of
-  // activations passes over them (each group's rows read once a run)
-  int64_t run = (1 << 20) / (nb * Q8_0_TB);
-  run = run < 1 ? 1 : run;
-  int configured = 0;
-  for (int64_t r0 = t0; r0 < t1; r0 += run) {
-    const int64_t r1 = t1 < r0 + run ? t1 : r0 + run;
-    for (int64_t mt = 0; mt < MT; mt++) {
-      const int mw = M - 16 * mt < 16 ? (int)(M - 16 * mt) : 16;
-      if (mw != configured) {
-        TileConfig cfg;
-        memset(&cfg, 0, sizeof cfg);
-        cfg.palette = 1;
-        for (int t = 0; t < 8; t++) {
-          cfg.rows[t] = (uint8_t)(t < 6 ? mw : 8);
-          cfg.colsb[t] = (uint16_t)(t == 4 || t == 5 ? 32 : 64);
-        }
-        _tile_loadconfig(&cfg);
-        configured = mw;
-      }
-      const int8_t* xg = xq + 16 * mt * K;
-      const int32_t* cg = corr + mt * nb * 16;
-      const float* dg = dx + mt * nb * 16;
-      float* yg = y + 16 * mt * ldy;
-      switch (mw) {
-#define PLM_Q8_AMX_CASE(R) \
-  case R: q8_0_tiles<R>(W, K, r0, r1, xg, cg, dg, yg, ldy, N); break;
-        PLM_Q8_AMX_CASE(1) PLM_Q8_AMX_CASE(2) PLM_Q8_AMX_CASE(3) PLM_Q8_AMX_CASE(4)
-        PLM_Q8_AMX_CASE(5) PLM_Q8_AMX_CASE(6) PLM_Q8_AMX_CASE(7) PLM_Q8_AMX_CASE(8)
-        PLM_Q8_AMX_CASE(9) PLM_Q8_AMX_CASE(10) PLM_Q8_AMX_CASE(11) PLM_Q8_AMX_CASE(12)
-        PLM_Q8_AMX_CASE(13) PLM_Q8_AMX_CASE(14) PLM_Q8_AMX_CASE(15) PLM_Q8_AMX_CASE(16)
-#undef PLM_Q8_AMX_CASE
-      }
-    }
-  }
-  _tile_release();
-}
 
 void gemm_bf16_amx(const uint16_t* W, int64_t K, int64_t rows, int64_t n0, int64_t n1, const uint32_t* xp, int64_t M,
                    const uint16_t* wtail, float* y, int64_t ldy) {
@@ -415,9 +267,6 @@ void attention_amx_bf16(const float*, int64_t, int64_t, int64_t, const uint16_t*
 
 void gemm_bf16_amx(const uint16_t*, int64_t, int64_t, int64_t, int64_t, const uint32_t*, int64_t, const uint16_t*, float*,
                    int64_t) {}
-
-void gemv_q8_0_amx(const uint8_t*, int64_t, int64_t, int64_t, const int8_t*, const int32_t*, const float*, int64_t, float*,
-                   int64_t, int64_t) {}
 
 #endif
 

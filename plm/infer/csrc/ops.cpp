@@ -21,8 +21,7 @@ namespace plm {
 namespace {
 
 struct Features {
-  bool avx2 = false, fma = false, f16c = false, avx512 = false, vnni = false, bf16 = false, amx = false,
-       amx_int8 = false;
+  bool avx2 = false, fma = false, f16c = false, avx512 = false, vnni = false, bf16 = false, amx = false;
 };
 
 uint64_t xgetbv0() {
@@ -57,11 +56,9 @@ Features detect() {
   const bool avx512f = b & (1u << 16), dq = b & (1u << 17), bw = b & (1u << 30), vl = b & (1u << 31);
   f.vnni = c & (1u << 11);
   f.avx512 = os_avx512 && avx512f && dq && bw && vl && f.vnni && f.avx2;
-  const bool amx_int8_cpu = d & (1u << 25);
   const bool amx_cpu = (d & (1u << 22)) && (d & (1u << 24)), os_amx = (xcr0 & (3ull << 17)) == (3ull << 17);  // BF16, TILE; XTILECFG|XTILEDATA
   if (__get_cpuid_count(7, 1, &a, &b, &c, &d)) f.bf16 = f.avx512 && (a & (1u << 5));
   f.amx = f.bf16 && amx_cpu && os_amx && amx_compiled() && amx_permitted();
-  f.amx_int8 = f.amx && amx_int8_cpu;
   return f;
 }
 
@@ -100,7 +97,6 @@ Dispatch make_dispatch(const std::string& isa) {
     if (z.sparse_rows) dp.k.sparse_rows = z.sparse_rows;
     dp.bf16_dp = kEmulated || features().bf16;
     dp.amx = isa == "amx";  // the AVX-512 path plus AMX tiles for BF16 weights
-    dp.amx_int8 = dp.amx && features().amx_int8;  // and for Q8_0 weights
   }
   return dp;
 }
@@ -153,7 +149,6 @@ std::string cpu_features() {
   add(f.vnni, "avx512vnni");
   add(f.bf16, "avx512bf16");
   add(f.amx, "amx-bf16");
-  add(f.amx_int8, "amx-int8");
   add(kEmulated, "emulated-avx512");
   return s.empty() ? "none" : s;
 }
@@ -218,16 +213,6 @@ void parallel(int64_t total, int64_t grain, const F& f) {
 // BF16 matrices smaller than this (PLM_AMX_MIN_BYTES, default 1 MiB) stay on vdpbf16ps: in a
 // small model they sit in the caches, where a one-row AMX tile runs at about 0.9x vdpbf16ps
 // and its set-up per call shows. Decided per matrix, never per batch, so batch == alone holds.
-// Q8_0 matrices take AMX-INT8 tiles from this many activation rows on (PLM_AMX_Q8_MIN_ROWS,
-// default 16); fewer stay on vpdpbusd. The sums are bit for bit the same either way. Why 16:
-// benchmarks/ab.py on the Intel Xeon host (2 threads, avx512 against amx alternated): the
-// 16-sequence PLM-1.8B step 1.08x, prefill 1.09x, 64 rows 1.07x, but 8 rows 0.99x and 2-4 rows
-// 0.6-0.8x (each block's tile of sums goes through memory and the fp32 step, docs/edge.md).
-int64_t amx_q8_min_rows() {
-  const char* e = std::getenv("PLM_AMX_Q8_MIN_ROWS");
-  return e && *e ? std::max<int64_t>(1, std::atoll(e)) : int64_t(16);
-}
-
 int64_t amx_min_bytes() {
   const char* e = std::getenv("PLM_AMX_MIN_BYTES");
   return e && *e ? std::atoll(e) : int64_t(1) << 20;
@@ -284,27 +269,9 @@ void Mat::forward(const float* x, int64_t M, float* y, int64_t ldy, Work& w) con
     const int8_t* q = w.q.data();
     const float* d = w.d.data();
     const int32_t* s = w.s16.data();
-    const bool amx8 = fmt == Q8_0 && dp.amx_int8 && M >= amx_q8_min_rows();
-    const int64_t nb = K / 32, per_group = ceil_div(M, 16) * nb * 16;
-    if (amx8) {  // each block's 128 * sum(q) and d_x, by 16-row group, block, row (kernels_amx.cpp)
-      int32_t* corr = grow(w.corr, G * per_group);
-      float* dxg = grow(w.dxg, G * per_group);
-      for (int64_t g = 0; g < G; g++)
-        for (int64_t m = 0; m < ceil_div(M, 16) * 16; m++)
-          for (int64_t b = 0; b < nb; b++) {
-            const int64_t at = g * per_group + (m / 16) * nb * 16 + b * 16 + m % 16, row = g * M + m;
-            corr[at] = m < M ? 128 * (s[row * (K / 16) + 2 * b] + s[row * (K / 16) + 2 * b + 1]) : 0;
-            dxg[at] = m < M ? d[row * nb + b] : 0.f;
-          }
-    }
     parallel(G * tpg, std::max<int64_t>(1, (1 << 16) / (TILE * K * std::max<int64_t>(M, 1))), [&](int64_t a, int64_t b) {
       for (int64_t g = a / tpg; g < G && g * tpg < b; g++) {
         const int64_t t0 = std::max(a, g * tpg) - g * tpg, t1 = std::min(b, (g + 1) * tpg) - g * tpg;
-        if (amx8) {
-          gemv_q8_0_amx(base + g * tpg * tb, K, t0, t1, q + g * M * K, w.corr.data() + g * per_group,
-                        w.dxg.data() + g * per_group, M, y + g * ng, ldy, ng);
-          continue;
-        }
         const QAct qa{q + g * M * K, d + g * M * (K / bs), s + g * M * (K / 16), K, bs};
         fn(base + g * tpg * tb, K, t0, t1, qa, M, y + g * ng, ldy, ng);
       }

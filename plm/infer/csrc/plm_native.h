@@ -16,7 +16,6 @@ struct Dispatch {
   std::string isa;           // "amx", "avx512", "avx2" or "scalar"
   bool bf16_dp = false;      // AVX512-BF16 vdpbf16ps for BF16 weights
   bool amx = false;          // AMX-BF16 tiles for BF16 weights (kernels_amx.cpp)
-  bool amx_int8 = false;     // and AMX-INT8 tiles for Q8_0 weights from amx_q8_min_rows() rows on
 };
 const Dispatch& dispatch();
 void set_isa(const std::string& name);  // throws if the CPU lacks it
@@ -35,12 +34,6 @@ void gemm_bf16_amx(const uint16_t* W, int64_t K, int64_t rows, int64_t n0, int64
 void attention_amx_bf16(const float* q, int64_t nh, int64_t D, int64_t rank, const uint16_t* cache, int64_t S,
                         int64_t part, float scale, float* out, float* lse, float* scratch);
 int64_t attention_amx_scratch_floats(int64_t D, int64_t rank);
-// Q8_0 tiles [t0, t1) (plm_kernels.h layout) against M int8 activation rows xq [M][K] on AMX-INT8
-// tiles; corr / dx: per 16-row group of activations, per block, per row of the group (rows past
-// M zero): 128 * (the block's sum of q) and d_x; y as Kernels::gemv_q8_0's
-void gemv_q8_0_amx(const uint8_t* W, int64_t K, int64_t t0, int64_t t1, const int8_t* xq, const int32_t* corr,
-                   const float* dx, int64_t M, float* y, int64_t ldy, int64_t N);
-int64_t amx_q8_min_rows();  // PLM_AMX_Q8_MIN_ROWS (default in ops.cpp)
 bool amx_compiled();  // false where the compiler had no AMX (the unit is a stub)
 // `vpdpbusd` multiply-adds one thread issues in `iters` loop turns of a register-only loop
 // (the compute roofline of the block formats); returns its seconds
@@ -82,8 +75,7 @@ at::Tensor dequant_sparse(const at::Tensor& packed, int fmt, int64_t N, int64_t 
 struct Work {  // scratch reused across calls (grows, never shrinks)
   std::vector<int8_t> q;
   std::vector<float> d, xf, acc;
-  std::vector<int32_t> s16, idx, start, corr;
-  std::vector<float> dxg;
+  std::vector<int32_t> s16, idx, start;
   std::vector<uint8_t> live;
   std::vector<uint16_t> xb;
   std::vector<uint32_t> xp;
