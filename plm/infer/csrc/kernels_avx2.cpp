@@ -54,6 +54,26 @@ inline void store_tile(float* y, int64_t ldy, int64_t m, int64_t row0, int64_t N
   }
 }
 
+// The per-block fp32 step of every path, on a tile's two 8-row halves: acc += float(sum) *
+// (d_w * d_x), d_w the block's 16 fp16 scales at dw.
+template <int MB>
+inline void block_step(__m256 (&al)[MB], __m256 (&ah)[MB], const __m256i (&il)[MB], const __m256i (&ih)[MB],
+                       const uint8_t* dw, const QAct& x, int64_t m0, int64_t nd, int64_t b) {
+  const __m256 dl = f16x8(dw), dh = f16x8(dw + 16);
+  for (int i = 0; i < MB; i++) {
+    const __m256 dx = _mm256_set1_ps(x.d[(m0 + i) * nd + b]);
+    al[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(il[i]), _mm256_mul_ps(dl, dx), al[i]);
+    ah[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ih[i]), _mm256_mul_ps(dh, dx), ah[i]);
+  }
+}
+
+template <int MT, int MB>
+inline void store_tiles(float* y, int64_t ldy, int64_t m0, const int64_t* row0, int64_t N, const __m256 (&al)[MT][MB],
+                        const __m256 (&ah)[MT][MB]) {
+  for (int t = 0; t < MT; t++)
+    for (int i = 0; i < MB; i++) store_tile(y, ldy, m0 + i, row0[t], N, al[t][i], ah[t][i]);
+}
+
 void quantize_act(const float* x, int64_t K, int bs, int8_t* q, float* d, int32_t* s16) {
   const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
   const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
@@ -109,16 +129,10 @@ void q8_0_rows(const uint8_t* const* wts, int64_t K, const QAct& x, int64_t m0, 
           ih[i] = _mm256_add_epi32(ih[i], _mm256_madd_epi16(_mm256_maddubs_epi16(uh, _mm256_sign_epi8(xb, wh)), ones));
         }
       }
-      const __m256 dl = f16x8(blk), dh = f16x8(blk + 16);
-      for (int i = 0; i < MB; i++) {
-        const __m256 dx = _mm256_set1_ps(x.d[(m0 + i) * nd + b]);
-        al[t][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(il[i]), _mm256_mul_ps(dl, dx), al[t][i]);
-        ah[t][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ih[i]), _mm256_mul_ps(dh, dx), ah[t][i]);
-      }
+      block_step<MB>(al[t], ah[t], il, ih, blk, x, m0, nd, b);
     }
   }
-  for (int t = 0; t < MT; t++)
-    for (int i = 0; i < MB; i++) store_tile(y, ldy, m0 + i, row0[t], N, al[t][i], ah[t][i]);
+  store_tiles<MT, MB>(y, ldy, m0, row0, N, al, ah);
 }
 
 // ---- Q4_0 ---------------------------------------------------------------------------------
@@ -161,20 +175,17 @@ void q4_0_rows(const uint8_t* const* wts, int64_t K, const QAct& x, int64_t m0, 
           nib_madd(n, _mm256_set1_epi32(ld32(xq)), _mm256_set1_epi32(ld32(xq + 4)), sl[i], sh[i]);
         }
       }
-      const __m256 dl = f16x8(blk), dh = f16x8(blk + 16);
+      __m256i il[MB], ih[MB];
       for (int i = 0; i < MB; i++) {
         const int32_t* s = x.s16 + (m0 + i) * (K / 16) + 2 * b;
         const __m256i off = _mm256_set1_epi32(8 * (s[0] + s[1]));
-        const __m256 dx = _mm256_set1_ps(x.d[(m0 + i) * nd + b]);
-        const __m256i il = _mm256_sub_epi32(_mm256_madd_epi16(sl[i], ones), off);
-        const __m256i ih = _mm256_sub_epi32(_mm256_madd_epi16(sh[i], ones), off);
-        al[t][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(il), _mm256_mul_ps(dl, dx), al[t][i]);
-        ah[t][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ih), _mm256_mul_ps(dh, dx), ah[t][i]);
+        il[i] = _mm256_sub_epi32(_mm256_madd_epi16(sl[i], ones), off);
+        ih[i] = _mm256_sub_epi32(_mm256_madd_epi16(sh[i], ones), off);
       }
+      block_step<MB>(al[t], ah[t], il, ih, blk, x, m0, nd, b);
     }
   }
-  for (int t = 0; t < MT; t++)
-    for (int i = 0; i < MB; i++) store_tile(y, ldy, m0 + i, row0[t], N, al[t][i], ah[t][i]);
+  store_tiles<MT, MB>(y, ldy, m0, row0, N, al, ah);
 }
 
 // Per-row bytes of two consecutive sub-blocks of a tile (16 rows each, at p and p + 16; mins of
@@ -270,8 +281,7 @@ void q4_k_rows(const uint8_t* const* wts, int64_t K, const QAct& x, int64_t m0, 
       }
     }
   }
-  for (int t = 0; t < MT; t++)
-    for (int i = 0; i < MB; i++) store_tile(y, ldy, m0 + i, row0[t], N, al[t][i], ah[t][i]);
+  store_tiles<MT, MB>(y, ldy, m0, row0, N, al, ah);
 }
 
 // ---- Q6_K ---------------------------------------------------------------------------------
@@ -320,16 +330,10 @@ void q6_k_rows(const uint8_t* const* wts, int64_t K, const QAct& x, int64_t m0, 
         il[i] = _mm256_sub_epi32(il[i], _mm256_slli_epi32(ol[i], 5));
         ih[i] = _mm256_sub_epi32(ih[i], _mm256_slli_epi32(oh[i], 5));
       }
-      const __m256 dl = f16x8(blk), dh = f16x8(blk + 16);
-      for (int i = 0; i < MB; i++) {
-        const __m256 dx = _mm256_set1_ps(x.d[(m0 + i) * nd + b]);
-        al[t][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(il[i]), _mm256_mul_ps(dl, dx), al[t][i]);
-        ah[t][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ih[i]), _mm256_mul_ps(dh, dx), ah[t][i]);
-      }
+      block_step<MB>(al[t], ah[t], il, ih, blk, x, m0, nd, b);
     }
   }
-  for (int t = 0; t < MT; t++)
-    for (int i = 0; i < MB; i++) store_tile(y, ldy, m0 + i, row0[t], N, al[t][i], ah[t][i]);
+  store_tiles<MT, MB>(y, ldy, m0, row0, N, al, ah);
 }
 
 // Rows of M activations, two at a time (registers), the tile re-read from cache for each pair
