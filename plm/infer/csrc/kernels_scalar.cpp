@@ -31,6 +31,23 @@ inline void store_rows(float* y, int64_t ldy, int64_t m, int64_t row0, int64_t N
   for (int r = 0; r < TILE && row0 + r < N; r++) y[m * ldy + row0 + r] = acc[r];
 }
 
+// Tiles [t0, t1) x M activation rows x the blocks of bs inputs (tb packed bytes each):
+// block(blk, xq, s16, dx, acc) adds one block's terms to the tile's 16 row sums, given the
+// block's activations, their sums of 16 and d_x.
+template <typename Block>
+void tile_rows(const uint8_t* W, int64_t K, int64_t bs, int64_t tb, int64_t t0, int64_t t1, const QAct& x, int64_t M,
+               float* y, int64_t ldy, int64_t N, const Block& block) {
+  const int64_t nb = K / bs;
+  for (int64_t t = t0; t < t1; t++)
+    for (int64_t m = 0; m < M; m++) {
+      float acc[TILE] = {0};
+      for (int64_t b = 0; b < nb; b++)
+        block(W + (t * nb + b) * tb, x.q + m * K + b * bs, x.s16 + m * (K / 16) + b * (bs / 16),
+              x.d[m * (K / x.bs) + b], acc);
+      store_rows(y, ldy, m, t * TILE, N, acc);
+    }
+}
+
 // Q4_0-style nibble group (64 bytes, 16 rows x 8 inputs) dotted with 8 activation bytes; with
 // `plane` (Q5_K), the value in byte p's low / high nibble gains 16 from bit 2 gi / 2 gi + 1 of
 // plane[p] (gi: the group's index in its sub-block).
@@ -51,80 +68,52 @@ inline void nib_group_dot(const uint8_t* g, const int8_t* xq, int32_t* isum, con
 
 void gemv_q8_0(const uint8_t* W, int64_t K, int64_t t0, int64_t t1, const QAct& x, int64_t M, float* y,
                int64_t ldy, int64_t N) {
-  const int64_t nb = K / 32;
-  for (int64_t t = t0; t < t1; t++) {
-    for (int64_t m = 0; m < M; m++) {
-      float acc[TILE] = {0};
-      for (int64_t b = 0; b < nb; b++) {
-        const uint8_t* blk = W + (t * nb + b) * Q8_0_TB;
-        const int8_t* xq = x.q + m * K + b * 32;
-        const float dx = x.d[m * (K / x.bs) + b];
-        int32_t isum[TILE] = {0};
-        for (int c = 0; c < 8; c++)
-          for (int r = 0; r < TILE; r++)
-            for (int j = 0; j < 4; j++) isum[r] += ((int)blk[32 + 64 * c + 4 * r + j] - 128) * xq[4 * c + j];
-        for (int r = 0; r < TILE; r++) acc[r] = fmaf((float)isum[r], ld_f16(blk, r) * dx, acc[r]);
-      }
-      store_rows(y, ldy, m, t * TILE, N, acc);
-    }
-  }
+  tile_rows(W, K, 32, Q8_0_TB, t0, t1, x, M, y, ldy, N,
+            [](const uint8_t* blk, const int8_t* xq, const int32_t*, float dx, float* acc) {
+              int32_t isum[TILE] = {0};
+              for (int c = 0; c < 8; c++)
+                for (int r = 0; r < TILE; r++)
+                  for (int j = 0; j < 4; j++) isum[r] += ((int)blk[32 + 64 * c + 4 * r + j] - 128) * xq[4 * c + j];
+              for (int r = 0; r < TILE; r++) acc[r] = fmaf((float)isum[r], ld_f16(blk, r) * dx, acc[r]);
+            });
 }
 
 void gemv_q4_0(const uint8_t* W, int64_t K, int64_t t0, int64_t t1, const QAct& x, int64_t M, float* y,
                int64_t ldy, int64_t N) {
-  const int64_t nb = K / 32;
-  for (int64_t t = t0; t < t1; t++) {
-    for (int64_t m = 0; m < M; m++) {
-      float acc[TILE] = {0};
-      for (int64_t b = 0; b < nb; b++) {
-        const uint8_t* blk = W + (t * nb + b) * Q4_0_TB;
-        const int8_t* xq = x.q + m * K + b * 32;
-        const float dx = x.d[m * (K / x.bs) + b];
-        const int32_t s32 = x.s16[m * (K / 16) + 2 * b] + x.s16[m * (K / 16) + 2 * b + 1];
-        int32_t isum[TILE] = {0};
-        for (int g = 0; g < 4; g++) nib_group_dot(blk + 32 + 64 * g, xq + 8 * g, isum);
-        for (int r = 0; r < TILE; r++) acc[r] = fmaf((float)(isum[r] - 8 * s32), ld_f16(blk, r) * dx, acc[r]);
-      }
-      store_rows(y, ldy, m, t * TILE, N, acc);
-    }
-  }
+  tile_rows(W, K, 32, Q4_0_TB, t0, t1, x, M, y, ldy, N,
+            [](const uint8_t* blk, const int8_t* xq, const int32_t* s16, float dx, float* acc) {
+              const int32_t s32 = s16[0] + s16[1];
+              int32_t isum[TILE] = {0};
+              for (int g = 0; g < 4; g++) nib_group_dot(blk + 32 + 64 * g, xq + 8 * g, isum);
+              for (int r = 0; r < TILE; r++) acc[r] = fmaf((float)(isum[r] - 8 * s32), ld_f16(blk, r) * dx, acc[r]);
+            });
 }
 
 // Q4_K, and Q5_K (Five: the nibbles' fifth bits from the masks after the Q4_K layout)
 template <bool Five>
 void gemv_qk(const uint8_t* W, int64_t K, int64_t t0, int64_t t1, const QAct& x, int64_t M, float* y,
              int64_t ldy, int64_t N) {
-  const int64_t nb = K / 256, TB = Five ? Q5_K_TB : Q4_K_TB;
-  for (int64_t t = t0; t < t1; t++) {
-    for (int64_t m = 0; m < M; m++) {
-      float acc[TILE] = {0};
-      for (int64_t b = 0; b < nb; b++) {
-        const uint8_t* blk = W + (t * nb + b) * TB;
-        const uint8_t* sc = blk + 64;
-        const uint8_t* mn = blk + 192;
-        const int8_t* xq = x.q + m * K + b * 256;
-        const int32_t* s16 = x.s16 + m * (K / 16) + b * 16;
-        const float dx = x.d[m * (K / x.bs) + b];
-        int32_t isc[TILE] = {0}, imin[TILE] = {0};
-        for (int j = 0; j < 8; j++) {
-          int32_t dot[TILE] = {0};
-          for (int g = 0; g < 4; g++)
-            nib_group_dot(blk + qk_sub(Five, j) + 64 * g, xq + 32 * j + 8 * g, dot,
-                          Five ? blk + qk_sub(true, j) + 256 : nullptr, g);
-          const int32_t s32 = s16[2 * j] + s16[2 * j + 1];
-          for (int r = 0; r < TILE; r++) {
-            isc[r] += sc[16 * j + r] * dot[r];
-            imin[r] += mn[16 * j + r] * s32;
-          }
-        }
-        for (int r = 0; r < TILE; r++) {
-          acc[r] = fmaf((float)isc[r], ld_f16(blk, r) * dx, acc[r]);
-          acc[r] = fmaf((float)imin[r], -(ld_f16(blk + 32, r) * dx), acc[r]);
-        }
-      }
-      store_rows(y, ldy, m, t * TILE, N, acc);
-    }
-  }
+  tile_rows(W, K, 256, Five ? Q5_K_TB : Q4_K_TB, t0, t1, x, M, y, ldy, N,
+            [](const uint8_t* blk, const int8_t* xq, const int32_t* s16, float dx, float* acc) {
+              const uint8_t* sc = blk + 64;
+              const uint8_t* mn = blk + 192;
+              int32_t isc[TILE] = {0}, imin[TILE] = {0};
+              for (int j = 0; j < 8; j++) {
+                int32_t dot[TILE] = {0};
+                for (int g = 0; g < 4; g++)
+                  nib_group_dot(blk + qk_sub(Five, j) + 64 * g, xq + 32 * j + 8 * g, dot,
+                                Five ? blk + qk_sub(true, j) + 256 : nullptr, g);
+                const int32_t s32 = s16[2 * j] + s16[2 * j + 1];
+                for (int r = 0; r < TILE; r++) {
+                  isc[r] += sc[16 * j + r] * dot[r];
+                  imin[r] += mn[16 * j + r] * s32;
+                }
+              }
+              for (int r = 0; r < TILE; r++) {
+                acc[r] = fmaf((float)isc[r], ld_f16(blk, r) * dx, acc[r]);
+                acc[r] = fmaf((float)imin[r], -(ld_f16(blk + 32, r) * dx), acc[r]);
+              }
+            });
 }
 
 void gemv_q4_k(const uint8_t* W, int64_t K, int64_t t0, int64_t t1, const QAct& x, int64_t M, float* y,
@@ -139,43 +128,33 @@ void gemv_q5_k(const uint8_t* W, int64_t K, int64_t t0, int64_t t1, const QAct& 
 
 void gemv_q6_k(const uint8_t* W, int64_t K, int64_t t0, int64_t t1, const QAct& x, int64_t M, float* y,
                int64_t ldy, int64_t N) {
-  const int64_t nb = K / 256;
-  for (int64_t t = t0; t < t1; t++) {
-    for (int64_t m = 0; m < M; m++) {
-      float acc[TILE] = {0};
-      for (int64_t b = 0; b < nb; b++) {
-        const uint8_t* blk = W + (t * nb + b) * Q6_K_TB;
-        const int8_t* sc = (const int8_t*)(blk + 32);
-        const int8_t* xq = x.q + m * K + b * 256;
-        const int32_t* s16 = x.s16 + m * (K / 16) + b * 16;
-        const float dx = x.d[m * (K / x.bs) + b];
-        int32_t isum[TILE] = {0};
-        for (int u = 0; u < 8; u++) {
-          const uint8_t* ql = blk + 288 + 384 * u;
-          const uint8_t* qh = ql + 256;
-          for (int h = 0; h < 2; h++) {  // sub-blocks of 16 inputs: groups 2h, 2h+1 of the unit
-            const int g16 = 2 * u + h;
-            int32_t dot[TILE] = {0};
-            for (int g = 2 * h; g < 2 * h + 2; g++) {
-              const int8_t* xg = xq + 32 * u + 8 * g;
-              for (int r = 0; r < TILE; r++)
-                for (int j = 0; j < 4; j++) {
-                  const int p = 4 * r + j;
-                  const uint8_t lo = ql[64 * g + p], hb = qh[32 * g + (p & 31)];
-                  const int sh = p < 32 ? 0 : 2;
-                  const int q_lo = (lo & 15) | (((hb >> sh) & 3) << 4);
-                  const int q_hi = (lo >> 4) | (((hb >> (sh + 4)) & 3) << 4);
-                  dot[r] += q_lo * xg[j] + q_hi * xg[4 + j];
+  tile_rows(W, K, 256, Q6_K_TB, t0, t1, x, M, y, ldy, N,
+            [](const uint8_t* blk, const int8_t* xq, const int32_t* s16, float dx, float* acc) {
+              const int8_t* sc = (const int8_t*)(blk + 32);
+              int32_t isum[TILE] = {0};
+              for (int u = 0; u < 8; u++) {
+                const uint8_t* ql = blk + 288 + 384 * u;
+                const uint8_t* qh = ql + 256;
+                for (int h = 0; h < 2; h++) {  // sub-blocks of 16 inputs: groups 2h, 2h+1 of the unit
+                  const int g16 = 2 * u + h;
+                  int32_t dot[TILE] = {0};
+                  for (int g = 2 * h; g < 2 * h + 2; g++) {
+                    const int8_t* xg = xq + 32 * u + 8 * g;
+                    for (int r = 0; r < TILE; r++)
+                      for (int j = 0; j < 4; j++) {
+                        const int p = 4 * r + j;
+                        const uint8_t lo = ql[64 * g + p], hb = qh[32 * g + (p & 31)];
+                        const int sh = p < 32 ? 0 : 2;
+                        const int q_lo = (lo & 15) | (((hb >> sh) & 3) << 4);
+                        const int q_hi = (lo >> 4) | (((hb >> (sh + 4)) & 3) << 4);
+                        dot[r] += q_lo * xg[j] + q_hi * xg[4 + j];
+                      }
+                  }
+                  for (int r = 0; r < TILE; r++) isum[r] += sc[16 * g16 + r] * (dot[r] - 32 * s16[g16]);
                 }
-            }
-            for (int r = 0; r < TILE; r++) isum[r] += sc[16 * g16 + r] * (dot[r] - 32 * s16[g16]);
-          }
-        }
-        for (int r = 0; r < TILE; r++) acc[r] = fmaf((float)isum[r], ld_f16(blk, r) * dx, acc[r]);
-      }
-      store_rows(y, ldy, m, t * TILE, N, acc);
-    }
-  }
+              }
+              for (int r = 0; r < TILE; r++) acc[r] = fmaf((float)isum[r], ld_f16(blk, r) * dx, acc[r]);
+            });
 }
 
 inline float load_w(int fmt, const void* W, int64_t i) {
