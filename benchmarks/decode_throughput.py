@@ -34,6 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from plm import PLMConfig, PLMForCausalLM
+from plm.bench import report
 from plm.infer.generate import left_pad, model_step_fn
 from plm.infer.static_decode import StaticDecoder
 
@@ -308,11 +309,7 @@ def render(result: dict) -> list[str]:
 
 
 def write(result: dict, out: str | None, stem: str) -> None:
-    if out:
-        out_dir = Path(out)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=2))
-        (out_dir / f"{stem}.md").write_text("\n".join(render(result)) + "\n")
+    report.write(out, stem, result, render(result))
 
 if __name__ == "__main__":
     main()

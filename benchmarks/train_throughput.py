@@ -40,6 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from plm import PLMConfig, PLMForCausalLM
+from plm.bench import report
 from plm.model.loss import chunked_lm_loss, lm_loss_sum
 from plm.model.modeling import attention_backend, sdpa_backend
 from plm.train.trainer import compile_model, device_peak_flops, flops_per_token, use_bf16
@@ -298,11 +299,7 @@ def render(result: dict) -> list[str]:
 
 
 def write(result: dict, out: str | None, stem: str) -> None:
-    if out:
-        out_dir = Path(out)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=2))
-        (out_dir / f"{stem}.md").write_text("\n".join(render(result)) + "\n")
+    report.write(out, stem, result, render(result))
 
 if __name__ == "__main__":
     main()

@@ -6,23 +6,12 @@
 #   scripts/build_llama_server.sh [PYTHON]     # build once (5-15 minutes on 2 cores)
 #   scripts/build_llama_server.sh --path       # print where it would be; exit 1 if not built
 #
-# For benchmarks/serve.py only; never run in CI. Flags as scripts/build_llama_wheel.sh: the
-# CPU's vector extensions, AMX off (Sapphire-Rapids-class VMs without AMX tile state SIGILL
-# otherwise), no network at build time (no prebuilt web UI download, no OpenSSL).
+# For benchmarks/serve.py only; never run in CI. The CPU flags are the wheel's
+# (scripts/llama_cmake_flags.sh: the CPU's vector extensions, AMX off; PLM_LLAMA_ISA=avx2 as
+# there); no network at build time (no prebuilt web UI download, no OpenSSL).
 set -euo pipefail
 VERSION="${LLAMA_CPP_PYTHON_VERSION:-0.3.36}"
-if grep -qw avx512f /proc/cpuinfo 2>/dev/null; then
-  SIMD="-DGGML_AVX512=ON"
-  for f in avx512_vbmi:VBMI avx512_vnni:VNNI avx512_bf16:BF16; do
-    grep -qw "${f%%:*}" /proc/cpuinfo && SIMD="$SIMD -DGGML_AVX512_${f##*:}=ON"
-  done
-else
-  SIMD=""
-fi
-if grep -qw avx2 /proc/cpuinfo 2>/dev/null; then
-  SIMD="-DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON $SIMD"
-fi
-ARGS="-DGGML_NATIVE=OFF $SIMD -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
+source "$(dirname "$0")/llama_cmake_flags.sh"  # ARGS
 KEY=$(echo "$VERSION $ARGS $(uname -m)" | sha256sum | cut -c1-12)
 DIR="${PLM_LLAMA_SERVER_CACHE:-$HOME/.cache/plm/llama-server}/$VERSION-$KEY"
 BIN="$DIR/llama-server"

@@ -11,22 +11,7 @@
 set -euo pipefail
 VERSION="${LLAMA_CPP_PYTHON_VERSION:-0.3.36}"
 PY="${1:-python3}"
-case "${PLM_LLAMA_ISA:-native}" in
-  native|avx2) ;;
-  *) echo "PLM_LLAMA_ISA must be native or avx2, got '${PLM_LLAMA_ISA}'" >&2; exit 2 ;;
-esac
-if [ "${PLM_LLAMA_ISA:-native}" = native ] && grep -qw avx512f /proc/cpuinfo 2>/dev/null; then
-  SIMD="-DGGML_AVX512=ON"
-  for f in avx512_vbmi:VBMI avx512_vnni:VNNI avx512_bf16:BF16; do
-    grep -qw "${f%%:*}" /proc/cpuinfo && SIMD="$SIMD -DGGML_AVX512_${f##*:}=ON"
-  done
-else
-  SIMD=""
-fi
-if grep -qw avx2 /proc/cpuinfo 2>/dev/null; then
-  SIMD="-DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON $SIMD"
-fi
-ARGS="-DGGML_NATIVE=OFF $SIMD -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
+source "$(dirname "$0")/llama_cmake_flags.sh"  # ARGS
 KEY=$(echo "$VERSION $ARGS $(uname -m)" | sha256sum | cut -c1-12)
 DIR="${PLM_WHEEL_CACHE:-$HOME/.cache/plm/wheels}/llama-cpp-python-$VERSION-$KEY"
 if ! ls "$DIR"/llama_cpp_python-*.whl >/dev/null 2>&1; then
