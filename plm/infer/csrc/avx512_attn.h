@@ -1,6 +1,7 @@
 // Pieces of the bf16 attention kernels shared by the AVX512-BF16 and AMX units (heads in the 16
 // lanes): exp, fp32 -> bf16 rounding, the query and value pairs, the online softmax step of a
-// block and a part's normalised result. Include after the target pragma.
+// block, a part's normalised result, and the loops over head groups, parts and chunks. Include
+// after the target pragma.
 #pragma once
 
 namespace plm {
@@ -108,6 +109,27 @@ inline void finish_heads(__m512 m, __m512 l, int64_t g, int64_t rank, const Get&
     const float inv = lv[j] > 0.f ? 1.f / lv[j] : 0.f;
     for (int64_t r = 0; r < rank; r++) out[j * rank + r] = o(j, r) * inv;
     if (lse) lse[j] = lv[j] > 0.f ? mv[j] + __builtin_logf(lv[j]) : -__builtin_inff();
+  }
+}
+
+// The loops both bf16 kernels share: the heads in groups of 16 (the query packed as pairs into
+// qt), each part of `part` cached rows with its own softmax state (maximum m, sum l) and sums
+// (cleared by clear()), its rows in chunks of up to `chunk` (body(rows, n, m, l)), then the
+// part's normalised result (o(j, r): head j's sum at latent dim r).
+template <typename Clear, typename Body, typename Get>
+inline void attention_parts(const float* q, int64_t nh, int64_t D, int64_t rank, const uint16_t* cache, int64_t S,
+                            int64_t part, int64_t chunk, uint32_t* qt, float* out, float* lse, const Clear& clear,
+                            const Body& body, const Get& o) {
+  for (int64_t h0 = 0; h0 < nh; h0 += 16) {
+    const int64_t g = nh - h0 < 16 ? nh - h0 : 16;
+    pack_query(q + h0 * D, D, g, qt);
+    for (int64_t p0 = 0, pi = 0; p0 < S; p0 += part, pi++) {
+      const int64_t np = S - p0 < part ? S - p0 : part;
+      clear();
+      __m512 m = _mm512_set1_ps(-__builtin_inff()), l = _mm512_setzero_ps();
+      for (int64_t c0 = 0; c0 < np; c0 += chunk) body(cache + (p0 + c0) * D, np - c0 < chunk ? np - c0 : chunk, m, l);
+      finish_heads(m, l, g, rank, o, out + (pi * nh + h0) * rank, lse ? lse + pi * nh + h0 : nullptr);
+    }
   }
 }
 

@@ -172,16 +172,10 @@ void attention_amx_bf16(const float* q, int64_t nh, int64_t D, int64_t rank, con
   const __m512i hidx = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
                                           _mm512_set1_epi32((int)(CH / 2)));
   const __m512 vs = _mm512_set1_ps(scale);
-  for (int64_t h0 = 0; h0 < nh; h0 += 16) {
-    const int64_t g = nh - h0 < 16 ? nh - h0 : 16;
-    pack_query(q + h0 * D, D, g, qB);
-    for (int64_t p0 = 0, pi = 0; p0 < S; p0 += part, pi++) {
-      const int64_t np_ = S - p0 < part ? S - p0 : part;
-      memset(O, 0, sizeof(float) * 16 * rank);
-      __m512 m = _mm512_set1_ps(-__builtin_inff()), l = _mm512_setzero_ps();
-      for (int64_t c0 = 0; c0 < np_; c0 += CH) {
-        const int64_t n = np_ - c0 < CH ? np_ - c0 : CH, nt16 = (n + 15) / 16;
-        const uint16_t* c = cache + (p0 + c0) * D;
+  attention_parts(
+      q, nh, D, rank, cache, S, part, CH, qB, out, lse, [&] { memset(O, 0, sizeof(float) * 16 * rank); },
+      [&](const uint16_t* c, int64_t n, __m512& m, __m512& l) {
+        const int64_t nt16 = (n + 15) / 16;
         if (n % 16) {  // the rows of the last partial tile, zero-padded (rows past S may not exist)
           memset(tail, 0, sizeof(uint16_t) * 16 * D);
           memcpy(tail, c + (n - n % 16) * D, sizeof(uint16_t) * (n % 16) * D);
@@ -248,11 +242,8 @@ void attention_amx_bf16(const float* q, int64_t nh, int64_t D, int64_t rank, con
             }
           }
         }
-      }
-      finish_heads(m, l, g, rank, [&](int64_t j, int64_t r) { return O[j * rank + r]; }, out + (pi * nh + h0) * rank,
-                   lse ? lse + pi * nh + h0 : nullptr);
-    }
-  }
+      },
+      [&](int64_t j, int64_t r) { return O[j * rank + r]; });
   _tile_release();
 }
 

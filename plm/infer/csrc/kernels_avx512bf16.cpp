@@ -177,17 +177,10 @@ void attention_avx512bf16(const float* q, int64_t nh, int64_t D, int64_t rank, c
   float* sT = OT + 16 * rank;                // [BTB][16]
   uint32_t* pP = (uint32_t*)(sT + 16 * BTB); // [BTB/2][16]
   uint32_t* vP = pP + 8 * BTB;               // [BTB/2][rank]
-  for (int64_t h0 = 0; h0 < nh; h0 += 16) {
-    const int64_t g = nh - h0 < 16 ? nh - h0 : 16;
-    pack_query(q + h0 * D, D, g, (uint32_t*)qT);
-    // each part of `part` cached rows: its own softmax, normalised, with its log-sum-exp
-    for (int64_t p0 = 0, pi = 0; p0 < S; p0 += part, pi++) {
-      const int64_t n = S - p0 < part ? S - p0 : part;
-      memset(OT, 0, sizeof(float) * 16 * rank);
-      __m512 m = _mm512_set1_ps(-__builtin_inff()), l = _mm512_setzero_ps();
-      for (int64_t t0 = 0; t0 < n; t0 += BTB) {
-        const int64_t tb = n - t0 < BTB ? n - t0 : BTB, tp = (tb + 1) / 2;
-        const uint16_t* c = cache + (p0 + t0) * D;
+  attention_parts(
+      q, nh, D, rank, cache, S, part, BTB, (uint32_t*)qT, out, lse, [&] { memset(OT, 0, sizeof(float) * 16 * rank); },
+      [&](const uint16_t* c, int64_t tb, __m512& m, __m512& l) {
+        const int64_t tp = (tb + 1) / 2;
         scores(qT, D2, c, D, tb, scale, sT);
         const __m512 alpha =
             softmax_pairs(sT, tb, m, l, [&](int64_t p, __m512i pair) { _mm512_storeu_si512(pP + p * 16, pair); });
@@ -210,11 +203,8 @@ void attention_avx512bf16(const float* q, int64_t nh, int64_t D, int64_t rank, c
             a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_load_si512(pP + p * 16), bcast_pair((const uint16_t*)(vP + p * rank + r)));
           _mm512_store_ps(OT + r * 16, a);
         }
-      }
-      finish_heads(m, l, g, rank, [&](int64_t j, int64_t r) { return OT[r * 16 + j]; }, out + (pi * nh + h0) * rank,
-                   lse ? lse + pi * nh + h0 : nullptr);
-    }
-  }
+      },
+      [&](int64_t j, int64_t r) { return OT[r * 16 + j]; });
 }
 
 void gemv_bf16_avx512bf16(const void* W, int64_t K, int64_t n0, int64_t n1, const uint16_t* xb, int64_t M, float* y,
