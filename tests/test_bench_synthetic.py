@@ -146,13 +146,15 @@ def test_edge_benchmark_end_to_end(tmp_path):
     assert f"Kernels: {llama_build}; plm kernels {isa}." in md
 
 
-def test_llama_wheel_script_refuses_an_unknown_isa():
-    """scripts/build_llama_wheel.sh checks PLM_LLAMA_ISA before building anything."""
+@pytest.mark.parametrize("script", ["build_llama_wheel.sh", "build_llama_server.sh"])
+def test_llama_wheel_script_refuses_an_unknown_isa(script):
+    """Both llama.cpp builds take their flags from scripts/llama_cmake_flags.sh, which checks
+    PLM_LLAMA_ISA before anything is built."""
     import os
     import subprocess
     from pathlib import Path
-    script = Path(__file__).resolve().parents[1] / "scripts/build_llama_wheel.sh"
-    p = subprocess.run(["bash", str(script)], env=dict(os.environ, PLM_LLAMA_ISA="avx3"), capture_output=True,
+    path = Path(__file__).resolve().parents[1] / "scripts" / script
+    p = subprocess.run(["bash", str(path)], env=dict(os.environ, PLM_LLAMA_ISA="avx3"), capture_output=True,
                        text=True, timeout=30)
     assert p.returncode == 2 and "PLM_LLAMA_ISA must be native or avx2, got 'avx3'" in p.stderr and not p.stdout
 

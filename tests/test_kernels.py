@@ -119,7 +119,8 @@ def test_block_gemv_against_gguf_dequant(isa, fmt, N, K, M):
 
 
 @pytest.mark.parametrize("fmt", BLOCK_FORMATS, ids=lambda f: nv.FORMAT_NAMES[f])
-@pytest.mark.parametrize("M", (1, 7, 13, 16, 17, 40))  # 16-40: the 8-row calls of two tiles, then pairs, then one
+# 13, 17, 40: calls of 4 rows x two tiles (AVX-512; pairs of rows on AVX2), then one row left over
+@pytest.mark.parametrize("M", (1, 7, 13, 16, 17, 40))
 def test_block_paths_bit_identical(fmt, M):
     rng = np.random.default_rng(fmt)
     N, K = 145, 768  # 10 tiles: two four-stream calls for one row, then the tiles left over

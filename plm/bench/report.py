@@ -27,7 +27,7 @@ def save(out: str | Path, stem: str, report: dict, lines: Sequence[str]) -> str:
     """Write OUT/STEM.json (`report`) and OUT/STEM.md (its command, then `lines`), print both;
     returns the markdown."""
     md = "\n".join([f"Command: `{report['command']}`  ", *lines])
-    write(out, stem, report, md.split("\n"))
+    write(out, stem, report, [md])
     print(md)
     print(json.dumps(report))
     return md
