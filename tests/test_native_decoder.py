@@ -392,6 +392,34 @@ def test_gguf_matches_reference_on_its_weights(gguf_files, prompt64, gtype, boun
         assert dec.formats["0.up"] == gtype.upper()
 
 
+def test_gguf_absorbed_key_half_held_as_q8_0_for_low_bit_files(qwen2_micro_dir, tmp_path):
+    """kv_b's key half, transposed for the absorbed query, crosses the file's blocks: from a
+    4-bit file it is held as Q8_0 (half the bytes of F16, a rounding well under the file's own),
+    from an 8-bit one as F16; both stay close to gguf-py's decoding of the file, and Q8_0 close
+    to the F16 form. qk_nope_head_dim 32 so its rows are whole Q8_0 blocks (16 keeps F16)."""
+    from plm.export.gguf import export_gguf
+    from plm.model.checkpoint import init_checkpoint
+
+    ckpt = init_checkpoint("plm-micro", tmp_path / "ckpt", seed=7, tokenizer=str(qwen2_micro_dir),
+                           initializer_range=0.08, qk_nope_head_dim=32)
+    q4 = export_gguf(ckpt, tmp_path / "m-q4_0.gguf", "q4_0")
+    q8 = export_gguf(ckpt, tmp_path / "m-q8_0.gguf", "q8_0")
+    assert NativeDecoder.from_gguf(q8).formats["0.wuk"] == "F16"
+    dec = NativeDecoder.from_gguf(q4, cache_dtype="f32")
+    exact = NativeDecoder.from_gguf(q4, cache_dtype="f32", wuk_format="f16")
+    assert (dec.formats["0.wuk"], exact.formats["0.wuk"], dec.formats["0.wuv"]) == ("Q8_0", "F16", "Q4_0")
+    torch.manual_seed(0)
+    ids = torch.randint(0, 151643, (24,)).tolist()
+    ref = reference_logits(gguf_reference(q4), ids)[7:]
+    ours, theirs = decoder_logits(dec, ids[:8], ids[8:]), decoder_logits(exact, ids[:8], ids[8:])
+    assert rel_err(ours, ref) < 0.05 and (ours.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9
+    assert 0 < rel_err(ours, theirs) < 0.02  # Q8_0 really ran, and stayed close
+    with pytest.raises(ValueError, match="multiple of 32"):
+        NativeDecoder.from_gguf(export_gguf(qwen2_micro_dir, tmp_path / "n16.gguf", "q4_0"), wuk_format="q8_0")
+    with pytest.raises(ValueError, match="wuk_format='q4_0'"):
+        NativeDecoder.from_gguf(q4, wuk_format="q4_0")
+
+
 @pytest.fixture(scope="module")
 def confident_ggufs(qwen2_micro_dir, prompt64, tmp_path_factory):
     """The micro model trained for 20 steps on the prompt, exported and quantised by llama.cpp.

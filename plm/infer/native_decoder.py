@@ -15,8 +15,9 @@ latent cache of kv_lora_rank + rope values per token and layer, preallocated and
 How the model maps onto matrices (all in the file's / requested format unless noted):
   qa    = q_proj and kv_a_proj_with_mqa stacked (one GEMV; two parts if their types differ)
   wuk   = kv_b_proj's key half, per head transposed to [rank, nope] (the absorbed query side
-          needs its columns): dequantised to F16 for quantised GGUFs (BF16/F32 for those
-          files); from float checkpoints Q8_0 when the model is quantised, else the model dtype
+          needs its columns): from GGUFs dequantised and held as Q8_0 when the file's kv_b
+          has at most 6 bits a value, else F16 (BF16/F32 for those files; `wuk_format`);
+          from float checkpoints Q8_0 when the model is quantised, else the model dtype
   wuv   = kv_b_proj's value half, per head [v, rank] (rows of the file's tensor, not requantised)
   o, up = as stored; down = as stored, or the neuron-major sparse layout (`sparse=True`)
   embed = token_embd, also the tied lm_head
@@ -45,6 +46,7 @@ if TYPE_CHECKING:
 LAYER_MATS = ("q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "up_proj", "down_proj")
 # GGUF tensor types the decoder reads (GGML ids); anything else is rejected by name
 GGUF_TYPES = (nv.F32, nv.F16, nv.BF16, nv.Q8_0, nv.Q4_0, nv.Q4_K, nv.Q5_K, nv.Q6_K)
+LOW_BIT = (nv.Q4_0, nv.Q4_K, nv.Q5_K, nv.Q6_K)  # block formats of at most 6 bits a value
 
 
 def _fmt_for(requested: int, K: int) -> int:
@@ -176,12 +178,18 @@ class NativeDecoder:
 
     @classmethod
     def from_gguf(cls, path: str | Path, sparse: bool = False, cache_dtype: str = "bf16",
-                  capacity: int = 256, reader=None) -> "NativeDecoder":
+                  capacity: int = 256, reader=None, wuk_format: str | None = None) -> "NativeDecoder":
         """From a `plm` GGUF (ours, or llama.cpp's converter/quantiser output): config from the
         `plm.*` metadata, every tensor kept in its GGUF blocks (repacked, never dequantised to
         bf16; only kv_b's key half is dequantised and transposed for the absorbed query).
         `reader`: the file already opened by open_gguf (load_gguf reads it once for both the
-        weights and the tokenizer)."""
+        weights and the tokenizer).
+
+        `wuk_format`: how that transposed key half is held. Its blocks run across the file's
+        blocks, so no block format holds it exactly. Default: Q8_0 when the file's kv_b has at
+        most 6 bits a value (Q4_0, Q4_K, Q5_K, Q6_K), whose own rounding is 4-16x what Q8_0
+        adds, and Q8_0 reads half the bytes of F16; F16 for Q8_0 and F16 files, where Q8_0 would
+        double the error; F32/BF16 files as they are. 'f16', 'bf16', 'f32' or 'q8_0' force one."""
         import gguf
 
         path = Path(path)
@@ -192,6 +200,13 @@ class NativeDecoder:
         tensors = {t.name: t for t in reader.tensors}
         if "output.weight" in tensors:
             raise CheckpointError(f"{path}: has an untied output.weight; PLM ties lm_head to token_embd")
+        wuk_held = None
+        if wuk_format is not None:
+            if wuk_format not in ("f32", "f16", "bf16", "q8_0"):
+                raise ValueError(f"wuk_format={wuk_format!r}: expected 'f32', 'f16', 'bf16' or 'q8_0'")
+            wuk_held = nv.format_id(wuk_format)
+            if wuk_held == nv.Q8_0 and nope % 32:
+                raise ValueError(f"wuk_format='q8_0' needs qk_nope_head_dim a multiple of 32, this model has {nope}")
         dec = cls(c, cache_dtype, capacity)
         dec.sparse = sparse
 
@@ -241,7 +256,8 @@ class NativeDecoder:
             dec._add(i, "wuv", wuv, tb, H * vd, R, groups=H, label=f"{i}.wuv")
             w_uk = nv.dequantize_blocks(rows[:, :nope].reshape(H * nope, -1), tb, H * nope, R)
             wuk = w_uk.view(H, nope, R).transpose(1, 2).reshape(H * R, nope)
-            wuk_fmt = tb if tb in (nv.F32, nv.BF16) else nv.F16
+            wuk_fmt = wuk_held if wuk_held is not None else (
+                tb if tb in (nv.F32, nv.BF16) else nv.Q8_0 if tb in LOW_BIT and nope % 32 == 0 else nv.F16)
             dec._add(i, "wuk", nv.quantize(wuk, wuk_fmt), wuk_fmt, H * R, nope, groups=H, label=f"{i}.wuk")
             raw, t = tensor(b + "attn_output.weight", (d, H * vd))
             dec._add(i, "o", raw, t, d, H * vd, label=f"{i}.o")
