@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from plm import PLMConfig, PLMForCausalLM
-from plm.errors import CheckpointError, PLMError
+from plm.errors import CheckpointError, ConfigError, PLMError
 from plm.infer import native as nv
 
 pytestmark = pytest.mark.skipif(not nv.load(), reason="native kernels not built (plm kernels build)")
@@ -414,9 +414,9 @@ def test_gguf_absorbed_key_half_held_as_q8_0_for_low_bit_files(qwen2_micro_dir, 
     ours, theirs = decoder_logits(dec, ids[:8], ids[8:]), decoder_logits(exact, ids[:8], ids[8:])
     assert rel_err(ours, ref) < 0.05 and (ours.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9
     assert 0 < rel_err(ours, theirs) < 0.02  # Q8_0 really ran, and stayed close
-    with pytest.raises(ValueError, match="multiple of 32"):
+    with pytest.raises(ConfigError, match="multiple of 32"):
         NativeDecoder.from_gguf(export_gguf(qwen2_micro_dir, tmp_path / "n16.gguf", "q4_0"), wuk_format="q8_0")
-    with pytest.raises(ValueError, match="wuk_format='q4_0'"):
+    with pytest.raises(ConfigError, match="wuk_format=.q4_0."):
         NativeDecoder.from_gguf(q4, wuk_format="q4_0")
 
 

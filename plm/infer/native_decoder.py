@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import numpy as np
 import torch
 
-from plm.errors import CheckpointError, PLMError
+from plm.errors import CheckpointError, ConfigError, PLMError
 from plm.infer import native as nv
 from plm.model.config import PLMConfig
 
@@ -203,10 +203,10 @@ class NativeDecoder:
         wuk_held = None
         if wuk_format is not None:
             if wuk_format not in ("f32", "f16", "bf16", "q8_0"):
-                raise ValueError(f"wuk_format={wuk_format!r}: expected 'f32', 'f16', 'bf16' or 'q8_0'")
+                raise ConfigError(f"wuk_format={wuk_format!r}: expected 'f32', 'f16', 'bf16' or 'q8_0'")
             wuk_held = nv.format_id(wuk_format)
             if wuk_held == nv.Q8_0 and nope % 32:
-                raise ValueError(f"wuk_format='q8_0' needs qk_nope_head_dim a multiple of 32, this model has {nope}")
+                raise ConfigError(f"{path}: wuk_format='q8_0' needs qk_nope_head_dim a multiple of 32, this model has {nope}")
         dec = cls(c, cache_dtype, capacity)
         dec.sparse = sparse
 
