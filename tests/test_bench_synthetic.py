@@ -147,7 +147,7 @@ def test_edge_benchmark_end_to_end(tmp_path):
 
 
 @pytest.mark.parametrize("script", ["build_llama_wheel.sh", "build_llama_server.sh"])
-def test_llama_wheel_script_refuses_an_unknown_isa(script):
+def test_llama_build_scripts_refuse_an_unknown_isa(script):
     """Both llama.cpp builds take their flags from scripts/llama_cmake_flags.sh, which checks
     PLM_LLAMA_ISA before anything is built."""
     import os
