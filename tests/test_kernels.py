@@ -538,3 +538,55 @@ def test_ab_benchmark_rejects_bad_input(tmp_path):
     assert p.returncode != 0 and "unknown case(s) ['warp:3']" in p.stderr
     p = run("--cases", "step:2", "--gguf", str(tmp_path / "missing.gguf"))
     assert p.returncode != 0 and "missing.gguf: no such file" in p.stderr
+
+
+HUGE_SCRIPT = """
+import json, sys, numpy as np, torch
+sys.path.insert(0, {tests!r})
+from test_kernels import random_blocks
+from plm.infer import native as nv
+rng = np.random.default_rng(0)
+x = torch.from_numpy(rng.standard_normal((3, 2048)).astype(np.float32))
+out = {{}}
+for name, fmt, N, sparse in (("q8_0", nv.Q8_0, 3000, False), ("q4_0", nv.Q4_0, 4000, False),
+                             ("bf16", nv.BF16, 1500, False), ("q8_0-sparse", nv.Q8_0, 3000, True)):
+    raw = random_blocks(fmt, N, 2048, rng)
+    lin = nv.PackedLinear(raw, fmt, N, 2048, sparse=sparse)
+    ptr, size = lin.data.data_ptr(), lin.data.numel()
+    huge = 0
+    for line in open("/proc/self/smaps"):
+        f = line.split()
+        if "-" in f[0] and len(f) >= 5 and not f[0].endswith(":"):
+            lo, hi = (int(v, 16) for v in f[0].split("-"))
+            inside = lo <= ptr < hi
+        elif inside and f[0] == "AnonHugePages:":
+            huge = int(f[1]) * 1024
+    y = lin(x[:1]) if sparse else lin(x)
+    ref = lin.dequantize().double()
+    xs = x[:1 if sparse else 3].double()
+    out[name] = {{"aligned": ptr % (2 << 20) == 0, "size": size, "huge": huge,
+                 "err": float((y.double() - xs @ ref.T).abs().max() / (xs.abs() @ ref.abs().T).max())}}
+print(json.dumps(out))
+"""
+
+
+def test_packed_weights_on_huge_pages():
+    """Packed weights of 4 MiB and more lie on 2 MiB transparent huge pages where Linux grants
+    them (THP 'madvise' or 'always', read back from /proc/self/smaps): whole huge pages only, the
+    tail on 4 KiB pages; the products as with PLM_HUGE_PAGES=0, bit for bit, and within int8
+    rounding of float64 over the file's values."""
+    mode = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if not mode.exists() or "[never]" in mode.read_text():
+        pytest.skip("no transparent huge pages on this system")
+    runs = {}
+    for flag in ("1", "0"):
+        proc = _run(HUGE_SCRIPT.format(tests=str(REPO / "tests")), PLM_HUGE_PAGES=flag)
+        assert proc.returncode == 0, proc.stderr
+        runs[flag] = json.loads(proc.stdout.strip().splitlines()[-1])
+    for name, r in runs["1"].items():
+        assert r["size"] >= 4 << 20 and r["aligned"], (name, r)
+        assert r["huge"] == r["size"] // (2 << 20) * (2 << 20), (name, r)  # whole 2 MiB pages, no tail page
+        assert r["err"] < 1e-2, (name, r)  # against float64 over the file's values (int8 activations: ~1/254)
+        assert r["err"] == runs["0"][name]["err"], name  # the same products, bit for bit
+    # (PLM_HUGE_PAGES=0 asks for none; the buffer may still share a mapping that numpy, which
+    # advises huge pages for its large arrays, left behind, so its pages are not checked)
