@@ -549,7 +549,8 @@ rng = np.random.default_rng(0)
 x = torch.from_numpy(rng.standard_normal((3, 2048)).astype(np.float32))
 out = {{}}
 for name, fmt, N, sparse in (("q8_0", nv.Q8_0, 3000, False), ("q4_0", nv.Q4_0, 4000, False),
-                             ("bf16", nv.BF16, 1500, False), ("q8_0-sparse", nv.Q8_0, 3000, True)):
+                             ("q6_k", nv.Q6_K, 3000, False), ("q8_0-sparse", nv.Q8_0, 3000, True),
+                             ("bf16", nv.BF16, 1500, False)):
     raw = random_blocks(fmt, N, 2048, rng)
     lin = nv.PackedLinear(raw, fmt, N, 2048, sparse=sparse)
     ptr, size = lin.data.data_ptr(), lin.data.numel()
@@ -571,10 +572,11 @@ print(json.dumps(out))
 
 
 def test_packed_weights_on_huge_pages():
-    """Packed weights of 4 MiB and more lie on 2 MiB transparent huge pages where Linux grants
-    them (THP 'madvise' or 'always', read back from /proc/self/smaps): whole huge pages only, the
-    tail on 4 KiB pages; the products as with PLM_HUGE_PAGES=0, bit for bit, and within int8
-    rounding of float64 over the file's values."""
+    """Packed block-format weights of 4 MiB and more (tile and sparse layouts) lie on 2 MiB
+    transparent huge pages where Linux grants them (THP 'madvise' or 'always', read back from
+    /proc/self/smaps): whole huge pages only, the tail on 4 KiB pages; BF16 stays a plain copy.
+    The products as with PLM_HUGE_PAGES=0, bit for bit, and within int8 rounding of float64
+    over the file's values."""
     mode = Path("/sys/kernel/mm/transparent_hugepage/enabled")
     if not mode.exists() or "[never]" in mode.read_text():
         pytest.skip("no transparent huge pages on this system")
@@ -584,8 +586,11 @@ def test_packed_weights_on_huge_pages():
         assert proc.returncode == 0, proc.stderr
         runs[flag] = json.loads(proc.stdout.strip().splitlines()[-1])
     for name, r in runs["1"].items():
-        assert r["size"] >= 4 << 20 and r["aligned"], (name, r)
-        assert r["huge"] == r["size"] // (2 << 20) * (2 << 20), (name, r)  # whole 2 MiB pages, no tail page
+        # float weights stay a plain copy (faster to load, no faster to decode): their pages are
+        # glibc's and numpy's business (see below)
+        if name != "bf16":
+            assert r["size"] >= 4 << 20 and r["aligned"], (name, r)
+            assert r["huge"] == r["size"] // (2 << 20) * (2 << 20), (name, r)  # whole 2 MiB pages, no tail page
         assert r["err"] < 1e-2, (name, r)  # against float64 over the file's values (int8 activations: ~1/254)
         assert r["err"] == runs["0"][name]["err"], name  # the same products, bit for bit
     # (PLM_HUGE_PAGES=0 asks for none; the buffer may still share a mapping that numpy, which

@@ -14,8 +14,9 @@ Environment:
   PLM_NATIVE_ISA=amx|avx512|avx2|scalar  force a path (an error if the CPU lacks it)
   PLM_AMX_MIN_BYTES=N               on the amx path, BF16 matrices of at least N bytes (default
                                     1 MiB) use AMX tiles; smaller ones stay on vdpbf16ps
-  PLM_HUGE_PAGES=0                  packed weights on 4 KiB pages (default: matrices of 4 MiB and
-                                    more on 2 MiB transparent huge pages where Linux grants them)
+  PLM_HUGE_PAGES=0                  packed weights on 4 KiB pages (default: block-format matrices of
+                                    4 MiB and more on 2 MiB transparent huge pages where Linux grants
+                                    them)
   PLM_KERNEL_CACHE=DIR              cache folder
   PLM_KERNEL_EMULATE_AVX512=1       (tests only) build the AVX-512 kernels against SIMDe's
                                     portable emulation, to check them on a host without AVX-512

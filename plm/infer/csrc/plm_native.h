@@ -62,8 +62,8 @@ void check_shape(int fmt, int64_t N, int64_t K, const char* what);
 
 // GGUF blocks [N, row_bytes] -> tile layout (block formats) or a contiguous copy (float).
 at::Tensor pack_tiles(const at::Tensor& raw, int fmt, int64_t N, int64_t K);
-// A zero-filled byte buffer for packed weights: from 4 MiB on, on 2 MiB transparent huge pages
-// where Linux grants them (pack.cpp says why; PLM_HUGE_PAGES=0 keeps 4 KiB pages)
+// A zero-filled byte buffer for packed block-format weights: from 4 MiB on, on 2 MiB transparent
+// huge pages where Linux grants them (pack.cpp says why; PLM_HUGE_PAGES=0 keeps 4 KiB pages)
 at::Tensor weight_buffer(int64_t bytes);
 // GGUF blocks -> neuron-major layout for the sparse down projection.
 at::Tensor pack_sparse(const at::Tensor& raw, int fmt, int64_t N, int64_t K);
