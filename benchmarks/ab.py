@@ -28,6 +28,8 @@ Cases (comma-separated):
                     bf16), the exact sparse kernel on one row of relu² activations with a share Z
                     of them zero (default 0.909, PLM-1.8B's), the weights from memory (copies
                     past the caches, called in turn): ms per call (lower is better)
+  load              NativeDecoder.from_gguf of --gguf, once, in the side's fresh process (the
+                    file in the page cache after the first round): s (lower is better)
 The decoder cases load --gguf (default: PLM-1.8B's shape with random weights as Q8_0, made in
 runs/edge like benchmarks/serve.py's, created when missing).
 """
@@ -150,8 +152,13 @@ def worker(cases: list[str], gguf: str | None, prompt: int, threads: int, sparse
         if dec is None:
             from plm.infer.native_decoder import NativeDecoder
             lengths = [prompt] + [int(c.split(":")[1]) for c in cases if c.split(":")[0] in ("prefill", "decode")]
+            t0 = time.perf_counter()
             dec = NativeDecoder.from_gguf(gguf, capacity=max(lengths) + STEPS + 8, sparse=sparse)
+            load_s = time.perf_counter() - t0
             out["down"] = dec.formats.get("0.down")  # its layout, e.g. "Q8_0 sparse"
+        if kind == "load":  # the one load above: a second in this process would find the first's pages
+            out["cases"][case] = load_s
+            continue
         ids = lambda n: torch.randint(0, 1000, (n,), generator=g).tolist()  # noqa: E731
         if kind == "step":
             seqs = [dec.new_sequence() for _ in range(int(arg[0]))]
@@ -173,7 +180,7 @@ def worker(cases: list[str], gguf: str | None, prompt: int, threads: int, sparse
                 dec.prefill(seqs[0], tokens, chunk=512)
             out["cases"][case] = T / seconds(once, 1.0)
         else:
-            raise SystemExit(f"unknown case {case!r} (matrix:FMT:M, step:B, prefill:T, decode:T, sparse:FMT[:Z])")
+            raise SystemExit(f"unknown case {case!r} (matrix:FMT:M, step:B, prefill:T, decode:T, sparse:FMT[:Z], load)")
         for s in seqs:
             dec.free(s)
     return out
@@ -182,7 +189,7 @@ def worker(cases: list[str], gguf: str | None, prompt: int, threads: int, sparse
 # ---- driver ------------------------------------------------------------------------------------
 
 UNITS = {"matrix": ("G MAC/s", True), "step": ("ms", False), "decode": ("ms", False), "prefill": ("tok/s", True),
-         "sparse": ("ms", False)}
+         "sparse": ("ms", False), "load": ("s", False)}
 
 
 def git(*args: str) -> str:
@@ -304,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     bad = [c for c in cases if c.split(":")[0] not in UNITS]
     if bad:
-        ap.error(f"unknown case(s) {bad}: matrix:FMT:M, step:B, prefill:T, decode:T, sparse:FMT[:Z]")
+        ap.error(f"unknown case(s) {bad}: matrix:FMT:M, step:B, prefill:T, decode:T, sparse:FMT[:Z], load")
     if args.rounds < 1:
         ap.error("--rounds must be >= 1")
     sys.path.insert(0, str(REPO))

@@ -18,9 +18,10 @@ namespace plm {
 // entry every 4 KiB; on 2 MiB transparent huge pages one per 2 MiB (Linux grants them to an
 // madvise'd mapping when /sys/kernel/mm/transparent_hugepage/enabled is "madvise" or "always").
 // benchmarks/ab.py on an Intel Xeon (Sapphire Rapids) host: decode of 4- and 8-bit models
-// 1.02-1.07x; on an AMD EPYC host (an earlier build) neutral. Block formats only: bf16 decoded
-// no faster on them and its plain copy loaded slower (8.4-12.2 s against 5.5-7.7 s for 3.4 GiB).
-// The buffer is zero-filled, as any fresh mapping. PLM_HUGE_PAGES=0 keeps 4 KiB pages.
+// 1.02-1.07x, load 0.84x (the Q4_0 model 7.9 s against 6.7: the kernel finds and zeroes 2 MiB
+// pages); on an AMD EPYC host (an earlier build) neutral. Block formats only: bf16 decoded no
+// faster on them and loaded 1.9x slower. Zero-filled, as any fresh mapping. PLM_HUGE_PAGES=0
+// keeps 4 KiB pages (a short run that loads once and decodes little).
 at::Tensor weight_buffer(int64_t bytes) {
 #ifdef __linux__
   constexpr int64_t H = int64_t(2) << 20;
