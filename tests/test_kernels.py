@@ -556,19 +556,18 @@ for name, fmt, N, sparse in (("q8_0", nv.Q8_0, 3000, False), ("q4_0", nv.Q4_0, 4
     raw = random_blocks(fmt, N, 2048, rng)
     lin = nv.PackedLinear(raw, fmt, N, 2048, sparse=sparse)
     ptr, size = lin.data.data_ptr(), lin.data.numel()
-    huge, own = 0, False
+    huge = 0
     for line in open("/proc/self/smaps"):
         f = line.split()
         if "-" in f[0] and len(f) >= 5 and not f[0].endswith(":"):
             lo, hi = (int(v, 16) for v in f[0].split("-"))
             inside = lo <= ptr < hi
-            own = own or (inside and lo == ptr)  # a mapping of its own (an allocator puts a header first)
         elif inside and f[0] == "AnonHugePages:":
             huge = int(f[1]) * 1024
     y = lin(x[:1]) if sparse else lin(x)
     ref = lin.dequantize().double()
     xs = x[:1 if sparse else 3].double()
-    out[name] = {{"aligned": ptr % (2 << 20) == 0, "own": own, "size": size, "huge": huge,
+    out[name] = {{"aligned": ptr % (2 << 20) == 0, "size": size, "huge": huge,
                  "err": float((y.double() - xs @ ref.T).abs().max() / (xs.abs() @ ref.abs().T).max())}}
 print(json.dumps(out))
 """
@@ -589,12 +588,13 @@ def test_packed_weights_on_huge_pages():
         assert proc.returncode == 0, proc.stderr
         runs[flag] = json.loads(proc.stdout.strip().splitlines()[-1])
     for name, r in runs["1"].items():
-        # float weights stay a plain copy from the allocator (faster to load, no faster to decode)
-        assert r["size"] >= 4 << 20 and r["own"] == r["aligned"] == (name != "bf16"), (name, r)
+        # float weights stay a plain copy (faster to load, no faster to decode)
         if name != "bf16":
+            assert r["size"] >= 4 << 20 and r["aligned"], (name, r)
             assert r["huge"] == r["size"] // (2 << 20) * (2 << 20), (name, r)  # whole 2 MiB pages, no tail page
         assert r["err"] < 1e-2, (name, r)  # against float64 over the file's values (int8 activations: ~1/254)
         assert r["err"] == runs["0"][name]["err"], name  # the same products, bit for bit
-    # PLM_HUGE_PAGES=0: every buffer from the allocator. (Its pages are not checked: numpy advises
-    # huge pages for its large arrays, and the allocator may hand that memory on.)
-    assert not any(r["own"] for r in runs["0"].values()), runs["0"]
+    # Not checked: which pages the allocator's buffers (BF16, and everything with PLM_HUGE_PAGES=0)
+    # get. numpy advises huge pages for its large arrays and the allocator may hand that memory
+    # on, and the allocator may itself return a page-aligned mapping of its own, so neither the
+    # pages nor the mapping tell our buffers from its.
