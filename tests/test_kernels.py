@@ -576,7 +576,8 @@ print(json.dumps(out))
 def test_packed_weights_on_huge_pages():
     """Packed block-format weights of 4 MiB and more (tile and sparse layouts) lie on 2 MiB
     transparent huge pages where Linux grants them (THP 'madvise' or 'always', read back from
-    /proc/self/smaps): whole huge pages only, the tail on 4 KiB pages; BF16 stays a plain copy.
+    /proc/self/smaps): whole huge pages only, the tail on 4 KiB pages; BF16 (a plain copy) is
+    checked for its products only.
     The products as with PLM_HUGE_PAGES=0, bit for bit, and within int8 rounding of float64
     over the file's values."""
     mode = Path("/sys/kernel/mm/transparent_hugepage/enabled")

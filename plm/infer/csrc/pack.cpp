@@ -17,9 +17,9 @@ namespace plm {
 // Packed weights are read whole every token. On 4 KiB pages that stream walks a page table
 // entry every 4 KiB; on 2 MiB transparent huge pages one per 2 MiB (Linux grants them to an
 // madvise'd mapping when /sys/kernel/mm/transparent_hugepage/enabled is "madvise" or "always").
-// benchmarks/ab.py on an Intel Xeon (Sapphire Rapids) host: decode of 4- and 8-bit models
-// 1.02-1.07x, load 0.84x (the Q4_0 model 7.9 s against 6.7: the kernel finds and zeroes 2 MiB
-// pages); on an AMD EPYC host (an earlier build) neutral. Block formats only: bf16 decoded no
+// benchmarks/ab.py on an Intel Xeon host with AMX: decode of 4- and 8-bit models
+// 1.02-1.07x, load 0.84x (the Q4_0 model 7.9 s against 6.7; why, not measured: finding or
+// zeroing free 2 MiB pages are the candidates); on an AMD EPYC host (an earlier build) neutral. Block formats only: bf16 decoded no
 // faster on them and loaded 1.9x slower. Zero-filled, as any fresh mapping. PLM_HUGE_PAGES=0
 // keeps 4 KiB pages (a short run that loads once and decodes little).
 at::Tensor weight_buffer(int64_t bytes) {
